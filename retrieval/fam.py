@@ -1,0 +1,168 @@
+"""Explanations of a cosine similarity as maps over an image's last conv feature map.
+
+Pure maths: tensors in, tensors out, any device, any leading batch dims. Notation follows
+Liao et al., *Feature Activation Map* (arXiv 2307.05017); equation numbers are the paper's.
+
+    feature_map  A       (..., N, h, w)   last conv activations of the image being explained
+    emb          e       (..., J)         its embedding, e = head(GAP(A)) = W^T z + b
+    partner_embs e_k     (..., K, J)      the K images it is compared with (K = 1: one match)
+    head_weight  W       (N, J) or None   linear head; None means the identity (J = N)
+
+Every explainer is "channel weights, then a weighted sum of activation maps" (Eq. 13); they
+differ in the weights:
+
+* ``fam``        paper FAM: cosine contributions (Eq. 15) on e, mapped back to the N channels
+                 through the head, C = W C'^T (Eq. 16-18), then min-max (Eq. 12).
+* ``fam-exact``  signed weights W ê_k / (‖e‖ hw): with GAP and a linear head the map sums
+                 exactly to the cosine, minus the head bias' share (returned as ``offset``).
+* ``gradcam``    Grad-CAM of the cosine in closed form: dS/dA^n = W (ê_k - S ê)_n / (‖e‖ hw),
+                 uniform over space under GAP, so no backward pass is needed; ReLU'd map.
+
+The head's bias b is kept out of every map: it shifts e but lives at no location. For
+``fam-exact`` its share b·ē_k/‖e‖ of the score is returned separately as the offset.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+EXPLAINERS = ("fam", "fam-exact", "gradcam")
+_EPS = 1e-12
+
+
+def fam(feature_map: Tensor, weights: Tensor) -> Tensor:
+    """Weighted sum of activation maps (Eq. 13): (..., N, h, w), (..., N) -> (..., h, w)."""
+    if feature_map.shape[:-2] != weights.shape:
+        raise ValueError(
+            f"feature_map {tuple(feature_map.shape)} and weights {tuple(weights.shape)} disagree on (..., N)"
+        )
+    return torch.einsum("...nhw,...n->...hw", feature_map, weights)
+
+
+def cosine(emb: Tensor, partner_embs: Tensor) -> Tensor:
+    """Cosine similarity (Eq. 14) of each emb with each of its partners: (..., J), (..., K, J) -> (..., K)."""
+    emb_unit = emb / emb.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    partner_units = partner_embs / partner_embs.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    return torch.einsum("...j,...kj->...k", emb_unit, partner_units)
+
+
+def cosine_contributions(emb: Tensor, partner_embs: Tensor) -> Tensor:
+    """Channel contributions to the K-averaged cosine (Eq. 15): (..., J), (..., K, J) -> (..., J).
+
+    c_j = 1/K Σ_k e_j e_{k,j} / (|s(e, e_k)| ‖e‖ ‖e_k‖). Dividing by |s| makes each
+    partner's contributions sum to ±1, so every match weighs the same in the average.
+    """
+    scores = cosine(emb, partner_embs)  # (..., K)
+    norms = emb.norm(dim=-1, keepdim=True) * partner_embs.norm(dim=-1)  # (..., K)
+    products = emb.unsqueeze(-2) * partner_embs  # (..., K, J)
+    per_partner = products / (scores.abs() * norms).clamp_min(_EPS).unsqueeze(-1)  # (..., K, J)
+    return per_partner.mean(dim=-2)
+
+
+def invert_through_head(contributions: Tensor, head_weight: Tensor | None) -> Tensor:
+    """Map embedding-space contributions back to channels, C = W C'^T (Eq. 18): (..., J) -> (..., N)."""
+    if head_weight is None:
+        return contributions
+    return torch.einsum("nj,...j->...n", head_weight, contributions)
+
+
+def minmax(values: Tensor) -> Tensor:
+    """Min-max normalise over the last dim (Eq. 12); a constant vector becomes all zeros."""
+    low = values.amin(dim=-1, keepdim=True)
+    high = values.amax(dim=-1, keepdim=True)
+    return (values - low) / (high - low).clamp_min(_EPS)
+
+
+def fam_weights(emb: Tensor, partner_embs: Tensor, head_weight: Tensor | None = None) -> Tensor:
+    """Paper FAM channel weights c̄ (Eq. 15, 18, 12): (..., J), (..., K, J) -> (..., N) in [0, 1]."""
+    return minmax(invert_through_head(cosine_contributions(emb, partner_embs), head_weight))
+
+
+def _mean_partner_unit(emb: Tensor, partner_embs: Tensor) -> Tensor:
+    """ē = 1/K Σ_k ê_k / ‖e‖: (..., J), (..., K, J) -> (..., J)."""
+    partner_units = partner_embs / partner_embs.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    return partner_units.mean(dim=-2) / emb.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def fam_exact_weights(
+    emb: Tensor, partner_embs: Tensor, head_weight: Tensor | None, spatial_size: int
+) -> Tensor:
+    """Signed weights whose map sums to the mean cosine minus the bias share: -> (..., N).
+
+    With z = mean_hw A and e = W^T z + b:  S = 1/K Σ_k ê_k·e/‖e‖ = z·(W ē) + b·ē, with
+    ē = mean_k ê_k / ‖e‖; spreading z over the hw cells gives weights W ē / hw.
+    """
+    direction = _mean_partner_unit(emb, partner_embs)  # (..., J)
+    return invert_through_head(direction, head_weight) / spatial_size
+
+
+def gradcam_weights(
+    emb: Tensor, partner_embs: Tensor, head_weight: Tensor | None, spatial_size: int
+) -> Tensor:
+    """Grad-CAM weights of the mean cosine, in closed form: -> (..., N).
+
+    d cos(e, e_k)/de = (ê_k - s_k ê)/‖e‖; through e = W^T z + b and z = mean_hw A the
+    gradient w.r.t. A^n is that vector times W, divided by hw, at every cell — so its
+    spatial mean (Grad-CAM's α) is the same expression.
+    """
+    emb_unit = emb / emb.norm(dim=-1, keepdim=True).clamp_min(_EPS)  # (..., J)
+    partner_units = partner_embs / partner_embs.norm(dim=-1, keepdim=True).clamp_min(_EPS)  # (..., K, J)
+    scores = cosine(emb, partner_embs)  # (..., K)
+    grads = partner_units - scores.unsqueeze(-1) * emb_unit.unsqueeze(-2)  # (..., K, J)
+    direction = grads.mean(dim=-2) / emb.norm(dim=-1, keepdim=True).clamp_min(_EPS)  # (..., J)
+    return invert_through_head(direction, head_weight) / spatial_size
+
+
+def bias_offset(emb: Tensor, partner_embs: Tensor, head_bias: Tensor | None) -> Tensor:
+    """The part of the mean cosine carried by the head bias, b·ē: -> (...)."""
+    if head_bias is None:
+        return emb.new_zeros(emb.shape[:-1])
+    return torch.einsum("j,...j->...", head_bias, _mean_partner_unit(emb, partner_embs))
+
+
+def explain(
+    explainer: str,
+    feature_map: Tensor,
+    emb: Tensor,
+    partner_embs: Tensor,
+    head_weight: Tensor | None = None,
+    head_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Raw map and offset of one explainer: (..., N, h, w), (..., J), (..., K, J) -> (..., h, w), (...).
+
+    The offset is the part of the mean cosine that no location carries (non-zero only for
+    ``fam-exact`` with a biased head): ``map.sum((-2, -1)) + offset == mean cosine`` there.
+    """
+    spatial_size = feature_map.shape[-1] * feature_map.shape[-2]
+    zero = emb.new_zeros(emb.shape[:-1])
+    if explainer == "fam":
+        return fam(feature_map, fam_weights(emb, partner_embs, head_weight)), zero
+    if explainer == "fam-exact":
+        weights = fam_exact_weights(emb, partner_embs, head_weight, spatial_size)
+        return fam(feature_map, weights), bias_offset(emb, partner_embs, head_bias)
+    if explainer == "gradcam":
+        weights = gradcam_weights(emb, partner_embs, head_weight, spatial_size)
+        return torch.relu(fam(feature_map, weights)), zero
+    raise ValueError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAINERS)}")
+
+
+def gradcam_autograd(
+    feature_map: Tensor, partner_embs: Tensor, embed: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Grad-CAM of the mean cosine by a backward pass (the peer method and the oracle).
+
+    Args:
+        feature_map: (N, h, w) activations of the image being explained.
+        partner_embs: (K, J) embeddings it is compared with.
+        embed: maps pooled features (N,) to the embedding (J,), e.g. GAP then the head.
+    Returns:
+        (h, w) ReLU(Σ_n α_n A^n) with α_n the spatial mean of dS/dA^n.
+    """
+    activations = feature_map.detach().clone().requires_grad_(True)
+    emb = embed(activations.mean(dim=(-2, -1)))  # (N, h, w) -> (N,) -> (J,)
+    score = cosine(emb, partner_embs).mean()
+    (grads,) = torch.autograd.grad(score, activations)  # (N, h, w)
+    alphas = grads.mean(dim=(-2, -1))  # (N, h, w) -> (N,)
+    return torch.relu(fam(activations.detach(), alphas))
