@@ -1,0 +1,199 @@
+"""The metadata store: an SQLAlchemy engine over the Alembic-migrated schema of ``schema.py``.
+
+SQLite by default (WAL, busy timeout), any SQLAlchemy URL allowed. The schema is made only
+by the migrations; ``open_store`` upgrades to head every time it opens a database.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+import migrations
+from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
+
+_EMBEDDING_DTYPE = np.dtype("<f4")  # float32 little-endian, whatever the host
+_SQLITE_BEGIN = "famsearch_sqlite_begin"  # execution option: the BEGIN statement to emit
+
+
+def sqlite_url(path: str | Path) -> str:
+    """``sqlite:///<absolute path>`` for a database file, %-escaped as URLs need ('%', '#', '?')."""
+    return URL.create("sqlite", database=str(Path(path).expanduser().resolve())).render_as_string()
+
+
+def embedding_to_bytes(vec: np.ndarray) -> bytes:
+    """(N,) vector -> float32 little-endian bytes (4N)."""
+    vec = np.asarray(vec)
+    if vec.ndim != 1:
+        raise ValueError(f"embedding must be one vector (N,), got shape {vec.shape}")
+    return vec.astype(_EMBEDDING_DTYPE, copy=False).tobytes()
+
+
+def bytes_to_embedding(b: bytes) -> np.ndarray:
+    """float32 little-endian bytes (4N) -> writable float32 (N,) vector."""
+    if len(b) % _EMBEDDING_DTYPE.itemsize:
+        raise ValueError(f"embedding blob of {len(b)} bytes is not a whole number of float32")
+    return np.frombuffer(b, dtype=_EMBEDDING_DTYPE).astype(np.float32)
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic config for ``url`` with the packaged migrations (no alembic.ini)."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
+    return config
+
+
+def migrate(url: str) -> None:
+    """Upgrade the database at ``url`` to the newest schema (``alembic upgrade head``)."""
+    engine = _create_engine(url)
+    try:
+        _upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def open_store(url: str) -> Store:
+    """Open (creating and migrating as needed) the database at ``url``."""
+    engine = _create_engine(url)
+    try:
+        _upgrade(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return Store(engine)
+
+
+class Store:
+    """Queries over the images and meta tables. Objects returned are detached and loaded."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sessionmaker = sessionmaker(engine, expire_on_commit=False)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on error."""
+        with self.sessionmaker.begin() as session:
+            yield session
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        with self.session() as session:
+            row = session.get(Meta, key)
+            return default if row is None else json.loads(row.value)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store ``value`` (anything ``json.dumps`` takes) under ``key``, replacing the old one."""
+        with self.session() as session:
+            session.merge(Meta(key=key, value=json.dumps(value)))
+
+    def images_by_ids(self, ids: Sequence[int]) -> list[Image]:
+        """The images with these ids, in the order of ``ids``; unknown ids (FAISS -1) dropped."""
+        ids = [int(i) for i in ids]  # numpy int64 does not bind in sqlite3
+        if not ids:
+            return []
+        with self.session() as session:
+            by_id = {image.id: image for image in session.scalars(select(Image).where(Image.id.in_(ids)))}
+        return [by_id[i] for i in ids if i in by_id]
+
+    def image_by_path(self, path: str) -> Image | None:
+        with self.session() as session:
+            return session.scalars(select(Image).where(Image.path == path)).one_or_none()
+
+    def ok_embeddings(self, batch_size: int = 10000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids (B,) int64, embeddings (B, N) float32) of the ok rows, by id, in batches.
+
+        Selects only the two columns and streams them in one read transaction, so a
+        rebuild sees one consistent snapshot and never builds a Python object per row.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        stmt = (
+            select(Image.id, Image.embedding)
+            .where(Image.status == STATUS_OK, Image.embedding.is_not(None))
+            .order_by(Image.id)
+        )
+        with self.engine.connect() as conn:
+            result = conn.execution_options(yield_per=batch_size).execute(stmt)
+            for rows in result.partitions():
+                yield _rows_to_arrays(rows)
+
+    def counts(self) -> dict[str, int]:
+        """``{"images": n_ok, "failed": n_failed}``."""
+        with self.session() as session:
+            by_status = dict(session.execute(select(Image.status, func.count()).group_by(Image.status)).all())
+        return {"images": by_status.get(STATUS_OK, 0), "failed": by_status.get(STATUS_FAILED, 0)}
+
+    def failures(self) -> list[dict[str, str | None]]:
+        """``[{"path": P, "error": E}, ...]`` for the failed files, by path."""
+        stmt = select(Image.path, Image.error).where(Image.status == STATUS_FAILED).order_by(Image.path)
+        with self.session() as session:
+            return [{"path": path, "error": error} for path, error in session.execute(stmt)]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _rows_to_arrays(rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))  # (B,)
+    blobs = [row[1] for row in rows]
+    nbytes = len(blobs[0])
+    if any(len(blob) != nbytes for blob in blobs):
+        raise ValueError("stored embeddings differ in length: re-index with --full after changing the model")
+    embeddings = np.frombuffer(bytearray().join(blobs), dtype=_EMBEDDING_DTYPE)  # writable, one copy
+    return ids, embeddings.astype(np.float32, copy=False).reshape(len(rows), -1)  # (B*N,) -> (B, N)
+
+
+def _create_engine(url: str) -> Engine:
+    if make_url(url).get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+    event.listen(engine, "connect", _on_sqlite_connect)
+    event.listen(engine, "begin", _on_sqlite_begin)
+    return engine
+
+
+def _on_sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    # Take transaction control from the sqlite3 module, which never BEGINs before DDL and
+    # so would run migrations outside a transaction; ``_on_sqlite_begin`` emits BEGIN instead.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout=30000")  # first, so the WAL switch waits too
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers (UI) and the indexer don't block
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _on_sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql(conn.get_execution_options().get(_SQLITE_BEGIN, "BEGIN"))
+
+
+def _upgrade(engine: Engine) -> None:
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.connect() as conn:
+        # Two processes opening a new database at once: BEGIN IMMEDIATE takes the write
+        # lock before Alembic reads the version table, so the second waits and finds head.
+        conn.execution_options(**{_SQLITE_BEGIN: "BEGIN IMMEDIATE"})
+        with conn.begin():
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")

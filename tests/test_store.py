@@ -1,0 +1,219 @@
+"""The store: migrations match the models, SQLite settings, and each query's contract."""
+import threading
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
+
+from retrieval.schema import STATUS_FAILED, STATUS_OK, Base, Image
+from retrieval.store import (
+    alembic_config,
+    bytes_to_embedding,
+    embedding_to_bytes,
+    migrate,
+    open_store,
+    sqlite_url,
+)
+
+DIM = 4
+
+
+@pytest.fixture
+def url(tmp_path):
+    return sqlite_url(tmp_path / "state" / "famsearch.db")  # parent dir does not exist yet
+
+
+@pytest.fixture
+def store(url):
+    with open_store(url) as store:
+        yield store
+
+
+def _add(store, path, status=STATUS_OK, embedding=None, error=None):
+    with store.session() as session:
+        image = Image(
+            path=path, size=10, mtime_ns=1_700_000_000_000_000_000, status=status, error=error,
+            embedding=None if embedding is None else embedding_to_bytes(embedding),
+        )
+        session.add(image)
+        session.flush()
+        return image.id
+
+
+def _vec(seed):
+    return np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+
+
+def test_migrated_schema_matches_the_models(store):
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_upgrade_downgrade_upgrade_round_trip_leaves_the_tables(url):
+    config = alembic_config(url)
+    migrate(url)
+    command.downgrade(config, "base")
+    with open_store(url) as store:
+        assert set(inspect(store.engine).get_table_names()) == {"alembic_version", "images", "meta"}
+        command.downgrade(config, "base")
+        assert set(inspect(store.engine).get_table_names()) == {"alembic_version"}
+    migrate(url)
+    with open_store(url) as store:
+        assert set(inspect(store.engine).get_table_names()) == {"alembic_version", "images", "meta"}
+        with store.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout_and_foreign_keys(store):
+    with store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_meta_round_trips_a_dict_and_replaces_it(store):
+    model = {"name": "effnet-lite0", "dim": 1280, "head": None, "mean": [0.485, 0.456, 0.406]}
+    assert store.get_meta("model") is None
+    assert store.get_meta("model", default={}) == {}
+    store.set_meta("model", model)
+    assert store.get_meta("model") == model
+    store.set_meta("model", {"name": "other"})
+    assert store.get_meta("model") == {"name": "other"}
+
+
+def test_images_by_ids_keeps_the_requested_order_and_drops_missing_ids(store):
+    ids = [_add(store, f"/photos/{i}.jpg", embedding=_vec(i)) for i in range(4)]
+    requested = np.array([ids[2], -1, ids[0], 999, ids[3]], dtype=np.int64)  # as FAISS returns them
+    images = store.images_by_ids(requested)
+    assert [image.path for image in images] == ["/photos/2.jpg", "/photos/0.jpg", "/photos/3.jpg"]
+    assert store.images_by_ids([]) == []
+
+
+def test_image_by_path_finds_the_row_with_its_fields(store):
+    image_id = _add(store, "/photos/a.jpg", embedding=_vec(0))
+    image = store.image_by_path("/photos/a.jpg")
+    assert image.id == image_id
+    assert image.mtime_ns == 1_700_000_000_000_000_000  # needs 64 bits
+    np.testing.assert_array_equal(bytes_to_embedding(image.embedding), _vec(0))
+    assert image.indexed_at.tzinfo == timezone.utc
+    assert abs(datetime.now(timezone.utc) - image.indexed_at) < timedelta(minutes=1)
+    assert store.image_by_path("/photos/missing.jpg") is None
+
+
+def test_ok_embeddings_are_exactly_the_ok_rows_in_id_order_across_batches(store):
+    expected = {}
+    for i in range(7):
+        if i == 3:
+            _add(store, f"/photos/{i}.jpg", status=STATUS_FAILED, error="truncated")
+        elif i == 5:
+            _add(store, f"/photos/{i}.jpg")  # ok but not embedded yet
+        else:
+            expected[_add(store, f"/photos/{i}.jpg", embedding=_vec(i))] = _vec(i)
+    assert len(expected) == 5
+
+    batches = list(store.ok_embeddings(batch_size=2))
+
+    assert [len(ids) for ids, _ in batches] == [2, 2, 1]
+    ids = np.concatenate([ids for ids, _ in batches])
+    embeddings = np.concatenate([embeddings for _, embeddings in batches])
+    assert ids.dtype == np.int64 and embeddings.dtype == np.float32
+    assert embeddings.shape == (5, DIM)
+    np.testing.assert_array_equal(ids, sorted(expected))
+    np.testing.assert_array_equal(embeddings, np.stack([expected[i] for i in sorted(expected)]))
+    assert embeddings.flags.writeable
+
+
+def test_ok_embeddings_of_an_empty_store_yield_nothing(store):
+    assert list(store.ok_embeddings()) == []
+
+
+def test_failures_are_listed_by_path_with_their_reasons_and_counted(store):
+    _add(store, "/photos/ok.jpg", embedding=_vec(0))
+    _add(store, "/photos/z.heic", status=STATUS_FAILED, error="cannot identify image file")
+    _add(store, "/photos/b.jpg", status=STATUS_FAILED, error="image file is truncated")
+    assert store.failures() == [
+        {"path": "/photos/b.jpg", "error": "image file is truncated"},
+        {"path": "/photos/z.heic", "error": "cannot identify image file"},
+    ]
+    assert store.counts() == {"images": 1, "failed": 2}
+
+
+def test_an_unknown_status_is_refused_by_the_database(store):
+    with pytest.raises(IntegrityError, match="CHECK constraint failed"):
+        _add(store, "/photos/a.jpg", status="pending")
+
+
+def test_a_session_rolls_back_on_error(store):
+    with pytest.raises(RuntimeError):
+        with store.session() as session:
+            session.add(Image(path="/photos/a.jpg", size=1, mtime_ns=1, status=STATUS_OK))
+            session.flush()
+            raise RuntimeError("boom")
+    assert store.counts() == {"images": 0, "failed": 0}
+
+
+def test_ids_of_deleted_rows_are_never_reused(store):
+    first = _add(store, "/photos/a.jpg")
+    second = _add(store, "/photos/b.jpg")
+    with store.session() as session:
+        session.delete(session.get(Image, second))
+    assert _add(store, "/photos/c.jpg") > second > first  # a stale FAISS id can't name a new photo
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_embedding_bytes_round_trip_is_exact_for_float32(seed):
+    vec = np.random.default_rng(seed).standard_normal(1280).astype(np.float32)
+    vec[:3] = [np.finfo(np.float32).tiny, -0.0, np.finfo(np.float32).max]
+    blob = embedding_to_bytes(vec)
+    assert len(blob) == 4 * 1280
+    assert blob == vec.astype("<f4").tobytes()  # little-endian on every host
+    back = bytes_to_embedding(blob)
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back.view(np.uint32), vec.view(np.uint32))  # bit-exact, -0.0 too
+
+
+def test_embedding_to_bytes_refuses_a_matrix():
+    with pytest.raises(ValueError, match=r"one vector \(N,\)"):
+        embedding_to_bytes(np.zeros((2, 3), dtype=np.float32))
+
+
+def test_sqlite_url_survives_odd_characters_in_the_path(tmp_path):
+    path = tmp_path / "50% off #1?" / "é.db"
+    with open_store(sqlite_url(path)) as store:
+        store.set_meta("k", 1)
+    assert path.is_file()
+
+
+def test_a_second_open_of_the_same_file_sees_the_rows(url):
+    with open_store(url) as writer:
+        image_id = _add(writer, "/photos/a.jpg", embedding=_vec(0))
+        writer.set_meta("index", {"type": "flat", "vectors": 1})
+        with open_store(url) as reader:
+            assert [image.path for image in reader.images_by_ids([image_id])] == ["/photos/a.jpg"]
+            assert reader.get_meta("index") == {"type": "flat", "vectors": 1}
+            assert reader.counts() == {"images": 1, "failed": 0}
+
+
+def test_concurrent_first_opens_of_a_new_file_all_succeed(url):
+    n = 4
+    barrier = threading.Barrier(n)
+    errors = []
+
+    def open_once():
+        barrier.wait()
+        try:
+            open_store(url).close()
+        except Exception as exc:  # collected: an exception in a thread would not fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_once) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
