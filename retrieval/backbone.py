@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-BACKBONES = ("efficientnet_lite0", "resnet50")
+BACKBONES = ("efficientnet_lite0", "resnet50", "toy")
 
 # EfficientNet-Lite was trained on (pixel - 127) / 128 (tensorflow/tpu, efficientnet/lite),
 # i.e. this mean/std on RGB in [0, 1]. Checked on the converted weights: the stem BN's
@@ -79,6 +79,32 @@ class _ResNetFeatures(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class _ToyNet(nn.Module):
+    """Two seeded random convs, N = 16 channels at stride 8: fast fixtures for tests, no weights.
+
+    Random convs still respond to colour and edges, so a gallery of drawn shapes retrieves
+    its own images; it is not a model for real photos.
+    """
+
+    num_features = 16
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        with torch.no_grad():
+            for param in self.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, 16, H/8, W/8), post-ReLU."""
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))))
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        return features.mean(dim=(-2, -1))
+
+
 def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) -> Backbone:
     """Build a backbone and load its weights from a local file (never downloads).
 
@@ -112,6 +138,9 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
         except RuntimeError as err:  # same error type as a mismatched EfficientNet file
             raise ValueError(f"{path} is not a torchvision resnet50 state dict: {err}") from err
         mean, std = _IMAGENET_MEAN, _IMAGENET_STD
+    elif name == "toy":
+        model = _ToyNet().eval()
+        return Backbone(model, model.num_features, (0.5,) * 3, (0.25,) * 3, {"backbone": "toy", "weights_sha256": "seed0"})
     else:
         raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
     model.eval()

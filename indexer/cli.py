@@ -1,0 +1,326 @@
+"""`famsearch`: index photo folders, search by example image, explain matches, open the UI.
+
+Every flag has an environment twin FAMSEARCH_<FLAG> (e.g. --batch-size -> FAMSEARCH_BATCH_SIZE).
+Exit codes: 0 ok, 1 partial (some files failed), 2 usage error (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from indexer.scan import DEFAULT_EXCLUDES
+from retrieval.backbone import BACKBONES
+from retrieval.config import ENV_PREFIX, Settings, default_home
+from retrieval.images import ImageError, load_image, overlay
+
+LOGGER = logging.getLogger("famsearch")
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+ENV_TRUE = ("1", "true", "yes", "on")
+
+
+class UsageError(ValueError):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, *names: str, **kwargs) -> None:
+    """add_argument whose default comes from FAMSEARCH_<FLAG> when that is set."""
+    env = os.environ.get(_env_name(flag))
+    if env is not None:
+        if kwargs.get("action") == "store_true":
+            kwargs["default"] = env.lower() in ENV_TRUE
+        elif kwargs.get("action") == "append":
+            kwargs["default"] = env.split(os.pathsep)
+        else:
+            kwargs["default"] = kwargs.get("type", str)(env)
+    if "help" in kwargs and kwargs.get("action") != "store_true":
+        kwargs["help"] += " (env %s)" % _env_name(flag)
+    parser.add_argument(flag, *names, **kwargs)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _add(parser, "--home", type=Path, default=None,
+         help="where the database, index and head live (default: the user data dir)")
+    _add(parser, "--db", default=None, help="SQLAlchemy URL of the metadata DB (default: SQLite in --home)")
+    _add(parser, "--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="famsearch", description="Search photos by example image and see why each match came back.",
+        epilog="Every flag has an environment twin: FAMSEARCH_<FLAG>, e.g. FAMSEARCH_HOME.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("index", help="embed photo folders into the index (incremental)",
+                       description="Embed every image under the folders; re-runs only embed new or changed files.")
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="photo folders or files")
+    _common(p)
+    _add(p, "--demo", action="store_true", help="index a bundled demo gallery (no PATH needed)")
+    _add(p, "--model", default="efficientnet_lite0", choices=BACKBONES,
+         help="backbone (toy: random convs for tests, no weights)")
+    _add(p, "--weights", default=None, help="backbone weights file (default: the bundled Lite0 weights)")
+    _add(p, "--head", default=None, help="none, pcaw (PCA-whitening fitted on the gallery) or a head file "
+                                         "from `famsearch train` (default: keep the last choice, else none)")
+    _add(p, "--input-size", type=int, default=224, help="images are resized whole to this square")
+    _add(p, "--full", action="store_true", help="re-embed everything")
+    _add(p, "--dry-run", action="store_true", help="print what would change, change nothing")
+    _add(p, "--exclude", action="append", default=[], metavar="GLOB",
+         help=f"skip files/folders matching GLOB (repeatable; always skipped: {' '.join(DEFAULT_EXCLUDES)})")
+    _add(p, "--batch-size", type=int, default=32, help="images per forward pass")
+    _add(p, "--workers", type=int, default=2, help="decoding processes (0: decode in the main process)")
+    _add(p, "--max-megapixels", type=float, default=150.0, help="refuse larger images (decompression bombs)")
+    _add(p, "--no-progress", action="store_true", help="no progress bar (for cron)")
+    _add(p, "--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=cmd_index)
+
+    p = sub.add_parser("search", help="top-k matches of photos, with maps",
+                       description="Find the indexed photos most like each query photo, and explain each match.")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    _common(p)
+    _add(p, "-k", "--k", type=int, default=10, help="matches per query")
+    _add(p, "--explain", default="fam", choices=("fam", "fam-exact", "gradcam", "none"), help="explainer")
+    _add(p, "--group", default="none", choices=("none", "topk"),
+         help="topk: the query map explains the whole top-k at once (Eq. 11/15)")
+    _add(p, "--maps-dir", type=Path, default=None, help="write query/match maps here as .npy (raw, h x w)")
+    _add(p, "--json", action="store_true", help="one JSON object per query, one per line")
+    p.set_defaults(run=cmd_search)
+
+    p = sub.add_parser("explain", help="maps for any two photos", description="Explain the similarity of two photos.")
+    p.add_argument("query", type=Path)
+    p.add_argument("match", type=Path)
+    _common(p)
+    _add(p, "--explain", default="fam", choices=("fam", "fam-exact", "gradcam"), help="explainer")
+    _add(p, "--out", type=Path, default=Path("explain-out"), help="folder for .npy maps and PNG overlays")
+    _add(p, "--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_explain)
+
+    p = sub.add_parser("info", help="what is indexed, with which model; failures")
+    _common(p)
+    _add(p, "--failures", action="store_true", help="list the files that failed and why")
+    _add(p, "--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("ui", help="open the search UI in the browser")
+    _common(p)
+    _add(p, "--port", type=int, default=8501, help="port to serve on")
+    _add(p, "--headless", action="store_true", help="do not open a browser window")
+    p.set_defaults(run=cmd_ui)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(home=(args.home or default_home()).expanduser().absolute(), db_url=args.db)
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------- index
+def cmd_index(args: argparse.Namespace) -> int:
+    from indexer.demo import make_demo_gallery
+    from indexer.sync import IndexOptions, sync
+    from retrieval.encoder import load_encoder
+    from retrieval.store import open_store
+
+    settings = settings_from(args)
+    roots = [p.expanduser() for p in args.paths]
+    if args.demo:
+        roots.append(settings.home / "demo-gallery")
+        make_demo_gallery(roots[-1])
+    if not roots:
+        raise UsageError("give at least one photo folder (or --demo for the bundled demo gallery)")
+    for root in roots:
+        if not root.exists():
+            raise UsageError(f"{root}: no such file or folder")
+    if args.batch_size < 1 or args.workers < 0:
+        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+    settings.home.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings.database_url)
+    try:
+        encoder = load_encoder(args.model, args.weights, args.input_size, "gap", _device(args))
+        options = IndexOptions(
+            batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
+            full=args.full, dry_run=args.dry_run, head=args.head,
+            excludes=DEFAULT_EXCLUDES + tuple(args.exclude), progress=not args.no_progress,
+        )
+        summary = sync(store, settings, encoder, roots, options)
+    finally:
+        store.close()
+    if not any(summary[k] for k in ("added", "updated", "moved", "unchanged")):
+        print(f"no images found under {' '.join(map(str, roots))} (looked for: .jpg .jpeg .png .webp .bmp .tif .tiff .gif)",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        verb = "would change" if args.dry_run else "indexed"
+        print(f"{verb}: {summary['added']} added, {summary['updated']} updated, {summary['moved']} moved, "
+              f"{summary['deleted']} deleted, {summary['unchanged']} unchanged, {summary['failed']} failed "
+              f"in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} images/s); home {settings.home}")
+        if summary["failed"]:
+            print("see the failures with: famsearch info --failures", file=sys.stderr)
+    return EXIT_PARTIAL if summary["failed"] else EXIT_OK
+
+
+# ---------------------------------------------------------------------------- search
+def _open_engine(args: argparse.Namespace):
+    from retrieval.engine import QueryEngine
+
+    return QueryEngine(settings_from(args), device=args.device)
+
+
+def _read_query(path: Path):
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        return load_image(path)
+    except ImageError as error:
+        raise UsageError(f"{path}: not a readable image ({error})") from None
+
+
+def _save_map(folder: Path, name: str, heatmap: np.ndarray | None) -> str | None:
+    if heatmap is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    np.save(path, heatmap.astype(np.float32))
+    return str(path)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise UsageError("-k must be at least 1")
+    images = [(path, _read_query(path)) for path in args.images]  # fail before loading the model
+    engine = _open_engine(args)
+    try:
+        for qi, (path, image) in enumerate(images):
+            result = engine.query(image, args.k, args.explain, args.group)
+            folder = args.maps_dir / f"{qi:03d}_{path.stem}" if args.maps_dir else None
+            group_file = _save_map(folder, "group_query.npy", result.group_map) if folder else None
+            rows = []
+            for m in result.matches:
+                rows.append({
+                    "rank": m.rank, "image_id": m.image_id, "path": m.path, "score": round(m.score, 6),
+                    "query_map": group_file or (_save_map(folder, f"rank{m.rank:02d}_query.npy", m.query_map) if folder else None),
+                    "match_map": _save_map(folder, f"rank{m.rank:02d}_match.npy", m.match_map) if folder else None,
+                })
+            if args.json:
+                print(json.dumps({"query": str(path), "model": engine.model, "explainer": args.explain,
+                                  "timing_ms": result.timing_ms, "results": rows}), flush=True)
+            else:
+                _print_table(path, result, rows)
+    finally:
+        engine.close()
+    return EXIT_OK
+
+
+def _print_table(path: Path, result, rows: list[dict]) -> None:
+    t = result.timing_ms
+    print(f"{path}  ({len(rows)} matches; embed {t['embed']:.0f} ms, search {t['search']:.0f} ms, "
+          f"explain {t['explain']:.0f} ms)")
+    print(f"  {'rank':>4}  {'score':>6}  path")
+    for row in rows:
+        print(f"  {row['rank']:>4}  {row['score']:>6.3f}  {row['path']}")
+    print()
+
+
+# ---------------------------------------------------------------------------- explain
+def cmd_explain(args: argparse.Namespace) -> int:
+    query, match = _read_query(args.query), _read_query(args.match)
+    engine = _open_engine(args)
+    try:
+        result = engine.explain_pair(query, match, args.explain)
+    finally:
+        engine.close()
+    out = args.out
+    files = {"query_map": _save_map(out, "query_map.npy", result["query_map"]),
+             "match_map": _save_map(out, "match_map.npy", result["match_map"])}
+    overlay(query, result["query_map"]).save(out / "query_overlay.png")
+    overlay(match, result["match_map"]).save(out / "match_overlay.png")
+    if args.json:
+        print(json.dumps({"score": result["score"], "explainer": args.explain, **files, "offset": result["offset"]}))
+    else:
+        print(f"score {result['score']:.4f} ({args.explain}); maps and overlays in {out}/")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    from retrieval.search import index_type_of, load_index
+    from retrieval.store import open_store
+
+    settings = settings_from(args)
+    if not (settings.home / "famsearch.db").exists() and not args.db:
+        raise UsageError(f"nothing indexed in {settings.home}; run: famsearch index PHOTO_FOLDER")
+    store = open_store(settings.database_url)
+    try:
+        counts = store.counts()
+        index = load_index(settings.index_path) if settings.index_path.exists() else None
+        info = {**counts, "vectors": int(index.ntotal) if index is not None else 0,
+                "model": store.get_meta("model"), "index_type": index_type_of(index) if index is not None else None,
+                "last_run": store.get_meta("last_run"), "home": str(settings.home)}
+        if args.failures:
+            info["failures"] = store.failures()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(info))
+        return EXIT_OK
+    model = info["model"] or {}
+    print(f"home       {info['home']}\nimages     {info['images']} indexed, {info['failed']} failed\n"
+          f"vectors    {info['vectors']} in a {info['index_type']} index\n"
+          f"model      {model.get('backbone')} ({model.get('weights_sha256')}), {model.get('pooling')}, "
+          f"{model.get('input_size')}px, head {model.get('head')}")
+    if info["last_run"]:
+        print(f"last run   {info['last_run'].get('finished_at')}")
+    for failure in info.get("failures", []):
+        print(f"failed     {failure['path']}: {failure['error']}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- ui
+def cmd_ui(args: argparse.Namespace) -> int:
+    app = Path(__file__).resolve().parents[1] / "ui" / "app.py"
+    env = {**os.environ, ENV_PREFIX + "HOME": str(settings_from(args).home)}
+    if args.db:
+        env[ENV_PREFIX + "DB"] = args.db
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
+               "--browser.gatherUsageStats", "false", "--server.headless", str(args.headless).lower()]
+    return subprocess.call(command, env=env)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed its one-line usage error
+        return int(exit_.code or 0)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted; committed work is kept, run the same command again to finish", file=sys.stderr)
+        return 130
+    except ValueError as error:  # UsageError, ImageError, IndexMissingError, ModelMismatchError
+        print(f"famsearch {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

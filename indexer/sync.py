@@ -1,0 +1,289 @@
+"""Incremental, crash-safe indexing of photo folders into the DB rows and the FAISS index.
+
+scan -> plan (new / changed / moved / deleted / unchanged) -> decode in worker processes ->
+encode in batches -> one DB transaction per batch -> deletions -> head + FAISS rebuilt from
+the rows and renamed into place. The rows are the truth: a run killed at any moment leaves
+committed batches in the DB and the `dirty` mark set, and the next run rebuilds the index.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from sqlalchemy import select
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from indexer.scan import DEFAULT_EXCLUDES, FileStat, content_hash, file_hash, scan
+from retrieval.config import Settings
+from retrieval.encoder import Encoder, Preprocess
+from retrieval.engine import check_identity, index_from_store, model_identity
+from retrieval.head import Head, fit_pcaw, load_head
+from retrieval.images import DEFAULT_MAX_MEGAPIXELS, ImageError, decode_image
+from retrieval.schema import STATUS_FAILED, STATUS_OK, Image
+from retrieval.search import save_index
+from retrieval.store import Store, bytes_to_embedding, embedding_to_bytes
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    """The columns of an image row the planner needs (no embedding blob)."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str | None
+    status: str
+
+
+@dataclass
+class Plan:
+    """What a run will do. `embed` holds (row id or None for a new row, file)."""
+
+    embed: list[tuple[int | None, FileStat]] = field(default_factory=list)
+    moved: list[tuple[int, FileStat]] = field(default_factory=list)
+    deleted: list[int] = field(default_factory=list)
+    unchanged: int = 0
+
+    @property
+    def added(self) -> int:
+        return sum(1 for row_id, _ in self.embed if row_id is None)
+
+    @property
+    def updated(self) -> int:
+        return len(self.embed) - self.added
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def load_rows(store: Store, roots: list[str]) -> dict[str, Row]:
+    """Rows whose path lies under the roots, keyed by path (one query, no blobs)."""
+    columns = (Image.id, Image.path, Image.size, Image.mtime_ns, Image.content_hash, Image.status)
+    with store.session() as session:
+        rows = session.execute(select(*columns)).all()
+    return {r.path: Row(*r) for r in rows if _under(r.path, roots)}
+
+
+def plan_sync(rows: dict[str, Row], files: Iterable[FileStat], full: bool = False) -> Plan:
+    """Compare a scan with the stored rows. Renames are found by content hash among the
+    rows whose file vanished, only for new files of the same size (so most files are never read)."""
+    plan = Plan()
+    seen: set[str] = set()
+    new_files: list[FileStat] = []
+    for stat in files:
+        seen.add(stat.path)
+        row = rows.get(stat.path)
+        if row is None:
+            new_files.append(stat)
+        elif full or (row.size, row.mtime_ns) != (stat.size, stat.mtime_ns):
+            plan.embed.append((row.id, stat))
+        else:
+            plan.unchanged += 1
+    missing = {path: row for path, row in rows.items() if path not in seen}
+    by_size: dict[int, list[Row]] = {}
+    for row in missing.values():
+        if row.status == STATUS_OK and row.content_hash:
+            by_size.setdefault(row.size, []).append(row)
+    for stat in new_files:
+        candidates = by_size.get(stat.size, [])
+        match = None
+        if candidates and not full:
+            try:
+                digest = file_hash(stat.path)
+            except OSError:
+                digest = None
+            match = next((r for r in candidates if r.content_hash == digest), None)
+        if match is not None:
+            candidates.remove(match)
+            del missing[match.path]
+            plan.moved.append((match.id, stat))
+        else:
+            plan.embed.append((None, stat))
+    plan.deleted = [row.id for row in missing.values()]
+    return plan
+
+
+@dataclass
+class Decoded:
+    """A worker's output for one file: a tensor, or the reason it failed."""
+
+    row_id: int | None
+    stat: FileStat
+    tensor: torch.Tensor | None = None
+    digest: str | None = None
+    size: tuple[int, int] | None = None
+    error: str | None = None
+
+
+class DecodeDataset(Dataset):
+    """Reads, hashes, decodes and preprocesses files (in DataLoader worker processes)."""
+
+    def __init__(self, items: list[tuple[int | None, FileStat]], preprocess: Preprocess, max_megapixels: float):
+        self.items, self.preprocess, self.max_megapixels = items, preprocess, max_megapixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Decoded:
+        row_id, stat = self.items[i]
+        try:
+            data = Path(stat.path).read_bytes()
+        except OSError as error:
+            return Decoded(row_id, stat, error=f"cannot read: {error.strerror or error}")
+        digest = content_hash(data)
+        try:
+            image, size = decode_image(data, self.max_megapixels, draft_size=self.preprocess.input_size)
+        except ImageError as error:
+            return Decoded(row_id, stat, digest=digest, error=str(error))
+        return Decoded(row_id, stat, self.preprocess(image), digest, size)
+
+
+def _collate(batch: list[Decoded]) -> list[Decoded]:
+    return batch
+
+
+@dataclass
+class IndexOptions:
+    batch_size: int = 32
+    workers: int = 2
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    full: bool = False
+    dry_run: bool = False
+    head: str | None = None  # none | pcaw | FILE; None keeps the stored choice
+    excludes: tuple[str, ...] = DEFAULT_EXCLUDES
+    progress: bool = True
+
+
+def _write_batch(store: Store, batch: list[Decoded], pooled: dict[int, np.ndarray]) -> int:
+    """One transaction: insert or update every row of the batch. Returns failures."""
+    now = datetime.now(timezone.utc)
+    failed = 0
+    with store.session() as session:
+        for i, item in enumerate(batch):
+            values = dict(
+                path=item.stat.path, size=item.stat.size, mtime_ns=item.stat.mtime_ns,
+                content_hash=item.digest, indexed_at=now,
+                width=item.size[0] if item.size else None, height=item.size[1] if item.size else None,
+                status=STATUS_OK if item.error is None else STATUS_FAILED, error=item.error,
+                embedding=embedding_to_bytes(pooled[i]) if i in pooled else None,
+            )
+            failed += item.error is not None
+            if item.row_id is None:
+                session.add(Image(**values))
+            else:
+                row = session.get(Image, item.row_id)
+                for key, value in values.items():
+                    setattr(row, key, value)
+    return failed
+
+
+def embed_files(
+    store: Store, encoder: Encoder, items: list[tuple[int | None, FileStat]], options: IndexOptions
+) -> int:
+    """Decode (workers), encode (batches) and commit each batch. Returns the number that failed."""
+    if not items:
+        return 0
+    dataset = DecodeDataset(items, encoder.preprocess, options.max_megapixels)
+    loader = DataLoader(
+        dataset, batch_size=options.batch_size, num_workers=options.workers, collate_fn=_collate,
+        prefetch_factor=4 if options.workers else None, persistent_workers=False,
+    )
+    failed = 0
+    with tqdm(total=len(items), unit="img", disable=not options.progress, desc="embedding") as bar:
+        for batch in loader:
+            good = [i for i, item in enumerate(batch) if item.tensor is not None]
+            pooled: dict[int, np.ndarray] = {}
+            if good:
+                features = encoder.forward_features(torch.stack([batch[i].tensor for i in good]))
+                vectors = encoder.pool(features).cpu().numpy()  # (B, N)
+                pooled = dict(zip(good, vectors))
+            failed += _write_batch(store, batch, pooled)
+            bar.update(len(batch))
+    return failed
+
+
+def apply_moves_and_deletes(store: Store, plan: Plan) -> None:
+    with store.session() as session:
+        for row_id, stat in plan.moved:
+            row = session.get(Image, row_id)
+            row.path, row.size, row.mtime_ns = stat.path, stat.size, stat.mtime_ns
+        for row_id in plan.deleted:
+            session.delete(session.get(Image, row_id))
+
+
+def resolve_head(store: Store, choice: str | None) -> Head:
+    """The head for this run: 'none', 'pcaw' (refitted on the current gallery) or a head file."""
+    choice = choice or store.get_meta("head_choice") or "none"
+    if choice == "none":
+        return Head()
+    if choice == "pcaw":
+        pooled = np.concatenate([vectors for _, vectors in store.ok_embeddings()] or [np.zeros((0, 1), np.float32)])
+        if len(pooled) < 3:
+            LOGGER.warning("pcaw needs at least 3 images; using no head until there are more")
+            return Head()
+        return fit_pcaw(torch.from_numpy(pooled))
+    if not Path(choice).is_file():
+        raise ValueError(f"--head must be none, pcaw or a head file; {choice!r} is none of these")
+    return load_head(choice)
+
+
+def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choice: str | None) -> Head:
+    """Fit/load the head, rebuild FAISS from the rows, write head and index atomically, clear dirty."""
+    head = resolve_head(store, head_choice)
+    index = index_from_store(store, head)
+    if head.weight is not None:
+        tmp = settings.head_path.with_suffix(".tmp")
+        head.save(tmp)
+        os.replace(tmp, settings.head_path)
+    save_index(index, settings.index_path)
+    store.set_meta("model", {**model_identity(encoder, head), "weights_path": encoder.weights})
+    if head_choice:
+        store.set_meta("head_choice", head_choice if head_choice in ("none", "pcaw") else str(Path(head_choice).resolve()))
+    store.set_meta("index", {"dirty": False, "vectors": int(index.ntotal), "type": type(index.index).__name__,
+                             "built_at": datetime.now(timezone.utc).isoformat()})
+    return head
+
+
+def sync(
+    store: Store, settings: Settings, encoder: Encoder, roots: list[Path], options: IndexOptions,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Bring the DB and the index in line with the folders. Returns the run summary."""
+    start = time.perf_counter()
+    stored = store.get_meta("model")
+    full = options.full
+    if stored and not full:
+        check_identity(stored, encoder.identity)  # raises ModelMismatchError: re-index with --full
+    root_names = [str(Path(r).absolute()) for r in roots]
+    rows = load_rows(store, root_names)
+    plan = plan_sync(rows, scan(roots, options.excludes), full)
+    summary = {"added": plan.added, "updated": plan.updated, "moved": len(plan.moved),
+               "deleted": len(plan.deleted), "unchanged": plan.unchanged, "failed": 0}
+    if options.dry_run:
+        return {**summary, "dry_run": True, "seconds": round(time.perf_counter() - start, 3), "images_per_s": 0.0}
+    changed = bool(plan.embed or plan.moved or plan.deleted)
+    index_meta = store.get_meta("index") or {}
+    if changed:
+        store.set_meta("index", {**index_meta, "dirty": True})
+    apply_moves_and_deletes(store, plan)
+    summary["failed"] = embed_files(store, encoder, plan.embed, options)
+    head_changed = options.head is not None and options.head != store.get_meta("head_choice")
+    if changed or head_changed or index_meta.get("dirty", True) or not settings.index_path.exists() or full:
+        rebuild_index(store, settings, encoder, options.head)
+    seconds = time.perf_counter() - start
+    embedded = len(plan.embed)
+    summary.update(seconds=round(seconds, 3), images_per_s=round(embedded / seconds, 2) if embedded else 0.0)
+    store.set_meta("last_run", {**summary, "roots": root_names, "finished_at": datetime.now(timezone.utc).isoformat()})
+    return summary

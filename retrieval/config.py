@@ -1,0 +1,35 @@
+"""Where famsearch keeps its state: one frozen settings object, built by the shells."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+ENV_PREFIX = "FAMSEARCH_"
+
+
+def default_home() -> Path:
+    """$FAMSEARCH_HOME, else the user data directory (never inside the photo folders)."""
+    return Path(os.environ.get(ENV_PREFIX + "HOME") or platformdirs.user_data_dir("famsearch"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Paths of one famsearch home; `db_url` overrides the SQLite file (e.g. PostgreSQL)."""
+
+    home: Path
+    db_url: str | None = None
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{(self.home / 'famsearch.db').resolve()}"
+
+    @property
+    def index_path(self) -> Path:
+        return self.home / "index.faiss"
+
+    @property
+    def head_path(self) -> Path:
+        return self.home / "head.pt"

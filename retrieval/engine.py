@@ -1,0 +1,205 @@
+"""The query engine: one loaded model + index + DB, shared by the CLI and the UI.
+
+query image -> encoder -> FAISS top-k -> explainers on the query and on every match.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from retrieval import fam as explainers
+from retrieval.config import Settings
+from retrieval.encoder import Encoder, load_encoder
+from retrieval.head import Head, load_head
+from retrieval.images import load_image
+from retrieval.search import build_index, index_type_of, load_index, search, to_gpu_if_available
+from retrieval.store import Store, open_store
+
+LOGGER = logging.getLogger(__name__)
+EXPLAIN_CHOICES = (*explainers.EXPLAINERS, "none")
+GROUP_CHOICES = ("none", "topk")
+
+
+class IndexMissingError(ValueError):
+    """No usable index in this home: the shell should say how to build one."""
+
+
+class ModelMismatchError(ValueError):
+    """The stored vectors were made by another model than the one asked for."""
+
+
+@dataclass
+class Embedded:
+    """One image through the model: A (N, h, w), z (N,), e (J,)."""
+
+    feature_map: torch.Tensor
+    pooled: torch.Tensor
+    emb: torch.Tensor
+
+
+@dataclass
+class Match:
+    rank: int
+    image_id: int
+    path: str
+    score: float
+    query_map: np.ndarray | None = None  # (h, w) raw map on the query for this match
+    match_map: np.ndarray | None = None  # (h, w) raw map on the match
+    offsets: dict = field(default_factory=lambda: {"query": 0.0, "match": 0.0})
+
+
+@dataclass
+class QueryResult:
+    explainer: str
+    matches: list[Match]
+    timing_ms: dict
+    group_map: np.ndarray | None = None  # (h, w) query map against the whole top-k (Eq. 11/15)
+
+
+def model_identity(encoder: Encoder, head: Head) -> dict:
+    return {**encoder.identity, **head.identity}
+
+
+def check_identity(stored: dict, current: dict) -> None:
+    """Raise if the stored pooled vectors came from another backbone/weights/pooling/input size."""
+    keys = ("backbone", "weights_sha256", "pooling", "input_size")
+    diffs = [f"{k}: index has {stored.get(k)!r}, model is {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+    if diffs:
+        raise ModelMismatchError(
+            "the index was built by another model (" + "; ".join(diffs) + "); re-index with --full"
+        )
+
+
+def index_from_store(store: Store, head: Head, index_type: str = "auto"):
+    """Rebuild the FAISS index from the DB rows: e = head(z) for every OK image."""
+    id_batches, emb_batches = [], []
+    for ids, pooled in store.ok_embeddings():
+        id_batches.append(ids)
+        emb_batches.append(head(torch.from_numpy(pooled)).numpy())
+    if not id_batches:
+        dim = head.weight.shape[1] if head.weight is not None else 0
+        return build_index(np.zeros((0, max(dim, 1)), np.float32), np.zeros(0, np.int64), index_type)
+    return build_index(np.concatenate(emb_batches), np.concatenate(id_batches), index_type)
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)
+
+
+class QueryEngine:
+    """Loads once, answers many queries (warm latency is what `timing_ms` shows)."""
+
+    def __init__(self, settings: Settings, device: str | None = None):
+        self.settings = settings
+        if settings.db_url is None and not (settings.home / "famsearch.db").exists():
+            raise IndexMissingError(
+                f"nothing is indexed in {settings.home}; run: famsearch index PHOTO_FOLDER --home {settings.home}"
+            )
+        self.store = open_store(settings.database_url)
+        stored = self.store.get_meta("model")
+        if not stored or self.store.counts()["images"] == 0:
+            raise IndexMissingError(
+                f"nothing is indexed in {settings.home}; run: famsearch index PHOTO_FOLDER --home {settings.home}"
+            )
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.encoder = load_encoder(
+            stored["backbone"], stored.get("weights_path"), stored["input_size"], stored["pooling"], device
+        )
+        check_identity(stored, self.encoder.identity)
+        self.head = (load_head(settings.head_path) if stored.get("head", "none") != "none" else Head()).to(device)
+        if self.head.digest != stored.get("head_sha256", "identity"):
+            raise ModelMismatchError(f"{settings.head_path} is not the head the index was built with; re-run famsearch index")
+        self.model = stored
+        self.index = to_gpu_if_available(self._load_or_rebuild_index())
+
+    def _load_or_rebuild_index(self):
+        info = self.store.get_meta("index") or {}
+        n_ok = self.store.counts()["images"]
+        path = self.settings.index_path
+        if path.exists() and not info.get("dirty"):
+            index = load_index(path)
+            if index.ntotal == n_ok:
+                return index
+        LOGGER.warning("index file missing or stale; rebuilding it in memory from the database")
+        return index_from_store(self.store, self.head.to("cpu"))
+
+    @property
+    def index_type(self) -> str:
+        return index_type_of(self.index)
+
+    def embed(self, image: Image.Image) -> Embedded:
+        feature_maps, pooled = self.encoder.encode([image])
+        return Embedded(feature_maps[0], pooled[0], self.head(pooled)[0])
+
+    def embed_gallery(self, image_ids: list[int]) -> tuple[Embedded, list[str]]:
+        """Feature maps of indexed images, batched: A (K, N, h, w), z (K, N), e (K, J)."""
+        rows = self.store.images_by_ids(image_ids)
+        feature_maps, pooled = self.encoder.encode([load_image(row.path) for row in rows])
+        return Embedded(feature_maps, pooled, self.head(pooled)), [row.path for row in rows]
+
+    def _explain(self, explainer: str, subject: Embedded, partner_embs: torch.Tensor):
+        heat, offset = explainers.explain(
+            explainer, subject.feature_map, subject.emb, partner_embs, self.head.weight, self.head.bias
+        )
+        return heat.float().cpu().numpy(), offset.float().cpu().numpy()
+
+    def query(self, image: Image.Image, k: int = 10, explainer: str = "fam", group: str = "none") -> QueryResult:
+        """Top-k matches of one photo, with query- and match-side maps unless explainer == 'none'."""
+        if explainer not in EXPLAIN_CHOICES:
+            raise ValueError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
+        if group not in GROUP_CHOICES:
+            raise ValueError(f"unknown group {group!r}; choose one of {', '.join(GROUP_CHOICES)}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        start = time.perf_counter()
+        query = self.embed(image)
+        timing = {"embed": _ms(start)}
+        tick = time.perf_counter()
+        hits = search(self.index, query.emb[None].cpu().numpy(), k)[0]
+        rows = {row.id: row for row in self.store.images_by_ids([i for i, _ in hits])}
+        matches = [
+            Match(rank, image_id, rows[image_id].path, score)
+            for rank, (image_id, score) in enumerate(((i, s) for i, s in hits if i in rows), start=1)
+        ]
+        timing["search"] = _ms(tick)
+        tick = time.perf_counter()
+        group_map = None
+        if explainer != "none" and matches:
+            group_map = self._explain_matches(query, matches, explainer, group)
+        timing["explain"] = _ms(tick)
+        timing["total"] = _ms(start)
+        return QueryResult(explainer, matches, timing, group_map)
+
+    def _explain_matches(self, query: Embedded, matches: list[Match], explainer: str, group: str):
+        gallery, _ = self.embed_gallery([m.image_id for m in matches])
+        n = len(matches)
+        query_side = Embedded(query.feature_map.expand(n, *query.feature_map.shape), None, query.emb.expand(n, -1))
+        query_maps, query_offsets = self._explain(explainer, query_side, gallery.emb[:, None])  # K = 1 each
+        match_maps, match_offsets = self._explain(explainer, gallery, query.emb.expand(n, -1)[:, None])
+        for i, match in enumerate(matches):
+            match.query_map, match.match_map = query_maps[i], match_maps[i]
+            match.offsets = {"query": float(query_offsets[i]), "match": float(match_offsets[i])}
+        if group == "topk":
+            return self._explain(explainer, query, gallery.emb)[0]  # K = top-k (Eq. 11, 15)
+        return None
+
+    def explain_pair(self, first: Image.Image, second: Image.Image, explainer: str = "fam") -> dict:
+        """Maps for any two photos, indexed or not: score, both maps, both offsets."""
+        a, b = self.embed(first), self.embed(second)
+        score = float(explainers.cosine(a.emb, b.emb[None])[0])
+        map_a, offset_a = self._explain(explainer, a, b.emb[None])
+        map_b, offset_b = self._explain(explainer, b, a.emb[None])
+        return {"score": score, "query_map": map_a, "match_map": map_b,
+                "offset": {"query": float(offset_a), "match": float(offset_b)}}
+
+    def info(self) -> dict:
+        return {**self.store.counts(), "vectors": int(self.index.ntotal), "model": self.model, "index_type": self.index_type}
+
+    def close(self) -> None:
+        self.store.close()

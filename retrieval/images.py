@@ -1,0 +1,132 @@
+"""Reading photos as upright RGB, whatever the file throws at us, and drawing heatmap overlays."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+HEIF_SUFFIXES = frozenset({".heic", ".heif"})
+DEFAULT_MAX_MEGAPIXELS = 150.0
+_ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+try:  # optional extra: famsearch[heic]
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | HEIF_SUFFIXES
+except ImportError:  # pragma: no cover - depends on the install
+    SUPPORTED_SUFFIXES = IMAGE_SUFFIXES
+
+# We enforce our own megapixel cap before decoding; PIL's own bomb check would fire on its
+# default (~179 MP) and hide our clearer message.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(ValueError):
+    """A file that cannot be read as a photo; the message says why, for `famsearch info --failures`."""
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in SUPPORTED_SUFFIXES
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, read from the header without decoding."""
+    width, height = image.size
+    orientation = image.getexif().get(0x0112, 1)
+    return (height, width) if orientation in _ROTATING_ORIENTATIONS else (width, height)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency composited on white, 16-bit scaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        return Image.fromarray((values / top * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(
+    data: bytes, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, draft_size: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode bytes into an upright RGB image.
+
+    Args:
+        data: the file's bytes.
+        max_megapixels: refuse larger images (decompression bombs) before decoding pixels.
+        draft_size: if set, JPEGs are decoded at the smallest 1/2^k scale still >= this on
+            both sides (libjpeg DCT scaling; the whole image is kept, only resolution drops).
+    Returns:
+        The RGB image and its full-resolution upright (width, height).
+    Raises:
+        ImageError: not an image, truncated, corrupt, too large.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            size = upright_size(image)
+            if size[0] * size[1] > max_megapixels * 1e6:
+                raise ImageError(
+                    f"{size[0]}x{size[1]} is over the {max_megapixels:g} megapixel cap (--max-megapixels)"
+                )
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image.seek(0)  # first frame of animations
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image), size
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"cannot decode: {error}") from None
+
+
+def load_image(
+    path: str | Path, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, draft_size: int | None = None
+) -> Image.Image:
+    """Read a file as an upright RGB image (see `decode_image`); unreadable files raise ImageError."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImageError(f"cannot read: {error.strerror or error}") from None
+    return decode_image(data, max_megapixels, draft_size)[0]
+
+
+def upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (align_corners=False) up-sampling of an (h, w) map to (height, width) = size[::-1]."""
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.as_tensor(np.asarray(heatmap, dtype=np.float32))[None, None]  # (h, w) -> (1, 1, h, w)
+    up = F.interpolate(tensor, size=(size[1], size[0]), mode="bilinear", align_corners=False)
+    return up[0, 0].numpy()
+
+
+def normalise(heatmap: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1]; a constant map becomes zeros."""
+    low, high = float(heatmap.min()), float(heatmap.max())
+    return (heatmap - low) / max(high - low, 1e-12)
+
+
+def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.5, cmap: str = "jet") -> Image.Image:
+    """Heatmap (raw, feature resolution) up-sampled, min-maxed, coloured and blended over the photo."""
+    from matplotlib import colormaps
+
+    heat = normalise(upsample(heatmap, image.size))
+    coloured = (colormaps[cmap](heat)[..., :3] * 255).astype(np.uint8)  # (H, W) -> (H, W, 3)
+    return Image.blend(image.convert("RGB"), Image.fromarray(coloured), opacity)
