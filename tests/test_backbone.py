@@ -111,7 +111,7 @@ def test_mapping_rejects_a_checkpoint_that_does_not_fit():
 def test_unknown_backbone_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="efficientnet_lite0"):
         load_backbone("vgg16")
-    assert BACKBONES == ("efficientnet_lite0", "resnet50")
+    assert BACKBONES == ("efficientnet_lite0", "resnet50", "toy")
 
 
 def test_resnet50_needs_a_weights_file():
@@ -143,3 +143,11 @@ def test_resnet50_loads_a_local_file_and_gives_layer4_maps(tmp_path):
     assert features.shape == (1, 2048, 7, 7)
     assert (features >= 0).all()
     torch.testing.assert_close(logits, reference)  # the split reassembles torchvision's forward
+
+
+def test_toy_backbone_is_seeded_and_post_relu():
+    first, second = load_backbone("toy"), load_backbone("toy")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    features = first.model.forward_features(x)
+    assert features.shape == (2, 16, 8, 8) and features.min() >= 0
+    torch.testing.assert_close(features, second.model.forward_features(x))
