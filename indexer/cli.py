@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--workers", type=int, default=2, help="decoding processes (0: decode in the main process)")
     _add(p, "--max-megapixels", type=float, default=150.0, help="refuse larger images (decompression bombs)")
     _add(p, "--no-progress", action="store_true", help="no progress bar (for cron)")
+    _add(p, "--labels-from", default=None, choices=("folders",),
+         help="folders: put each photo in the album named by its first sub-folder under PATH")
+    _add(p, "--labels", type=Path, default=None, metavar="FILE", help="albums from a CSV path,label or JSONL file")
     _add(p, "--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=cmd_index)
 
@@ -112,6 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--failures", action="store_true", help="list the files that failed and why")
     _add(p, "--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("albums", help="label indexed photos into albums (the classes of classify)",
+                       description="List albums; label indexed photos from sub-folder names or a labels file.")
+    _common(p)
+    _add(p, "--from-folders", type=Path, nargs="+", default=None, metavar="ROOT",
+         help="each photo under ROOT goes to the album named by its first sub-folder")
+    _add(p, "--from-file", type=Path, default=None, metavar="FILE",
+         help="CSV path,label or JSON lines {\"path\", \"label\"} (relative paths: from the file's folder)")
+    _add(p, "--delete", default=None, metavar="ALBUM", help="delete an album (its photos stay indexed)")
+    _add(p, "--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_albums)
+
+    p = sub.add_parser("classify", help="which album a photo would go to, and why",
+                       description="Rank the albums for each photo (Eq. 11 mean cosine, or k-NN votes) and "
+                                   "explain the winner and the runner-up with query-side maps (Eq. 15).")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    _common(p)
+    _add(p, "--rule", default="mean", choices=("mean", "knn"),
+         help="mean: mean cosine to the album's photos; knn: weighted votes of the top-k neighbours")
+    _add(p, "-k", "--k", type=int, default=20, help="neighbours that vote (rule knn)")
+    _add(p, "--explain", default="fam", choices=("fam", "fam-exact", "gradcam", "none"), help="explainer")
+    _add(p, "--out", type=Path, default=None, help="write winner/runner-up maps (.npy) and PNG overlays here")
+    _add(p, "--json", action="store_true", help="one JSON object per photo, one per line")
+    p.set_defaults(run=cmd_classify)
 
     p = sub.add_parser("ui", help="open the search UI in the browser")
     _common(p)
@@ -160,6 +187,10 @@ def cmd_index(args: argparse.Namespace) -> int:
             excludes=DEFAULT_EXCLUDES + tuple(args.exclude), progress=not args.no_progress,
         )
         summary = sync(store, settings, encoder, roots, options)
+        if (args.labels_from or args.labels) and not args.dry_run:
+            from indexer.classify_cmd import label_gallery
+
+            summary["labels"] = label_gallery(store, args.labels_from, args.labels, roots)
     finally:
         store.close()
     if not any(summary[k] for k in ("added", "updated", "moved", "unchanged")):
@@ -291,6 +322,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     for failure in info.get("failures", []):
         print(f"failed     {failure['path']}: {failure['error']}")
     return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- albums, classify
+def cmd_albums(args: argparse.Namespace) -> int:
+    from indexer.classify_cmd import run_albums
+
+    return run_albums(args, settings_from(args), UsageError)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from indexer.classify_cmd import run_classify
+
+    if args.k < 1:
+        raise UsageError("-k must be at least 1")
+    images = [(path, _read_query(path)) for path in args.images]  # fail before loading the model
+    engine = _open_engine(args)
+    try:
+        return run_classify(args, engine, images)
+    finally:
+        engine.close()
 
 
 # ---------------------------------------------------------------------------- ui

@@ -62,6 +62,33 @@ class QueryResult:
     group_map: np.ndarray | None = None  # (h, w) query map against the whole top-k (Eq. 11/15)
 
 
+@dataclass
+class AlbumScore:
+    album: str
+    score: float  # mean cosine (rule mean, Eq. 11) or vote share (rule knn)
+    image_ids: list[int]  # the album's images behind its score: all of them, or its voters
+
+
+@dataclass
+class Classification:
+    """Which album a photo would go to, the runner-up, and query-side maps of both (Eq. 15)."""
+
+    rule: str
+    explainer: str
+    ranking: list[AlbumScore]  # best first
+    winner_map: np.ndarray | None  # (h, w) raw query map against the winner's images
+    runner_up_map: np.ndarray | None  # (h, w) against the runner-up's (None: no runner-up or no voters)
+    timing_ms: dict
+
+    @property
+    def winner(self) -> AlbumScore:
+        return self.ranking[0]
+
+    @property
+    def runner_up(self) -> AlbumScore | None:
+        return self.ranking[1] if len(self.ranking) > 1 else None
+
+
 def model_identity(encoder: Encoder, head: Head) -> dict:
     return {**encoder.identity, **head.identity}
 
@@ -197,6 +224,37 @@ class QueryEngine:
         map_b, offset_b = self._explain(explainer, b, a.emb[None])
         return {"score": score, "query_map": map_a, "match_map": map_b,
                 "offset": {"query": float(offset_a), "match": float(offset_b)}}
+
+    def classify(self, image: Image.Image, rule: str = "mean", k: int = 20, explainer: str = "fam") -> Classification:
+        """Rank the albums for a photo (Eq. 11 or k-NN votes) and explain the winner and the runner-up.
+
+        Each map is the query-side map against that album's K images (Eq. 15): the whole album
+        for rule mean, its voters among the top-k for rule knn. Needs only stored vectors.
+        """
+        from retrieval.albums import labelled_gallery
+        from retrieval.classify import decide
+
+        if explainer not in EXPLAIN_CHOICES:
+            raise ValueError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
+        start = time.perf_counter()
+        names, image_ids, pooled, memberships = labelled_gallery(self.store)
+        if not names:
+            raise ValueError("no albums yet; label the gallery first: famsearch albums --from-folders PHOTO_FOLDER")
+        query = self.embed(image)
+        gallery_embs = self.head(torch.from_numpy(pooled).to(query.emb.device))  # (M, N) -> (M, J)
+        decision = decide(query.emb, gallery_embs, torch.from_numpy(memberships).to(query.emb.device), rule, k)
+        timing = {"decide": _ms(start)}
+        tick = time.perf_counter()
+        order = decision.scores.argsort(descending=True, stable=True).tolist()
+        ranking = [AlbumScore(names[c], float(decision.scores[c]), image_ids[decision.evidence[c].cpu().numpy()].tolist())
+                   for c in order]
+        explained = (decision.winner, decision.runner_up) if explainer != "none" else ()
+        maps = {c: self._explain(explainer, query, gallery_embs[decision.evidence[c]])[0]
+                for c in explained if c is not None and len(decision.evidence[c])}
+        timing["explain"] = _ms(tick)
+        timing["total"] = _ms(start)
+        return Classification(rule, explainer, ranking, maps.get(decision.winner),
+                              maps.get(decision.runner_up), timing)
 
     def info(self) -> dict:
         return {**self.store.counts(), "vectors": int(self.index.ntotal), "model": self.model, "index_type": self.index_type}

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, Integer, LargeBinary, MetaData, String, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
+# Where an album membership came from: re-labelling from one source replaces only its own rows.
+LABEL_SOURCES = ("folders", "file", "manual")
 
 # Every constraint and index gets a predictable name, so later migrations can drop or alter
 # them (SQLite batch mode needs names to recreate a table).
@@ -93,3 +95,24 @@ class Meta(Base):
 
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class Album(Base):
+    """A named group of gallery images (a class for `famsearch classify`)."""
+
+    __tablename__ = "albums"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class AlbumImage(Base):
+    """Membership of an image in an album; deleting either side deletes the row (FK cascade)."""
+
+    __tablename__ = "album_images"
+    __table_args__ = (CheckConstraint(f"source IN {LABEL_SOURCES!r}", name="source"),)
+
+    album_id: Mapped[int] = mapped_column(ForeignKey("albums.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True)
+    source: Mapped[str] = mapped_column(String(16))
