@@ -12,13 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from sqlalchemy import select
 
 from retrieval import fam as explainers
 from retrieval.config import Settings
 from retrieval.encoder import Encoder, load_encoder
 from retrieval.head import Head, load_head
-from retrieval.images import load_image
+from retrieval.images import is_image_path, load_image
 from retrieval.search import build_index, index_type_of, load_index, search, to_gpu_if_available
+from retrieval.schema import STATUS_OK
+from retrieval.schema import Image as ImageRow
 from retrieval.store import Store, open_store
 
 LOGGER = logging.getLogger(__name__)
@@ -60,6 +63,58 @@ class QueryResult:
     matches: list[Match]
     timing_ms: dict
     group_map: np.ndarray | None = None  # (h, w) query map against the whole top-k (Eq. 11/15)
+
+
+@dataclass
+class AlbumScore:
+    album: str
+    score: float  # mean cosine (rule mean, Eq. 11) or vote share (rule knn)
+    image_ids: list[int]  # the album's images behind its score: all of them, or its voters
+
+
+@dataclass
+class Classification:
+    """Which album a photo would go to, the runner-up, and query-side maps of both (Eq. 15)."""
+
+    rule: str
+    explainer: str
+    ranking: list[AlbumScore]  # best first
+    winner_map: np.ndarray | None  # (h, w) raw query map against the winner's images
+    runner_up_map: np.ndarray | None  # (h, w) against the runner-up's (None: no runner-up or no voters)
+    timing_ms: dict
+
+    @property
+    def winner(self) -> AlbumScore:
+        return self.ranking[0]
+
+    @property
+    def runner_up(self) -> AlbumScore | None:
+        return self.ranking[1] if len(self.ranking) > 1 else None
+
+
+@dataclass
+class PairReport:
+    """Two photos compared: one explainer's maps on both, and the score channel by channel."""
+
+    score: float
+    first_map: np.ndarray  # (h, w) raw map on the first photo
+    second_map: np.ndarray  # (h, w) raw map on the second
+    offsets: dict  # {"first": b, "second": b}: score parts no location carries (fam-exact)
+    shares: np.ndarray  # (N,) each channel's share of the score on the first's side (`channel_shares`)
+    first_activations: np.ndarray  # (N, h, w) activation maps A^n of the first photo
+    second_activations: np.ndarray  # (N, h, w) of the second
+
+
+def channel_shares(pooled: torch.Tensor, emb: torch.Tensor, partner_emb: torch.Tensor,
+                   head_weight: torch.Tensor | None) -> torch.Tensor:
+    """Each channel's share of cos(e, e_k): z_n (W ê_k)_n / ‖e‖, (..., N), (..., J), (..., J) -> (..., N).
+
+    The shares sum to the cosine minus the head bias' part (fam-exact's offset), so they
+    say how much of the score each channel carried. With no head they are s · c_n, the
+    paper's Eq. 15 contributions times the score (same ranking).
+    """
+    weights = explainers.fam_exact_weights(emb, partner_emb.unsqueeze(-2), head_weight, 1)  # (..., N)
+    return pooled * weights
 
 
 @dataclass
@@ -256,8 +311,85 @@ class QueryEngine:
         return Classification(rule, explainer, ranking, maps.get(decision.winner),
                               maps.get(decision.runner_up), timing)
 
+    def compare(self, first: Image.Image, second: Image.Image, explainer: str = "fam") -> PairReport:
+        """One forward pass of both photos: score, both maps, channel shares, activation maps."""
+        feature_maps, pooled = self.encoder.encode([first, second])  # (2, N, h, w), (2, N)
+        embs = self.head(pooled)  # (2, N) -> (2, J)
+        a, b = (Embedded(feature_maps[i], pooled[i], embs[i]) for i in (0, 1))
+        first_map, first_offset = self._explain(explainer, a, b.emb[None])
+        second_map, second_offset = self._explain(explainer, b, a.emb[None])
+        shares = channel_shares(a.pooled, a.emb, b.emb, self.head.weight)
+        activations = feature_maps.float().cpu().numpy()
+        return PairReport(float(explainers.cosine(a.emb, b.emb[None])[0]), first_map, second_map,
+                          {"first": float(first_offset), "second": float(second_offset)},
+                          shares.float().cpu().numpy(), activations[0], activations[1])
+
+    def indexed_paths(self, contains: str = "", limit: int = 500) -> list[tuple[int, str]]:
+        """(image_id, path) of indexed photos whose path contains the text, by path, at most limit."""
+        stmt = select(ImageRow.id, ImageRow.path).where(ImageRow.status == STATUS_OK)
+        if contains:
+            stmt = stmt.where(ImageRow.path.contains(contains, autoescape=True))
+        with self.store.session() as session:
+            return [(int(i), p) for i, p in session.execute(stmt.order_by(ImageRow.path).limit(limit))]
+
+    def resolve_user_path(self, text: str) -> Path:
+        """A typed path, if it names an indexed photo or an image under a root of the last index run.
+
+        Relative paths and '..' are refused; a path the DB holds is returned as stored, any
+        other must resolve (symlinks followed) to an image file under a resolved root.
+        Raises ValueError otherwise, so nothing outside the indexed folders is ever read.
+        """
+        candidate = Path(text.strip()).expanduser()
+        if not text.strip() or not candidate.is_absolute() or ".." in candidate.parts:
+            raise ValueError(f"{text!r}: type the absolute path of an indexed photo (no '..')")
+        row = self.store.image_by_path(str(candidate))
+        if row is not None:
+            return Path(row.path)
+        roots = [Path(r).resolve() for r in (self.store.get_meta("last_run") or {}).get("roots", [])]
+        real = candidate.resolve()
+        if is_image_path(real) and real.is_file() and any(real.is_relative_to(root) for root in roots):
+            return real
+        raise ValueError(f"{text}: not an indexed photo; only images inside the indexed folders "
+                         f"({', '.join(map(str, roots)) or 'none recorded'}) can be opened")
+
+    def classify(self, image: Image.Image, rule: str = "mean", k: int = 20, explainer: str = "fam") -> Classification:
+        """Rank the albums for a photo (Eq. 11 or k-NN votes) and explain the winner and the runner-up.
+
+        Each map is the query-side map against that album's K images (Eq. 15): the whole album
+        for rule mean, its voters among the top-k for rule knn. Needs only stored vectors.
+        """
+        from retrieval.albums import labelled_gallery
+        from retrieval.classify import decide
+
+        if explainer not in EXPLAIN_CHOICES:
+            raise ValueError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
+        start = time.perf_counter()
+        names, image_ids, pooled, memberships = labelled_gallery(self.store)
+        if not names:
+            raise ValueError("no albums yet; label the gallery first: famsearch albums --from-folders PHOTO_FOLDER")
+        query = self.embed(image)
+        gallery_embs = self.head(torch.from_numpy(pooled).to(query.emb.device))  # (M, N) -> (M, J)
+        decision = decide(query.emb, gallery_embs, torch.from_numpy(memberships).to(query.emb.device), rule, k)
+        timing = {"decide": _ms(start)}
+        tick = time.perf_counter()
+        order = decision.scores.argsort(descending=True, stable=True).tolist()
+        ranking = [AlbumScore(names[c], float(decision.scores[c]), image_ids[decision.evidence[c].cpu().numpy()].tolist())
+                   for c in order]
+        explained = (decision.winner, decision.runner_up) if explainer != "none" else ()
+        maps = {c: self._explain(explainer, query, gallery_embs[decision.evidence[c]])[0]
+                for c in explained if c is not None and len(decision.evidence[c])}
+        timing["explain"] = _ms(tick)
+        timing["total"] = _ms(start)
+        return Classification(rule, explainer, ranking, maps.get(decision.winner),
+                              maps.get(decision.runner_up), timing)
+
     def info(self) -> dict:
         return {**self.store.counts(), "vectors": int(self.index.ntotal), "model": self.model, "index_type": self.index_type}
+
+    def status(self) -> dict:
+        """`info()` plus the last index run and the failed files with their reasons."""
+        return {**self.info(), "last_run": self.store.get_meta("last_run"), "failures": self.store.failures(),
+                "home": str(self.settings.home)}
 
     def close(self) -> None:
         self.store.close()

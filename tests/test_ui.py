@@ -1,0 +1,304 @@
+"""The search UI: its helpers (pure), the engine methods it needs, and every flow through Streamlit's AppTest."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from retrieval import fam
+from retrieval.config import Settings
+from retrieval.engine import QueryEngine, channel_shares
+from retrieval.images import ImageError
+from tests.conftest import draw_picture, run_json
+from ui import pictures, queries
+
+APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
+
+
+# ---------------------------------------------------------------------------- engine additions
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("with_head", [False, True])
+def test_channel_shares_sum_to_the_cosine_minus_the_bias_part(seed, with_head):
+    g = torch.Generator().manual_seed(seed)
+    pooled = torch.rand(2, 6, generator=g, dtype=torch.float64)  # z of two photos, post-ReLU
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64) if with_head else None
+    bias = torch.randn(4, generator=g, dtype=torch.float64) if with_head else None
+    embs = pooled @ weight + bias if with_head else pooled  # (2, J)
+    shares = channel_shares(pooled[0], embs[0], embs[1], weight)
+    offset = fam.bias_offset(embs[0], embs[1:], bias)
+    torch.testing.assert_close(shares.sum() + offset, F.cosine_similarity(embs[0], embs[1], dim=0))
+
+
+def test_channel_shares_without_a_head_are_the_paper_contributions_times_the_score():
+    g = torch.Generator().manual_seed(0)
+    pooled = torch.rand(2, 5, generator=g, dtype=torch.float64)
+    score = F.cosine_similarity(pooled[0], pooled[1], dim=0)
+    paper = fam.cosine_contributions(pooled[0], pooled[1:])  # Eq. 15, K = 1
+    torch.testing.assert_close(channel_shares(pooled[0], pooled[0], pooled[1], None), score * paper)
+
+
+def test_channel_shares_golden_one_shared_channel():
+    # z = (1, 0), z_k = (1, 1): only channel 0 is on in both; cos = 1/√2 and all of it is channel 0's.
+    z, z_k = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(channel_shares(z, z, z_k, None), torch.tensor([2 ** -0.5, 0.0], dtype=torch.float64))
+
+
+@pytest.fixture
+def engine(indexed: Path):
+    engine = QueryEngine(Settings(indexed), device="cpu")
+    yield engine
+    engine.close()
+
+
+def test_compare_gives_the_same_maps_as_explain_pair(engine, gallery):
+    first, second = draw_picture(0), draw_picture(5)
+    for explainer in fam.EXPLAINERS:
+        report = engine.compare(first, second, explainer)
+        pair = engine.explain_pair(first, second, explainer)
+        np.testing.assert_allclose(report.first_map, pair["query_map"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(report.second_map, pair["match_map"], rtol=1e-4, atol=1e-6)
+        assert report.score == pytest.approx(pair["score"], abs=1e-5)
+    assert report.shares.sum() + report.offsets["first"] == pytest.approx(report.score, abs=1e-4)
+    assert report.first_activations.shape[0] == report.shares.shape[0]
+
+
+def test_indexed_paths_filter_by_name_and_list_only_ok_images(engine, gallery):
+    every = [path for _, path in engine.indexed_paths()]
+    assert len(every) == 8 and every == sorted(every)
+    assert [Path(p).name for _, p in engine.indexed_paths("pic7")] == ["pic7.png"]
+    assert engine.indexed_paths("100%_no_such") == []
+
+
+def test_typed_paths_are_served_only_inside_the_indexed_roots(engine, gallery, tmp_path):
+    indexed = gallery / "pic0.jpg"
+    assert engine.resolve_user_path(str(indexed)) == indexed
+    draw_picture(20).save(gallery / "sub" / "new.png")  # under a root, not indexed yet
+    assert engine.resolve_user_path(f"  {gallery}/sub/new.png ") == (gallery / "sub" / "new.png").resolve()
+    outside = tmp_path / "outside.png"
+    draw_picture(21).save(outside)
+    (gallery / "escape.png").symlink_to(outside)  # a link inside a root pointing out of it
+    (gallery / "notes.txt").write_text("not a photo")
+    refused = [str(outside), f"{gallery}/../outside.png", "photos/pic0.jpg", str(gallery / "escape.png"),
+               str(gallery / "notes.txt"), "/etc/passwd", "", str(gallery)]
+    for text in refused:
+        with pytest.raises(ValueError):
+            engine.resolve_user_path(text)
+
+
+# ---------------------------------------------------------------------------- ui helpers
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_upload_that_is_not_an_image_is_refused_with_a_reason():
+    with pytest.raises(ImageError, match="notes.jpg cannot be used as a query photo: not an image"):
+        queries.read_upload("notes.jpg", b"hello, not a photo")
+
+
+def test_an_upload_over_the_size_cap_is_refused_before_decoding():
+    with pytest.raises(ImageError, match=r"big.png is 2.0 MB; photos up to 1 MB"):
+        queries.read_upload("big.png", b"\0" * (2 * 1024 * 1024), max_mb=1)
+
+
+def test_an_upload_over_the_megapixel_cap_is_refused():
+    with pytest.raises(ImageError, match="megapixel cap"):
+        queries.read_upload("wide.png", _png(Image.new("RGB", (3000, 2000))), max_megapixels=5)
+
+
+def test_the_same_bytes_give_the_same_query_digest():
+    data = _png(draw_picture(3))
+    first, second = queries.read_upload("a.png", data), queries.read_upload("b.png", data)
+    assert first.digest == second.digest and first.image.size == (64, 64)
+    assert queries.read_upload("c.png", _png(draw_picture(4))).digest != first.digest
+
+
+def test_the_grid_asks_for_maps_only_when_the_group_map_is_on():
+    assert queries.grid_request(7, "gradcam", False) == {"k": 7, "explainer": "none", "group": "none"}
+    assert queries.grid_request(7, "gradcam", True) == {"k": 7, "explainer": "gradcam", "group": "topk"}
+
+
+def test_top_channels_are_the_largest_shares_largest_first():
+    shares = np.array([0.1, -0.5, 0.4, 0.0, 0.4])
+    assert queries.top_channels(shares, 3).tolist() == [2, 4, 0]  # ties keep channel order
+    assert len(queries.top_channels(shares, 99)) == 5
+    assert queries.channel_rows(shares, 1) == [{"channel": "#2", "share of the score": 0.4}]
+
+
+def test_records_become_two_text_columns():
+    rows = queries.key_value_rows({"roots": ["/a", "/b"], "n": 3, "model": {"x": 1}})
+    assert rows == [{"field": "roots", "value": "/a, /b"}, {"field": "n", "value": "3"},
+                    {"field": "model", "value": '{"x": 1}'}]
+    assert queries.key_value_rows(None) == []
+
+
+def test_an_overlay_keeps_the_aspect_and_opacity_zero_is_the_photo():
+    photo = draw_picture(1, size=64).resize((200, 100))
+    heat = np.arange(12, dtype=np.float32).reshape(3, 4)
+    drawn = pictures.heat_overlay(photo, heat, 0.5, max_side=100)
+    assert drawn.size == (100, 50)
+    assert pictures.heat_overlay(photo, heat, 0.0).tobytes() == photo.tobytes()
+    with pytest.raises(ValueError, match="opacity"):
+        pictures.heat_overlay(photo, heat, 1.5)
+
+
+def test_the_legend_marks_zero_only_for_a_signed_map():
+    def zero_tick_columns(legend: Image.Image) -> int:
+        strip = np.asarray(legend)[:20]  # the colour strip rows
+        return int((strip.sum(axis=-1) == 0).all(axis=0).sum())  # fully black columns
+
+    assert zero_tick_columns(pictures.colour_scale(-1.0, 3.0)) >= 1
+    assert zero_tick_columns(pictures.colour_scale(0.5, 3.0)) == 0
+
+
+def test_the_map_range_is_taken_after_upsampling():
+    heat = np.array([[0.0, 1.0]], dtype=np.float32)
+    low, high = pictures.map_range(heat, (8, 1))
+    assert 0.0 <= low < 0.25 and 0.75 < high <= 1.0
+
+
+def test_png_bytes_round_trip():
+    image = draw_picture(2)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(pictures.png_bytes(image)))), np.asarray(image))
+
+
+# ---------------------------------------------------------------------------- flows (AppTest)
+def _app(home: Path, monkeypatch) -> AppTest:
+    monkeypatch.setenv("FAMSEARCH_HOME", str(home))
+    monkeypatch.delenv("FAMSEARCH_DB", raising=False)
+    return AppTest.from_file(APP, default_timeout=120).run()
+
+
+def _texts(at: AppTest) -> str:
+    parts = [e.value for kind in ("markdown", "caption", "subheader", "title", "error", "warning", "info", "success")
+             for e in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def _pick(at: AppTest, name: str) -> AppTest:
+    path = next(p for p in at.selectbox(key="pick").options if p.endswith(name))
+    return at.selectbox(key="pick").set_value(path).run()
+
+
+def _captions(at: AppTest) -> list[str]:
+    return [caption for image in at.image for caption in image.captions]
+
+
+def test_picking_a_photo_shows_the_ranked_grid_and_why_opens_both_maps(indexed, monkeypatch):
+    at = _app(indexed, monkeypatch)
+    assert not at.exception and "Pick, upload or type a photo" in _texts(at)
+    at = _pick(at, "pic3.png")
+    assert not at.exception
+    assert "Top 8" in _texts(at)  # k = 10 > 8 images: all of them, ranked
+    grid = [b for b in at.button if b.key and b.key.startswith("why_")]
+    assert len(grid) == 8
+    first = at.session_state["result"].matches[0]
+    assert first.path.endswith("pic3.png") and first.score == pytest.approx(1.0, abs=1e-4)
+
+    at.button(key="why_2").click().run()
+    assert not at.exception
+    second = at.session_state["result"].matches[1]
+    assert f"Why #2 matched: score {second.score:.4f}" in _texts(at)
+    assert len(at.get("download_button")) == 2
+    assert at.get("vega_lite_chart")  # the channel bar chart
+    report = at.session_state["report"]
+    assert report.score == pytest.approx(second.score, abs=1e-4)
+
+    channel = at.selectbox(key="channel").options[0]
+    at = at.selectbox(key="channel").set_value(channel).run()
+    assert f"Channel {channel} on the query" in "\n".join(_captions(at))
+    at.button(key="back").click().run()
+    assert len([b for b in at.button if b.key and b.key.startswith("why_")]) == 8
+
+
+def test_switching_the_explainer_redraws_the_maps(indexed, monkeypatch):
+    at = _pick(_app(indexed, monkeypatch), "pic1.png")
+    at.button(key="why_2").click().run()
+    score = at.session_state["result"].matches[1].score
+    maps = {"fam": at.session_state["report"].first_map}
+    for explainer in ("fam-exact", "gradcam"):
+        at.selectbox(key="explainer").set_value(explainer).run()
+        assert not at.exception and f"{explainer}: " in _texts(at)
+        maps[explainer] = at.session_state["report"].first_map
+        assert ("sums to the score minus its offset" in _texts(at)) == (explainer == "fam-exact")
+    assert not np.allclose(maps["fam"], maps["fam-exact"]) and not np.allclose(maps["fam-exact"], maps["gradcam"])
+    assert maps["fam"].min() >= 0 and maps["gradcam"].min() >= 0
+    assert maps["fam-exact"].sum() == pytest.approx(score, abs=1e-4)  # no head: no offset
+
+
+def test_the_group_map_explains_the_query_against_the_whole_top_k(indexed, monkeypatch):
+    at = _pick(_app(indexed, monkeypatch), "pic2.jpg")
+    assert at.session_state["result"].group_map is None
+    at.toggle(key="group").set_value(True).run()
+    assert not at.exception
+    assert "Group map: what all these matches have in common with it" in _captions(at)
+    assert at.session_state["result"].group_map.ndim == 2
+
+
+def test_a_typed_path_outside_the_indexed_folders_is_refused(indexed, monkeypatch, tmp_path):
+    at = _app(indexed, monkeypatch)
+    at.radio(key="source").set_value("Type a path").run()
+    outside = tmp_path / "secret.png"
+    draw_picture(9).save(outside)
+    at.text_input(key="typed").input(str(outside)).run()
+    assert not at.exception and "not an indexed photo" in at.error[0].value
+    assert "result" not in at.session_state
+    inside = next(p for p in (tmp_path / "photos").iterdir() if p.suffix == ".png")
+    at.text_input(key="typed").input(str(inside)).run()
+    assert not at.error and "Top 8" in _texts(at)
+
+
+def test_a_bad_upload_gets_a_clear_message_and_a_good_one_searches(indexed, monkeypatch):
+    at = _app(indexed, monkeypatch)
+    at.radio(key="source").set_value("Upload a photo").run()
+    at.file_uploader(key="upload").set_value(("holiday.jpg", b"this is a text file", "image/jpeg")).run()
+    assert not at.exception
+    assert at.error[0].value == "holiday.jpg cannot be used as a query photo: not an image (format not recognised)"
+    monkeypatch.setattr(queries, "MAX_UPLOAD_MB", 0.01)
+    at.file_uploader(key="upload").set_value(("huge.png", b"\0" * 20000, "image/png")).run()
+    assert "photos up to 0.01 MB can be uploaded" in at.error[0].value
+    monkeypatch.setattr(queries, "MAX_UPLOAD_MB", 20)
+    at.file_uploader(key="upload").set_value(("mine.png", _png(draw_picture(6)), "image/png")).run()
+    assert not at.error and "Top 8" in _texts(at)
+    assert at.session_state["result"].matches[0].path.endswith("pic6.jpg")  # the same picture, re-encoded
+
+
+def test_the_status_page_lists_counts_model_and_failed_files(capsys, gallery, home, monkeypatch):
+    (gallery / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    code, summary = run_json(capsys, "index", gallery, "--home", home, "--model", "toy", "--input-size", "64",
+                             "--workers", "0", "--no-progress")
+    assert code == 1 and summary["failed"] == 1
+    at = _app(home, monkeypatch)
+    at.radio(key="page").set_value("Index status").run()
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Images indexed"] == "8" and metrics["Failed files"] == "1" and metrics["Vectors in the index"] == "8"
+    assert metrics["Index type"] == "IndexFlatIP"
+    model, last_run, failures = (table.value for table in at.dataframe)
+    assert "toy" in model["value"].tolist()
+    assert str(gallery.absolute()) in last_run.set_index("field").loc["roots", "value"]
+    assert failures["path"].tolist() == [str(gallery / "broken.jpg")]
+    assert failures["error"].iloc[0]
+
+
+@pytest.mark.parametrize("make_home", ["missing", "empty-db"])
+def test_no_index_shows_how_to_build_one_instead_of_a_traceback(make_home, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "nothing-here"
+    if make_home == "empty-db":
+        (tmp_path / "empty").mkdir()
+        run_json(capsys, "index", tmp_path / "empty", "--home", home, "--model", "toy", "--input-size", "64",
+                 "--workers", "0", "--no-progress")
+    at = _app(home, monkeypatch)
+    assert not at.exception
+    assert "Nothing to search yet" in at.warning[0].value
+    assert f"famsearch index PHOTO_FOLDER --home {home}" in at.code[0].value
+    at.radio(key="page").set_value("Index status").run()
+    assert not at.exception and "Nothing to search yet" in at.warning[0].value

@@ -1,0 +1,226 @@
+"""famsearch UI: search the index by example photo and see why each match came back.
+
+Layout only: the engine (retrieval.engine.QueryEngine, shared with the CLI) does the work,
+ui.queries vets what a person hands in and ui.pictures draws. Run with `famsearch ui`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from retrieval.config import Settings
+from retrieval.engine import IndexMissingError, QueryEngine
+from retrieval.fam import EXPLAINERS
+from retrieval.images import ImageError, load_image
+from ui import pictures, queries
+
+PICK, UPLOAD, TYPE = "Pick an indexed photo", "Upload a photo", "Type a path"
+GRID_COLUMNS = 5
+
+st.set_page_config(page_title="famsearch", page_icon="🔎", layout="wide")
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the model and the index…")
+def load_engine(home: str, db_url: str | None, stamp: int | None) -> QueryEngine:
+    """One engine per index version, shared by every session (read-only after loading)."""
+    return queries.warm_up(QueryEngine(Settings(Path(home), db_url)))
+
+
+@st.cache_data(max_entries=2048, show_spinner=False)
+def grid_thumbnail(path: str, stamp: int | None):
+    return queries.padded_thumbnail(path)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def match_photo(path: str, stamp: int | None):
+    return pictures.fit_within(load_image(path), 1024)
+
+
+def select(rank: int | None) -> None:
+    st.session_state.selected = rank
+
+
+def show_no_index(settings: Settings, reason: str) -> None:
+    st.title("famsearch")
+    st.warning(f"Nothing to search yet: {reason}")
+    st.markdown("Build an index of a photo folder (or of the bundled demo gallery), then reload this page:")
+    st.code("\n".join(queries.build_commands(settings.home)), language="bash")
+
+
+def sidebar() -> dict:
+    with st.sidebar:
+        st.header("famsearch")
+        page = st.radio("Page", ["Search", "Index status"], key="page")
+        explainer = st.selectbox("Explainer", EXPLAINERS, key="explainer",
+                                 format_func=lambda e: e, help="\n\n".join(f"**{k}**: {v}" for k, v in queries.EXPLAINER_HELP.items()))
+        k = st.slider("Matches (k)", 1, 50, 10, key="k")
+        group = st.toggle("Group map over the top-k", key="group",
+                          help="The query's map against all top-k matches at once (Eq. 11/15)")
+        opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
+    return {"page": page, "explainer": explainer, "k": k, "group": group, "opacity": opacity}
+
+
+def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
+    source = st.radio("Query by", [PICK, UPLOAD, TYPE], horizontal=True, key="source")
+    try:
+        if source == PICK:
+            left, right = st.columns([1, 3])
+            contains = left.text_input("Filter by name", key="pick_filter", placeholder="e.g. cat")
+            paths = [path for _, path in engine.indexed_paths(contains)]
+            path = right.selectbox("Indexed photo", paths, index=None, key="pick", placeholder="Choose a photo")
+            return queries.read_indexed(Path(path)) if path else None
+        if source == UPLOAD:
+            uploaded = st.file_uploader(f"Photo (up to {queries.MAX_UPLOAD_MB} MB)", type=queries.UPLOAD_TYPES,
+                                        key="upload")
+            return queries.read_upload(uploaded.name, uploaded.getvalue()) if uploaded else None
+        text = st.text_input("Absolute path of a photo inside the indexed folders", key="typed")
+        return queries.read_indexed(engine.resolve_user_path(text)) if text.strip() else None
+    except (ValueError, OSError) as error:  # ImageError is a ValueError
+        st.error(str(error))
+        return None
+
+
+def show_query(photo: queries.QueryPhoto, result, opacity: float) -> None:
+    st.markdown("**Query**")
+    if result.group_map is None:
+        st.image(pictures.fit_within(photo.image, 512), caption=photo.label)
+        return
+    drawn = pictures.heat_overlay(photo.image, result.group_map, opacity, 512)
+    st.image(drawn, caption="Group map: what all these matches have in common with it")
+    st.image(pictures.colour_scale(*pictures.map_range(result.group_map, drawn.size)))
+    st.download_button("Download group map (PNG)", lambda: pictures.png_bytes(drawn), "group_map.png",
+                       "image/png", on_click="ignore", key="dl_group")
+
+
+def show_grid(result, stamp: int | None) -> None:
+    t = result.timing_ms
+    st.markdown(f"**Top {len(result.matches)}** · answered in {t['total']:.0f} ms (embed {t['embed']:.0f}, "
+                f"search {t['search']:.0f}, group map {t['explain']:.0f}) · click **Why?** for the maps")
+    for start in range(0, len(result.matches), GRID_COLUMNS):
+        for column, match in zip(st.columns(GRID_COLUMNS), result.matches[start:start + GRID_COLUMNS]):
+            with column:
+                st.image(grid_thumbnail(match.path, stamp),
+                         caption=f"#{match.rank} · {match.score:.3f} · {Path(match.path).name}")
+                st.button("Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,),
+                          use_container_width=True)
+
+
+def show_overlay(column, title: str, image, heatmap, opacity: float, filename: str) -> None:
+    drawn = pictures.heat_overlay(image, heatmap, opacity)
+    with column:
+        st.image(drawn, caption=title)
+        st.image(pictures.colour_scale(*pictures.map_range(heatmap, drawn.size)))
+        st.download_button(f"Download {filename}", lambda: pictures.png_bytes(drawn), filename, "image/png",
+                           on_click="ignore", key=f"dl_{filename}")
+
+
+def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | None) -> None:
+    explainer = settings["explainer"]
+    key = (photo.digest, match.image_id, explainer, stamp)
+    if st.session_state.get("report_key") != key:
+        st.session_state.report = engine.compare(photo.image, load_image(match.path), explainer)
+        st.session_state.report_key = key
+    report = st.session_state.report
+    st.button("← All results", on_click=select, args=(None,), key="back")
+    st.subheader(f"Why #{match.rank} matched: score {match.score:.4f}")
+    st.caption(f"{explainer}: {queries.EXPLAINER_HELP[explainer]}. {match.path}")
+    if explainer == "fam-exact":
+        st.caption(f"Each map sums to the score minus its offset (query {report.offsets['first']:+.4f}, "
+                   f"match {report.offsets['second']:+.4f}; from the head's bias).")
+    photo_of_match = match_photo(match.path, stamp)
+    left, right = st.columns(2)
+    show_overlay(left, "Query: where it resembles the match", photo.image, report.first_map,
+                 settings["opacity"], f"query_rank{match.rank}_{explainer}.png")
+    show_overlay(right, f"Match #{match.rank}: where it resembles the query", photo_of_match, report.second_map,
+                 settings["opacity"], f"match_rank{match.rank}_{explainer}.png")
+    st.markdown("#### Channels that carried the score")
+    rows = queries.channel_rows(report.shares, 15)
+    st.bar_chart(pd.DataFrame(rows), x="channel", y="share of the score", horizontal=True,
+                 sort="-share of the score", height=380)
+    st.caption(f"Each channel's share of the cosine on the query's side: z_n·(W ê)_n/‖e‖. All "
+               f"{len(report.shares)} shares sum to {report.shares.sum():.4f} (score {report.score:.4f}, "
+               f"minus the head bias' part).")
+    channel = st.selectbox("Show a channel's activation map", [row["channel"] for row in rows], index=None,
+                           key="channel", placeholder="Choose a channel")
+    if channel:
+        n = int(channel.lstrip("#"))
+        a, b = st.columns(2)
+        a.image(pictures.heat_overlay(photo.image, report.first_activations[n], settings["opacity"], 384),
+                caption=f"Channel {channel} on the query")
+        b.image(pictures.heat_overlay(photo_of_match, report.second_activations[n], settings["opacity"], 384),
+                caption=f"Channel {channel} on match #{match.rank}")
+
+
+def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
+    st.title("Search by example photo")
+    photo = query_photo(engine)
+    if photo is None:
+        st.info("Pick, upload or type a photo to find the indexed photos most like it.")
+        return
+    request = queries.grid_request(settings["k"], settings["explainer"], settings["group"])
+    key = (photo.digest, stamp, *request.values())
+    if st.session_state.get("result_key") != key:
+        if st.session_state.get("result_key", (None,))[0] != photo.digest:
+            st.session_state.selected = None
+        st.session_state.result = engine.query(photo.image, **request)
+        st.session_state.result_key = key
+    result = st.session_state.result
+    if not result.matches:
+        st.warning("The index holds no photos to compare with.")
+        return
+    left, right = st.columns([1, 4])
+    with left:
+        show_query(photo, result, settings["opacity"])
+    with right:
+        selected = st.session_state.get("selected")
+        if selected is None or selected > len(result.matches):
+            show_grid(result, stamp)
+        else:
+            show_why(engine, photo, result.matches[selected - 1], settings, stamp)
+
+
+def status_page(engine: QueryEngine) -> None:
+    st.title("Index status")
+    status = engine.status()
+    images, failed, vectors, kind = st.columns(4)
+    images.metric("Images indexed", status["images"])
+    failed.metric("Failed files", status["failed"])
+    vectors.metric("Vectors in the index", status["vectors"])
+    kind.metric("Index type", status["index_type"])
+    st.caption(f"Home: {status['home']}")
+    st.subheader("Model")
+    st.dataframe(pd.DataFrame(queries.key_value_rows(status["model"])), hide_index=True)
+    st.subheader("Last run")
+    if status["last_run"]:
+        st.dataframe(pd.DataFrame(queries.key_value_rows(status["last_run"])), hide_index=True)
+    else:
+        st.write("No run recorded.")
+    st.subheader("Failed files")
+    if status["failures"]:
+        st.dataframe(pd.DataFrame(status["failures"]), hide_index=True)
+    else:
+        st.success("No file failed.")
+    st.button("Reload the index", on_click=load_engine.clear, help="After `famsearch index` ran again")
+
+
+def main() -> None:
+    settings = sidebar()
+    env = queries.settings_from_env()
+    stamp = queries.index_stamp(env)
+    try:
+        engine = load_engine(str(env.home), env.db_url, stamp)
+    except IndexMissingError as error:
+        show_no_index(env, str(error))
+        return
+    except ValueError as error:  # ModelMismatchError, an unreadable head file
+        st.error(f"The index cannot be opened: {error}")
+        return
+    if settings["page"] == "Index status":
+        status_page(engine)
+    else:
+        search_page(engine, settings, stamp)
+
+
+main()

@@ -1,0 +1,66 @@
+"""Pictures for the UI: thumbnails, heatmap overlays, the colour-scale legend, PNG bytes.
+
+Plain PIL/numpy in and out, no Streamlit, so every function is tested on its own.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+
+from retrieval.images import overlay, upsample
+
+CMAP = "jet"  # blue = least, red = most; the legend draws the same scale
+
+
+def fit_within(image: Image.Image, max_side: int) -> Image.Image:
+    """The whole image scaled down (never up) so its longer side is at most max_side."""
+    scale = max_side / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.LANCZOS)
+
+
+def heat_overlay(image: Image.Image, heatmap: np.ndarray, opacity: float, max_side: int = 768) -> Image.Image:
+    """A raw (h, w) map up-sampled, min-maxed, coloured and blended over the (downscaled) photo."""
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    return overlay(fit_within(image, max_side), heatmap, opacity, CMAP)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def map_range(heatmap: np.ndarray, size: tuple[int, int]) -> tuple[float, float]:
+    """(low, high) of the map as drawn: after bilinear up-sampling to size (min-max maps these to 0 and 1)."""
+    up = upsample(heatmap, size)
+    return float(up.min()), float(up.max())
+
+
+def colour_scale(low: float, high: float, width: int = 420, height: int = 48) -> Image.Image:
+    """A legend strip: the colour scale with its two ends labelled by raw values, and 0 if inside.
+
+    Overlays are min-maxed, so the left end of the strip is the map's smallest value and the
+    right end its largest; a signed map (fam-exact) gets a tick where the value is zero.
+    """
+    strip_h, pad = height // 2, 6
+    ramp = colormaps[CMAP](np.linspace(0.0, 1.0, width - 2 * pad))[:, :3]  # (W,) -> (W, 3)
+    legend = Image.new("RGB", (width, height), (255, 255, 255))
+    strip = np.broadcast_to((ramp * 255).astype(np.uint8), (strip_h, width - 2 * pad, 3))  # (H, W, 3)
+    legend.paste(Image.fromarray(np.ascontiguousarray(strip)), (pad, 0))
+    draw = ImageDraw.Draw(legend)
+    font = ImageFont.load_default(size=13)
+    draw.text((pad, strip_h + 4), f"{low:.3g} (least)", fill=(40, 40, 40), font=font)
+    right = f"(most) {high:.3g}"
+    draw.text((width - pad - draw.textlength(right, font=font), strip_h + 4), right, fill=(40, 40, 40), font=font)
+    if low < 0.0 < high:
+        x = pad + round((0.0 - low) / (high - low) * (width - 2 * pad - 1))
+        draw.line([(x, 0), (x, strip_h + 2)], fill=(0, 0, 0), width=2)
+        draw.text((x - 3, strip_h + 4), "0", fill=(0, 0, 0), font=font)
+    return legend

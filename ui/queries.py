@@ -1,0 +1,123 @@
+"""What the UI asks of the engine, and the checks on what a person hands it (no Streamlit here).
+
+The Streamlit script only lays things out; reading uploads, settings, cache keys and the
+channel table live here, each small enough to test on its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from retrieval.config import ENV_PREFIX, Settings, default_home
+from retrieval.engine import QueryEngine
+from retrieval.images import ImageError, decode_image, load_image
+
+MAX_UPLOAD_MB = 20  # uploads over this are refused before decoding
+MAX_UPLOAD_MEGAPIXELS = 60.0  # a small file can still decode to a huge bitmap (decompression bomb)
+UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "heic", "heif")
+EXPLAINER_HELP = {
+    "fam": "paper FAM (Eq. 11-18): cosine contributions mapped back through the head, min-maxed",
+    "fam-exact": "signed map that sums to the score (minus the head bias' share)",
+    "gradcam": "Grad-CAM of the cosine, in closed form (no backward pass)",
+}
+
+
+@dataclass(frozen=True)
+class QueryPhoto:
+    """The photo being searched with: a label to show, the decoded image, a digest of its bytes."""
+
+    label: str
+    image: Image.Image
+    digest: str
+
+
+def settings_from_env() -> Settings:
+    """The home `famsearch ui` passes down (FAMSEARCH_HOME, FAMSEARCH_DB), as the CLI builds it."""
+    return Settings(home=default_home().expanduser().absolute(), db_url=os.environ.get(ENV_PREFIX + "DB") or None)
+
+
+def index_stamp(settings: Settings) -> int | None:
+    """When the index file was last swapped in (ns), so a re-index loads a fresh engine."""
+    try:
+        return settings.index_path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def read_upload(name: str, data: bytes, max_mb: float | None = None,
+                max_megapixels: float = MAX_UPLOAD_MEGAPIXELS) -> QueryPhoto:
+    """An uploaded file as a query photo; ImageError with a message fit to show otherwise."""
+    max_mb = MAX_UPLOAD_MB if max_mb is None else max_mb
+    if len(data) > max_mb * 1024 * 1024:
+        raise ImageError(f"{name} is {len(data) / 1024 / 1024:.1f} MB; photos up to {max_mb:g} MB can be uploaded")
+    try:
+        image, _ = decode_image(data, max_megapixels)
+    except ImageError as error:
+        raise ImageError(f"{name} cannot be used as a query photo: {error}") from None
+    return QueryPhoto(name, image, digest(data))
+
+
+def read_indexed(path: Path) -> QueryPhoto:
+    """A photo the engine has vetted (`resolve_user_path` or the DB) as a query photo."""
+    data = path.read_bytes()
+    return QueryPhoto(str(path), decode_image(data)[0], digest(data))
+
+
+def grid_request(k: int, explainer: str, group: bool) -> dict:
+    """`QueryEngine.query` arguments for the grid: maps only for the group map.
+
+    The grid shows scores; per-match maps are computed when a match is opened (one pair),
+    so a query costs one embedding and one search instead of k+1 embeddings.
+    """
+    return {"k": k, "explainer": explainer if group else "none", "group": "topk" if group else "none"}
+
+
+def top_channels(shares: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n largest shares, largest first: (N,) -> (min(n, N),)."""
+    order = np.argsort(-shares, kind="stable")
+    return order[: min(n, len(shares))]
+
+
+def channel_rows(shares: np.ndarray, n: int) -> list[dict]:
+    """Bar-chart rows for the n channels that carried the most of the score, largest first."""
+    return [{"channel": f"#{int(c)}", "share of the score": float(shares[c])} for c in top_channels(shares, n)]
+
+
+def padded_thumbnail(path: str, box: tuple[int, int] = (320, 240)) -> Image.Image:
+    """An indexed photo shrunk whole into a fixed box, padded, so the grid's rows line up.
+
+    JPEGs are decoded at a reduced scale (libjpeg draft), so big photos stay quick.
+    """
+    image = load_image(path, draft_size=max(box))
+    return ImageOps.pad(image, box, Image.LANCZOS, color=(240, 242, 246))
+
+
+def key_value_rows(record: dict | None) -> list[dict]:
+    """A flat JSON record as two text columns for a table (lists joined, nested dicts as JSON)."""
+    def text(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return ", ".join(map(str, value))
+        return json.dumps(value) if isinstance(value, dict) else str(value)
+
+    return [{"field": key, "value": text(value)} for key, value in (record or {}).items()]
+
+
+def warm_up(engine: QueryEngine) -> QueryEngine:
+    """One throw-away forward pass, so the first person to search doesn't pay for lazy init."""
+    engine.embed(Image.new("RGB", (64, 64)))
+    return engine
+
+
+def build_commands(home: Path) -> list[str]:
+    """What to run when nothing is indexed yet."""
+    return [f"famsearch index PHOTO_FOLDER --home {home}", f"famsearch index --demo --home {home}"]
