@@ -351,7 +351,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.db:
         env[ENV_PREFIX + "DB"] = args.db
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-               "--browser.gatherUsageStats", "false", "--server.headless", str(args.headless).lower()]
+               "--browser.gatherUsageStats", "false", "--server.headless", str(args.headless).lower(),
+               "--client.toolbarMode", "minimal"]  # no "Deploy" button on a local tool
     return subprocess.call(command, env=env)
 
 

@@ -85,10 +85,10 @@ def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
 def show_query(photo: queries.QueryPhoto, result, opacity: float) -> None:
     st.markdown("**Query**")
     if result.group_map is None:
-        st.image(pictures.fit_within(photo.image, 512), caption=photo.label)
+        st.image(pictures.fit_within(photo.image, 512), caption=photo.label, width="stretch")
         return
     drawn = pictures.heat_overlay(photo.image, result.group_map, opacity, 512)
-    st.image(drawn, caption="Group map: what all these matches have in common with it")
+    st.image(drawn, caption="Group map: what all these matches have in common with it", width="stretch")
     st.image(pictures.colour_scale(*pictures.map_range(result.group_map, drawn.size)))
     st.download_button("Download group map (PNG)", lambda: pictures.png_bytes(drawn), "group_map.png",
                        "image/png", on_click="ignore", key="dl_group")
@@ -103,14 +103,13 @@ def show_grid(result, stamp: int | None) -> None:
             with column:
                 st.image(grid_thumbnail(match.path, stamp),
                          caption=f"#{match.rank} · {match.score:.3f} · {Path(match.path).name}")
-                st.button("Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,),
-                          use_container_width=True)
+                st.button("Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,), width="stretch")
 
 
 def show_overlay(column, title: str, image, heatmap, opacity: float, filename: str) -> None:
     drawn = pictures.heat_overlay(image, heatmap, opacity)
     with column:
-        st.image(drawn, caption=title)
+        st.image(drawn, caption=title, width="stretch")
         st.image(pictures.colour_scale(*pictures.map_range(heatmap, drawn.size)))
         st.download_button(f"Download {filename}", lambda: pictures.png_bytes(drawn), filename, "image/png",
                            on_click="ignore", key=f"dl_{filename}")
@@ -148,9 +147,9 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
         n = int(channel.lstrip("#"))
         a, b = st.columns(2)
         a.image(pictures.heat_overlay(photo.image, report.first_activations[n], settings["opacity"], 384),
-                caption=f"Channel {channel} on the query")
+                caption=f"Channel {channel} on the query", width="stretch")
         b.image(pictures.heat_overlay(photo_of_match, report.second_activations[n], settings["opacity"], 384),
-                caption=f"Channel {channel} on match #{match.rank}")
+                caption=f"Channel {channel} on match #{match.rank}", width="stretch")
 
 
 def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:

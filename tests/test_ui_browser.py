@@ -1,0 +1,96 @@
+"""The served UI in a real headless Chromium: query, grid, why view, download, explainer, bad upload, status."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ui.serve import CHROMIUM_ARGS, served
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium")
+WAIT_MS = 90_000  # Streamlit draws after its websocket connects; the first query loads the model
+
+
+@pytest.fixture
+def page(indexed: Path, tmp_path: Path):
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    with served(indexed, log=tmp_path / "streamlit.log") as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800}, accept_downloads=True)
+            page.set_default_timeout(WAIT_MS)
+            page.goto(url)
+            page.get_by_role("heading", name="Search by example photo").wait_for()
+            yield page
+        finally:
+            browser.close()
+
+
+def _not_blank(path: Path) -> bool:
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    return pixels.std() > 5  # a drawn page, not a white or black frame
+
+
+def _settled(page) -> None:
+    """Wait until the script run is over (Streamlit's running indicator is gone)."""
+    page.wait_for_selector('[data-testid="stStatusWidget"]', state="hidden")
+
+
+def _choose(page, label: str, option: str) -> None:
+    page.get_by_role("combobox", name=label).click()
+    page.get_by_role("option", name=option).click()
+
+
+def test_a_query_in_the_browser_shows_the_grid_and_the_why_view(page, gallery, tmp_path):
+    query = str(gallery / "pic3.png")
+    _choose(page, "Indexed photo", query)
+    page.get_by_text("Top 8").wait_for()
+    page.get_by_role("button", name="Why?").nth(7).wait_for()  # elements stream in after the heading
+    assert page.get_by_role("button", name="Why?").count() == 8
+    page.get_by_text("#1 · 1.000 · pic3.png").wait_for()  # the photo finds itself first
+    _settled(page)
+    page.wait_for_timeout(500)  # let the thumbnails paint
+    page.screenshot(path=tmp_path / "grid.png")
+    assert _not_blank(tmp_path / "grid.png")
+
+    page.get_by_role("button", name="Why?").nth(1).click()
+    page.get_by_text("Why #2 matched").wait_for()
+    page.get_by_text("Channels that carried the score").wait_for()
+    page.get_by_text("Query: where it resembles the match").wait_for()
+    page.get_by_text("Match #2: where it resembles the query").wait_for()
+    page.get_by_text("Show a channel's activation map").wait_for()
+    _settled(page)
+    page.wait_for_timeout(500)  # the chart draws after the run
+    page.screenshot(path=tmp_path / "why.png")
+    assert _not_blank(tmp_path / "why.png")
+
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download query_rank2_fam.png").click()
+    saved = tmp_path / "overlay.png"
+    download.value.save_as(saved)
+    with Image.open(saved) as overlay:
+        assert overlay.format == "PNG" and overlay.size == (64, 64)
+
+    _choose(page, "Explainer", "gradcam")
+    page.get_by_text("gradcam: Grad-CAM of the cosine").wait_for()
+    assert page.get_by_text("Traceback").count() == 0
+
+
+def test_a_bad_upload_and_the_status_page_in_the_browser(page):
+    page.get_by_text("Upload a photo").click()
+    page.locator("input[type=file]").set_input_files(
+        {"name": "holiday.jpg", "mimeType": "image/jpeg", "buffer": b"a text file, not a photo"})
+    page.get_by_text("holiday.jpg cannot be used as a query photo: not an image").wait_for()
+
+    page.get_by_text("Index status").click()
+    page.get_by_text("Images indexed").wait_for()
+    page.get_by_text("IndexFlatIP").wait_for()
+    page.get_by_text("No file failed.").wait_for()
+    assert page.get_by_text("Traceback").count() == 0
