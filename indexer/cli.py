@@ -110,6 +110,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_explain)
 
+    p = sub.add_parser("eval", help="the paper's tables (Recall@k, Proportion, IoU, AD/IC, deletion/insertion)",
+                       description="Index a labelled dataset's gallery split (DESIGN §6), run every query and "
+                                   "measure retrieval, localisation and faithfulness of each explainer (DESIGN §7).")
+    p.add_argument("dataset", type=Path, metavar="DATASET", help="a folder with annotations.jsonl")
+    _common(p)
+    _add(p, "--explain", default="fam,fam-exact,gradcam",
+         help="comma list of fam, fam-exact, gradcam (gradcam-autograd, centre and uniform always run)")
+    _add(p, "--head", default=None, help="none, pcaw or a head file (default: the home's last choice, else none)")
+    _add(p, "--model", default="efficientnet_lite0", choices=BACKBONES, help="backbone")
+    _add(p, "--weights", default=None, help="backbone weights file (default: the bundled Lite0 weights)")
+    _add(p, "--input-size", type=int, default=224, help="as for famsearch index")
+    _add(p, "--pooling", default="gap", help="as for famsearch index")
+    _add(p, "--batch-size", type=int, default=32, help="images per forward pass")
+    _add(p, "--workers", type=int, default=2, help="decoding processes while indexing")
+    _add(p, "--steps", type=int, default=10, help="deletion/insertion steps")
+    _add(p, "--episodes", type=int, default=0,
+         help="few-shot mode: this many seeded N-way K-shot episodes over all labelled images (Eq. 11)")
+    _add(p, "--way", type=int, default=5, help="classes per episode (few-shot mode)")
+    _add(p, "--shot", type=int, default=1, help="support images per class (few-shot mode)")
+    _add(p, "--queries", type=int, default=15, help="query images per class (few-shot mode)")
+    _add(p, "--knn", type=int, default=0, help="k-NN mode: leave-one-out weighted votes of this many neighbours")
+    _add(p, "--episode-seed", type=int, default=0, help="seed of the episodes (few-shot and k-NN modes)")
+    _add(p, "--maps-episodes", type=int, default=200,
+         help="few-shot/k-NN modes: score maps of the correct queries of this many episodes (k-NN: blocks)")
+    _add(p, "--faithfulness-episodes", type=int, default=10,
+         help="few-shot/k-NN modes: AD/IC (one forward pass per map) on this many episodes (k-NN: blocks)")
+    _add(p, "--examples", type=int, default=4, help="example overlays written under --out")
+    _add(p, "--out", type=Path, default=None, help="write table.md, report.json, curves.png and example overlays here")
+    _add(p, "--no-progress", action="store_true", help="no progress bars")
+    _add(p, "--json", action="store_true", help="print the results as JSON (fractions in [0, 1])")
+    p.set_defaults(run=cmd_eval)
+
     p = sub.add_parser("info", help="what is indexed, with which model; failures")
     _common(p)
     _add(p, "--failures", action="store_true", help="list the files that failed and why")
@@ -287,6 +319,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps({"score": result["score"], "explainer": args.explain, **files, "offset": result["offset"]}))
     else:
         print(f"score {result['score']:.4f} ({args.explain}); maps and overlays in {out}/")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from indexer.evaluate import EvalOptions, evaluate, format_tables, parse_explainers, write_report
+
+    if args.episodes or args.knn:  # the few-shot / k-NN tables (docs/fewshot.md)
+        from indexer.fewshot import run_fewshot_eval
+
+        return run_fewshot_eval(args, settings_from(args).home / "cache")
+    if args.batch_size < 1 or args.workers < 0 or args.steps < 2 or args.examples < 0:
+        raise UsageError("--batch-size must be >= 1, --workers >= 0, --steps >= 2 and --examples >= 0")
+    options = EvalOptions(
+        explainers=parse_explainers(args.explain), head=args.head, model=args.model, weights=args.weights,
+        input_size=args.input_size, pooling=args.pooling, batch_size=args.batch_size, workers=args.workers,
+        steps=args.steps, examples=args.examples, progress=not args.no_progress, device=args.device,
+    )
+    home = args.home.expanduser() if args.home else None
+    evaluation = evaluate(args.dataset, options, home=home, db_url=args.db)
+    if args.out:
+        write_report(args.out, evaluation, options)
+    if args.json:
+        print(json.dumps(evaluation.report))
+    else:
+        print(format_tables(evaluation.report))
+        if args.out:
+            print(f"\nreport written to {args.out}/")
     return EXIT_OK
 
 

@@ -1,0 +1,552 @@
+"""`famsearch eval`: the paper's tables for a model on a labelled dataset (DESIGN §6-7).
+
+dataset -> index the gallery split (a temp home, or --home) -> rank the whole gallery for every
+query through the real FAISS index -> feature maps of queries and gallery -> the maps of every
+explainer for every ground-truth (query, gallery) pair, on the query and on the match ->
+Proportion / IoU under protocols (a) correct top-1 and (b) every ground-truth pair, AD / IC, and
+similarity deletion / insertion -> a table, JSON, and a report folder.
+
+The maths lives in ``retrieval.fam`` (explainers) and ``retrieval.metrics`` (metrics); this module
+only loads, batches, times and reports. Faithfulness is measured on the query side: the match's
+embedding stays fixed while the query image is masked / deleted / inserted.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from tqdm import tqdm
+
+from retrieval import fam as explainers
+from retrieval import metrics
+from retrieval.config import Settings
+from retrieval.dataset import Dataset, Item, item_box, read_dataset
+from retrieval.engine import QueryEngine
+from retrieval.images import load_image, upsample
+from retrieval.search import search
+
+LOGGER = logging.getLogger(__name__)
+BASELINES = ("gradcam-autograd", "centre", "uniform")
+EVAL_EXPLAINERS = (*explainers.EXPLAINERS, *BASELINES)
+DEFAULT_EXPLAIN = ("fam", "fam-exact", "gradcam")
+RISE_BLUR_SIGMA = 5.0  # insertion starts from a blur of sigma 5 px at the model's input size (RISE)
+IC_TOLERANCE = 1e-5  # a rise of s' over s smaller than this (float32 batch noise) is no rise
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    explainers: tuple[str, ...] = DEFAULT_EXPLAIN
+    head: str | None = None  # none | pcaw | FILE; None: the home's last choice (none for a new home)
+    model: str = "efficientnet_lite0"
+    weights: str | None = None
+    input_size: int = 224
+    pooling: str = "gap"
+    batch_size: int = 32
+    workers: int = 2
+    steps: int = 10  # deletion / insertion steps
+    examples: int = 4  # example overlays written by --out
+    progress: bool = True
+    device: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class Embedded:
+    """A batch of images through the model: A (B, N, h, w), e (B, J), sizes (W, H) per image."""
+
+    feature_maps: torch.Tensor
+    embs: torch.Tensor
+    sizes: list[tuple[int, int]]
+
+
+@dataclass
+class Pairs:
+    """Every ground-truth (query, gallery) pair, protocol (b); `top1` marks protocol (a)."""
+
+    query: np.ndarray  # (P,) index into the query split
+    gallery: np.ndarray  # (P,) index into the gallery split
+    top1: np.ndarray  # (P,) bool: this gallery image is the query's correct top-1
+    curve: np.ndarray  # (P,) bool: the query's best-ranked true match, used for deletion/insertion
+    scores: np.ndarray  # (P,) cosine s of the pair
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+
+@dataclass
+class Maps:
+    """One explainer's raw (feature-resolution) maps for every pair, and its cost per map."""
+
+    query: np.ndarray  # (P, h, w)
+    match: np.ndarray  # (P, h, w)
+    ms_per_map: float
+
+
+@dataclass
+class Evaluation:
+    report: dict
+    dataset: Dataset
+    pairs: Pairs
+    maps: dict[str, Maps]
+    curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def parse_explainers(text: str) -> tuple[str, ...]:
+    """'fam,gradcam' -> the explainers to evaluate; the baselines are always added."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in EVAL_EXPLAINERS]
+    if unknown or not names:
+        raise ValueError(f"--explain takes a comma list of {', '.join(EVAL_EXPLAINERS)}; got {text!r}")
+    return tuple(dict.fromkeys(names))
+
+
+# ---------------------------------------------------------------------------- index and embed
+def index_gallery(settings: Settings, gallery: list[Item], options: EvalOptions) -> dict:
+    """Index (incrementally) the gallery split's files into the home; returns the sync summary."""
+    from indexer.sync import IndexOptions, sync
+    from retrieval.encoder import load_encoder
+    from retrieval.store import open_store
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings.database_url)
+    try:
+        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        encoder = load_encoder(options.model, options.weights, options.input_size, options.pooling, device)
+        index_options = IndexOptions(batch_size=options.batch_size, workers=options.workers,
+                                     head=options.head, progress=options.progress)
+        return sync(store, settings, encoder, [item.path for item in gallery], index_options)
+    finally:
+        store.close()
+
+
+def _embed_tensors(engine: QueryEngine, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Preprocessed (perturbed) images -> embeddings (B, J)."""
+    return engine.head(engine.encoder.pool(engine.encoder.forward_features(torch.stack(tensors))))
+
+
+def embed_items(engine: QueryEngine, items: list[Item], options: EvalOptions, desc: str) -> Embedded:
+    """The maps the explainers weight and the embeddings of dataset images, in batches, with a progress bar."""
+    maps, embs, sizes = [], [], []
+    with tqdm(total=len(items), unit="img", desc=desc, disable=not options.progress) as bar:
+        for start in range(0, len(items), options.batch_size):
+            images = [load_image(item.path) for item in items[start:start + options.batch_size]]
+            feature_maps, pooled = engine.encoder.encode(images)  # (B, N, h, w), (B, N)
+            maps.append(feature_maps)
+            embs.append(engine.head(pooled))
+            sizes += [image.size for image in images]
+            bar.update(len(images))
+    return Embedded(torch.cat(maps), torch.cat(embs), sizes)
+
+
+def rank_gallery(engine: QueryEngine, query_embs: torch.Tensor, gallery: list[Item]) -> np.ndarray:
+    """Whole-gallery ranking of each query through the FAISS index: (Q, G') indices into `gallery`.
+
+    Indexed images that are not in the dataset's gallery split (a reused --home) are skipped.
+    """
+    position = {str(item.path): i for i, item in enumerate(gallery)}
+    hits = search(engine.index, query_embs.float().cpu().numpy(), int(engine.index.ntotal))
+    ids = sorted({image_id for row in hits for image_id, _ in row})
+    path_of = {row.id: row.path for row in engine.store.images_by_ids(ids)}
+    ranking = [[position[path_of[i]] for i, _ in row if path_of.get(i) in position] for row in hits]
+    foreign = len(ids) - len({i for i in ids if path_of.get(i) in position})
+    if foreign:
+        LOGGER.warning("%d indexed image(s) outside the dataset's gallery split are left out of the ranking", foreign)
+    return np.array(ranking, dtype=np.int64).reshape(len(hits), -1)
+
+
+def ground_truth_pairs(queries: list[Item], gallery: list[Item], ranking: np.ndarray,
+                       query: Embedded, matches: Embedded) -> Pairs:
+    """Every (query, gallery) pair sharing a label, in ranked order per query."""
+    labels = np.array([item.label for item in gallery])
+    rows: list[tuple[int, int, bool, bool]] = []
+    for qi, item in enumerate(queries):
+        true = [int(gi) for gi in ranking[qi] if labels[gi] == item.label]
+        top1 = int(ranking[qi][0]) if ranking.shape[1] else -1
+        rows += [(qi, gi, gi == top1, rank == 0) for rank, gi in enumerate(true)]
+    q, g, top1, curve = (np.array(column) for column in zip(*rows)) if rows else (np.zeros(0, int),) * 4
+    q_index, g_index = torch.as_tensor(q, dtype=torch.long), torch.as_tensor(g, dtype=torch.long)
+    scores = explainers.cosine(query.embs[q_index], matches.embs[g_index][:, None])[:, 0]  # (P, J), (P, 1, J) -> (P,)
+    return Pairs(q.astype(np.int64), g.astype(np.int64), top1.astype(bool), curve.astype(bool),
+                 scores.float().cpu().numpy())
+
+
+# ---------------------------------------------------------------------------- maps
+def _closed_form_maps(name: str, engine: QueryEngine, query: Embedded, matches: Embedded, pairs: Pairs) -> Maps:
+    """fam / fam-exact / gradcam for all pairs in two batched calls (query side, match side)."""
+    weight, bias = engine.head.weight, engine.head.bias
+    q_index, g_index = torch.as_tensor(pairs.query), torch.as_tensor(pairs.gallery)
+    q_maps, q_embs = query.feature_maps[q_index], query.embs[q_index]  # (P, N, h, w), (P, J)
+    g_maps, g_embs = matches.feature_maps[g_index], matches.embs[g_index]
+    start = time.perf_counter()
+    on_query, _ = explainers.explain(name, q_maps, q_embs, g_embs[:, None], weight, bias)
+    on_match, _ = explainers.explain(name, g_maps, g_embs, q_embs[:, None], weight, bias)
+    on_query, on_match = on_query.cpu().numpy(), on_match.cpu().numpy()
+    ms = (time.perf_counter() - start) * 1000 / max(2 * len(pairs), 1)
+    return Maps(on_query, on_match, ms)
+
+
+def _autograd_maps(engine: QueryEngine, query: Embedded, matches: Embedded, pairs: Pairs, progress: bool) -> Maps:
+    """Grad-CAM of the cosine by one real backward pass per map (the peer method)."""
+    embed = engine.head  # pooled (N,) -> e (J,); GAP is inside gradcam_autograd
+    on_query, on_match = [], []
+    start = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        for qi, gi in tqdm(zip(pairs.query, pairs.gallery), total=len(pairs), desc="grad-cam (autograd)",
+                           unit="pair", disable=not progress):
+            q_emb, g_emb = query.embs[qi].clone(), matches.embs[gi].clone()
+            on_query.append(explainers.gradcam_autograd(query.feature_maps[qi].clone(), g_emb[None], embed))
+            on_match.append(explainers.gradcam_autograd(matches.feature_maps[gi].clone(), q_emb[None], embed))
+    ms = (time.perf_counter() - start) * 1000 / max(2 * len(pairs), 1)
+    stack = (lambda maps: torch.stack(maps).cpu().numpy() if maps else np.zeros((0, *query.feature_maps.shape[-2:])))
+    return Maps(stack(on_query), stack(on_match), ms)
+
+
+def _baseline_maps(name: str, shape: tuple[int, int], count: int) -> Maps:
+    start = time.perf_counter()
+    heat = metrics.centre_prior(*shape) if name == "centre" else metrics.uniform_map(*shape)
+    maps = np.broadcast_to(heat, (count, *shape))
+    ms = (time.perf_counter() - start) * 1000 / max(2 * count, 1)
+    return Maps(maps, maps, ms)
+
+
+def explainer_maps(name: str, engine: QueryEngine, query: Embedded, matches: Embedded, pairs: Pairs,
+                   progress: bool = False) -> Maps:
+    """Raw maps of one explainer for every pair, on both sides, timed."""
+    if name in explainers.EXPLAINERS:
+        return _closed_form_maps(name, engine, query, matches, pairs)
+    if name == "gradcam-autograd":
+        return _autograd_maps(engine, query, matches, pairs, progress)
+    if name in ("centre", "uniform"):
+        return _baseline_maps(name, tuple(query.feature_maps.shape[-2:]), len(pairs))
+    raise ValueError(f"unknown explainer {name!r}; choose one of {', '.join(EVAL_EXPLAINERS)}")
+
+
+# ---------------------------------------------------------------------------- metrics per map
+def saliency(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Raw (h, w) map -> image-size (H, W) saliency in [0, 1]: bilinear (align_corners=False), min-max."""
+    return metrics.minmax_saliency(upsample(raw, size))
+
+
+def _localise(heat: np.ndarray, box) -> tuple[float, float]:
+    if box is None:
+        return float("nan"), float("nan")
+    return metrics.proportion(heat, box), metrics.localisation_iou(heat, box)
+
+
+def _masked(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """The query multiplied by its saliency (AD / IC), back to 8-bit RGB: (H, W, 3), (H, W) -> (H, W, 3)."""
+    return np.rint(image * heat[..., None]).astype(np.uint8)
+
+
+def similarities(engine: QueryEngine, images: list[np.ndarray], partners: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Cosine of each (perturbed) 8-bit image with its partner embedding: P x (H, W, 3), (P, J) -> (P,).
+
+    Byte-identical images (e.g. Grad-CAM closed form and autograd masking alike) go through
+    the model once: the same input gives the same embedding, so this only saves time.
+    """
+    keys = [hashlib.blake2b(image.tobytes() + repr(image.shape).encode(), digest_size=16).digest() for image in images]
+    unique = list(dict.fromkeys(keys))
+    first = {key: keys.index(key) for key in unique}
+    preprocess = engine.encoder.preprocess
+    embs = []
+    for start in range(0, len(unique), batch_size):
+        chunk = unique[start:start + batch_size]
+        embs.append(_embed_tensors(engine, [preprocess(Image.fromarray(images[first[key]])) for key in chunk]))
+    row = {key: i for i, key in enumerate(unique)}
+    gathered = torch.cat(embs)[torch.as_tensor([row[key] for key in keys])]  # (P, J)
+    return explainers.cosine(gathered, partners[:, None].to(gathered))[:, 0].float().cpu().numpy()
+
+
+@dataclass
+class QuerySide:
+    proportion: np.ndarray  # (P,)
+    iou: np.ndarray  # (P,)
+    masked_scores: np.ndarray  # (P,) s' for AD / IC
+
+
+def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, images: list[np.ndarray], boxes: list,
+               pairs: Pairs, match_embs: torch.Tensor, options: EvalOptions) -> dict[str, QuerySide]:
+    """Proportion and IoU of every explainer's query-side maps, and s' of the saliency-masked query."""
+    found = {name: ([], [], []) for name in names}  # proportions, IoUs, s'
+    with tqdm(total=len(pairs), unit="pair", desc="query-side maps, AD/IC", disable=not options.progress) as bar:
+        for start in range(0, len(pairs), max(options.batch_size // len(names), 1)):
+            chunk = range(start, min(start + max(options.batch_size // len(names), 1), len(pairs)))
+            masked, partners = [], []
+            for p in chunk:
+                qi = pairs.query[p]
+                for name in names:
+                    heat = saliency(maps[name].query[p], (images[qi].shape[1], images[qi].shape[0]))
+                    prop, iou = _localise(heat, boxes[qi])
+                    found[name][0].append(prop)
+                    found[name][1].append(iou)
+                    masked.append(_masked(images[qi], heat))
+                    partners.append(match_embs[int(pairs.gallery[p])])
+            scores = similarities(engine, masked, torch.stack(partners), options.batch_size).reshape(len(chunk), len(names))
+            for i, name in enumerate(names):
+                found[name][2].extend(scores[:, i].tolist())
+            bar.update(len(chunk))
+    return {name: QuerySide(*(np.array(values, dtype=np.float64) for values in found[name])) for name in names}
+
+
+def match_side(maps: Maps, sizes: list[tuple[int, int]], boxes: list, pairs: Pairs) -> tuple[np.ndarray, np.ndarray]:
+    """Proportion and IoU of the match-side maps: (P,), (P,)."""
+    results = [_localise(saliency(maps.match[p], sizes[gi]), boxes[gi]) for p, gi in enumerate(pairs.gallery)]
+    props, ious = zip(*results) if results else ((), ())
+    return np.array(props, dtype=np.float64), np.array(ious, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------- deletion / insertion
+def _blur(image: np.ndarray, input_size: int) -> np.ndarray:
+    """RISE's insertion canvas: a Gaussian blur of sigma 5 px at the model's input size."""
+    radius = RISE_BLUR_SIGMA * max(image.shape[:2]) / input_size
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
+
+
+def _run_images(image: np.ndarray, blurred: np.ndarray, steps_mask: np.ndarray) -> list[np.ndarray]:
+    """Interior steps 1..T-1 of deletion (salient pixels -> black) then of insertion (blur -> original)."""
+    inner = steps_mask[1:-1, ..., None]  # (T-1, H, W, 1)
+    deleted = np.where(inner, 0, image[None])  # (T-1, H, W, 3)
+    inserted = np.where(inner, image[None], blurred[None])
+    return [*deleted, *inserted]
+
+
+def deletion_insertion(names: list[str], maps: dict[str, Maps], engine: QueryEngine, images: list[np.ndarray],
+                       pairs: Pairs, match_embs: torch.Tensor, options: EvalOptions) -> dict[str, dict[str, np.ndarray]]:
+    """Similarity deletion / insertion curves (SANE / RISE) on each query's best-ranked true match.
+
+    Returns {name: {"deletion": (C, T+1), "insertion": (C, T+1)}} as shares of s, clipped to [0, 1],
+    over the C curve pairs with s > 0. Equal-saliency pixels go in a random order shared by all
+    explainers of a pair (seeded), so the uniform map is the random-order baseline.
+    """
+    steps = options.steps
+    chosen = [p for p in np.flatnonzero(pairs.curve) if pairs.scores[p] > 0]
+    curves = {name: {"deletion": [], "insertion": []} for name in names}
+    for p in tqdm(chosen, unit="pair", desc="deletion/insertion", disable=not options.progress):
+        qi, s = pairs.query[p], float(pairs.scores[p])
+        image = images[qi]
+        blurred = _blur(image, options.input_size)
+        tiebreak = np.random.default_rng([options.seed, int(p)]).random(image.shape[0] * image.shape[1])
+        batch = [np.zeros_like(image), blurred]  # shared end points: all deleted, nothing inserted
+        for name in names:
+            heat = saliency(maps[name].query[p], (image.shape[1], image.shape[0]))
+            order = metrics.saliency_order(heat, tiebreak)
+            batch += _run_images(image, blurred, metrics.step_masks(order, heat.shape, steps))
+        partner = match_embs[int(pairs.gallery[p])].expand(len(batch), -1)  # (B, J)
+        scores = similarities(engine, batch, partner, options.batch_size)
+        black, blur, inner = scores[0], scores[1], scores[2:].reshape(len(names), 2, steps - 1)
+        for i, name in enumerate(names):
+            curves[name]["deletion"].append(metrics.similarity_curve(np.array([s, *inner[i, 0], black]), s))
+            curves[name]["insertion"].append(metrics.similarity_curve(np.array([blur, *inner[i, 1], s]), s))
+    empty = np.zeros((0, steps + 1))
+    return {name: {kind: np.array(rows) if rows else empty for kind, rows in runs.items()}
+            for name, runs in curves.items()}
+
+
+# ---------------------------------------------------------------------------- the run
+def _mean(values: np.ndarray, keep: np.ndarray | None = None) -> tuple[float | None, int]:
+    values = values if keep is None else values[keep]
+    values = values[~np.isnan(values)]
+    return (float(values.mean()) if len(values) else None), int(len(values))
+
+
+def _side(props: np.ndarray, ious: np.ndarray, keep: np.ndarray | None) -> dict:
+    proportion, n = _mean(props, keep)
+    return {"proportion": proportion, "iou": _mean(ious, keep)[0], "n": n}
+
+
+def _auc(rows: np.ndarray) -> float | None:
+    return float(np.mean([metrics.curve_auc(row) for row in rows])) if len(rows) else None
+
+
+def evaluate(root: str | Path, options: EvalOptions = EvalOptions(), home: Path | None = None,
+             db_url: str | None = None) -> Evaluation:
+    """Run the whole evaluation; `home=None` indexes into a temporary home removed afterwards."""
+    if options.steps < 2:
+        raise ValueError("--steps must be at least 2")
+    dataset = read_dataset(root)
+    queries, gallery = dataset.split("query"), dataset.split("gallery")
+    if not queries or not gallery:
+        raise ValueError(f"{dataset.root} needs images of split 'query' and 'gallery' "
+                         f"(has {len(queries)} and {len(gallery)})")
+    with tempfile.TemporaryDirectory(prefix="famsearch-eval-") as scratch:
+        settings = Settings(home=(home or Path(scratch)).expanduser().absolute(), db_url=db_url)
+        start = time.perf_counter()
+        summary = index_gallery(settings, gallery, options)
+        engine = QueryEngine(settings, device=options.device)
+        try:
+            return _evaluate(dataset, queries, gallery, engine, options, summary, start)
+        finally:
+            engine.close()
+
+
+def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine: QueryEngine,
+              options: EvalOptions, summary: dict, start: float) -> Evaluation:
+    query = embed_items(engine, queries, options, "embedding queries")
+    matches = embed_items(engine, gallery, options, "embedding gallery")
+    ranking = rank_gallery(engine, query.embs, gallery)
+    hits = metrics.relevance(np.array([gallery[i].label for i in ranking.ravel()]).reshape(ranking.shape),
+                             np.array([item.label for item in queries]))
+    pairs = ground_truth_pairs(queries, gallery, ranking, query, matches)
+    names = list(dict.fromkeys([*options.explainers, *BASELINES]))
+    maps = {name: explainer_maps(name, engine, query, matches, pairs, options.progress) for name in names}
+    images = [np.asarray(load_image(item.path)) for item in queries]
+    query_boxes, gallery_boxes = [item_box(item) for item in queries], [item_box(item) for item in gallery]
+    rows = {}
+    sides = query_side(names, maps, engine, images, query_boxes, pairs, matches.embs, options)
+    for name in names:
+        side = sides[name]
+        match_props, match_ious = match_side(maps[name], matches.sizes, gallery_boxes, pairs)
+        drop = metrics.average_drop(pairs.scores, side.masked_scores)
+        rise = metrics.increase_in_confidence(pairs.scores, side.masked_scores, IC_TOLERANCE)
+        rows[name] = {
+            "a": {"query": _side(side.proportion, side.iou, pairs.top1), "match": _side(match_props, match_ious, pairs.top1)},
+            "b": {"query": _side(side.proportion, side.iou, None), "match": _side(match_props, match_ious, None)},
+            "ad": drop.value, "ic": rise.value, "faithfulness_n": drop.n, "faithfulness_excluded": drop.excluded,
+            "ms_per_map": maps[name].ms_per_map,
+        }
+    curves = deletion_insertion(names, maps, engine, images, pairs, matches.embs, options)
+    for name in names:
+        rows[name].update(
+            deletion_auc=_auc(curves[name]["deletion"]), insertion_auc=_auc(curves[name]["insertion"]),
+            curve_n=len(curves[name]["deletion"]),
+            deletion_curve=curves[name]["deletion"].mean(axis=0).tolist() if len(curves[name]["deletion"]) else None,
+            insertion_curve=curves[name]["insertion"].mean(axis=0).tolist() if len(curves[name]["insertion"]) else None,
+        )
+    check = maps["gradcam-autograd"]
+    closed = maps["gradcam"] if "gradcam" in maps else explainer_maps("gradcam", engine, query, matches, pairs)
+    diff = float(max(np.abs(closed.query - check.query).max(initial=0), np.abs(closed.match - check.match).max(initial=0)))
+    scale = float(max(np.abs(check.query).max(initial=0), np.abs(check.match).max(initial=0)))
+    recall = metrics.recall_at_k(hits, (1, 5, 10))
+    report = {
+        "recall": {str(k): v for k, v in recall.items()},
+        "map": metrics.mean_average_precision(hits),
+        "n_queries": len(queries),
+        "explainers": rows,
+        "dataset": str(dataset.root), "n_gallery": int(ranking.shape[1]), "model": engine.model,
+        "pairs": {"a": int(pairs.top1.sum()), "b": len(pairs), "curves": int(pairs.curve.sum())},
+        "steps": options.steps,
+        "gradcam_check": {"max_abs_diff": diff, "max_abs_map": scale},
+        "index": summary, "seconds": round(time.perf_counter() - start, 1),
+    }
+    return Evaluation(report, dataset, pairs, maps, curves)
+
+
+# ---------------------------------------------------------------------------- output
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def format_tables(report: dict) -> str:
+    """The paper-style tables (Markdown, percentages) for people."""
+    model = report["model"]
+    recall = report["recall"]
+    pairs = report["pairs"]
+    lines = [
+        f"dataset {report['dataset']}: {report['n_queries']} queries, {report['n_gallery']} gallery images",
+        f"model {model.get('backbone')} ({model.get('weights_sha256')}), {model.get('pooling')}, "
+        f"{model.get('input_size')} px, head {model.get('head')}",
+        "",
+        "| Recall@1 | Recall@5 | Recall@10 | mAP |",
+        "|---:|---:|---:|---:|",
+        f"| {_pct(recall['1'])} | {_pct(recall['5'])} | {_pct(recall['10'])} | {_pct(report['map'])} |",
+        "",
+        f"Localisation, % (Proportion Eq. 19 / IoU at 0.2·max Eq. 20): (a) correct top-1 retrievals, "
+        f"{pairs['a']} pairs; (b) every ground-truth pair, {pairs['b']} pairs; maps on the query and on the match.",
+        "",
+        "| explainer | (a) query Prop | (a) query IoU | (a) match Prop | (a) match IoU "
+        "| (b) query Prop | (b) query IoU | (b) match Prop | (b) match IoU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in report["explainers"].items():
+        cells = [_pct(row[p][s][m]) for p in ("a", "b") for s in ("query", "match") for m in ("proportion", "iou")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    first = next(iter(report["explainers"].values()))
+    lines += [
+        "",
+        f"Faithfulness, % (query side; AD↓ / IC↑ Eq. 21-22 on {first['faithfulness_n']} pairs with s > 0, "
+        f"{first['faithfulness_excluded']} with s ≤ 0 left out; similarity deletion↓ / insertion↑ AUC on "
+        f"{first['curve_n']} pairs, {report['steps']} steps), and time per map.",
+        "",
+        "| explainer | AD | IC | deletion AUC | insertion AUC | ms/map |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in report["explainers"].items():
+        lines.append(f"| {name} | {_pct(row['ad'])} | {_pct(row['ic'])} | {_pct(row['deletion_auc'])} | "
+                     f"{_pct(row['insertion_auc'])} | {row['ms_per_map']:.3f} |")
+    check = report["gradcam_check"]
+    lines += ["", f"Grad-CAM closed form vs autograd: max |difference| {check['max_abs_diff']:.2e} "
+                  f"(maps up to {check['max_abs_map']:.2e}); {report['seconds']:.0f} s in all."]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, evaluation: Evaluation, options: EvalOptions) -> None:
+    """table.md, report.json, curves.png and a few example overlays under `out`."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(format_tables(evaluation.report) + "\n", encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(evaluation.report, indent=1), encoding="utf-8")
+    _plot_curves(out / "curves.png", evaluation.report)
+    pairs = evaluation.pairs
+    picks = [*np.flatnonzero(pairs.top1), *np.flatnonzero(~pairs.top1 & pairs.curve)][: options.examples]
+    for n, p in enumerate(picks):
+        _plot_example(out / f"example_{n:02d}.png", evaluation, int(p))
+
+
+def _plot_curves(path: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, kind in zip(axes, ("deletion", "insertion")):
+        for name, row in report["explainers"].items():
+            curve = row[f"{kind}_curve"]
+            if curve is not None:
+                xs = np.linspace(0, 1, len(curve))
+                axis.plot(xs, curve, label=f"{name} ({100 * row[f'{kind}_auc']:.1f})")
+        axis.set(title=f"similarity {kind} (AUC %)", xlabel="share of query pixels", ylim=(0, 1.02))
+        axis.legend(fontsize=8)
+    axes[0].set_ylabel("similarity / s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_example(path: Path, evaluation: Evaluation, p: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from retrieval.images import overlay
+
+    pairs, dataset = evaluation.pairs, evaluation.dataset
+    query_item = dataset.split("query")[pairs.query[p]]
+    match_item = dataset.split("gallery")[pairs.gallery[p]]
+    photos = (load_image(query_item.path), load_image(match_item.path))
+    names = list(evaluation.maps)
+    fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 5.4), squeeze=False)
+    for col, name in enumerate(names):
+        for row, (photo, item, heat) in enumerate(zip(photos, (query_item, match_item),
+                                                      (evaluation.maps[name].query[p], evaluation.maps[name].match[p]))):
+            axis = axes[row][col]
+            axis.imshow(overlay(photo, np.asarray(heat)))
+            box = item_box(item)
+            if box is not None:
+                axis.add_patch(Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec="white", lw=1.5))
+            axis.set_axis_off()
+            axis.set_title(f"{name}\n{'query' if row == 0 else 'match'} {item.path.stem}", fontsize=8)
+    fig.suptitle(f"s = {pairs.scores[p]:.3f}{'  (correct top-1)' if pairs.top1[p] else ''}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
