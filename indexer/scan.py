@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Iterable, Iterator
 
 from retrieval.images import is_image_path
 
+LOGGER = logging.getLogger(__name__)
 # Hidden folders (".*", which covers .git, .thumbnails, .Trash), Synology's thumbnail folders.
 DEFAULT_EXCLUDES = (".*", "@eaDir", "#recycle", "__pycache__")
 _HASH_CHUNK = 1 << 20
@@ -28,20 +30,30 @@ def _excluded(name: str, path: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p) for p in patterns)
 
 
-def scan(roots: Iterable[Path], excludes: Iterable[str] = DEFAULT_EXCLUDES) -> Iterator[FileStat]:
+def scan(
+    roots: Iterable[Path], excludes: Iterable[str] = DEFAULT_EXCLUDES, unlisted: list[str] | None = None
+) -> Iterator[FileStat]:
     """Yield every image file under the roots (a root may be a single file), each once.
 
     Symlinked folders are followed, but each real folder is visited once, so loops end.
+    Folders that cannot be listed (permissions, a dropped network share) are appended to
+    `unlisted` as they are met, so that the caller keeps their rows rather than deleting them.
     """
     patterns = tuple(excludes)
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[str] = set()
+
+    def skip_unlistable(error: OSError) -> None:
+        LOGGER.warning("cannot list %s (%s); its indexed photos are kept", error.filename, error.strerror)
+        if unlisted is not None:
+            unlisted.append(str(error.filename))
+
     for root in roots:
         root = Path(root).absolute()
         if root.is_file():
             walk = [(str(root.parent), [], [root.name])]
         else:
-            walk = os.walk(root, followlinks=True)
+            walk = os.walk(root, followlinks=True, onerror=skip_unlistable)
         for folder, dirs, files in walk:
             stat = os.stat(folder)
             if (stat.st_dev, stat.st_ino) in seen_dirs and folder != str(root.parent):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,9 +49,11 @@ class Row:
 
 @dataclass
 class Plan:
-    """What a run will do. `embed` holds (row id or None for a new row, file)."""
+    """What a run will do. `embed` holds (row id or None for a new row, file); `hashes` the
+    stored content hash of those rows, so that a file touched but not changed is not decoded."""
 
     embed: list[tuple[int | None, FileStat]] = field(default_factory=list)
+    hashes: dict[int, str] = field(default_factory=dict)
     moved: list[tuple[int, FileStat]] = field(default_factory=list)
     deleted: list[int] = field(default_factory=list)
     unchanged: int = 0
@@ -76,9 +79,15 @@ def load_rows(store: Store, roots: list[str]) -> dict[str, Row]:
     return {r.path: Row(*r) for r in rows if _under(r.path, roots)}
 
 
-def plan_sync(rows: dict[str, Row], files: Iterable[FileStat], full: bool = False) -> Plan:
-    """Compare a scan with the stored rows. Renames are found by content hash among the
-    rows whose file vanished, only for new files of the same size (so most files are never read)."""
+def plan_sync(
+    rows: dict[str, Row], files: Iterable[FileStat], full: bool = False, unlisted: list[str] | None = None
+) -> Plan:
+    """Compare a scan with the stored rows.
+
+    Rows whose file is gone are deleted, unless it lay in a folder that could not be listed
+    (`unlisted`, which `scan` fills while `files` is consumed). A new file with the size and
+    content hash of a gone row is that row moved, ok or failed (a renamed bad file is not retried).
+    """
     plan = Plan()
     seen: set[str] = set()
     new_files: list[FileStat] = []
@@ -89,35 +98,47 @@ def plan_sync(rows: dict[str, Row], files: Iterable[FileStat], full: bool = Fals
             new_files.append(stat)
         elif full or (row.size, row.mtime_ns) != (stat.size, stat.mtime_ns):
             plan.embed.append((row.id, stat))
+            if row.content_hash and not full:
+                plan.hashes[row.id] = row.content_hash
         else:
             plan.unchanged += 1
-    missing = {path: row for path, row in rows.items() if path not in seen}
-    by_size: dict[int, list[Row]] = {}
-    for row in missing.values():
-        if row.status == STATUS_OK and row.content_hash:
-            by_size.setdefault(row.size, []).append(row)
-    for stat in new_files:
-        candidates = by_size.get(stat.size, [])
-        match = None
-        if candidates and not full:
-            try:
-                digest = file_hash(stat.path)
-            except OSError:
-                digest = None
-            match = next((r for r in candidates if r.content_hash == digest), None)
-        if match is not None:
-            candidates.remove(match)
-            del missing[match.path]
-            plan.moved.append((match.id, stat))
-        else:
-            plan.embed.append((None, stat))
+    missing = {path: row for path, row in rows.items() if path not in seen and not _under(path, unlisted or [])}
+    _match_moves(plan, missing, new_files, full)
     plan.deleted = [row.id for row in missing.values()]
     return plan
 
 
+def _match_moves(plan: Plan, missing: dict[str, Row], new_files: list[FileStat], full: bool) -> None:
+    """Pair new files with gone rows by size, then content hash (so only same-size files are
+    read). Paired rows leave `missing` for `plan.moved`; the other files go to `plan.embed`."""
+    by_size: dict[int, list[Row]] = {}
+    for row in missing.values():
+        if row.content_hash and not full:
+            by_size.setdefault(row.size, []).append(row)
+    for stat in new_files:
+        match = _same_content(stat, by_size.get(stat.size, []))
+        if match is None:
+            plan.embed.append((None, stat))
+        else:
+            by_size[stat.size].remove(match)
+            del missing[match.path]
+            plan.moved.append((match.id, stat))
+
+
+def _same_content(stat: FileStat, candidates: list[Row]) -> Row | None:
+    if not candidates:
+        return None
+    try:
+        digest = file_hash(stat.path)
+    except OSError:
+        return None
+    return next((row for row in candidates if row.content_hash == digest), None)
+
+
 @dataclass
 class Decoded:
-    """A worker's output for one file: a tensor, or the reason it failed."""
+    """A worker's output for one file: a tensor, the reason it failed, or neither when the
+    file vanished or kept its bytes (`same_content`: only its new stat is to be stored)."""
 
     row_id: int | None
     stat: FileStat
@@ -125,13 +146,27 @@ class Decoded:
     digest: str | None = None
     size: tuple[int, int] | None = None
     error: str | None = None
+    vanished: bool = False
+    same_content: bool = False
+
+
+def read_file(path: str) -> tuple[bytes, FileStat]:
+    """A file's bytes and its stat taken when it was opened. A file rewritten during or after
+    the read then has a newer mtime than the stored one, and the next run embeds it again."""
+    with open(path, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        return handle.read(), FileStat(path, info.st_size, info.st_mtime_ns)
 
 
 class DecodeDataset(Dataset):
     """Reads, hashes, decodes and preprocesses files (in DataLoader worker processes)."""
 
-    def __init__(self, items: list[tuple[int | None, FileStat]], preprocess: Preprocess, max_megapixels: float):
+    def __init__(
+        self, items: list[tuple[int | None, FileStat]], preprocess: Preprocess, max_megapixels: float,
+        known_hashes: dict[int, str] | None = None,
+    ):
         self.items, self.preprocess, self.max_megapixels = items, preprocess, max_megapixels
+        self.known_hashes = known_hashes or {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -139,15 +174,25 @@ class DecodeDataset(Dataset):
     def __getitem__(self, i: int) -> Decoded:
         row_id, stat = self.items[i]
         try:
-            data = Path(stat.path).read_bytes()
+            data, stat = read_file(stat.path)
+        except FileNotFoundError:  # deleted since the scan
+            return Decoded(row_id, stat, vanished=True)
         except OSError as error:
             return Decoded(row_id, stat, error=f"cannot read: {error.strerror or error}")
         digest = content_hash(data)
+        if row_id is not None and self.known_hashes.get(row_id) == digest:
+            return Decoded(row_id, stat, digest=digest, same_content=True)
+        return self._decode(row_id, stat, data, digest)
+
+    def _decode(self, row_id: int | None, stat: FileStat, data: bytes, digest: str) -> Decoded:
         try:
             image, size = decode_image(data, self.max_megapixels, draft_size=self.preprocess.input_size)
+            return Decoded(row_id, stat, self.preprocess(image), digest, size)
         except ImageError as error:
             return Decoded(row_id, stat, digest=digest, error=str(error))
-        return Decoded(row_id, stat, self.preprocess(image), digest, size)
+        except Exception as error:  # a decoder bug on one hostile file must stop neither this run nor the next
+            LOGGER.exception("decoding %s", stat.path)
+            return Decoded(row_id, stat, digest=digest, error=f"cannot decode: {type(error).__name__}: {error}")
 
 
 def _collate(batch: list[Decoded]) -> list[Decoded]:
@@ -166,52 +211,69 @@ class IndexOptions:
     progress: bool = True
 
 
-def _write_batch(store: Store, batch: list[Decoded], pooled: dict[int, np.ndarray]) -> int:
-    """One transaction: insert or update every row of the batch. Returns failures."""
+def _write_batch(store: Store, batch: list[Decoded], pooled: dict[int, np.ndarray]) -> Counter:
+    """One transaction for the batch's rows. Returns the count of each outcome that is not a
+    plain embedding: failed, same (stat refreshed), vanished_new / vanished_old."""
     now = datetime.now(timezone.utc)
-    failed = 0
+    outcomes: Counter = Counter()
     with store.session() as session:
         for i, item in enumerate(batch):
-            values = dict(
-                path=item.stat.path, size=item.stat.size, mtime_ns=item.stat.mtime_ns,
-                content_hash=item.digest, indexed_at=now,
-                width=item.size[0] if item.size else None, height=item.size[1] if item.size else None,
-                status=STATUS_OK if item.error is None else STATUS_FAILED, error=item.error,
-                embedding=embedding_to_bytes(pooled[i]) if i in pooled else None,
-            )
-            failed += item.error is not None
-            if item.row_id is None:
-                session.add(Image(**values))
+            row = None if item.row_id is None else session.get(Image, item.row_id)
+            if item.vanished:
+                outcomes["vanished_old" if row else "vanished_new"] += 1
+                if row is not None:
+                    session.delete(row)
+            elif item.same_content:
+                outcomes["same"] += 1
+                row.size, row.mtime_ns = item.stat.size, item.stat.mtime_ns
             else:
-                row = session.get(Image, item.row_id)
-                for key, value in values.items():
-                    setattr(row, key, value)
-    return failed
+                outcomes["failed"] += item.error is not None
+                _store_decoded(session, row, item, pooled.get(i), now)
+    return outcomes
+
+
+def _store_decoded(session, row: Image | None, item: Decoded, pooled: np.ndarray | None, now: datetime) -> None:
+    values = dict(
+        path=item.stat.path, size=item.stat.size, mtime_ns=item.stat.mtime_ns,
+        content_hash=item.digest, indexed_at=now,
+        width=item.size[0] if item.size else None, height=item.size[1] if item.size else None,
+        status=STATUS_OK if item.error is None else STATUS_FAILED, error=item.error,
+        embedding=embedding_to_bytes(pooled) if pooled is not None else None,
+    )
+    if row is None:
+        session.add(Image(**values))
+    else:
+        for key, value in values.items():
+            setattr(row, key, value)
 
 
 def embed_files(
-    store: Store, encoder: Encoder, items: list[tuple[int | None, FileStat]], options: IndexOptions
-) -> int:
-    """Decode (workers), encode (batches) and commit each batch. Returns the number that failed."""
+    store: Store, encoder: Encoder, items: list[tuple[int | None, FileStat]], options: IndexOptions,
+    known_hashes: dict[int, str] | None = None,
+) -> Counter:
+    """Decode (workers), encode (batches) and commit each batch. Returns the outcome counts
+    of `_write_batch` (failed, same, vanished_new, vanished_old)."""
     if not items:
-        return 0
-    dataset = DecodeDataset(items, encoder.preprocess, options.max_megapixels)
+        return Counter()
+    dataset = DecodeDataset(items, encoder.preprocess, options.max_megapixels, known_hashes)
     loader = DataLoader(
         dataset, batch_size=options.batch_size, num_workers=options.workers, collate_fn=_collate,
         prefetch_factor=4 if options.workers else None, persistent_workers=False,
     )
-    failed = 0
+    outcomes: Counter = Counter()
     with tqdm(total=len(items), unit="img", disable=not options.progress, desc="embedding") as bar:
         for batch in loader:
+            same = [item for item in batch if item.same_content]  # only their stat changes: kept out of the hook
+            batch = [item for item in batch if not item.same_content]
             good = [i for i, item in enumerate(batch) if item.tensor is not None]
             pooled: dict[int, np.ndarray] = {}
             if good:
                 features = encoder.forward_features(torch.stack([batch[i].tensor for i in good]))
                 vectors = encoder.pool(features).cpu().numpy()  # (B, N)
                 pooled = dict(zip(good, vectors))
-            failed += _write_batch(store, batch, pooled)
-            bar.update(len(batch))
-    return failed
+            outcomes += _write_batch(store, batch + same, pooled)
+            bar.update(len(batch) + len(same))
+    return outcomes
 
 
 def apply_moves_and_deletes(store: Store, plan: Plan) -> None:
@@ -256,6 +318,18 @@ def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choic
     return head
 
 
+def _settle(summary: dict, outcomes: Counter) -> dict:
+    """The plan's counts corrected by what the files turned out to be once read."""
+    return {
+        **summary,
+        "added": summary["added"] - outcomes["vanished_new"],
+        "updated": summary["updated"] - outcomes["same"] - outcomes["vanished_old"],
+        "deleted": summary["deleted"] + outcomes["vanished_old"],
+        "unchanged": summary["unchanged"] + outcomes["same"],
+        "failed": outcomes["failed"],
+    }
+
+
 def sync(
     store: Store, settings: Settings, encoder: Encoder, roots: list[Path], options: IndexOptions,
     log: Callable[[str], None] = print,
@@ -268,7 +342,8 @@ def sync(
         check_identity(stored, encoder.identity)  # raises ModelMismatchError: re-index with --full
     root_names = [str(Path(r).absolute()) for r in roots]
     rows = load_rows(store, root_names)
-    plan = plan_sync(rows, scan(roots, options.excludes), full)
+    unlisted: list[str] = []
+    plan = plan_sync(rows, scan(roots, options.excludes, unlisted), full, unlisted)
     summary = {"added": plan.added, "updated": plan.updated, "moved": len(plan.moved),
                "deleted": len(plan.deleted), "unchanged": plan.unchanged, "failed": 0}
     if options.dry_run:
@@ -278,12 +353,13 @@ def sync(
     if changed:
         store.set_meta("index", {**index_meta, "dirty": True})
     apply_moves_and_deletes(store, plan)
-    summary["failed"] = embed_files(store, encoder, plan.embed, options)
+    outcomes = embed_files(store, encoder, plan.embed, options, known_hashes=plan.hashes)
+    summary = _settle(summary, outcomes)
     head_changed = options.head is not None and options.head != store.get_meta("head_choice")
     if changed or head_changed or index_meta.get("dirty", True) or not settings.index_path.exists() or full:
         rebuild_index(store, settings, encoder, options.head)
     seconds = time.perf_counter() - start
-    embedded = len(plan.embed)
+    embedded = summary["added"] + summary["updated"]
     summary.update(seconds=round(seconds, 3), images_per_s=round(embedded / seconds, 2) if embedded else 0.0)
     store.set_meta("last_run", {**summary, "roots": root_names, "finished_at": datetime.now(timezone.utc).isoformat()})
     return summary

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".
 HEIF_SUFFIXES = frozenset({".heic", ".heif"})
 DEFAULT_MAX_MEGAPIXELS = 150.0
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 try:  # optional extra: famsearch[heic]
     from pillow_heif import register_heif_opener
@@ -39,6 +42,24 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     width, height = image.size
     orientation = image.getexif().get(0x0112, 1)
     return (height, width) if orientation in _ROTATING_ORIENTATIONS else (width, height)
+
+
+def check_png_crcs(data: bytes) -> None:
+    """Raise ImageError if a critical PNG chunk (IHDR, PLTE, IDAT, IEND: upper-case first
+    letter) fails its CRC. Pillow checks none of IDAT's; libpng rejects them all, and ignores
+    bad CRCs in ancillary chunks (text, EXIF, ...), as we do. No-op for other formats."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return
+    view, at = memoryview(data), len(_PNG_SIGNATURE)
+    while at + 12 <= len(data):
+        (length,) = struct.unpack_from(">I", data, at)
+        end = at + 8 + length
+        kind = bytes(view[at + 4:at + 8])
+        if end + 4 > len(data):
+            return  # truncated: left for the decoder to report
+        if kind[:1].isupper() and zlib.crc32(view[at + 4:end]) != struct.unpack_from(">I", data, end)[0]:
+            raise ImageError(f"corrupt PNG: CRC mismatch in the {kind.decode('latin-1')} chunk")
+        at = end + 4
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -73,6 +94,7 @@ def decode_image(
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
+    check_png_crcs(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

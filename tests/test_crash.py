@@ -1,0 +1,125 @@
+"""Real processes: `famsearch index` killed with SIGKILL mid-run and run again; searches while
+another process indexes; index files swapped under a reader."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.search import build_index, index_ids, load_index, save_index
+from tests.conftest import draw_picture, run_json
+from tests.corpus import assert_consistent, snapshot
+
+TOY = ("--model", "toy", "--input-size", "64", "--no-progress")
+SAFETY_TIMEOUT_S = 120  # only so that a hang fails the test instead of the whole suite
+
+
+def famsearch(*args) -> subprocess.Popen:
+    """`famsearch ...` in its own process group, so a kill takes its decoding workers too."""
+    command = [sys.executable, "-m", "indexer.cli", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[1])
+
+
+def count_rows(home: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{home / 'famsearch.db'}?mode=ro", uri=True, timeout=10) as conn:
+            return conn.execute("SELECT count(*) FROM images").fetchone()[0]
+    except sqlite3.OperationalError:  # no database, or not migrated yet
+        return 0
+
+
+def kill_when_rows(process: subprocess.Popen, home: Path, at_least: int) -> int:
+    """SIGKILL the run once `at_least` rows are committed; returns the rows seen then."""
+    deadline = time.monotonic() + SAFETY_TIMEOUT_S
+    while process.poll() is None and time.monotonic() < deadline:
+        rows = count_rows(home)
+        if rows >= at_least:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return rows
+        time.sleep(0.005)
+    pytest.fail(f"the run ended (code {process.poll()}) before {at_least} rows were committed: "
+                f"{process.stderr.read().decode()[-2000:] if process.stderr else ''}")
+
+
+@pytest.fixture
+def big_gallery(tmp_path: Path) -> Path:
+    """300 drawn pictures in three folders: enough batches of 2 for a kill to land mid-run."""
+    folder = tmp_path / "big"
+    for i in range(300):
+        target = folder / f"roll{i % 3}"
+        target.mkdir(parents=True, exist_ok=True)
+        draw_picture(1000 + i, 64).save(target / f"img{i:03d}.png")
+    return folder
+
+
+def test_a_run_killed_twice_then_rerun_loses_and_duplicates_nothing(capsys, big_gallery, home, tmp_path):
+    args = ("index", big_gallery, "--home", home, *TOY, "--batch-size", "2", "--workers", "2")
+    first = kill_when_rows(famsearch(*args), home, 1)
+    second = kill_when_rows(famsearch(*args), home, first + 100)
+    assert 0 < first < second < 300  # both kills landed mid-run
+    code, summary = run_json(capsys, *args)
+    assert code == 0 and summary["unchanged"] >= second  # committed batches were kept
+    assert summary["added"] + summary["unchanged"] == 300
+    state = assert_consistent(home, [big_gallery])
+    fresh = tmp_path / "fresh"
+    run_json(capsys, "index", big_gallery, "--home", fresh, *TOY, "--workers", "0")
+    oracle = snapshot(fresh)
+    for path, (_, status, emb) in oracle.rows.items():
+        assert state.rows[path][1] == status
+        np.testing.assert_allclose(state.rows[path][2], emb, atol=1e-5)
+
+
+def test_searches_keep_working_while_another_process_indexes(capsys, gallery, big_gallery, home):
+    run_json(capsys, "index", gallery, "--home", home, *TOY, "--workers", "0")
+    writer = famsearch("index", gallery, big_gallery, "--home", home, *TOY, "--batch-size", "2", "--workers", "1")
+    searches_during_the_run = 0
+    try:
+        while writer.poll() is None and searches_during_the_run < 3:
+            code, result = run_json(capsys, "search", gallery / "pic1.png", "--home", home, "-k", "3",
+                                    "--explain", "none")
+            assert code == 0
+            top = result["results"][0]
+            assert top["path"] == str(gallery / "pic1.png") and top["score"] == pytest.approx(1.0, abs=1e-5)
+            searches_during_the_run += writer.poll() is None
+    finally:
+        writer.wait(SAFETY_TIMEOUT_S)
+    assert writer.returncode == 0, writer.stderr.read().decode()
+    assert searches_during_the_run >= 1
+    assert_consistent(home, [gallery, big_gallery])
+
+
+def test_a_reader_never_sees_a_half_written_index_file(tmp_path):
+    path = tmp_path / "index.faiss"
+    sizes = (10, 2000, 50)
+    rng = np.random.default_rng(0)
+    indexes = [build_index(rng.standard_normal((n, 64)).astype(np.float32), np.arange(n), "flat") for n in sizes]
+    save_index(indexes[0], path)
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            save_index(indexes[i % len(indexes)], path)
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(300):
+            index = load_index(path)
+            assert index.ntotal in sizes
+            assert sorted(index_ids(index)) == list(range(index.ntotal))
+    finally:
+        stop.set()
+        thread.join()
+    assert not list(tmp_path.glob("*.tmp"))  # no temp files left behind
