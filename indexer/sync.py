@@ -7,6 +7,7 @@ committed batches in the DB and the `dirty` mark set, and the next run rebuilds 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from retrieval.encoder import Encoder, Preprocess
 from retrieval.engine import check_identity, index_from_store, model_identity
 from retrieval.head import Head, fit_pcaw, load_head
 from retrieval.images import DEFAULT_MAX_MEGAPIXELS, ImageError, decode_image
-from retrieval.schema import STATUS_FAILED, STATUS_OK, Image
+from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
 from retrieval.search import save_index
 from retrieval.store import Store, bytes_to_embedding, embedding_to_bytes
 
@@ -302,20 +303,34 @@ def resolve_head(store: Store, choice: str | None) -> Head:
 
 
 def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choice: str | None) -> Head:
-    """Fit/load the head, rebuild FAISS from the rows, write head and index atomically, clear dirty."""
+    """Fit/load the head, rebuild FAISS from the rows, write head and index atomically, clear dirty.
+
+    Readers ignore the index file while `dirty` is set (they rebuild from the rows), so it is set
+    first; the head file, which readers check against the stored model, is swapped last, right
+    before the one transaction that records the new model and clears `dirty`.
+    """
+    store.set_meta("index", {**(store.get_meta("index") or {}), "dirty": True})
     head = resolve_head(store, head_choice)
     index = index_from_store(store, head)
+    save_index(index, settings.index_path)
     if head.weight is not None:
         tmp = settings.head_path.with_suffix(".tmp")
         head.save(tmp)
         os.replace(tmp, settings.head_path)
-    save_index(index, settings.index_path)
-    store.set_meta("model", {**model_identity(encoder, head), "weights_path": encoder.weights})
+    meta = {"model": {**model_identity(encoder, head), "weights_path": encoder.weights},
+            "index": {"dirty": False, "vectors": int(index.ntotal), "type": type(index.index).__name__,
+                      "built_at": datetime.now(timezone.utc).isoformat()}}
     if head_choice:
-        store.set_meta("head_choice", head_choice if head_choice in ("none", "pcaw") else str(Path(head_choice).resolve()))
-    store.set_meta("index", {"dirty": False, "vectors": int(index.ntotal), "type": type(index.index).__name__,
-                             "built_at": datetime.now(timezone.utc).isoformat()})
+        meta["head_choice"] = head_choice if head_choice in ("none", "pcaw") else str(Path(head_choice).resolve())
+    _set_metas(store, meta)
     return head
+
+
+def _set_metas(store: Store, values: dict) -> None:
+    """Several meta keys in one transaction, so that readers see all of them change or none."""
+    with store.session() as session:
+        for key, value in values.items():
+            session.merge(Meta(key=key, value=json.dumps(value)))
 
 
 def _settle(summary: dict, outcomes: Counter) -> dict:
