@@ -2,23 +2,65 @@
 
 Arrays in, arrays out. The index is a rebuildable artifact (the DB rows hold the vectors),
 written to a temp file and renamed into place, so a reader never sees half an index.
+
+The index type follows the collection size (`choose_index_type`, thresholds measured by
+bench/bench_scale.py on the 2-core dev machine):
+
+    flat     exact scan, for small collections (one query scans n·d floats)
+    ivf      inverted lists over k-means cells, float32 vectors: approximate, ~nprobe/nlist of a scan
+    ivf-sq8  the same with 8-bit scalar-quantised vectors: d bytes a vector instead of 4d
+    hnsw     graph search (manual choice: slow to build at d = 1280 on two cores)
+
+Approximate types are tuned at build time: nprobe (IVF) or efSearch (HNSW) grows until the
+measured recall@10 against an exact scan reaches `TARGET_RECALL`; both are saved in the file.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 LOGGER = logging.getLogger(__name__)
-INDEX_TYPES = ("auto", "flat", "hnsw")
-# Below this many vectors an exact flat scan answers in milliseconds; above it HNSW.
-FLAT_MAX_VECTORS = 200_000
+INDEX_TYPES = ("auto", "flat", "ivf", "ivf-sq8", "hnsw")
+# An exact scan reads n·d float32 per query. Measured (bench/results/scale.txt): a single
+# query over 32M floats (25,000 x 1280) takes ~10 ms here, the p50 budget of issue 7.
+FLAT_MAX_FLOATS = 32_000_000
+# Above this many bytes of float32 vectors, store 8-bit codes (ivf-sq8): 1M x 1280 is 5.1 GB
+# as float32, 1.3 GB as SQ8, and the machine is shared.
+FLOAT_VECTORS_MAX_BYTES = 2 * 1024**3
+TARGET_RECALL = 0.95
+CALIBRATION_QUERIES = 200
+ADD_CHUNK = 65_536  # rows normalised and added at a time (embs may be a memory map)
+# k-means on 40 points a cell (FAISS warns below 39), 10 rounds: a 1M x 1280 build trains in minutes on 2 cores.
+TRAIN_POINTS_PER_CELL = 40
+KMEANS_ITERATIONS = 10
 HNSW_M = 32
-HNSW_EF_SEARCH = 128
+SMALL_BATCH = 20  # fewer queries than this are searched on one thread
+HNSW_EF_CONSTRUCTION = 80
+
+
+@dataclass
+class BuildReport:
+    """What `build_index` made: type, tuned search parameter, measured recall, seconds."""
+
+    index_type: str
+    n_vectors: int
+    dim: int
+    nlist: int | None = None
+    search_param: int | None = None  # nprobe (IVF) or efSearch (HNSW)
+    recall_at_10: float | None = None  # against an exact scan, database vectors as queries (self excluded)
+    train_s: float = 0.0
+    add_s: float = 0.0
+    calibrate_s: float = 0.0
 
 
 def normalise_rows(vectors: np.ndarray) -> np.ndarray:
@@ -28,28 +70,140 @@ def normalise_rows(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
-def choose_index_type(n_vectors: int) -> str:
-    return "flat" if n_vectors <= FLAT_MAX_VECTORS else "hnsw"
+def choose_index_type(n_vectors: int, dim: int = 1280) -> str:
+    """Exact flat while a scan is cheap; IVF above; 8-bit codes once float32 vectors get big."""
+    if n_vectors * dim <= FLAT_MAX_FLOATS:
+        return "flat"
+    return "ivf" if n_vectors * dim * 4 <= FLOAT_VECTORS_MAX_BYTES else "ivf-sq8"
 
 
-def build_index(embs: np.ndarray, ids: np.ndarray, index_type: str = "auto") -> faiss.Index:
-    """Index unit-normalised (n, J) embeddings under int64 ids (the DB primary keys)."""
+def ivf_cells(n_vectors: int) -> int:
+    """nlist: a power of two near 2·√n (≥ 64 vectors a cell for training), 64 ... 65536."""
+    return int(min(65536, max(64, 2 ** round(math.log2(2 * math.sqrt(max(n_vectors, 1)))))))
+
+
+def _empty_index(index_type: str, n_vectors: int, dim: int) -> faiss.Index:
+    if index_type == "flat":
+        return faiss.IndexFlatIP(dim)
+    if index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        return index
+    storage = "Flat" if index_type == "ivf" else "SQ8"
+    return faiss.index_factory(dim, f"IVF{ivf_cells(n_vectors)},{storage}", faiss.METRIC_INNER_PRODUCT)
+
+
+def _sample_rows(embs: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """n rows (sorted positions, so a memory map reads forward), normalised."""
+    if n >= len(embs):
+        return normalise_rows(embs[:])
+    rows = np.sort(np.random.default_rng(seed).choice(len(embs), n, replace=False))
+    return normalise_rows(embs[rows])
+
+
+def build_index_with_report(
+    embs: np.ndarray, ids: np.ndarray, index_type: str = "auto", target_recall: float = TARGET_RECALL
+) -> tuple[faiss.Index, BuildReport]:
+    """Index (n, J) embeddings (normalised here, chunk by chunk) under int64 ids (the DB keys).
+
+    embs may be a memory map: it is read in chunks and never copied whole. Approximate
+    types are trained on a sample, then tuned to `target_recall` (see `calibrate`).
+    """
     if embs.ndim != 2 or len(embs) != len(ids):
         raise ValueError(f"embs {embs.shape} and ids {ids.shape} disagree")
     if index_type not in INDEX_TYPES:
         raise ValueError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    n_vectors, dim = embs.shape
     if index_type == "auto":
-        index_type = choose_index_type(len(embs))
-    dim = embs.shape[1]
-    if index_type == "flat":
-        inner = faiss.IndexFlatIP(dim)
-    else:
-        inner = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        inner.hnsw.efSearch = HNSW_EF_SEARCH
+        index_type = choose_index_type(n_vectors, dim)
+    inner = _empty_index(index_type, n_vectors, dim)
+    report = BuildReport(index_type, n_vectors, dim, nlist=getattr(faiss.try_extract_index_ivf(inner), "nlist", None))
+    if index_type.startswith("ivf"):
+        if n_vectors < report.nlist:
+            raise ValueError(f"{index_type} with {report.nlist} cells needs at least that many vectors, got {n_vectors}")
+        start = time.perf_counter()
+        faiss.extract_index_ivf(inner).cp.niter = KMEANS_ITERATIONS
+        inner.train(_sample_rows(embs, min(n_vectors, TRAIN_POINTS_PER_CELL * report.nlist)))
+        report.train_s = time.perf_counter() - start
     index = faiss.IndexIDMap2(inner)
-    if len(embs):
-        index.add_with_ids(normalise_rows(embs), np.ascontiguousarray(ids, dtype=np.int64))
+    start = time.perf_counter()
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    for begin in range(0, n_vectors, ADD_CHUNK):
+        index.add_with_ids(normalise_rows(embs[begin:begin + ADD_CHUNK]), ids[begin:begin + ADD_CHUNK])
+    report.add_s = time.perf_counter() - start
+    if index_type != "flat" and n_vectors > 10:
+        start = time.perf_counter()
+        report.search_param, report.recall_at_10 = calibrate(index, embs, target_recall)
+        report.calibrate_s = time.perf_counter() - start
+    return index, report
+
+
+def build_index(embs: np.ndarray, ids: np.ndarray, index_type: str = "auto") -> faiss.Index:
+    """`build_index_with_report` without the report (logged at INFO)."""
+    index, report = build_index_with_report(embs, ids, index_type)
+    LOGGER.info("built %s", report)
     return index
+
+
+def exact_top_k(embs: np.ndarray, queries: np.ndarray, k: int, chunk: int = ADD_CHUNK) -> np.ndarray:
+    """Positions of the exact top-k rows of embs by cosine, chunked: (n, d), (Q, d) -> (Q, k)."""
+    queries = normalise_rows(queries)
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_rows = np.zeros((len(queries), 0), np.int64)
+    for begin in range(0, len(embs), chunk):
+        scores = queries @ normalise_rows(embs[begin:begin + chunk]).T  # (Q, d) @ (d, c) -> (Q, c)
+        rows = np.broadcast_to(np.arange(begin, begin + scores.shape[1]), scores.shape)
+        best_scores = np.concatenate([best_scores, scores], axis=1)
+        best_rows = np.concatenate([best_rows, rows], axis=1)
+        keep = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]  # (Q, k + c) -> (Q, k)
+        best_scores = np.take_along_axis(best_scores, keep, 1)
+        best_rows = np.take_along_axis(best_rows, keep, 1)
+    return best_rows
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the true top-k ids among the found ones, averaged over queries: (Q, k), (Q, k)."""
+    hits = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth))
+    return hits / truth.size
+
+
+def set_search_param(index: faiss.Index, value: int) -> None:
+    """nprobe of an IVF index, efSearch of an HNSW one (through the IDMap wrapper)."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = value
+    else:
+        faiss.extract_index_ivf(inner).nprobe = value
+
+
+def calibrate(index: faiss.Index, embs: np.ndarray, target_recall: float, k: int = 10) -> tuple[int, float]:
+    """Smallest nprobe/efSearch (powers of two) whose recall@k against exact reaches the target.
+
+    Queries are database vectors (`CALIBRATION_QUERIES` sampled), each one's own id left out
+    of both result lists, so the recall is about finding *other* images. Returns (param, recall).
+    """
+    positions = np.sort(np.random.default_rng(1).choice(len(embs), min(CALIBRATION_QUERIES, len(embs)), replace=False))
+    queries = normalise_rows(embs[positions])
+    row_ids = index_ids(index)  # position -> image id, in insertion order
+    own_ids = row_ids[positions]
+    truth = _drop_own(row_ids[exact_top_k(embs, queries, k + 1)], own_ids, k)
+    ivf = faiss.try_extract_index_ivf(index.index)
+    value, limit = (1, ivf.nlist) if ivf is not None else (16, 4096)
+    while True:
+        set_search_param(index, value)
+        _, found_ids = index.search(queries, k + 1)  # (Q, k + 1)
+        recall = recall_at_k(_drop_own(found_ids, own_ids, k), truth)
+        if recall >= target_recall or value >= limit:
+            break
+        value *= 2
+    if recall < target_recall:
+        LOGGER.warning("index reaches recall@%d %.3f < %.2f even at %d", k, recall, target_recall, value)
+    return value, recall
+
+
+def _drop_own(ids: np.ndarray, own_ids: np.ndarray, k: int) -> np.ndarray:
+    """Remove each query's own id from its (Q, k + 1) result and keep k: -> (Q, k)."""
+    return np.stack([[i for i in row if i != own][:k] for row, own in zip(ids.tolist(), own_ids.tolist())])
 
 
 def index_type_of(index: faiss.Index) -> str:
@@ -61,16 +215,35 @@ def search(index: faiss.Index, query_embs: np.ndarray, k: int) -> list[list[tupl
     """Top-k (image_id, score) per query, best first, FAISS's -1 padding dropped."""
     if index.ntotal == 0:
         return [[] for _ in range(len(query_embs))]
-    scores, ids = index.search(normalise_rows(query_embs), min(k, index.ntotal))  # (Q, k), (Q, k)
+    with _threads(1 if len(query_embs) < SMALL_BATCH else faiss.omp_get_max_threads()):
+        scores, ids = index.search(normalise_rows(query_embs), min(k, index.ntotal))  # (Q, k), (Q, k)
     return [
         [(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i != -1]
         for row_ids, row_scores in zip(ids, scores)
     ]
 
 
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """FAISS's OpenMP threads for one call. A few queries run on one thread anyway (FAISS splits
+    work by query); the idle team only spins, which on a busy 2-core machine cost 1.5x (bench_scale)."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def to_gpu_if_available(index: faiss.Index) -> faiss.Index:
-    """A GPU copy of the index when FAISS sees a GPU (exact flat: identical results), else the index."""
+    """A GPU copy of the index when FAISS sees a GPU, else the index itself.
+
+    Exact flat gives the same top-k on GPU (scores equal to float32 rounding); IVF keeps its
+    cells and nprobe. HNSW has no GPU version and stays on the CPU.
+    """
     if faiss.get_num_gpus() == 0:
+        return index
+    if index_type_of(index).startswith("IndexHNSW"):
         return index
     try:
         return faiss.index_cpu_to_all_gpus(index)

@@ -1,0 +1,123 @@
+"""FAISS search against exact oracles: top-k, ids, recall of every index type, choice by size."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from retrieval import search as S
+
+
+def clustered(n: int, dim: int = 32, clusters: int = 40, seed: int = 0) -> np.ndarray:
+    """Unit vectors around random centres (neighbours are meaningful, unlike uniform noise)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    points = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, dim))
+    return S.normalise_rows(points)
+
+
+def argsort_top_k(embs: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """The oracle: score every row, sort, keep k (positions)."""
+    scores = S.normalise_rows(queries) @ S.normalise_rows(embs).T  # (Q, n)
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flat_top_k_equals_the_numpy_argsort_oracle(seed):
+    rng = np.random.default_rng(seed)
+    embs = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((7, 16)).astype(np.float32)
+    ids = rng.choice(10**9, 500, replace=False).astype(np.int64)  # arbitrary DB keys
+    index = S.build_index(embs, ids, "flat")
+    results = S.search(index, queries, 10)
+    truth = argsort_top_k(embs, queries, 10)
+    for result, rows, query in zip(results, truth, S.normalise_rows(queries)):
+        assert [image_id for image_id, _ in result] == ids[rows].tolist()
+        expected = S.normalise_rows(embs)[rows] @ query
+        np.testing.assert_allclose([score for _, score in result], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_top_k_in_chunks_equals_the_oracle():
+    embs = clustered(1000, seed=3)
+    queries = clustered(9, seed=4)
+    np.testing.assert_array_equal(S.exact_top_k(embs, queries, 10, chunk=97), argsort_top_k(embs, queries, 10))
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "ivf-sq8", "hnsw"])
+def test_every_approximate_type_is_tuned_to_recall_at_10_of_095_on_held_out_queries(index_type):
+    points = clustered(6100, seed=1)
+    embs, queries = points[:6000], points[6000:]  # queries from the same clusters, not in the index
+    ids = np.arange(6000, dtype=np.int64) * 7 + 3
+    index, report = S.build_index_with_report(embs, ids, index_type)
+    assert report.recall_at_10 >= S.TARGET_RECALL and report.search_param >= 1
+    found = np.array([[i for i, _ in row] for row in S.search(index, queries, 10)])
+    assert S.recall_at_k(found, ids[argsort_top_k(embs, queries, 10)]) >= 0.9
+
+
+def test_flat_on_the_full_set_is_exact_so_recall_is_one():
+    embs = clustered(2000, seed=5)
+    ids = np.arange(2000, dtype=np.int64)
+    index = S.build_index(embs, ids, "flat")
+    queries = clustered(50, seed=6)
+    found = np.array([[i for i, _ in row] for row in S.search(index, queries, 10)])
+    assert S.recall_at_k(found, argsort_top_k(embs, queries, 10)) == 1.0
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "ivf-sq8", "hnsw"])
+def test_ids_are_preserved_and_a_vector_finds_itself_first(index_type):
+    embs = clustered(3000, seed=7)
+    ids = np.random.default_rng(0).choice(2**40, 3000, replace=False).astype(np.int64)
+    index = S.build_index(embs, ids, index_type)
+    assert sorted(S.index_ids(index).tolist()) == sorted(ids.tolist())
+    hits = S.search(index, embs[:20], 1)
+    assert [row[0][0] for row in hits] == ids[:20].tolist()
+
+
+def test_tuned_search_parameter_survives_save_and_load(tmp_path):
+    embs = clustered(4000, seed=8)
+    index, report = S.build_index_with_report(embs, np.arange(4000, dtype=np.int64), "ivf")
+    S.save_index(index, tmp_path / "index.faiss")
+    loaded = S.load_index(tmp_path / "index.faiss")
+    assert faiss.extract_index_ivf(loaded.index).nprobe == report.search_param
+
+
+def test_asking_for_more_than_the_index_holds_drops_the_padding():
+    embs = clustered(5, seed=9)
+    index = S.build_index(embs, np.arange(5, dtype=np.int64) + 100, "flat")
+    (row,) = S.search(index, embs[:1], 10)
+    assert len(row) == 5 and all(image_id >= 100 for image_id, _ in row)
+
+
+def test_the_index_type_follows_the_collection_size():
+    assert S.choose_index_type(1_000, 1280) == "flat"
+    flat_limit = S.FLAT_MAX_FLOATS // 1280
+    assert S.choose_index_type(flat_limit, 1280) == "flat"
+    assert S.choose_index_type(flat_limit + 1, 1280) == "ivf"
+    assert S.choose_index_type(1_000_000, 1280) == "ivf-sq8"  # 5.1 GB of float32 asks for 8-bit codes
+    assert S.choose_index_type(1_000_000, 256) == "ivf"  # 1 GB fits as float32
+    sizes = [10**e for e in range(2, 8)]
+    kinds = [S.choose_index_type(n, 512) for n in sizes]
+    order = ["flat", "ivf", "ivf-sq8"]
+    assert [order.index(k) for k in kinds] == sorted(order.index(k) for k in kinds)
+
+
+def test_auto_builds_flat_below_the_threshold():
+    index = S.build_index(clustered(100), np.arange(100, dtype=np.int64))
+    assert S.index_type_of(index) == "IndexFlatIP"
+
+
+def test_unknown_index_type_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="choose one of auto, flat, ivf"):
+        S.build_index(clustered(10), np.arange(10, dtype=np.int64), "lsh")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="no GPU visible to FAISS")
+def test_flat_on_the_gpu_gives_the_cpu_top_k():
+    embs = clustered(5000, dim=64, seed=10)
+    index = S.build_index(embs, np.arange(5000, dtype=np.int64) * 3, "flat")
+    queries = clustered(20, dim=64, seed=11)
+    cpu = S.search(index, queries, 10)
+    gpu = S.search(S.to_gpu_if_available(index), queries, 10)
+    assert [[i for i, _ in row] for row in gpu] == [[i for i, _ in row] for row in cpu]
+    np.testing.assert_allclose([[s for _, s in row] for row in gpu], [[s for _, s in row] for row in cpu], atol=1e-5)
