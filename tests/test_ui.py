@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 from retrieval import fam
 from retrieval.config import Settings
 from retrieval.engine import QueryEngine, channel_shares
-from retrieval.images import ImageError
+from retrieval.images import ImageError, load_image
 from tests.conftest import draw_picture, run_json
 from ui import pictures, queries
 
@@ -101,24 +101,34 @@ def _png(image: Image.Image) -> bytes:
 
 def test_an_upload_that_is_not_an_image_is_refused_with_a_reason():
     with pytest.raises(ImageError, match="notes.jpg cannot be used as a query photo: not an image"):
-        queries.read_upload("notes.jpg", b"hello, not a photo")
+        queries.read_upload("notes.jpg", b"hello, not a photo", 64)
 
 
 def test_an_upload_over_the_size_cap_is_refused_before_decoding():
     with pytest.raises(ImageError, match=r"big.png is 2.0 MB; photos up to 1 MB"):
-        queries.read_upload("big.png", b"\0" * (2 * 1024 * 1024), max_mb=1)
+        queries.read_upload("big.png", b"\0" * (2 * 1024 * 1024), 64, max_mb=1)
 
 
 def test_an_upload_over_the_megapixel_cap_is_refused():
     with pytest.raises(ImageError, match="megapixel cap"):
-        queries.read_upload("wide.png", _png(Image.new("RGB", (3000, 2000))), max_megapixels=5)
+        queries.read_upload("wide.png", _png(Image.new("RGB", (3000, 2000))), 64, max_megapixels=5)
 
 
 def test_the_same_bytes_give_the_same_query_digest():
     data = _png(draw_picture(3))
-    first, second = queries.read_upload("a.png", data), queries.read_upload("b.png", data)
+    first, second = queries.read_upload("a.png", data, 64), queries.read_upload("b.png", data, 64)
     assert first.digest == second.digest and first.image.size == (64, 64)
-    assert queries.read_upload("c.png", _png(draw_picture(4))).digest != first.digest
+    assert queries.read_upload("c.png", _png(draw_picture(4)), 64).digest != first.digest
+
+
+def test_a_query_jpeg_is_decoded_for_the_model_exactly_as_the_indexer_decodes_it(tmp_path):
+    path = tmp_path / "big.jpg"
+    draw_picture(5).resize((1600, 1200)).save(path, quality=90)
+    photo = queries.read_indexed(path, 224)
+    indexer_view = load_image(path, draft_size=224)  # what indexer.sync embeds (JPEG draft at input size)
+    assert photo.image.size == indexer_view.size == (400, 300)
+    assert photo.image.tobytes() == indexer_view.tobytes()
+    assert photo.display.size == (1024, 768)  # people see it sharper than the model does
 
 
 def test_the_grid_asks_for_maps_only_when_the_group_map_is_on():

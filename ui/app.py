@@ -35,7 +35,7 @@ def grid_thumbnail(path: str, stamp: int | None):
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def match_photo(path: str, stamp: int | None):
-    return pictures.fit_within(load_image(path), 1024)
+    return pictures.fit_within(load_image(path, draft_size=queries.DISPLAY_SIDE), queries.DISPLAY_SIDE)
 
 
 def select(rank: int | None) -> None:
@@ -70,13 +70,13 @@ def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
             contains = left.text_input("Filter by name", key="pick_filter", placeholder="e.g. cat")
             paths = [path for _, path in engine.indexed_paths(contains)]
             path = right.selectbox("Indexed photo", paths, index=None, key="pick", placeholder="Choose a photo")
-            return queries.read_indexed(Path(path)) if path else None
+            return queries.read_indexed(Path(path), engine.encoder.input_size) if path else None
         if source == UPLOAD:
             uploaded = st.file_uploader(f"Photo (up to {queries.MAX_UPLOAD_MB} MB)", type=queries.UPLOAD_TYPES,
                                         key="upload")
-            return queries.read_upload(uploaded.name, uploaded.getvalue()) if uploaded else None
+            return queries.read_upload(uploaded.name, uploaded.getvalue(), engine.encoder.input_size) if uploaded else None
         text = st.text_input("Absolute path of a photo inside the indexed folders", key="typed")
-        return queries.read_indexed(engine.resolve_user_path(text)) if text.strip() else None
+        return queries.read_indexed(engine.resolve_user_path(text), engine.encoder.input_size) if text.strip() else None
     except (ValueError, OSError) as error:  # ImageError is a ValueError
         st.error(str(error))
         return None
@@ -85,9 +85,9 @@ def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
 def show_query(photo: queries.QueryPhoto, result, opacity: float) -> None:
     st.markdown("**Query**")
     if result.group_map is None:
-        st.image(pictures.fit_within(photo.image, 512), caption=photo.label, width="stretch")
+        st.image(pictures.fit_within(photo.display, 512), caption=photo.label, width="stretch")
         return
-    drawn = pictures.heat_overlay(photo.image, result.group_map, opacity, 512)
+    drawn = pictures.heat_overlay(photo.display, result.group_map, opacity, 512)
     st.image(drawn, caption="Group map: what all these matches have in common with it", width="stretch")
     st.image(pictures.colour_scale(*pictures.map_range(result.group_map, drawn.size)))
     st.download_button("Download group map (PNG)", lambda: pictures.png_bytes(drawn), "group_map.png",
@@ -119,7 +119,8 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
     explainer = settings["explainer"]
     key = (photo.digest, match.image_id, explainer, stamp)
     if st.session_state.get("report_key") != key:
-        st.session_state.report = engine.compare(photo.image, load_image(match.path), explainer)
+        match_image = load_image(match.path, draft_size=engine.encoder.input_size)  # as the indexer decoded it
+        st.session_state.report = engine.compare(photo.image, match_image, explainer)
         st.session_state.report_key = key
     report = st.session_state.report
     st.button("← All results", on_click=select, args=(None,), key="back")
@@ -130,7 +131,7 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
                    f"match {report.offsets['second']:+.4f}; from the head's bias).")
     photo_of_match = match_photo(match.path, stamp)
     left, right = st.columns(2)
-    show_overlay(left, "Query: where it resembles the match", photo.image, report.first_map,
+    show_overlay(left, "Query: where it resembles the match", photo.display, report.first_map,
                  settings["opacity"], f"query_rank{match.rank}_{explainer}.png")
     show_overlay(right, f"Match #{match.rank}: where it resembles the query", photo_of_match, report.second_map,
                  settings["opacity"], f"match_rank{match.rank}_{explainer}.png")
@@ -146,7 +147,7 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
     if channel:
         n = int(channel.lstrip("#"))
         a, b = st.columns(2)
-        a.image(pictures.heat_overlay(photo.image, report.first_activations[n], settings["opacity"], 384),
+        a.image(pictures.heat_overlay(photo.display, report.first_activations[n], settings["opacity"], 384),
                 caption=f"Channel {channel} on the query", width="stretch")
         b.image(pictures.heat_overlay(photo_of_match, report.second_activations[n], settings["opacity"], 384),
                 caption=f"Channel {channel} on match #{match.rank}", width="stretch")

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from retrieval.config import ENV_PREFIX, Settings, default_home
 from retrieval.engine import QueryEngine
 from retrieval.images import ImageError, decode_image, load_image
+from ui.pictures import fit_within
 
 MAX_UPLOAD_MB = 20  # uploads over this are refused before decoding
 MAX_UPLOAD_MEGAPIXELS = 60.0  # a small file can still decode to a huge bitmap (decompression bomb)
@@ -28,13 +29,30 @@ EXPLAINER_HELP = {
 }
 
 
+DISPLAY_SIDE = 1024  # overlays and downloads are drawn at most this large
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
 @dataclass(frozen=True)
 class QueryPhoto:
-    """The photo being searched with: a label to show, the decoded image, a digest of its bytes."""
+    """The photo being searched with: a label, what the model sees, what people see, a digest of its bytes.
+
+    `image` is decoded exactly as the indexer decodes files (JPEGs in draft mode at the
+    model's input size), so an indexed photo finds itself with a score of 1; `display` is
+    the same photo at up to DISPLAY_SIDE pixels, for the overlays.
+    """
 
     label: str
     image: Image.Image
+    display: Image.Image
     digest: str
+
+
+def decode_query(label: str, data: bytes, input_size: int, max_megapixels: float = MAX_UPLOAD_MEGAPIXELS) -> QueryPhoto:
+    """Bytes -> QueryPhoto (ImageError if they are not a photo we can read)."""
+    display, _ = decode_image(data, max_megapixels, draft_size=DISPLAY_SIDE)
+    image = decode_image(data, max_megapixels, draft_size=input_size)[0] if data.startswith(_JPEG_MAGIC) else display
+    return QueryPhoto(label, image, fit_within(display, DISPLAY_SIDE), digest(data))
 
 
 def settings_from_env() -> Settings:
@@ -54,23 +72,21 @@ def digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def read_upload(name: str, data: bytes, max_mb: float | None = None,
+def read_upload(name: str, data: bytes, input_size: int, max_mb: float | None = None,
                 max_megapixels: float = MAX_UPLOAD_MEGAPIXELS) -> QueryPhoto:
     """An uploaded file as a query photo; ImageError with a message fit to show otherwise."""
     max_mb = MAX_UPLOAD_MB if max_mb is None else max_mb
     if len(data) > max_mb * 1024 * 1024:
         raise ImageError(f"{name} is {len(data) / 1024 / 1024:.1f} MB; photos up to {max_mb:g} MB can be uploaded")
     try:
-        image, _ = decode_image(data, max_megapixels)
+        return decode_query(name, data, input_size, max_megapixels)
     except ImageError as error:
         raise ImageError(f"{name} cannot be used as a query photo: {error}") from None
-    return QueryPhoto(name, image, digest(data))
 
 
-def read_indexed(path: Path) -> QueryPhoto:
+def read_indexed(path: Path, input_size: int) -> QueryPhoto:
     """A photo the engine has vetted (`resolve_user_path` or the DB) as a query photo."""
-    data = path.read_bytes()
-    return QueryPhoto(str(path), decode_image(data)[0], digest(data))
+    return decode_query(str(path), path.read_bytes(), input_size, max_megapixels=float("inf"))
 
 
 def grid_request(k: int, explainer: str, group: bool) -> dict:
