@@ -143,6 +143,17 @@ def test_top_channels_are_the_largest_shares_largest_first():
     assert queries.channel_rows(shares, 1) == [{"channel": "#2", "share of the score": 0.4}]
 
 
+def test_long_file_names_are_cut_in_the_middle_to_one_line():
+    assert queries.short_name("/a/pic3.png") == "pic3.png"
+    assert queries.short_name("/a/motorcycle_left_rotated.jpg", 20) == "motorcycle…tated.jpg"  # 10 + 1 + 9
+
+
+def test_the_timing_line_names_the_group_map_only_when_drawn():
+    timing = {"embed": 90.4, "search": 2.6, "explain": 0.0, "total": 93.1}
+    assert queries.timing_text(timing, False) == "answered in 93 ms (embed 90, search 3)"
+    assert queries.timing_text({**timing, "explain": 40.0}, True).endswith("group map 40)")
+
+
 def test_records_become_two_text_columns():
     rows = queries.key_value_rows({"roots": ["/a", "/b"], "n": 3, "model": {"x": 1}})
     assert rows == [{"field": "roots", "value": "/a, /b"}, {"field": "n", "value": "3"},

@@ -95,14 +95,13 @@ def show_query(photo: queries.QueryPhoto, result, opacity: float) -> None:
 
 
 def show_grid(result, stamp: int | None) -> None:
-    t = result.timing_ms
-    st.markdown(f"**Top {len(result.matches)}** · answered in {t['total']:.0f} ms (embed {t['embed']:.0f}, "
-                f"search {t['search']:.0f}, group map {t['explain']:.0f}) · click **Why?** for the maps")
+    timing = queries.timing_text(result.timing_ms, result.group_map is not None)
+    st.markdown(f"**Top {len(result.matches)}** · {timing} · click **Why?** for the maps")
     for start in range(0, len(result.matches), GRID_COLUMNS):
         for column, match in zip(st.columns(GRID_COLUMNS), result.matches[start:start + GRID_COLUMNS]):
             with column:
                 st.image(grid_thumbnail(match.path, stamp),
-                         caption=f"#{match.rank} · {match.score:.3f} · {Path(match.path).name}")
+                         caption=f"#{match.rank} · {match.score:.3f} · {queries.short_name(match.path)}")
                 st.button("Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,), width="stretch")
 
 
