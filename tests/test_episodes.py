@@ -1,13 +1,17 @@
 """Episodes: sampling properties over seeds, Eq. 11 decisions against a loop, the 95% CI by hand."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from conftest import draw_picture, run_cli, run_json
+from indexer.fewshot import per_group_mean
 from retrieval.episodes import episode_scores, mean_ci95, sample_episode, sample_episodes
 
 LABELS = np.repeat(np.arange(8), 6)  # 8 classes x 6 images
@@ -58,3 +62,70 @@ def test_the_95_percent_interval_matches_a_hand_computation():
     assert half == pytest.approx(1.959963984540054 * 0.25 / math.sqrt(3))
     assert half == pytest.approx(0.2828965, abs=1e-6)
     assert math.isnan(mean_ci95(np.array([0.6]))[1])
+
+
+# ---------------------------------------------------------------------------- famsearch eval --episodes / --knn
+def _dataset(root, labels: int = 4, views: int = 4):
+    """`labels` drawn pictures, each in `views` slightly shifted copies, with a box around the picture."""
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for label in range(labels):
+        for view in range(views):
+            canvas = Image.new("RGB", (80, 72), (30 * view, 90, 200 - 20 * view))
+            canvas.paste(draw_picture(label, size=48), (4 * view, 3 * view))
+            path = f"images/c{label}_v{view}.png"
+            canvas.save(root / path)
+            box = [4 * view, 3 * view, 4 * view + 48, 3 * view + 48]
+            lines.append(json.dumps({"path": path, "label": f"c{label}", "split": "gallery", "bbox": box}))
+    (root / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+TOY = ("--model", "toy", "--input-size", "64", "--no-progress")
+
+
+def test_episodic_eval_is_reproducible_and_reports_every_explainer(capsys, tmp_path):
+    data = _dataset(tmp_path / "data")
+    argv = ("eval", data, "--episodes", "30", "--way", "3", "--shot", "2", "--queries", "2", "--home", tmp_path / "h",
+            "--maps-episodes", "5", "--faithfulness-episodes", "2", *TOY)
+    _, first = run_json(capsys, *argv)
+    assert (tmp_path / "h" / "cache").is_dir()  # the second run reads A and z from the cache
+    _, again = run_json(capsys, *argv)
+    assert 0 <= first["accuracy"] <= 1 and first["ci95"] > 0
+    assert set(first["explainers"]) == {"fam", "fam-exact", "gradcam", "centre"}
+    for row in first["explainers"].values():
+        assert row["n"] > 0 and 0 <= row["proportion"] <= 1 and 0 <= row["iou"] <= 1 and row["groups"] <= 5
+        assert row["faithfulness_n"] + row["faithfulness_excluded"] <= row["n"]
+    for report in (first, again):  # timings aside, a warm cache gives the same report
+        del report["seconds"]
+        for row in report["explainers"].values():
+            del row["ms_per_map"]
+    assert first == again
+
+
+def test_knn_eval_accuracy_equals_a_leave_one_out_loop(capsys, tmp_path):
+    data = _dataset(tmp_path / "data")
+    _, report = run_json(capsys, "eval", data, "--knn", "3", "--home", tmp_path / "h",
+                         "--maps-episodes", "1", "--faithfulness-episodes", "0", *TOY)
+    cached = np.load(next((tmp_path / "h" / "cache").glob("fewshot-*.npz")))
+    pooled, labels = torch.from_numpy(cached["pooled"]).double(), np.repeat(np.arange(4), 4)
+    unit = F.normalize(pooled, dim=1)
+    right = 0
+    for q in range(len(labels)):
+        sims = (unit @ unit[q]).numpy()
+        sims[q] = -np.inf  # leave the query out
+        top = np.argsort(-sims, kind="stable")[:3]
+        votes = np.bincount(labels[top], weights=np.exp(sims[top] / 0.07), minlength=4)
+        right += votes.argmax() == labels[q]
+    assert report["accuracy"] == pytest.approx(right / len(labels))
+    assert all(row["faithfulness_n"] == 0 for row in report["explainers"].values())
+
+
+def test_metrics_average_within_each_episode_then_over_episodes():
+    # episode 0 has values 1 and 2 (mean 1.5), episode 1 has 3 (nan has no box): (1.5 + 3) / 2 = 2.25
+    assert per_group_mean(np.array([1.0, 2.0, 3.0, np.nan]), np.array([0, 0, 1, 1])) == (2.25, 3, 2)
+
+
+def test_eval_refuses_both_modes_at_once(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "eval", _dataset(tmp_path / "d"), "--episodes", "2", "--knn", "3", *TOY)
+    assert code == 2 and "not both" in err
