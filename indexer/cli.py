@@ -19,7 +19,7 @@ import numpy as np
 from indexer.scan import DEFAULT_EXCLUDES
 from retrieval.backbone import BACKBONES
 from retrieval.config import ENV_PREFIX, Settings, default_home
-from retrieval.images import ImageError, load_image, overlay
+from retrieval.images import SUPPORTED_SUFFIXES, ImageError, load_image, overlay
 
 LOGGER = logging.getLogger("famsearch")
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
@@ -226,7 +226,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if not any(summary[k] for k in ("added", "updated", "moved", "unchanged")):
-        print(f"no images found under {' '.join(map(str, roots))} (looked for: .jpg .jpeg .png .webp .bmp .tif .tiff .gif)",
+        print(f"no images found under {' '.join(map(str, roots))} (looked for: {' '.join(sorted(SUPPORTED_SUFFIXES))})",
               file=sys.stderr)
     if args.json:
         print(json.dumps(summary))

@@ -1,9 +1,11 @@
 """Incremental, crash-safe indexing of photo folders into the DB rows and the FAISS index.
 
-scan -> plan (new / changed / moved / deleted / unchanged) -> decode in worker processes ->
-encode in batches -> one DB transaction per batch -> deletions -> head + FAISS rebuilt from
-the rows and renamed into place. The rows are the truth: a run killed at any moment leaves
-committed batches in the DB and the `dirty` mark set, and the next run rebuilds the index.
+scan -> plan (new / changed / moved / deleted / unchanged) -> moves and deletions -> read,
+hash and decode in worker processes -> encode in batches -> one DB transaction per batch ->
+head + FAISS rebuilt from the rows and renamed into place. The rows are the truth: a run
+killed at any moment leaves committed batches in the DB and the `dirty` mark set, and the
+next run rebuilds the index. A file is stored with the stat it had when it was read, so a
+file that changes under the indexer is embedded again next time, never kept stale.
 """
 from __future__ import annotations
 

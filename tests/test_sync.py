@@ -419,3 +419,12 @@ def test_a_run_that_dies_mid_embedding_keeps_its_committed_batches(capsys, tmp_p
     assert (code, summary["added"], summary["unchanged"]) == (0, 2, 6)
     assert_consistent(home, [gallery])
     assert_same_as_fresh(capsys, tmp_path, home, gallery)
+
+
+def test_heic_photos_are_indexed_when_pillow_heif_is_installed(capsys, gallery, home):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.from_pillow(draw_picture(90)).save(gallery / "IMG_0042.HEIC", quality=95)
+    code, summary = index(capsys, home, gallery)
+    assert (code, summary["added"], summary["failed"]) == (0, 9, 0)
+    _, result = run_json(capsys, "search", gallery / "IMG_0042.HEIC", "--home", home, "-k", "1", "--explain", "none")
+    assert result["results"][0]["path"] == str(gallery / "IMG_0042.HEIC")
