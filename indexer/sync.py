@@ -88,7 +88,8 @@ def plan_sync(
     """Compare a scan with the stored rows.
 
     Rows whose file is gone are deleted, unless it lay in a folder that could not be listed
-    (`unlisted`, which `scan` fills while `files` is consumed). A new file with the size and
+    (`unlisted`, which `scan` fills while `files` is consumed). Failed files are tried again
+    only when they change, except those that could not even be read. A new file with the size and
     content hash of a gone row is that row moved, ok or failed (a renamed bad file is not retried).
     """
     plan = Plan()
@@ -99,7 +100,7 @@ def plan_sync(
         row = rows.get(stat.path)
         if row is None:
             new_files.append(stat)
-        elif full or (row.size, row.mtime_ns) != (stat.size, stat.mtime_ns):
+        elif full or (row.size, row.mtime_ns) != (stat.size, stat.mtime_ns) or _unread(row):
             plan.embed.append((row.id, stat))
             if row.content_hash and not full:
                 plan.hashes[row.id] = row.content_hash
@@ -109,6 +110,12 @@ def plan_sync(
     _match_moves(plan, missing, new_files, full)
     plan.deleted = [row.id for row in missing.values()]
     return plan
+
+
+def _unread(row: Row) -> bool:
+    """A failed row with no content hash was never read (permissions, I/O error): fixing that
+    changes no size or mtime, so it is tried again every run; one open() is all it costs."""
+    return row.status == STATUS_FAILED and row.content_hash is None
 
 
 def _match_moves(plan: Plan, missing: dict[str, Row], new_files: list[FileStat], full: bool) -> None:

@@ -428,3 +428,15 @@ def test_heic_photos_are_indexed_when_pillow_heif_is_installed(capsys, gallery, 
     assert (code, summary["added"], summary["failed"]) == (0, 9, 0)
     _, result = run_json(capsys, "search", gallery / "IMG_0042.HEIC", "--home", home, "-k", "1", "--explain", "none")
     assert result["results"][0]["path"] == str(gallery / "IMG_0042.HEIC")
+
+
+def test_a_file_that_could_not_be_read_is_tried_again_once_it_can_be(capsys, gallery, home, monkeypatch):
+    locked = gallery / "pic2.jpg"
+    real_read = sync_module.read_file
+    monkeypatch.setattr(sync_module, "read_file", lambda path: _deny(path, locked) or real_read(path))
+    assert index(capsys, home, gallery)[1]["failed"] == 1
+    assert index(capsys, home, gallery)[1]["failed"] == 1  # still unreadable: tried, failed again
+    monkeypatch.undo()  # chmod back: the file's size and mtime did not change
+    code, summary = index(capsys, home, gallery)
+    assert (code, summary["updated"], summary["failed"]) == (0, 1, 0)
+    assert_consistent(home, [gallery])
