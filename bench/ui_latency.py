@@ -16,11 +16,13 @@ import re
 import shutil
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from indexer.cli import main as famsearch  # noqa: E402
@@ -58,7 +60,22 @@ def engine_section(home: Path, photos: list[Path]) -> None:
             compare[explainer].append(timed(lambda: engine.compare(photo.image, match, explainer))[1])
         group.append(timed(lambda: engine.query(photo.image, **queries.grid_request(10, "fam", True)))[1])
     record("engine: decode the query photo", decode)
-    record("engine: grid query (embed + search, k=10)", grid)
+    record(f"engine: grid query (embed + search, k=10), {torch.get_num_threads()} torch threads", grid)
+    # Side by side: the same call from a worker thread (as Streamlit runs scripts) and with one torch thread.
+    in_worker, one_thread = [], []
+    for path in photos:
+        image = queries.read_indexed(path, engine.encoder.input_size).image
+        worker = threading.Thread(target=lambda: in_worker.append(timed(lambda: engine.query(image, 10, "none"))[1]))
+        worker.start()
+        worker.join()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for path in photos:
+        image = queries.read_indexed(path, engine.encoder.input_size).image
+        one_thread.append(timed(lambda: engine.query(image, 10, "none"))[1])
+    torch.set_num_threads(threads)
+    record("engine: grid query, called from a worker thread", in_worker)
+    record("engine: grid query, 1 torch thread (main thread)", one_thread)
     for explainer, samples in compare.items():
         record(f"engine: why view, {explainer} (pair maps + channels)", samples)
     record("engine: grid with group map (fam, k=10)", group)
@@ -109,7 +126,7 @@ def browser_section(home: Path, photos: list[Path], screenshots: Path | None) ->
         page.set_default_timeout(120_000)
         _, first_ms = timed(lambda: (page.goto(url), page.get_by_role("heading", name="Search by example photo").wait_for()))
         record("browser: open the page (first engine load)", [first_ms])
-        grid, why = [], []
+        grid, why, inside = [], [], []
         for i, path in enumerate(photos):
             page.get_by_role("combobox", name="Indexed photo").click()
             page.keyboard.type(path.name)  # the option list is virtualised: filter it first
@@ -120,6 +137,8 @@ def browser_section(home: Path, photos: list[Path], screenshots: Path | None) ->
             page.get_by_role("button", name="Why?").nth(9).wait_for()
             page.wait_for_selector(settled, state="hidden")
             grid.append((time.perf_counter() - start) * 1000)
+            answered = page.get_by_text(re.compile(r"answered in \d+ ms")).inner_text()
+            inside.append(float(re.search(r"answered in (\d+) ms", answered).group(1)))
             if screenshots and i == 0:
                 page.wait_for_timeout(800)
                 page.screenshot(path=screenshots / "grid.png")
@@ -134,6 +153,7 @@ def browser_section(home: Path, photos: list[Path], screenshots: Path | None) ->
                 page.screenshot(path=screenshots / "why.png")
                 page.set_viewport_size({"width": 1400, "height": 1000})
         record("browser: pick a photo -> grid drawn", grid)
+        record("browser: ... of which the engine's query (page's 'answered in')", inside)
         record("browser: click Why? -> why view drawn", why)
         browser.close()
     if screenshots:
@@ -162,6 +182,8 @@ def main() -> None:
         script_section(args.home, photos)
     if "browser" not in skip:
         browser_section(args.home, photos, args.screenshots)
+    print("load average (1, 5, 15 min) at the end: %.1f %.1f %.1f on %d cores (shared machine)"
+          % (*os.getloadavg(), os.cpu_count()))
     print(f"{'step':<58} {'n':>3} {'median ms':>10} {'max ms':>9}")
     for name, samples in ROWS:
         print(f"{name:<58} {len(samples):>3} {statistics.median(samples):>10.0f} {max(samples):>9.0f}")

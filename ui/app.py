@@ -13,7 +13,7 @@ import streamlit as st
 from retrieval.config import Settings
 from retrieval.engine import IndexMissingError, QueryEngine
 from retrieval.fam import EXPLAINERS
-from retrieval.images import ImageError, load_image
+from retrieval.images import load_image
 from ui import pictures, queries
 
 PICK, UPLOAD, TYPE = "Pick an indexed photo", "Upload a photo", "Type a path"
@@ -54,7 +54,7 @@ def sidebar() -> dict:
         st.header("famsearch")
         page = st.radio("Page", ["Search", "Index status"], key="page")
         explainer = st.selectbox("Explainer", EXPLAINERS, key="explainer",
-                                 format_func=lambda e: e, help="\n\n".join(f"**{k}**: {v}" for k, v in queries.EXPLAINER_HELP.items()))
+                                 help="\n\n".join(f"**{k}**: {v}" for k, v in queries.EXPLAINER_HELP.items()))
         k = st.slider("Matches (k)", 1, 50, 10, key="k")
         group = st.toggle("Group map over the top-k", key="group",
                           help="The query's map against all top-k matches at once (Eq. 11/15)")
