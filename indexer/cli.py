@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--workers", type=int, default=2, help="decoding processes (0: decode in the main process)")
     _add(p, "--max-megapixels", type=float, default=150.0, help="refuse larger images (decompression bombs)")
     _add(p, "--no-progress", action="store_true", help="no progress bar (for cron)")
+    _add(p, "--no-map-cache", action="store_true",
+         help="do not keep feature maps for fast match maps (saves ~123 KiB per image; maps then re-run the model)")
     _add(p, "--labels-from", default=None, choices=("folders",),
          help="folders: put each photo in the album named by its first sub-folder under PATH")
     _add(p, "--labels", type=Path, default=None, metavar="FILE", help="albums from a CSV path,label or JSONL file")
@@ -217,6 +219,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
             full=args.full, dry_run=args.dry_run, head=args.head,
             excludes=DEFAULT_EXCLUDES + tuple(args.exclude), progress=not args.no_progress,
+            map_cache=not args.no_map_cache,
         )
         summary = sync(store, settings, encoder, roots, options)
         if (args.labels_from or args.labels) and not args.dry_run:
@@ -247,11 +250,12 @@ def _open_engine(args: argparse.Namespace):
     return QueryEngine(settings_from(args), device=args.device)
 
 
-def _read_query(path: Path):
+def _read_query(path: Path, engine=None):
+    """Decode a query photo (with an engine: JPEG draft decoding at the model's input size)."""
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     try:
-        return load_image(path)
+        return engine.load_query(path) if engine is not None else load_image(path)
     except ImageError as error:
         raise UsageError(f"{path}: not a readable image ({error})") from None
 
@@ -268,9 +272,12 @@ def _save_map(folder: Path, name: str, heatmap: np.ndarray | None) -> str | None
 def cmd_search(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise UsageError("-k must be at least 1")
-    images = [(path, _read_query(path)) for path in args.images]  # fail before loading the model
+    for path in args.images:  # fail on a missing file before loading the model
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
     engine = _open_engine(args)
     try:
+        images = [(path, _read_query(path, engine)) for path in args.images]  # draft-decoded: 12 MP costs ~1/8
         for qi, (path, image) in enumerate(images):
             result = engine.query(image, args.k, args.explain, args.group)
             folder = args.maps_dir / f"{qi:03d}_{path.stem}" if args.maps_dir else None

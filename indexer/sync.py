@@ -29,6 +29,7 @@ from indexer.scan import DEFAULT_EXCLUDES, FileStat, content_hash, file_hash, sc
 from retrieval.config import Settings
 from retrieval.encoder import Encoder, Preprocess
 from retrieval.engine import check_identity, index_from_store, model_identity
+from retrieval.featcache import FeatureCache, cache_batch, open_for_indexing
 from retrieval.head import Head, fit_pcaw, load_head
 from retrieval.images import DEFAULT_MAX_MEGAPIXELS, ImageError, decode_image
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
@@ -219,6 +220,7 @@ class IndexOptions:
     head: str | None = None  # none | pcaw | FILE; None keeps the stored choice
     excludes: tuple[str, ...] = DEFAULT_EXCLUDES
     progress: bool = True
+    map_cache: bool = True  # keep each image's feature map for the explainers (retrieval.featcache)
 
 
 def _write_batch(store: Store, batch: list[Decoded], pooled: dict[int, np.ndarray]) -> Counter:
@@ -259,7 +261,7 @@ def _store_decoded(session, row: Image | None, item: Decoded, pooled: np.ndarray
 
 def embed_files(
     store: Store, encoder: Encoder, items: list[tuple[int | None, FileStat]], options: IndexOptions,
-    known_hashes: dict[int, str] | None = None,
+    cache: FeatureCache | None = None, known_hashes: dict[int, str] | None = None,
 ) -> Counter:
     """Decode (workers), encode (batches) and commit each batch. Returns the outcome counts
     of `_write_batch` (failed, same, vanished_new, vanished_old)."""
@@ -282,6 +284,9 @@ def embed_files(
                 vectors = encoder.pool(features).cpu().numpy()  # (B, N)
                 pooled = dict(zip(good, vectors))
             outcomes += _write_batch(store, batch + same, pooled)
+            if cache is not None:  # map cache hook: the batch's A, keyed by the ids just committed
+                cache_batch(cache, store, [item.stat.path for item in batch], good, features if good else None,
+                            encoder.pooling)
             bar.update(len(batch) + len(same))
     return outcomes
 
@@ -377,7 +382,14 @@ def sync(
     if changed:
         store.set_meta("index", {**index_meta, "dirty": True})
     apply_moves_and_deletes(store, plan)
-    outcomes = embed_files(store, encoder, plan.embed, options, known_hashes=plan.hashes)
+    cache = open_for_indexing(settings.home, encoder.identity, options.map_cache)  # None: --no-map-cache
+    try:
+        if cache is not None:
+            cache.delete(plan.deleted)
+        outcomes = embed_files(store, encoder, plan.embed, options, cache, plan.hashes)
+    finally:
+        if cache is not None:
+            cache.close()
     summary = _settle(summary, outcomes)
     head_changed = options.head is not None and options.head != store.get_meta("head_choice")
     if changed or head_changed or index_meta.get("dirty", True) or not settings.index_path.exists() or full:

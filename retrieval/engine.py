@@ -17,12 +17,13 @@ from sqlalchemy import select
 from retrieval import fam as explainers
 from retrieval.config import Settings
 from retrieval.encoder import Encoder, load_encoder
+from retrieval.featcache import FeatureCache
 from retrieval.head import Head, load_head
 from retrieval.images import is_image_path, load_image
 from retrieval.search import build_index, index_type_of, load_index, search, to_gpu_if_available
 from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
-from retrieval.store import Store, open_store
+from retrieval.store import Store, bytes_to_embedding, open_store
 
 LOGGER = logging.getLogger(__name__)
 EXPLAIN_CHOICES = (*explainers.EXPLAINERS, "none")
@@ -199,6 +200,8 @@ class QueryEngine:
             raise ModelMismatchError(f"{settings.head_path} is not the head the index was built with; re-run famsearch index")
         self.model = stored
         self.index = to_gpu_if_available(self._load_or_rebuild_index())
+        # Match-side maps without a backbone pass; None when the home has no cache (index --no-map-cache).
+        self.feature_cache = FeatureCache.open(settings.home, self.encoder.identity)
 
     def _load_or_rebuild_index(self):
         info = self.store.get_meta("index") or {}
@@ -219,10 +222,40 @@ class QueryEngine:
         feature_maps, pooled = self.encoder.encode([image])
         return Embedded(feature_maps[0], pooled[0], self.head(pooled)[0])
 
+    def load_query(self, path: str | Path) -> Image.Image:
+        """Read a query photo; a JPEG is decoded at the smallest DCT scale still >= the input size
+        (draft mode: a 12 MP file decodes ~8x smaller, the whole image kept)."""
+        return load_image(path, draft_size=self.encoder.input_size)
+
+    def query_path(self, path: str | Path, k: int = 10, explainer: str = "fam", group: str = "none") -> QueryResult:
+        """`query` on a photo file; the decode counts in `embed` and `total`."""
+        start = time.perf_counter()
+        result = self.query(self.load_query(path), k, explainer, group)
+        decode = _ms(start) - result.timing_ms["total"]
+        result.timing_ms["embed"] = round(result.timing_ms["embed"] + decode, 2)
+        result.timing_ms["total"] = _ms(start)
+        return result
+
     def embed_gallery(self, image_ids: list[int]) -> tuple[Embedded, list[str]]:
-        """Feature maps of indexed images, batched: A (K, N, h, w), z (K, N), e (K, J)."""
+        """Feature maps of indexed images, batched: A (K, N, h, w), z (K, N), e (K, J).
+
+        z is the stored row vector (what FAISS scored); A comes from the map cache where it
+        holds a verified entry, else from decoding the file and a backbone pass.
+        """
         rows = self.store.images_by_ids(image_ids)
-        feature_maps, pooled = self.encoder.encode([load_image(row.path) for row in rows])
+        pooled = np.stack([bytes_to_embedding(row.embedding) for row in rows])  # (K, N)
+        cached = self.feature_cache.get([row.id for row in rows], pooled) if self.feature_cache else {}
+        missing = [i for i, row in enumerate(rows) if row.id not in cached]
+        maps = [torch.from_numpy(cached[row.id]) if row.id in cached else None for row in rows]
+        if missing:
+            computed, _ = self.encoder.encode(
+                [load_image(rows[i].path, draft_size=self.encoder.input_size) for i in missing]
+            )
+            for i, feature_map in zip(missing, computed):
+                maps[i] = feature_map
+        device = self.encoder.device
+        feature_maps = torch.stack([m.to(device, torch.float32) for m in maps])  # K x (N, h, w) -> (K, N, h, w)
+        pooled = torch.from_numpy(pooled).to(device)
         return Embedded(feature_maps, pooled, self.head(pooled)), [row.path for row in rows]
 
     def _explain(self, explainer: str, subject: Embedded, partner_embs: torch.Tensor):
@@ -392,4 +425,6 @@ class QueryEngine:
                 "home": str(self.settings.home)}
 
     def close(self) -> None:
+        if self.feature_cache is not None:
+            self.feature_cache.close()
         self.store.close()

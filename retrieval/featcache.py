@@ -1,0 +1,272 @@
+"""The map cache: each indexed image's feature map A (N, h, w) in float16, on disk, memory-mapped.
+
+Every explainer is a function of (A, z, e = head(z), W, partner embeddings) (DESIGN §4), and z
+is already in the DB row, so with A at hand the match-side maps of a query need no decode and
+no backbone pass. Why A and not the smaller WᵀA (J, h, w) + ΣₙAⁿ: A does not depend on the
+head, and the `pcaw` head is refitted on every re-index that changes the gallery, which would
+invalidate a WᵀA cache whole; A stays valid until its own image changes. The price is disk:
+N·h·w·2 bytes an image (Lite0 at 224 px: 1280·7·7·2 = 125,440 B ≈ 123 KiB).
+
+Layout (one folder per home, ``HOME/featcache``):
+
+    batch-<uuid>.npy   (B, N, h, w) float16, one file per indexed batch, written to a temp
+                       name and renamed into place, so a reader never sees half a file
+    slots.db           SQLite (WAL): entries(image_id PK -> file, row), meta(identity)
+
+Crash safety: a batch file is renamed into place before its rows are committed, so a run
+killed in between leaves an orphan file (swept by ``sweep``) and no entry. Every read is
+verified: the entry's spatial mean must equal the row's pooled vector z (float16 tolerance),
+so an entry from before a crash, an edit or a model change is never served; whatever
+is missing, stale or unreadable is simply absent from ``get`` and the caller recomputes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+LOGGER = logging.getLogger(__name__)
+FOLDER_NAME = "featcache"
+CACHE_DTYPE = np.float16
+_OPEN_FILES = 64  # memory maps kept open between queries
+# z (float32, from the DB) vs the spatial mean of float16 A: float16 rounds each cell by at
+# most 2^-11 relatively; a changed image or model moves z by orders of magnitude more.
+_VERIFY_RTOL = 4e-3
+
+
+def cache_folder(home: Path) -> Path:
+    return Path(home) / FOLDER_NAME
+
+
+class FeatureCache:
+    """Image id -> float16 feature map (N, h, w), for one model identity.
+
+    Opened for writing by the indexer (``writable=True``: a different stored identity wipes
+    the cache) and for reading by the query engine (a different identity: ``open`` gives None).
+    """
+
+    def __init__(self, folder: Path, identity: dict, writable: bool = False):
+        self.folder = Path(folder)
+        self.identity = {key: identity.get(key) for key in ("backbone", "weights_sha256", "pooling", "input_size")}
+        self.writable = writable
+        if writable:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.folder / "slots.db", timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS entries (image_id INTEGER PRIMARY KEY, file TEXT NOT NULL, "
+                         "row INTEGER NOT NULL)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS entries_file ON entries(file)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
+        stored = self._stored_identity()
+        if writable and stored != self.identity:
+            if stored is not None:
+                LOGGER.info("map cache was made by another model; starting it afresh")
+            self.clear()
+
+    @classmethod
+    def open(cls, home: Path, identity: dict) -> "FeatureCache | None":
+        """The home's cache for reading, or None when there is none or it belongs to another model."""
+        folder = cache_folder(home)
+        if not (folder / "slots.db").exists():
+            return None
+        cache = cls(folder, identity)
+        if cache._stored_identity() != cache.identity:
+            cache.close()
+            return None
+        return cache
+
+    def _stored_identity(self) -> dict | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
+        return None if row is None else json.loads(row[0])
+
+    # ------------------------------------------------------------------ writing
+    def put(self, image_ids: Sequence[int], feature_maps: np.ndarray) -> None:
+        """Store (B, N, h, w) maps under their image ids (replacing older entries of those ids)."""
+        feature_maps = np.asarray(feature_maps)
+        if feature_maps.ndim != 4 or len(feature_maps) != len(image_ids):
+            raise ValueError(f"feature_maps {feature_maps.shape} must be (B, N, h, w) for {len(image_ids)} ids")
+        finite = np.isfinite(feature_maps).all(axis=(1, 2, 3)) & (np.abs(feature_maps).max(axis=(1, 2, 3)) < 6e4)
+        keep = [i for i in range(len(image_ids)) if finite[i]]  # float16 would overflow: leave to recompute
+        self.delete([image_ids[i] for i in range(len(image_ids)) if not finite[i]])
+        if not keep:
+            return
+        name = f"batch-{uuid.uuid4().hex}.npy"
+        tmp = self.folder / (name + ".tmp")
+        with open(tmp, "wb") as handle:
+            np.save(handle, feature_maps[keep].astype(CACHE_DTYPE))  # (B, N, h, w) float32 -> float16
+        os.replace(tmp, self.folder / name)
+        rows = [(int(image_ids[i]), name, row) for row, i in enumerate(keep)]
+        replaced = self._files_of([image_id for image_id, _, _ in rows])
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT OR REPLACE INTO entries (image_id, file, row) VALUES (?, ?, ?)", rows)
+        self._drop_dead_files(replaced)
+
+    def delete(self, image_ids: Sequence[int]) -> None:
+        """Forget these ids (deleted or failed rows); files left without live rows are removed."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return
+        files = self._files_of(ids)
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("DELETE FROM entries WHERE image_id = ?", [(i,) for i in ids])
+        self._drop_dead_files(files)
+
+    def _files_of(self, ids: list[int]) -> set[str]:
+        files: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            files.update(f for (f,) in self._db.execute(f"SELECT file FROM entries WHERE image_id IN ({marks})", chunk))
+        return files
+
+    def _drop_dead_files(self, files: set[str]) -> None:
+        for name in files:
+            if self._db.execute("SELECT 1 FROM entries WHERE file = ? LIMIT 1", (name,)).fetchone() is None:
+                self._maps.pop(name, None)
+                (self.folder / name).unlink(missing_ok=True)
+
+    def sweep(self) -> int:
+        """Remove batch files no entry points to (left by a killed run). Returns how many."""
+        live = {f for (f,) in self._db.execute("SELECT DISTINCT file FROM entries")}
+        orphans = [p for p in self.folder.glob("batch-*.npy*") if p.name not in live]
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        return len(orphans)
+
+    def clear(self) -> None:
+        """Drop every entry and file; record the current model identity."""
+        for path in self.folder.glob("batch-*.npy*"):
+            path.unlink(missing_ok=True)
+        self._maps.clear()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM entries")
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('identity', ?)",
+                             (json.dumps(self.identity),))
+
+    # ------------------------------------------------------------------ reading
+    def get(self, image_ids: Sequence[int], pooled: np.ndarray) -> dict[int, np.ndarray]:
+        """Verified float16 maps (N, h, w) of the ids that have one; the rest are absent.
+
+        Args:
+            image_ids: K image ids.
+            pooled: (K, N) their pooled vectors z from the DB; an entry whose spatial mean is
+                not z (stale, another model, damaged) is not returned.
+        """
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        slots = {i: (f, r) for i, f, r in self._db.execute(
+            f"SELECT image_id, file, row FROM entries WHERE image_id IN ({marks})", ids)}
+        found: dict[int, np.ndarray] = {}
+        for image_id, z in zip(ids, np.asarray(pooled, dtype=np.float32)):
+            if image_id not in slots:
+                continue
+            feature_map = self._read(*slots[image_id])
+            if feature_map is not None and _matches_pooled(feature_map, z, self.identity["pooling"]):
+                found[image_id] = feature_map
+        return found
+
+    def _read(self, name: str, row: int) -> np.ndarray | None:
+        try:
+            maps = self._maps.get(name)
+            if maps is None:
+                maps = np.load(self.folder / name, mmap_mode="r")  # (B, N, h, w) float16
+                self._maps[name] = maps
+                if len(self._maps) > _OPEN_FILES:
+                    self._maps.popitem(last=False)
+            else:
+                self._maps.move_to_end(name)
+            return np.array(maps[row]) if maps.ndim == 4 and row < len(maps) else None
+        except (OSError, ValueError) as error:  # vanished, truncated or damaged: recompute instead
+            LOGGER.debug("map cache entry %s[%d] unreadable: %s", name, row, error)
+            self._maps.pop(name, None)
+            return None
+
+    def stats(self) -> dict:
+        """Entries, files and bytes on disk (batch files + table), and bytes per entry."""
+        entries = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        paths = [p for p in self.folder.iterdir() if p.is_file()]
+        total = sum(p.stat().st_size for p in paths)
+        files = sum(1 for p in paths if p.name.startswith("batch-"))
+        return {"entries": entries, "files": files, "bytes": total,
+                "bytes_per_image": round(total / entries) if entries else 0}
+
+    def close(self) -> None:
+        self._maps.clear()
+        self._db.close()
+
+
+def _matches_pooled(feature_map: np.ndarray, pooled: np.ndarray, pooling: str) -> bool:
+    """Does the (N, h, w) map pool to the (N,) stored vector, within float16 rounding?
+
+    The cached map is the one the explainers weight: A for gap/gem, √A for sqrt, so z is its
+    spatial mean, or its GeM under gem.
+    """
+    if feature_map.shape[0] != pooled.shape[0]:
+        return False
+    values = feature_map.astype(np.float32)
+    if pooling == "gem":
+        from retrieval.encoder import GEM_P
+
+        again = (np.clip(values, 1e-6, None) ** GEM_P).mean(axis=(1, 2)) ** (1.0 / GEM_P)  # (N, h, w) -> (N,)
+    else:
+        again = values.mean(axis=(1, 2))  # (N, h, w) -> (N,)
+    scale = float(np.abs(pooled).max()) or 1.0
+    return bool(np.abs(again - pooled).max() <= _VERIFY_RTOL * scale)
+
+
+def remove_cache(home: Path) -> None:
+    """Delete the home's map cache (index --no-map-cache)."""
+    shutil.rmtree(cache_folder(home), ignore_errors=True)
+
+
+def open_for_indexing(home: Path, identity: dict, enabled: bool = True) -> FeatureCache | None:
+    """The indexer's cache (orphans of a killed run swept), or None with the cache removed when disabled."""
+    if not enabled:
+        remove_cache(home)
+        return None
+    cache = FeatureCache(cache_folder(home), identity, writable=True)
+    cache.sweep()
+    return cache
+
+
+def cache_batch(cache: FeatureCache, store, paths: list[str], good: list[int], feature_maps, pooling: str) -> None:
+    """The indexer's hook, after a batch's rows are committed: keep the maps of the embedded
+    files, forget the entries of files that now failed. Rows are found by path (new rows got
+    their ids in that commit).
+
+    Args:
+        paths: the batch's file paths; good: positions of those that were embedded.
+        feature_maps: (len(good), N, h, w) backbone output A of the good ones (None if none).
+        pooling: the encoder's pooling, which decides the map the explainers weight.
+    """
+    from sqlalchemy import select
+
+    from retrieval.schema import Image
+
+    with store.session() as session:
+        ids = dict(session.execute(select(Image.path, Image.id).where(Image.path.in_(paths))).all())
+    failed = [ids[p] for i, p in enumerate(paths) if i not in set(good) and p in ids]
+    cache.delete(failed)
+    if good:
+        if pooling != "gap":  # under GAP the explained map is A itself
+            from retrieval.encoder import explained_feature_map
+
+            feature_maps = explained_feature_map(feature_maps, pooling)
+        explained = feature_maps.float().cpu().numpy()  # (G, N, h, w)
+        keep = [j for j, i in enumerate(good) if paths[i] in ids]
+        cache.put([ids[paths[good[j]]] for j in keep], explained[keep])

@@ -1,0 +1,154 @@
+"""The map cache: maps served from it equal recomputed ones; stale, damaged or missing entries fall back."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.config import Settings
+from retrieval.engine import QueryEngine
+from retrieval.featcache import FeatureCache, cache_folder
+from tests.conftest import run_json
+
+TOY = ("--model", "toy", "--input-size", "64", "--workers", "0", "--no-progress")
+IDENTITY = {"backbone": "toy", "weights_sha256": "abc", "pooling": "gap", "input_size": 64}
+
+
+def maps(seed: int, n: int = 3, channels: int = 6) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, channels, 4, 5)).astype(np.float32)  # (B, N, h, w) >= 0
+
+
+def test_an_entry_comes_back_as_the_float16_map_it_was_given(tmp_path):
+    cache = FeatureCache(tmp_path / "fc", IDENTITY, writable=True)
+    feature_maps = maps(0)
+    cache.put([5, 9, 2], feature_maps)
+    got = cache.get([2, 5, 9], feature_maps[[2, 0, 1]].mean(axis=(2, 3)))
+    assert sorted(got) == [2, 5, 9]
+    for image_id, row in ((5, 0), (9, 1), (2, 2)):
+        assert got[image_id].dtype == np.float16
+        np.testing.assert_array_equal(got[image_id], feature_maps[row].astype(np.float16))
+
+
+def test_an_entry_whose_pooled_vector_changed_is_not_served(tmp_path):
+    cache = FeatureCache(tmp_path / "fc", IDENTITY, writable=True)
+    feature_maps = maps(1)
+    cache.put([1, 2, 3], feature_maps)
+    pooled = feature_maps.mean(axis=(2, 3))
+    pooled[1] += 0.05  # the image was re-embedded (edited) after the entry was written
+    assert sorted(cache.get([1, 2, 3], pooled)) == [1, 3]
+
+
+def test_deleted_ids_are_gone_and_a_file_without_live_entries_is_removed(tmp_path):
+    cache = FeatureCache(tmp_path / "fc", IDENTITY, writable=True)
+    cache.put([1, 2], maps(2, n=2))
+    cache.put([3], maps(3, n=1))
+    assert cache.stats()["files"] == 2
+    cache.delete([1, 2])
+    assert cache.stats() == {**cache.stats(), "entries": 1, "files": 1}
+    assert cache.get([1, 2], np.zeros((2, 6))) == {}
+
+
+def test_replacing_an_entry_serves_the_new_map(tmp_path):
+    cache = FeatureCache(tmp_path / "fc", IDENTITY, writable=True)
+    old, new = maps(4, n=1), maps(5, n=1)
+    cache.put([7], old)
+    cache.put([7], new)
+    got = cache.get([7], new.mean(axis=(2, 3)))
+    np.testing.assert_array_equal(got[7], new[0].astype(np.float16))
+    assert cache.stats()["files"] == 1  # the old batch file had no live entry left
+
+
+def test_a_truncated_batch_file_falls_back_without_an_error(tmp_path):
+    cache = FeatureCache(tmp_path / "fc", IDENTITY, writable=True)
+    feature_maps = maps(6)
+    cache.put([1, 2, 3], feature_maps)
+    (batch,) = (tmp_path / "fc").glob("batch-*.npy")
+    batch.write_bytes(batch.read_bytes()[:200])  # a crash mid-write, or a damaged disk
+    reader = FeatureCache(tmp_path / "fc", IDENTITY)  # a fresh reader, no open memory maps
+    assert reader.get([1, 2, 3], feature_maps.mean(axis=(2, 3))) == {}
+
+
+def test_a_cache_of_another_model_is_ignored_by_readers_and_wiped_by_the_indexer(tmp_path):
+    FeatureCache(cache_folder(tmp_path), IDENTITY, writable=True).put([1], maps(7, n=1))
+    other = {**IDENTITY, "input_size": 96}
+    assert FeatureCache.open(tmp_path, other) is None
+    assert FeatureCache.open(tmp_path, IDENTITY) is not None
+    rewritten = FeatureCache(cache_folder(tmp_path), other, writable=True)
+    assert rewritten.stats()["entries"] == 0 and not list(cache_folder(tmp_path).glob("batch-*"))
+
+
+def test_sweep_removes_files_a_killed_run_left_without_entries(tmp_path):
+    cache = FeatureCache(tmp_path / "fc", IDENTITY, writable=True)
+    cache.put([1], maps(8, n=1))
+    np.save(tmp_path / "fc" / "batch-orphan.npy", maps(9))
+    (tmp_path / "fc" / "batch-half.npy.tmp").write_bytes(b"\x93NUMPY")
+    assert cache.sweep() == 2
+    assert cache.get([1], maps(8, n=1).mean(axis=(2, 3))).keys() == {1}
+
+
+def test_maps_that_would_overflow_float16_are_left_to_recompute(tmp_path):
+    cache = FeatureCache(tmp_path / "fc", IDENTITY, writable=True)
+    feature_maps = maps(10, n=2)
+    feature_maps[1, 0, 0, 0] = 1e6
+    cache.put([1, 2], feature_maps)
+    assert cache.get([1, 2], feature_maps.mean(axis=(2, 3))).keys() == {1}
+
+
+# ----------------------------------------------------------------------------- through the engine
+def _query_both_ways(home, picture, explainer):
+    engine = QueryEngine(Settings(home=home), device="cpu")
+    try:
+        assert engine.feature_cache is not None
+        calls = []
+        encode = engine.encoder.encode
+        engine.encoder.encode = lambda images: calls.append(len(images)) or encode(images)
+        cached = engine.query_path(picture, 5, explainer)
+        assert calls == [1], "with the cache only the query goes through the backbone"
+        engine.feature_cache = None
+        recomputed = engine.query_path(picture, 5, explainer)
+        assert calls[1:] == [1, 5]
+    finally:
+        engine.close()
+    return cached, recomputed
+
+
+def _assert_same_maps(cached, recomputed):
+    assert [m.image_id for m in cached.matches] == [m.image_id for m in recomputed.matches]
+    for a, b in zip(cached.matches, recomputed.matches):
+        for got, want in ((a.match_map, b.match_map), (a.query_map, b.query_map)):
+            scale = max(float(np.abs(want).max()), 1e-6)
+            np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * scale)  # float16 A
+        assert a.offsets == pytest.approx(b.offsets, abs=1e-6)
+
+
+@pytest.mark.parametrize("head", ["none", "pcaw"])
+@pytest.mark.parametrize("explainer", ["fam", "fam-exact", "gradcam"])
+def test_maps_served_from_the_cache_equal_recomputed_ones(capsys, gallery, home, head, explainer):
+    code, _ = run_json(capsys, "index", gallery, "--home", home, "--head", head, *TOY)
+    assert code == 0
+    _assert_same_maps(*_query_both_ways(home, gallery / "pic0.jpg", explainer))
+
+
+def test_a_lost_batch_file_falls_back_to_the_backbone_with_the_same_maps(capsys, indexed, gallery):
+    for batch in cache_folder(indexed).glob("batch-*.npy"):
+        batch.unlink()
+    engine = QueryEngine(Settings(home=indexed), device="cpu")
+    try:
+        partial = engine.query_path(gallery / "pic1.png", 4, "gradcam")
+        engine.feature_cache = None
+        _assert_same_maps(partial, engine.query_path(gallery / "pic1.png", 4, "gradcam"))
+    finally:
+        engine.close()
+
+
+def test_deleted_files_leave_the_cache_and_no_map_cache_removes_it(capsys, indexed, gallery):
+    def entries() -> int:
+        return FeatureCache(cache_folder(indexed), {}).stats()["entries"]
+
+    assert entries() == 8
+    (gallery / "pic3.png").unlink()
+    run_json(capsys, "index", gallery, "--home", indexed, *TOY)
+    assert entries() == 7
+    run_json(capsys, "index", gallery, "--home", indexed, "--no-map-cache", *TOY)
+    assert not cache_folder(indexed).exists()
+    code, result = run_json(capsys, "search", gallery / "pic0.jpg", "--home", indexed, "-k", "3")
+    assert code == 0 and len(result["results"]) == 3
