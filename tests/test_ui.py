@@ -323,3 +323,14 @@ def test_no_index_shows_how_to_build_one_instead_of_a_traceback(make_home, tmp_p
     assert f"famsearch index PHOTO_FOLDER --home {home}" in at.code[0].value
     at.radio(key="page").set_value("Index status").run()
     assert not at.exception and "Nothing to search yet" in at.warning[0].value
+
+
+def test_a_re_index_is_picked_up_without_restarting_the_ui(indexed, gallery, monkeypatch, capsys):
+    at = _pick(_app(indexed, monkeypatch), "pic0.jpg")
+    assert "Top 8" in _texts(at)
+    draw_picture(30).save(gallery / "pic8.png")
+    code, summary = run_json(capsys, "index", gallery, "--home", indexed, "--model", "toy", "--input-size", "64",
+                             "--workers", "0", "--no-progress")
+    assert code == 0 and summary["added"] == 1
+    at.run()  # the index file was swapped: a new engine is loaded, the query re-run
+    assert not at.exception and "Top 9" in _texts(at)
