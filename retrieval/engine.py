@@ -349,13 +349,24 @@ class QueryEngine:
         feature_maps, pooled = self.encoder.encode([first, second])  # (2, N, h, w), (2, N)
         embs = self.head(pooled)  # (2, N) -> (2, J)
         a, b = (Embedded(feature_maps[i], pooled[i], embs[i]) for i in (0, 1))
+        return self._pair_report(a, b, explainer)
+
+    def compare_indexed(self, first: Image.Image, image_id: int, explainer: str = "fam") -> PairReport:
+        """`compare` against an indexed photo: its z as stored, its A from the map cache when there."""
+        if not self.store.images_by_ids([image_id]):
+            raise ValueError(f"no indexed image has id {image_id}")
+        gallery, _ = self.embed_gallery([image_id])
+        second = Embedded(gallery.feature_map[0], gallery.pooled[0], gallery.emb[0])
+        return self._pair_report(self.embed(first), second, explainer)
+
+    def _pair_report(self, a: Embedded, b: Embedded, explainer: str) -> PairReport:
         first_map, first_offset = self._explain(explainer, a, b.emb[None])
         second_map, second_offset = self._explain(explainer, b, a.emb[None])
         shares = channel_shares(a.pooled, a.emb, b.emb, self.head.weight)
-        activations = feature_maps.float().cpu().numpy()
         return PairReport(float(explainers.cosine(a.emb, b.emb[None])[0]), first_map, second_map,
                           {"first": float(first_offset), "second": float(second_offset)},
-                          shares.float().cpu().numpy(), activations[0], activations[1])
+                          shares.float().cpu().numpy(), a.feature_map.float().cpu().numpy(),
+                          b.feature_map.float().cpu().numpy())
 
     def indexed_paths(self, contains: str = "", limit: int = 500) -> list[tuple[int, str]]:
         """(image_id, path) of indexed photos whose path contains the text, by path, at most limit."""

@@ -69,6 +69,21 @@ def test_compare_gives_the_same_maps_as_explain_pair(engine, gallery):
     assert report.first_activations.shape[0] == report.shares.shape[0]
 
 
+def test_compare_with_an_indexed_photo_uses_its_stored_vector_and_agrees_with_compare(engine, gallery):
+    query = draw_picture(0)
+    image_id, path = engine.indexed_paths("pic5")[0]
+    for explainer in fam.EXPLAINERS:
+        indexed = engine.compare_indexed(query, image_id, explainer)
+        fresh = engine.compare(query, load_image(path, draft_size=engine.encoder.input_size), explainer)
+        assert indexed.score == pytest.approx(fresh.score, abs=1e-5)
+        np.testing.assert_allclose(indexed.first_map, fresh.first_map, rtol=2e-3, atol=1e-4)
+        np.testing.assert_allclose(indexed.second_map, fresh.second_map, rtol=2e-3, atol=1e-4)  # float16 cache
+    hit = next(m for m in engine.query(query, 8, "none").matches if m.image_id == image_id)
+    assert indexed.score == pytest.approx(hit.score, abs=1e-5)  # the score the grid showed
+    with pytest.raises(ValueError, match="no indexed image has id 999"):
+        engine.compare_indexed(query, 999)
+
+
 def test_indexed_paths_filter_by_name_and_list_only_ok_images(engine, gallery):
     every = [path for _, path in engine.indexed_paths()]
     assert len(every) == 8 and every == sorted(every)

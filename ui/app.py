@@ -118,8 +118,7 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
     explainer = settings["explainer"]
     key = (photo.digest, match.image_id, explainer, stamp)
     if st.session_state.get("report_key") != key:
-        match_image = load_image(match.path, draft_size=engine.encoder.input_size)  # as the indexer decoded it
-        st.session_state.report = engine.compare(photo.image, match_image, explainer)
+        st.session_state.report = engine.compare_indexed(photo.image, match.image_id, explainer)
         st.session_state.report_key = key
     report = st.session_state.report
     st.button("← All results", on_click=select, args=(None,), key="back")
