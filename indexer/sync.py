@@ -14,10 +14,11 @@ import logging
 import os
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -259,6 +260,20 @@ def _store_decoded(session, row: Image | None, item: Decoded, pooled: np.ndarray
             setattr(row, key, value)
 
 
+@contextmanager
+def inference_threads(workers: int) -> Iterator[None]:
+    """Torch threads for the encoder while `workers` processes decode: the cores they leave (at
+    least one), unless OMP_NUM_THREADS is set. On 2 cores, 2 decoders and 2 torch threads
+    oversubscribe; bench/bench_index.py measured 1 thread faster there (bench/results/index.txt)."""
+    before = torch.get_num_threads()
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def embed_files(
     store: Store, encoder: Encoder, items: list[tuple[int | None, FileStat]], options: IndexOptions,
     cache: FeatureCache | None = None, known_hashes: dict[int, str] | None = None,
@@ -273,7 +288,8 @@ def embed_files(
         prefetch_factor=4 if options.workers else None, persistent_workers=False,
     )
     outcomes: Counter = Counter()
-    with tqdm(total=len(items), unit="img", disable=not options.progress, desc="embedding") as bar:
+    with inference_threads(options.workers), \
+            tqdm(total=len(items), unit="img", disable=not options.progress, desc="embedding") as bar:
         for batch in loader:
             same = [item for item in batch if item.same_content]  # only their stat changes: kept out of the hook
             batch = [item for item in batch if not item.same_content]
