@@ -29,7 +29,6 @@ from indexer.cli import main as famsearch  # noqa: E402
 from retrieval.config import Settings  # noqa: E402
 from retrieval.engine import QueryEngine  # noqa: E402
 from retrieval.fam import EXPLAINERS  # noqa: E402
-from retrieval.images import load_image  # noqa: E402
 from ui import queries  # noqa: E402
 from ui.serve import APP, CHROMIUM_ARGS, served  # noqa: E402
 
@@ -55,9 +54,9 @@ def engine_section(home: Path, photos: list[Path]) -> None:
         decode.append(ms)
         result, ms = timed(lambda: engine.query(photo.image, **queries.grid_request(10, "fam", False)))
         grid.append(ms)
-        match = load_image(result.matches[1].path, draft_size=engine.encoder.input_size)
+        match_id = result.matches[1].image_id
         for explainer in EXPLAINERS:
-            compare[explainer].append(timed(lambda: engine.compare(photo.image, match, explainer))[1])
+            compare[explainer].append(timed(lambda: engine.compare_indexed(photo.image, match_id, explainer))[1])
         group.append(timed(lambda: engine.query(photo.image, **queries.grid_request(10, "fam", True)))[1])
     record("engine: decode the query photo", decode)
     record(f"engine: grid query (embed + search, k=10), {torch.get_num_threads()} torch threads", grid)

@@ -134,7 +134,7 @@ def warm_up(engine: QueryEngine) -> QueryEngine:
     return engine
 
 
-def short_name(path: str, width: int = 26) -> str:
+def short_name(path: str, width: int = 20) -> str:
     """A file name cut in the middle to fit one caption line: 'motorcycle_le…rotated.jpg'."""
     name = Path(path).name
     if len(name) <= width:
