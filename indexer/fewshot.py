@@ -27,13 +27,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from indexer.evaluate import IC_TOLERANCE, embed_items, saliency
+from indexer.evaluate import IC_TOLERANCE, _localise, _pct, embed_items, saliency  # one metric code for both tables
 from retrieval import fam as explainers
 from retrieval import metrics
-from retrieval.classify import knn_votes
+from retrieval.classify import vote_shares
 from retrieval.dataset import Item, item_box, read_dataset
 from retrieval.encoder import load_encoder
-from retrieval.episodes import Episode, episode_scores, mean_ci95, sample_episodes
+from retrieval.episodes import Episode, episode_scores_from_cosines, mean_ci95, sample_episodes
 from retrieval.head import Head, fit_pcaw, load_head
 from retrieval.images import load_image
 
@@ -134,9 +134,11 @@ class Decisions:
 
 def episode_decisions(features: Features, episodes: list[Episode]) -> tuple[np.ndarray, Decisions]:
     """Per-episode accuracy (E,) and the correct decisions with their predicted class's supports."""
+    n = len(features.labels)
+    cosines = explainers.cosine(features.embs, features.embs[None].expand(n, -1, -1)).numpy()  # (M, M)
     accuracies, group, query, partners = [], [], [], []
     for e, episode in enumerate(episodes):
-        predicted = episode_scores(features.embs, episode).argmax(dim=1).numpy()  # (way * queries,)
+        predicted = episode_scores_from_cosines(cosines, episode).argmax(axis=1)  # (way * queries,)
         correct = predicted == episode.targets
         accuracies.append(correct.mean())
         for q, c in zip(episode.queries[correct], predicted[correct]):
@@ -154,44 +156,47 @@ def knn_decisions(features: Features, k: int, temperature: float, block: int,
     voters) and the seeded query order.
     """
     n = len(features.labels)
+    if not 1 <= k < n:
+        raise ValueError(f"--knn must be between 1 and {n - 1} (the other images), got {k}")
     memberships = torch.from_numpy(features.labels[:, None] == np.unique(features.labels)[None])  # (M, C)
-    correct = np.zeros(n, dtype=bool)
+    scores = explainers.cosine(features.embs, features.embs[None].expand(n, -1, -1))  # (M, M)
+    scores.fill_diagonal_(float("-inf"))  # the query leaves the memory bank
+    shares, neighbours = vote_shares(scores, memberships, k, temperature)  # (M, C), (M, k)
+    winners = shares.argmax(dim=1).numpy()
+    correct = winners == features.labels
     order = np.random.default_rng(seed).permutation(n)
     group, query, partners = [], [], []
     for rank, q in enumerate(order):
-        bank = np.delete(np.arange(n), q)  # the query leaves the memory bank
-        shares, neighbours = knn_votes(features.embs[q][None], features.embs[bank], memberships[bank], k, temperature)
-        winner = int(shares[0].argmax())
-        correct[q] = winner == features.labels[q]
         if correct[q]:
-            voters = bank[neighbours[0].numpy()]
+            voters = neighbours[q].numpy()
             group.append(rank // block)
             query.append(q)
-            partners.append(voters[features.labels[voters] == winner])
+            partners.append(voters[features.labels[voters] == winners[q]])
     return correct, Decisions(np.array(group, np.int64), np.array(query, np.int64), partners), order
 
 
 # ---------------------------------------------------------------------------- maps and metrics
-def decision_maps(name: str, features: Features, decisions: Decisions, rows: np.ndarray) -> np.ndarray:
-    """Raw query-side maps (R, h, w) of the chosen decisions against their K partners (Eq. 15)."""
+def decision_maps(name: str, features: Features, decisions: Decisions, rows: np.ndarray,
+                  chunk: int = 256) -> np.ndarray:
+    """Raw query-side maps (R, h, w) of the chosen decisions against their K partners (Eq. 15).
+
+    Batched over decisions with the same K (k-NN voters vary in number), `chunk` at a time.
+    """
     shape = tuple(features.feature_maps.shape[-2:])
     if name == "centre":
         return np.broadcast_to(metrics.centre_prior(*shape), (len(rows), *shape))
     head = features.model.head
     out = np.zeros((len(rows), *shape), dtype=np.float32)
-    for i, d in enumerate(rows):  # K varies with the decision (k-NN voters), so one call each
-        q = decisions.query[d]
-        partner_embs = features.embs[torch.from_numpy(decisions.partners[d])]  # (K, J)
-        heat, _ = explainers.explain(name, features.feature_maps[q], features.embs[q], partner_embs,
-                                     head.weight, head.bias)
-        out[i] = heat.numpy()
+    sizes = np.array([len(decisions.partners[d]) for d in rows], dtype=np.int64)
+    for size in np.unique(sizes):
+        for start in range(0, int((sizes == size).sum()), chunk):
+            at = np.flatnonzero(sizes == size)[start:start + chunk]  # positions in rows
+            queries = torch.from_numpy(decisions.query[rows[at]])
+            partners = torch.from_numpy(np.stack([decisions.partners[d] for d in rows[at]]))  # (B, K)
+            heat, _ = explainers.explain(name, features.feature_maps[queries], features.embs[queries],
+                                         features.embs[partners], head.weight, head.bias)  # (B, h, w)
+            out[at] = heat.numpy()
     return out
-
-
-def _localise(heat: np.ndarray, box) -> tuple[float, float]:
-    if box is None:
-        return float("nan"), float("nan")
-    return metrics.proportion(heat, box), metrics.localisation_iou(heat, box)
 
 
 def _masked_input(model: SimpleNamespace, image: np.ndarray, heat: np.ndarray) -> torch.Tensor:
@@ -329,10 +334,6 @@ def evaluate_knn(root: str | Path, options: FewShotOptions, cache_dir: Path | No
             "model": {**features.model.encoder.identity, **features.model.head.identity},
             "explainers": explain_decisions(features, decisions, options),
             "seconds": {**timing, "total": round(time.perf_counter() - start, 1)}}
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
 
 
 def format_report(report: dict) -> str:

@@ -71,9 +71,14 @@ def knn_votes(
     divided by the total weight of the k neighbours. Returns the shares and the neighbours.
     """
     _check(gallery_embs, memberships)
+    scores = cosine(query_embs, gallery_embs[None].expand(len(query_embs), -1, -1))  # (Q, M)
+    return vote_shares(scores, memberships, k, temperature)
+
+
+def vote_shares(scores: Tensor, memberships: Tensor, k: int, temperature: float = DEFAULT_TEMPERATURE) -> tuple[Tensor, Tensor]:
+    """`knn_votes` from given cosines (Q, M); a -inf score (e.g. the query itself) never votes."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    scores = cosine(query_embs, gallery_embs[None].expand(len(query_embs), -1, -1))  # (Q, M)
     top_scores, neighbours = scores.topk(min(k, scores.shape[-1]), dim=-1)  # (Q, k), (Q, k)
     weights = torch.exp((top_scores - 1) / temperature)  # (Q, k); the -1 keeps exp() finite
     votes = torch.einsum("qk,qkc->qc", weights, memberships[neighbours].to(weights.dtype))  # (Q, C)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import draw_picture, run_cli, run_json
-from indexer.fewshot import per_group_mean
-from retrieval.episodes import episode_scores, mean_ci95, sample_episode, sample_episodes
+from indexer.fewshot import Decisions, Features, decision_maps, per_group_mean
+from retrieval.fam import explain
+from retrieval.head import Head
+from retrieval.episodes import episode_scores, episode_scores_from_cosines, mean_ci95, sample_episode, sample_episodes
 
 LABELS = np.repeat(np.arange(8), 6)  # 8 classes x 6 images
 np.random.default_rng(0).shuffle(LABELS)
@@ -52,6 +55,15 @@ def test_episode_scores_equal_a_loop_over_each_classes_supports(seed):
         for c in range(4):
             loop = np.mean([F.cosine_similarity(embs[query], embs[s], dim=0).item() for s in episode.supports[c]])
             assert scores[row, c].item() == pytest.approx(loop, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_scores_from_a_cosine_matrix_equal_scores_from_embeddings(seed):
+    embs = torch.randn(len(LABELS), 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    cosines = F.normalize(embs, dim=1) @ F.normalize(embs, dim=1).T  # (M, M)
+    for episode in sample_episodes(LABELS, 5, 4, 2, 3, seed=seed):
+        np.testing.assert_allclose(episode_scores_from_cosines(cosines.numpy(), episode),
+                                   episode_scores(embs, episode).numpy(), rtol=1e-12)
 
 
 def test_the_95_percent_interval_matches_a_hand_computation():
@@ -129,3 +141,19 @@ def test_metrics_average_within_each_episode_then_over_episodes():
 def test_eval_refuses_both_modes_at_once(capsys, tmp_path):
     code, _, err = run_cli(capsys, "eval", _dataset(tmp_path / "d"), "--episodes", "2", "--knn", "3", *TOY)
     assert code == 2 and "not both" in err
+
+
+@pytest.mark.parametrize("name", ["fam", "fam-exact", "gradcam"])
+def test_batched_decision_maps_equal_one_explain_call_per_decision(name):
+    g = torch.Generator().manual_seed(0)
+    feature_maps = torch.rand(9, 6, 3, 4, generator=g, dtype=torch.float64)
+    features = Features([], np.zeros(9, np.int64), feature_maps, feature_maps.mean(dim=(-2, -1)), [],
+                        SimpleNamespace(head=Head()))
+    partners = [np.array([1, 2]), np.array([3]), np.array([4, 5]), np.array([6, 7, 8])]  # K varies, as k-NN voters do
+    decisions = Decisions(np.zeros(4, np.int64), np.array([0, 1, 2, 0]), partners)
+    rows = np.array([3, 0, 2, 1])
+    maps = decision_maps(name, features, decisions, rows, chunk=1)
+    for heat, d in zip(maps, rows):
+        q = decisions.query[d]
+        loop, _ = explain(name, feature_maps[q], features.embs[q], features.embs[torch.from_numpy(partners[d])])
+        np.testing.assert_allclose(heat, loop.numpy(), rtol=1e-6)
