@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--head", default=None, help="none, pcaw (PCA-whitening fitted on the gallery) or a head file "
                                          "from `famsearch train` (default: keep the last choice, else none)")
     _add(p, "--input-size", type=int, default=224, help="images are resized whole to this square")
+    _add(p, "--pooling", default="gap",
+         help="feature-map pooling: gap (the paper's), gem (p=3), sqrt (GAP of square-rooted maps) or "
+              "attn:FILE (GAP weighted by an objectness probe from `famsearch train --pooling attn`)")
     _add(p, "--full", action="store_true", help="re-embed everything")
     _add(p, "--dry-run", action="store_true", help="print what would change, change nothing")
     _add(p, "--exclude", action="append", default=[], metavar="GLOB",
@@ -174,6 +177,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--json", action="store_true", help="one JSON object per photo, one per line")
     p.set_defaults(run=cmd_classify)
 
+    p = sub.add_parser("train", help="fit a linear embedding head (Multi-Similarity loss) on labelled images",
+                       description="Train e = W^T z + b on a frozen backbone's pooled features; the head file "
+                                   "is then used by: famsearch index PATH --head FILE (same --pooling/--input-size).")
+    p.add_argument("dataset", type=Path, metavar="DATASET",
+                   help="a folder with annotations.jsonl (its 'train' split) or with one sub-folder per label")
+    _common(p)
+    _add(p, "--out", type=Path, default=None, help="where to write the head file (e.g. head.pt)")
+    _add(p, "--loss", default="ms", choices=("ms",), help="metric-learning loss (ms: Multi-Similarity)")
+    _add(p, "--epochs", type=int, default=30, help="most epochs (early stopping on validation Recall@1)")
+    _add(p, "--dim", type=int, default=512, help="embedding size J")
+    _add(p, "--lr", type=float, default=1e-3, help="AdamW learning rate")
+    _add(p, "--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    _add(p, "--batch-size", type=int, default=64, help="images per step (4 per label)")
+    _add(p, "--val-fraction", type=float, default=0.2, help="share of labels held out for validation (0: none)")
+    _add(p, "--patience", type=int, default=5, help="epochs without validation gain before stopping")
+    _add(p, "--seed", type=int, default=0, help="seed of the label split, sampler and initialisation")
+    _add(p, "--init", default="random", choices=("random", "pcaw"), help="start from random weights or PCA-whitening")
+    _add(p, "--flip", action="store_true", help="add mirrored copies of the training images (2x embedding)")
+    _add(p, "--model", default="efficientnet_lite0", choices=BACKBONES, help="backbone")
+    _add(p, "--weights", default=None, help="backbone weights file (default: the bundled Lite0 weights)")
+    _add(p, "--input-size", type=int, default=224, help="as for famsearch index")
+    _add(p, "--pooling", default="gap", choices=("gap", "gem", "sqrt", "attn"),
+         help="as for famsearch index; attn also fits an objectness probe on the dataset's masks "
+              "(written next to --out as .objectness.pt)")
+    _add(p, "--cache-dir", type=Path, default=None, help="cache pooled features here (default: HOME/cache)")
+    _add(p, "--no-progress", action="store_true", help="no progress bars")
+    _add(p, "--json", action="store_true", help="print the training summary as JSON")
+    p.set_defaults(run=cmd_train)
+
     p = sub.add_parser("ui", help="open the search UI in the browser")
     _common(p)
     _add(p, "--port", type=int, default=8501, help="port to serve on")
@@ -214,7 +246,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.database_url)
     try:
-        encoder = load_encoder(args.model, args.weights, args.input_size, "gap", _device(args))
+        pooling = args.pooling
+        if pooling.startswith("attn:"):  # stored in the model identity: make it usable from anywhere
+            pooling = "attn:" + str(Path(pooling[5:]).expanduser().resolve())
+        encoder = load_encoder(args.model, args.weights, args.input_size, pooling, _device(args))
         options = IndexOptions(
             batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
             full=args.full, dry_run=args.dry_run, head=args.head,
@@ -409,6 +444,32 @@ def cmd_classify(args: argparse.Namespace) -> int:
         return run_classify(args, engine, images)
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from indexer.train import TrainOptions, run_training
+
+    if args.out is None:
+        raise UsageError("give --out FILE for the trained head (e.g. --out head.pt)")
+    if not args.dataset.is_dir():
+        raise UsageError(f"{args.dataset}: no such dataset folder")
+    if args.epochs < 1 or args.dim < 1 or args.lr <= 0 or not 0 <= args.val_fraction < 1:
+        raise UsageError("--epochs and --dim must be >= 1, --lr > 0 and --val-fraction in [0, 1)")
+    options = TrainOptions(dim=args.dim, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                           batch_size=args.batch_size, loss=args.loss, val_fraction=args.val_fraction,
+                           patience=args.patience, seed=args.seed, init=args.init, progress=not args.no_progress)
+    cache_dir = args.cache_dir or settings_from(args).home / "cache"
+    summary = run_training(args.dataset, args.out, options, args.model, args.weights, args.input_size,
+                           args.pooling, _device(args), cache_dir, args.flip,
+                           log=(lambda line: None) if args.json else print)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"head ({summary['dim']}-d, best epoch {summary['best_epoch']}, val Recall@1 "
+              f"{summary['val_recall_at_1']}) written to {args.out}; use it with: famsearch index PATH "
+              f"--head {args.out} --pooling {summary['pooling']} --input-size {args.input_size}")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- ui

@@ -1,7 +1,7 @@
 """The embedding model: backbone -> feature map A -> pooling -> z -> head -> e.
 
     forward_features(x)  (B, 3, S, S) -> A (B, N, h, w)   last conv map, post-activation
-    pool(A)              (B, N, h, w) -> z (B, N)          GAP, as in the paper
+    pool(A)              (B, N, h, w) -> z (B, N)          GAP (the paper's), GeM or sqrt-GAP
     head(z)              (B, N)       -> e (B, J)          retrieval.head.Head
 
 Preprocessing resizes the *whole* image to S x S (no centre crop), so an (h, w) map
@@ -9,6 +9,8 @@ up-sampled to the image's own size lines up with the photo.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,72 @@ from torch import Tensor
 from retrieval.backbone import Backbone, load_backbone
 
 DEFAULT_INPUT_SIZE = 224
-POOLINGS = ("gap",)
+POOLINGS = ("gap", "gem", "sqrt", "attn:FILE")
+GEM_P = 3.0
+
+
+@dataclass(frozen=True)
+class Objectness:
+    """A linear probe on local features, s(hw) = sigmoid(weight·A[:, h, w] + bias), from `famsearch train`."""
+
+    weight: Tensor  # (N,)
+    bias: float
+
+    def __call__(self, feature_maps: Tensor) -> Tensor:
+        """(..., N, h, w) -> (..., h, w) spatial weights normalised to mean 1 over (h, w)."""
+        logits = torch.einsum("...nhw,n->...hw", feature_maps, self.weight.to(feature_maps)) + self.bias
+        weights = torch.sigmoid(logits)
+        return weights / weights.mean(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+
+    def save(self, path: Path) -> None:
+        torch.save({"kind": "objectness", "weight": self.weight, "bias": float(self.bias)}, path)
+
+
+def load_objectness(path: str | Path) -> Objectness:
+    """Read an objectness file written by `famsearch train`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"cannot read objectness file {path}: {error}") from None
+    if not isinstance(state, dict) or state.get("kind") != "objectness":
+        raise ValueError(f"{path} is not a famsearch objectness file")
+    return Objectness(state["weight"].float(), float(state["bias"]))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_objectness(path: str) -> Objectness:
+    return load_objectness(path)
+
+
+def explained_feature_map(feature_maps: Tensor, pooling: str, objectness: Objectness | None = None) -> Tensor:
+    """The map z is the spatial mean of, which the explainers weight: (..., N, h, w) -> same.
+
+    `gap` and `gem`: A itself. `sqrt`: √A (power-normalised activations; z = GAP(√A) is linear
+    in this map, so fam-exact and closed-form Grad-CAM stay exact on it). Under `gem` z is not
+    linear in A: maps are built from A, but fam-exact no longer sums to the score and the
+    closed-form Grad-CAM is an approximation (see docs/heads.md).
+    """
+    if pooling == "sqrt":
+        return feature_maps.clamp_min(0).sqrt()
+    if pooling.startswith("attn"):  # s(hw)·A, s of mean 1: its GAP is the attention-weighted mean
+        if objectness is None and pooling.startswith("attn:"):
+            objectness = _cached_objectness(pooling[5:])
+        if objectness is None:
+            raise ValueError("attn pooling needs an objectness probe (attn:FILE, from famsearch train)")
+        return feature_maps * objectness(feature_maps).unsqueeze(-3)
+    return feature_maps
+
+
+def pool_feature_map(
+    feature_maps: Tensor, pooling: str = "gap", p: float = GEM_P, objectness: Objectness | None = None
+) -> Tensor:
+    """(..., N, h, w) -> (..., N). GAP; GeM (mean A^p)^(1/p) (p = 1 is GAP); sqrt: GAP of √A;
+    attn:FILE: GAP of s·A, with s a learnt objectness map (see `Objectness`)."""
+    if pooling == "gem":
+        return feature_maps.clamp_min(1e-6).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+    if pooling in ("gap", "sqrt") or pooling.startswith("attn:"):
+        return explained_feature_map(feature_maps, pooling, objectness).mean(dim=(-2, -1))
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
 
 
 @dataclass(frozen=True)
@@ -48,11 +115,16 @@ class Encoder:
     pooling: str = "gap"
     device: torch.device = torch.device("cpu")
     weights: str | None = None  # an explicit weights file; None = the backbone's bundled one
+    objectness: Objectness | None = None  # for pooling "attn:FILE"
 
     @property
     def identity(self) -> dict:
         """What the stored pooled vectors depend on; a change means re-embedding."""
-        return {**self.backbone.identity, "pooling": self.pooling, "input_size": self.input_size}
+        identity = {**self.backbone.identity, "pooling": self.pooling, "input_size": self.input_size}
+        if self.objectness is not None:
+            digest = hashlib.sha256(self.objectness.weight.float().numpy().tobytes() + str(self.objectness.bias).encode())
+            identity["objectness_sha256"] = digest.hexdigest()[:16]
+        return identity
 
     @property
     def preprocess(self) -> Preprocess:
@@ -65,14 +137,14 @@ class Encoder:
         return self.backbone.model.forward_features(batch).float()
 
     def pool(self, feature_maps: Tensor) -> Tensor:
-        """(B, N, h, w) -> (B, N)."""
-        return feature_maps.mean(dim=(-2, -1))
+        """(B, N, h, w) -> (B, N) with this encoder's pooling."""
+        return pool_feature_map(feature_maps, self.pooling, objectness=self.objectness)
 
     def encode(self, images: list[Image.Image]) -> tuple[Tensor, Tensor]:
-        """Photos -> feature maps (B, N, h, w) and pooled vectors (B, N)."""
+        """Photos -> the feature maps the explainers weight (B, N, h, w) and pooled vectors (B, N)."""
         preprocess = self.preprocess
         feature_maps = self.forward_features(torch.stack([preprocess(im) for im in images]))
-        return feature_maps, self.pool(feature_maps)
+        return explained_feature_map(feature_maps, self.pooling, self.objectness), self.pool(feature_maps)
 
 
 def load_encoder(
@@ -83,9 +155,10 @@ def load_encoder(
     device: str | torch.device = "cpu",
 ) -> Encoder:
     """Load a backbone onto a device, in eval mode and channels_last (faster on CPU convs)."""
-    if pooling not in POOLINGS:
+    if pooling not in POOLINGS and not pooling.startswith("attn:"):
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    objectness = load_objectness(pooling.split(":", 1)[1]) if pooling.startswith("attn:") else None
     loaded = load_backbone(backbone, weights)
     device = torch.device(device)
     loaded.model.to(device).eval().to(memory_format=torch.channels_last)
-    return Encoder(loaded, input_size, pooling, device, None if weights is None else str(Path(weights).resolve()))
+    return Encoder(loaded, input_size, pooling, device, None if weights is None else str(Path(weights).resolve()), objectness)

@@ -50,8 +50,10 @@ class Head:
         move = (lambda t: None if t is None else t.to(device))
         return Head(self.kind, move(self.weight), move(self.bias))
 
-    def save(self, path: Path) -> None:
-        torch.save({"kind": self.kind, "weight": self.weight, "bias": self.bias}, path)
+    def save(self, path: Path, meta: dict | None = None) -> None:
+        """Write kind/weight/bias (and optional `meta`: the model it was fitted for)."""
+        state = {"kind": self.kind, "weight": self.weight, "bias": self.bias}
+        torch.save(state if meta is None else {**state, "meta": meta}, path)
 
 
 def load_head(path: str | Path) -> Head:
@@ -66,6 +68,15 @@ def load_head(path: str | Path) -> Head:
     if weight is not None and (weight.ndim != 2 or (bias is not None and bias.shape != weight.shape[1:])):
         raise ValueError(f"{path}: weight must be (N, J) and bias (J,)")
     return Head(str(state.get("kind", "linear")), weight, bias)
+
+
+def head_meta(path: str | Path) -> dict:
+    """The `meta` a head file was saved with (backbone, pooling, input size...), {} if none."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"cannot read head file {path}: {error}") from None
+    return dict(state.get("meta") or {}) if isinstance(state, dict) else {}
 
 
 def fit_pcaw(pooled: Tensor, dim: int = 512, shrinkage: float = 0.1) -> Head:
