@@ -242,12 +242,12 @@ def noop_table(count: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--photos", type=int, default=120, help="how many 12-megapixel JPEGs")
+    parser.add_argument("--photos", type=int, default=120, help="how many 12-megapixel JPEGs (0: skip)")
     parser.add_argument("--tiny", type=int, default=10000, help="files for the no-op re-run (0: skip)")
     parser.add_argument("--sweep", action="store_true", help="also time --workers/--batch-size/threads settings")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
-    lines = speed_table(make_photos(args.photos), args.sweep)
+    lines = speed_table(make_photos(args.photos), args.sweep) if args.photos else Lines()
     if args.tiny:
         lines += noop_table(args.tiny)
     text = "\n".join(lines)
