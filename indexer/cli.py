@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--batch-size", type=int, default=32, help="images per forward pass")
     _add(p, "--workers", type=int, default=2, help="decoding processes while indexing")
     _add(p, "--steps", type=int, default=10, help="deletion/insertion steps")
+    _add(p, "--curve-pairs", type=int, default=0,
+         help="deletion/insertion on the first N queries (each with its best-ranked true match); 0: all")
     _add(p, "--episodes", type=int, default=0,
          help="few-shot mode: this many seeded N-way K-shot episodes over all labelled images (Eq. 11)")
     _add(p, "--way", type=int, default=5, help="classes per episode (few-shot mode)")
@@ -372,12 +374,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from indexer.fewshot import run_fewshot_eval
 
         return run_fewshot_eval(args, settings_from(args).home / "cache")
-    if args.batch_size < 1 or args.workers < 0 or args.steps < 2 or args.examples < 0:
-        raise UsageError("--batch-size must be >= 1, --workers >= 0, --steps >= 2 and --examples >= 0")
+    if args.batch_size < 1 or args.workers < 0 or args.steps < 2 or args.examples < 0 or args.curve_pairs < 0:
+        raise UsageError("--batch-size must be >= 1, --workers >= 0, --steps >= 2, --examples and --curve-pairs >= 0")
     options = EvalOptions(
         explainers=parse_explainers(args.explain), head=args.head, model=args.model, weights=args.weights,
         input_size=args.input_size, pooling=args.pooling, batch_size=args.batch_size, workers=args.workers,
-        steps=args.steps, examples=args.examples, progress=not args.no_progress, device=args.device,
+        steps=args.steps, curve_pairs=args.curve_pairs, examples=args.examples, progress=not args.no_progress, device=args.device,
     )
     home = args.home.expanduser() if args.home else None
     evaluation = evaluate(args.dataset, options, home=home, db_url=args.db)

@@ -94,9 +94,10 @@ def test_eval_json_follows_the_contract_with_fractions_in_range(capsys, shapes_d
 
 def test_eval_baselines_behave_as_their_definitions_say(capsys, shapes_dataset, tmp_path):
     # The uniform map keeps the whole image: no drop, no rise, Proportion = box's area share.
-    code, out, err = run_cli(capsys, "eval", shapes_dataset, *TOY, "--json", "--explain", "fam")
+    code, out, err = run_cli(capsys, "eval", shapes_dataset, *TOY, "--json", "--explain", "fam", "--curve-pairs", "2")
     assert code == 0, err
     report = json.loads(out)
+    assert report["pairs"]["curves"] == 2 and report["explainers"]["fam"]["curve_n"] == 2
     uniform = report["explainers"]["uniform"]
     assert uniform["ad"] == pytest.approx(0.0, abs=1e-5) and uniform["ic"] == 0.0
     dataset = read_dataset(shapes_dataset)
@@ -117,6 +118,7 @@ def test_eval_writes_a_report_folder_and_a_readable_table(capsys, shapes_dataset
     assert (out_dir / "table.md").read_text().startswith("dataset ")
     assert json.loads((out_dir / "report.json").read_text())["n_queries"] == 4
     assert (out_dir / "curves.png").stat().st_size > 0
+    assert "fam/query_proportion" in np.load(out_dir / "per_pair.npz")
     assert len(list(out_dir.glob("example_*.png"))) == 2
 
 
