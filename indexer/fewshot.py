@@ -33,7 +33,7 @@ from retrieval import metrics
 from retrieval.classify import vote_shares
 from retrieval.dataset import Item, item_box, read_dataset
 from retrieval.encoder import load_encoder
-from retrieval.episodes import Episode, episode_scores_from_cosines, mean_ci95, sample_episodes
+from retrieval.episodes import Episode, episode_scores, mean_ci95, sample_episodes
 from retrieval.head import Head, fit_pcaw, load_head
 from retrieval.images import load_image
 
@@ -51,8 +51,8 @@ class FewShotOptions:
     temperature: float = 0.07
     seed: int = 0
     explainers: tuple[str, ...] = FEWSHOT_EXPLAINERS
-    maps_episodes: int = 200  # episodes (k-NN: queries x way*queries) whose maps are scored
-    faithfulness_episodes: int = 10  # episodes (k-NN: likewise) whose maps also get AD / IC
+    maps_episodes: int = 200  # episodes whose correct queries get maps (k-NN: blocks of way * queries)
+    faithfulness_episodes: int = 10  # of those, episodes whose maps also get AD / IC (k-NN: blocks)
     model: str = "efficientnet_lite0"
     weights: str | None = None
     input_size: int = 224
@@ -138,7 +138,7 @@ def episode_decisions(features: Features, episodes: list[Episode]) -> tuple[np.n
     cosines = explainers.cosine(features.embs, features.embs[None].expand(n, -1, -1)).numpy()  # (M, M)
     accuracies, group, query, partners = [], [], [], []
     for e, episode in enumerate(episodes):
-        predicted = episode_scores_from_cosines(cosines, episode).argmax(axis=1)  # (way * queries,)
+        predicted = episode_scores(cosines, episode).argmax(axis=1)  # (way * queries,)
         correct = predicted == episode.targets
         accuracies.append(correct.mean())
         for q, c in zip(episode.queries[correct], predicted[correct]):

@@ -5,8 +5,8 @@ Pure maths: tensors in, tensors out. Two FC-free decision rules of the paper:
 * ``mean``  few-shot rule (Eq. 11): an album's score is the mean cosine of the query to the
             album's images, S_c = 1/K_c Σ_k s(e, e_k); the best album wins.
 * ``knn``   memory-bank rule of contrastive learning: the top-k neighbours of the query vote
-            for their album, each with weight exp(s/τ) (Wu et al. 2018, as in the paper's
-            k-NN evaluation); an album's score is its share of the total vote.
+            for their album, each with weight exp(s/τ) (the weighted k-NN of Wu et al. 2018
+            used to evaluate contrastive models); an album's score is its share of the vote.
 
 The K images behind a decision (the whole album for ``mean``, the album's voters for
 ``knn``) are what Eq. 15 averages over to explain it.

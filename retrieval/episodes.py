@@ -1,6 +1,6 @@
 """N-way K-shot episodes, as in few-shot evaluation: sampling, decisions, accuracy with its 95% CI.
 
-Pure: label arrays and embeddings in, indices and scores out; randomness only through a
+Pure numpy: label arrays and cosine matrices in, indices and scores out; randomness only through a
 seeded ``numpy.random.Generator``, so a seed names the same episodes on every machine.
 
 An episode draws ``way`` classes; from each class, ``shot`` support images and ``queries``
@@ -14,10 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import Tensor
-
-from retrieval.classify import album_scores
 
 Z_95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 
@@ -77,22 +73,11 @@ def sample_episodes(
         yield sample_episode(labels, way, shot, queries, rng)
 
 
-def support_memberships(episode: Episode) -> Tensor:
-    """(way * shot, way) bool: support row i (class-major) belongs to episode class i // shot."""
-    return torch.eye(episode.way, dtype=torch.bool).repeat_interleave(episode.shot, dim=0)
+def episode_scores(cosines: np.ndarray, episode: Episode) -> np.ndarray:
+    """Eq. 11 scores of every query against every episode class: (M, M) cosines -> (way * queries, way).
 
-
-def episode_scores(embs: Tensor, episode: Episode) -> Tensor:
-    """Eq. 11 scores of every query against every episode class: (M, J) -> (way * queries, way)."""
-    support_embs = embs[torch.from_numpy(episode.supports.reshape(-1))]  # (way * shot, J)
-    memberships = support_memberships(episode).to(embs.device)
-    return album_scores(embs[torch.from_numpy(episode.queries)], support_embs, memberships)
-
-
-def episode_scores_from_cosines(cosines: np.ndarray, episode: Episode) -> np.ndarray:
-    """`episode_scores` from a precomputed (M, M) cosine matrix: -> (way * queries, way).
-
-    One gather and a mean: thousands of episodes cost milliseconds once the matrix exists.
+    One gather and a mean over a precomputed cosine matrix of all images, so thousands of
+    episodes cost seconds.
     """
     picked = cosines[np.ix_(episode.queries, episode.supports.reshape(-1))]  # (way * queries, way * shot)
     return picked.reshape(len(episode.queries), episode.way, episode.shot).mean(axis=-1)
