@@ -186,3 +186,18 @@ def test_albums_cli_lists_labels_from_a_file_and_deletes_an_album(capsys, albums
     assert out["deleted"] is True and "misc" not in {a["album"] for a in out["albums"]}
     code, _, err = run_cli(capsys, "classify", tmp_path / "nope.png", "--home", home)
     assert code == 2 and "no such file" in err
+
+
+def test_the_ui_says_which_album_the_query_would_go_to_and_shows_why(albums_home, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    home, root = albums_home
+    monkeypatch.setenv("FAMSEARCH_HOME", str(home))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "ui" / "app.py"), default_timeout=120).run()
+    green = next(p for p in at.selectbox(key="pick").options if p.endswith("green/p5.png"))
+    at = at.selectbox(key="pick").set_value(green).run()
+    assert not at.exception
+    text = " ".join(m.value for m in at.markdown)
+    assert "would go to **green** (1.00) rather than" in text
+    assert at.session_state["album_decision"].winner_map is not None
+    assert any("Why green" in caption for image in at.image for caption in image.captions)

@@ -151,6 +151,31 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
                 caption=f"Channel {channel} on match #{match.rank}", width="stretch")
 
 
+# ---------------------------------------------------------------------------- album decision (docs/fewshot.md)
+def show_album_decision(engine: QueryEngine, photo: queries.QueryPhoto, settings: dict, stamp: int | None) -> None:
+    """Which album the query would go to (Eq. 11) rather than the runner-up, with the winner's group map (Eq. 15)."""
+    key = (photo.digest, settings["explainer"], stamp)
+    if st.session_state.get("album_key") != key:
+        try:
+            st.session_state.album_decision = engine.classify(photo.image, "mean", explainer=settings["explainer"])
+        except ValueError:  # no albums yet
+            st.session_state.album_decision = None
+        st.session_state.album_key = key
+    decision = st.session_state.album_decision
+    if decision is None:
+        st.caption("Label albums (`famsearch albums --from-folders PHOTO_FOLDER`) to see which one this photo would go to.")
+        return
+    win, second = decision.winner, decision.runner_up
+    line = f"This photo would go to **{win.album}** ({win.score:.2f})"
+    if second is not None:
+        line += f" rather than **{second.album}** ({second.score:.2f})"
+    st.markdown(line + f", because the highlighted parts resemble its {len(win.image_ids)} photo(s) on average "
+                       "(mean cosine, Eq. 11).")
+    if decision.winner_map is not None:
+        st.image(pictures.heat_overlay(photo.display, decision.winner_map, settings["opacity"], 512),
+                 caption=f"Why {win.album}: {settings['explainer']} against the album (Eq. 15)", width="stretch")
+
+
 def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
     st.title("Search by example photo")
     photo = query_photo(engine)
@@ -171,6 +196,7 @@ def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
     left, right = st.columns([1, 4])
     with left:
         show_query(photo, result, settings["opacity"])
+        show_album_decision(engine, photo, settings, stamp)  # which album, and why (docs/fewshot.md)
     with right:
         selected = st.session_state.get("selected")
         if selected is None or selected > len(result.matches):
