@@ -104,6 +104,14 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return rss_mb()
+
+
 def flat_latency(vectors: Float16File, queries: np.ndarray, sizes: list[int]) -> list[tuple[int, float, float, float]]:
     """(n, wall p50, wall p95, CPU p50) ms of one exact query, k = 10 (single-threaded: CPU time is
     what the query costs on an idle core, whatever else the machine runs)."""
@@ -135,32 +143,36 @@ start = time.perf_counter()
 index, report = build_index_with_report(vectors, np.arange(len(vectors), dtype=np.int64), kind)
 build_s = time.perf_counter() - start
 save_index(index, __import__('pathlib').Path(sys.argv[3]))
-print(json.dumps({**report.__dict__, "build_s": build_s, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+from bench.bench_scale import peak_rss_mb
+print(json.dumps({**report.__dict__, "build_s": build_s, "rss_mb": peak_rss_mb()}))
 """
 
 SEARCH = """
-import json, sys, time, resource
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import faiss, numpy as np
-from retrieval.search import load_index, search, index_type_of
-threads = int(sys.argv[4])
-faiss.omp_set_num_threads(threads)
+from bench.bench_scale import peak_rss_mb
+from retrieval.search import load_index, search, index_type_of, set_search_param
 index = load_index(sys.argv[2])
 queries = np.load(sys.argv[3])
-search(index, queries[:5], 10)  # warm
-times, cpu, found = [], [], []
-for query in queries:
-    start, start_cpu = time.perf_counter(), time.process_time()
-    hits = search(index, query[None], 10)[0]
-    times.append((time.perf_counter() - start) * 1000)
-    cpu.append((time.process_time() - start_cpu) * 1000)
-    found.append([i for i, _ in hits] + [-1] * (10 - len(hits)))
 ivf = faiss.try_extract_index_ivf(index.index)
-print(json.dumps({"type": index_type_of(index), "threads": threads, "p50": float(np.percentile(times, 50)),
-                  "p95": float(np.percentile(times, 95)), "cpu_p50": float(np.percentile(cpu, 50)),
-                  "cpu_p95": float(np.percentile(cpu, 95)), "found": found,
-                  "nprobe": ivf.nprobe if ivf is not None else None, "code_size": ivf.code_size if ivf is not None else 4 * index.d,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+tuned = ivf.nprobe if ivf is not None else None
+runs = []
+for nprobe in ([tuned, 4 * tuned, 16 * tuned] if ivf is not None else [None]):
+    if nprobe is not None:
+        set_search_param(index, nprobe)
+    search(index, queries[:5], 10)  # warm
+    times, cpu, found = [], [], []
+    for query in queries:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        hits = search(index, query[None], 10)[0]
+        times.append((time.perf_counter() - start) * 1000)
+        cpu.append((time.process_time() - start_cpu) * 1000)
+        found.append([i for i, _ in hits] + [-1] * (10 - len(hits)))
+    runs.append({"nprobe": nprobe, "p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)),
+                 "cpu_p50": float(np.percentile(cpu, 50)), "cpu_p95": float(np.percentile(cpu, 95)), "found": found})
+print(json.dumps({"type": index_type_of(index), "tuned": tuned, "runs": runs,
+                  "code_size": ivf.code_size if ivf is not None else 4 * index.d, "rss_mb": peak_rss_mb()}))
 """
 
 
@@ -247,7 +259,8 @@ def main() -> None:
     print(f"built {build['index_type']} (nlist {build['nlist']}): train {build['train_s']:.0f} s, add "
           f"{build['add_s']:.0f} s, tune {build['calibrate_s']:.0f} s, total {build['build_s']:.0f} s; "
           f"tuned nprobe/efSearch {build['search_param']} -> recall@10 {build['recall_at_10']:.3f} on "
-          f"{S.CALIBRATION_QUERIES} database queries (self excluded); peak RSS of the build {build['rss_mb']:.0f} MB")
+          f"{S.CALIBRATION_QUERIES} database queries (self excluded); peak RSS of the build {build['rss_mb']:.0f} MB "
+          f"(ru_maxrss of the child)")
 
     if not truth_path.exists():
         start = time.perf_counter()
@@ -257,17 +270,17 @@ def main() -> None:
 
     print(f"\n4. search, fresh process, index loaded from {index_path.stat().st_size / 1e9:.2f} GB file, "
           f"one query at a time, k = 10")
-    print(f"{'type':<26} {'threads':>7} {'p50 ms':>8} {'p95 ms':>8} {'cpu p50':>8} {'cpu p95':>8} {'recall@10':>10} "
-          f"{'B/vector':>9} {'RSS MB':>8}")
-    for threads in (2,):  # FAISS's default team; search() runs single queries on one thread
-        out = subprocess.run([sys.executable, "-c", SEARCH, str(ROOT), str(index_path), str(queries_path),
-                              str(threads)], check=True, capture_output=True, text=True).stdout
-        result = json.loads(out.splitlines()[-1])
-        recall = S.recall_at_k(np.array(result["found"]), truth)
-        per_vector = index_path.stat().st_size / args.n
-        print(f"{result['type'] + ' nprobe ' + str(result['nprobe']):<26} {threads:>7} {result['p50']:8.2f} "
-              f"{result['p95']:8.2f} {result['cpu_p50']:8.2f} {result['cpu_p95']:8.2f} {recall:10.3f} {per_vector:9.0f} "
-              f"{result['rss_mb']:8.0f}")
+    print(f"{'type':<42} {'p50 ms':>8} {'p95 ms':>8} {'cpu p50':>8} {'cpu p95':>8} {'recall@10':>10} {'B/vector':>9}")
+    out = subprocess.run([sys.executable, "-c", SEARCH, str(ROOT), str(index_path), str(queries_path)],
+                         check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.splitlines()[-1])
+    per_vector = index_path.stat().st_size / args.n
+    for run in result["runs"]:
+        recall = S.recall_at_k(np.array(run["found"]), truth)
+        label = f"{result['type']} nprobe {run['nprobe']}" + (" (tuned)" if run["nprobe"] == result["tuned"] else "")
+        print(f"{label:<42} {run['p50']:8.2f} {run['p95']:8.2f} {run['cpu_p50']:8.2f} {run['cpu_p95']:8.2f} "
+              f"{recall:10.3f} {per_vector:9.0f}")
+    print(f"peak RSS of the search process (VmHWM): {result['rss_mb']:.0f} MB")
     print(f"(B/vector = index file / n: {result['code_size']} B code + 8 B id in the list + 8 B id map)")
 
     print("\n5. metadata of 10 hits: Store.images_by_ids on SQLite (real schema), 50 lookups")

@@ -128,6 +128,13 @@ def test_maps_served_from_the_cache_equal_recomputed_ones(capsys, gallery, home,
     _assert_same_maps(*_query_both_ways(home, gallery / "pic0.jpg", explainer))
 
 
+@pytest.mark.parametrize("pooling", ["sqrt", "gem"])
+def test_the_cache_holds_the_map_each_pooling_explains(capsys, gallery, home, pooling):
+    code, _ = run_json(capsys, "index", gallery, "--home", home, "--pooling", pooling, *TOY)
+    assert code == 0
+    _assert_same_maps(*_query_both_ways(home, gallery / "pic2.jpg", "fam-exact"))
+
+
 def test_a_lost_batch_file_falls_back_to_the_backbone_with_the_same_maps(capsys, indexed, gallery):
     for batch in cache_folder(indexed).glob("batch-*.npy"):
         batch.unlink()
