@@ -17,8 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from indexer.scan import DEFAULT_EXCLUDES
-from retrieval.backbone import BACKBONES
-from retrieval.config import ENV_PREFIX, Settings, default_home
+from retrieval.config import BACKBONES, ENV_PREFIX, Settings, default_home
 from retrieval.images import SUPPORTED_SUFFIXES, ImageError, load_image, overlay
 
 LOGGER = logging.getLogger("famsearch")

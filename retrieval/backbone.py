@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-BACKBONES = ("efficientnet_lite0", "resnet50", "toy")
+from retrieval.config import BACKBONES  # re-exported: the names live with the settings
 
 # EfficientNet-Lite was trained on (pixel - 127) / 128 (tensorflow/tpu, efficientnet/lite),
 # i.e. this mean/std on RGB in [0, 1]. Checked on the converted weights: the stem BN's

@@ -8,6 +8,8 @@ from pathlib import Path
 import platformdirs
 
 ENV_PREFIX = "FAMSEARCH_"
+# Names only (loading lives in retrieval.backbone): the CLI lists them without importing torch/timm.
+BACKBONES = ("efficientnet_lite0", "resnet50", "toy")
 
 
 def default_home() -> Path:
