@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from indexer.scan import DEFAULT_EXCLUDES
-from retrieval.config import BACKBONES, ENV_PREFIX, Settings, default_home
+from retrieval.config import BACKBONES, DEFAULT_EXPLAINER, ENV_PREFIX, Settings, default_home
 from retrieval.images import SUPPORTED_SUFFIXES, ImageError, load_image, overlay
 
 LOGGER = logging.getLogger("famsearch")
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     _common(p)
     _add(p, "-k", "--k", type=int, default=10, help="matches per query")
-    _add(p, "--explain", default="fam", choices=("fam", "fam-exact", "gradcam", "none"), help="explainer")
+    _add(p, "--explain", default=DEFAULT_EXPLAINER, choices=("fam", "fam-exact", "gradcam", "none"), help="explainer")
     _add(p, "--group", default="none", choices=("none", "topk"),
          help="topk: the query map explains the whole top-k at once (Eq. 11/15)")
     _add(p, "--maps-dir", type=Path, default=None, help="write query/match maps here as .npy (raw, h x w)")
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", type=Path)
     p.add_argument("match", type=Path)
     _common(p)
-    _add(p, "--explain", default="fam", choices=("fam", "fam-exact", "gradcam"), help="explainer")
+    _add(p, "--explain", default=DEFAULT_EXPLAINER, choices=("fam", "fam-exact", "gradcam"), help="explainer")
     _add(p, "--out", type=Path, default=Path("explain-out"), help="folder for .npy maps and PNG overlays")
     _add(p, "--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_explain)
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--rule", default="mean", choices=("mean", "knn"),
          help="mean: mean cosine to the album's photos; knn: weighted votes of the top-k neighbours")
     _add(p, "-k", "--k", type=int, default=20, help="neighbours that vote (rule knn)")
-    _add(p, "--explain", default="fam", choices=("fam", "fam-exact", "gradcam", "none"), help="explainer")
+    _add(p, "--explain", default="fam", choices=("fam", "fam-exact", "gradcam", "none"),
+         help="explainer of the decision (the paper's K-averaged FAM by default)")
     _add(p, "--out", type=Path, default=None, help="write winner/runner-up maps (.npy) and PNG overlays here")
     _add(p, "--json", action="store_true", help="one JSON object per photo, one per line")
     p.set_defaults(run=cmd_classify)

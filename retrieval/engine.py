@@ -15,7 +15,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from retrieval import fam as explainers
-from retrieval.config import Settings
+from retrieval.config import DEFAULT_EXPLAINER, Settings
 from retrieval.encoder import Encoder, load_encoder
 from retrieval.featcache import FeatureCache
 from retrieval.head import Head, load_head
@@ -118,33 +118,6 @@ def channel_shares(pooled: torch.Tensor, emb: torch.Tensor, partner_emb: torch.T
     return pooled * weights
 
 
-@dataclass
-class AlbumScore:
-    album: str
-    score: float  # mean cosine (rule mean, Eq. 11) or vote share (rule knn)
-    image_ids: list[int]  # the album's images behind its score: all of them, or its voters
-
-
-@dataclass
-class Classification:
-    """Which album a photo would go to, the runner-up, and query-side maps of both (Eq. 15)."""
-
-    rule: str
-    explainer: str
-    ranking: list[AlbumScore]  # best first
-    winner_map: np.ndarray | None  # (h, w) raw query map against the winner's images
-    runner_up_map: np.ndarray | None  # (h, w) against the runner-up's (None: no runner-up or no voters)
-    timing_ms: dict
-
-    @property
-    def winner(self) -> AlbumScore:
-        return self.ranking[0]
-
-    @property
-    def runner_up(self) -> AlbumScore | None:
-        return self.ranking[1] if len(self.ranking) > 1 else None
-
-
 def model_identity(encoder: Encoder, head: Head) -> dict:
     return {**encoder.identity, **head.identity}
 
@@ -227,7 +200,7 @@ class QueryEngine:
         (draft mode: a 12 MP file decodes ~8x smaller, the whole image kept)."""
         return load_image(path, draft_size=self.encoder.input_size)
 
-    def query_path(self, path: str | Path, k: int = 10, explainer: str = "fam", group: str = "none") -> QueryResult:
+    def query_path(self, path: str | Path, k: int = 10, explainer: str = DEFAULT_EXPLAINER, group: str = "none") -> QueryResult:
         """`query` on a photo file; the decode counts in `embed` and `total`."""
         start = time.perf_counter()
         result = self.query(self.load_query(path), k, explainer, group)
@@ -264,7 +237,7 @@ class QueryEngine:
         )
         return heat.float().cpu().numpy(), offset.float().cpu().numpy()
 
-    def query(self, image: Image.Image, k: int = 10, explainer: str = "fam", group: str = "none") -> QueryResult:
+    def query(self, image: Image.Image, k: int = 10, explainer: str = DEFAULT_EXPLAINER, group: str = "none") -> QueryResult:
         """Top-k matches of one photo, with query- and match-side maps unless explainer == 'none'."""
         if explainer not in EXPLAIN_CHOICES:
             raise ValueError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
@@ -304,7 +277,7 @@ class QueryEngine:
             return self._explain(explainer, query, gallery.emb)[0]  # K = top-k (Eq. 11, 15)
         return None
 
-    def explain_pair(self, first: Image.Image, second: Image.Image, explainer: str = "fam") -> dict:
+    def explain_pair(self, first: Image.Image, second: Image.Image, explainer: str = DEFAULT_EXPLAINER) -> dict:
         """Maps for any two photos, indexed or not: score, both maps, both offsets."""
         a, b = self.embed(first), self.embed(second)
         score = float(explainers.cosine(a.emb, b.emb[None])[0])
@@ -344,14 +317,14 @@ class QueryEngine:
         return Classification(rule, explainer, ranking, maps.get(decision.winner),
                               maps.get(decision.runner_up), timing)
 
-    def compare(self, first: Image.Image, second: Image.Image, explainer: str = "fam") -> PairReport:
+    def compare(self, first: Image.Image, second: Image.Image, explainer: str = DEFAULT_EXPLAINER) -> PairReport:
         """One forward pass of both photos: score, both maps, channel shares, activation maps."""
         feature_maps, pooled = self.encoder.encode([first, second])  # (2, N, h, w), (2, N)
         embs = self.head(pooled)  # (2, N) -> (2, J)
         a, b = (Embedded(feature_maps[i], pooled[i], embs[i]) for i in (0, 1))
         return self._pair_report(a, b, explainer)
 
-    def compare_indexed(self, first: Image.Image, image_id: int, explainer: str = "fam") -> PairReport:
+    def compare_indexed(self, first: Image.Image, image_id: int, explainer: str = DEFAULT_EXPLAINER) -> PairReport:
         """`compare` against an indexed photo: its z as stored, its A from the map cache when there."""
         if not self.store.images_by_ids([image_id]):
             raise ValueError(f"no indexed image has id {image_id}")
@@ -395,37 +368,6 @@ class QueryEngine:
             return real
         raise ValueError(f"{text}: not an indexed photo; only images inside the indexed folders "
                          f"({', '.join(map(str, roots)) or 'none recorded'}) can be opened")
-
-    def classify(self, image: Image.Image, rule: str = "mean", k: int = 20, explainer: str = "fam") -> Classification:
-        """Rank the albums for a photo (Eq. 11 or k-NN votes) and explain the winner and the runner-up.
-
-        Each map is the query-side map against that album's K images (Eq. 15): the whole album
-        for rule mean, its voters among the top-k for rule knn. Needs only stored vectors.
-        """
-        from retrieval.albums import labelled_gallery
-        from retrieval.classify import decide
-
-        if explainer not in EXPLAIN_CHOICES:
-            raise ValueError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
-        start = time.perf_counter()
-        names, image_ids, pooled, memberships = labelled_gallery(self.store)
-        if not names:
-            raise ValueError("no albums yet; label the gallery first: famsearch albums --from-folders PHOTO_FOLDER")
-        query = self.embed(image)
-        gallery_embs = self.head(torch.from_numpy(pooled).to(query.emb.device))  # (M, N) -> (M, J)
-        decision = decide(query.emb, gallery_embs, torch.from_numpy(memberships).to(query.emb.device), rule, k)
-        timing = {"decide": _ms(start)}
-        tick = time.perf_counter()
-        order = decision.scores.argsort(descending=True, stable=True).tolist()
-        ranking = [AlbumScore(names[c], float(decision.scores[c]), image_ids[decision.evidence[c].cpu().numpy()].tolist())
-                   for c in order]
-        explained = (decision.winner, decision.runner_up) if explainer != "none" else ()
-        maps = {c: self._explain(explainer, query, gallery_embs[decision.evidence[c]])[0]
-                for c in explained if c is not None and len(decision.evidence[c])}
-        timing["explain"] = _ms(tick)
-        timing["total"] = _ms(start)
-        return Classification(rule, explainer, ranking, maps.get(decision.winner),
-                              maps.get(decision.runner_up), timing)
 
     def info(self) -> dict:
         return {**self.store.counts(), "vectors": int(self.index.ntotal), "model": self.model, "index_type": self.index_type}

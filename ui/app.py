@@ -12,6 +12,7 @@ import streamlit as st
 
 from retrieval.config import Settings
 from retrieval.engine import IndexMissingError, QueryEngine
+from retrieval.config import DEFAULT_EXPLAINER
 from retrieval.fam import EXPLAINERS
 from retrieval.images import load_image
 from ui import pictures, queries
@@ -53,7 +54,7 @@ def sidebar() -> dict:
     with st.sidebar:
         st.header("famsearch")
         page = st.radio("Page", ["Search", "Index status"], key="page")
-        explainer = st.selectbox("Explainer", EXPLAINERS, key="explainer",
+        explainer = st.selectbox("Explainer", EXPLAINERS, index=EXPLAINERS.index(DEFAULT_EXPLAINER), key="explainer",
                                  help="\n\n".join(f"**{k}**: {v}" for k, v in queries.EXPLAINER_HELP.items()))
         k = st.slider("Matches (k)", 1, 50, 10, key="k")
         group = st.toggle("Group map over the top-k", key="group",
