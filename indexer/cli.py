@@ -56,6 +56,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
 
 
+def _model_flags(parser: argparse.ArgumentParser, pooling: bool = True) -> None:
+    """--model/--weights/--input-size[/--pooling]: what defines the pooled vectors z."""
+    _add(parser, "--model", default="efficientnet_lite0", choices=BACKBONES,
+         help="backbone (toy: random convs for tests, no weights)")
+    _add(parser, "--weights", default=None, help="backbone weights file (default: the bundled Lite0 weights)")
+    _add(parser, "--input-size", type=int, default=224, help="images are resized whole to this square")
+    if pooling:
+        _add(parser, "--pooling", default="gap",
+             help="feature-map pooling: gap (the paper's), gem (p=3), sqrt (GAP of square-rooted maps) or "
+                  "attn:FILE (GAP weighted by an objectness probe from `famsearch train --pooling attn`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="famsearch", description="Search photos by example image and see why each match came back.",
@@ -68,15 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="photo folders or files")
     _common(p)
     _add(p, "--demo", action="store_true", help="index a bundled demo gallery (no PATH needed)")
-    _add(p, "--model", default="efficientnet_lite0", choices=BACKBONES,
-         help="backbone (toy: random convs for tests, no weights)")
-    _add(p, "--weights", default=None, help="backbone weights file (default: the bundled Lite0 weights)")
+    _model_flags(p)
     _add(p, "--head", default=None, help="none, pcaw (PCA-whitening fitted on the gallery) or a head file "
                                          "from `famsearch train` (default: keep the last choice, else none)")
-    _add(p, "--input-size", type=int, default=224, help="images are resized whole to this square")
-    _add(p, "--pooling", default="gap",
-         help="feature-map pooling: gap (the paper's), gem (p=3), sqrt (GAP of square-rooted maps) or "
-              "attn:FILE (GAP weighted by an objectness probe from `famsearch train --pooling attn`)")
     _add(p, "--full", action="store_true", help="re-embed everything")
     _add(p, "--dry-run", action="store_true", help="print what would change, change nothing")
     _add(p, "--exclude", action="append", default=[], metavar="GLOB",
@@ -122,10 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--explain", default="fam,fam-exact,gradcam",
          help="comma list of fam, fam-exact, gradcam (gradcam-autograd, centre and uniform always run)")
     _add(p, "--head", default=None, help="none, pcaw or a head file (default: the home's last choice, else none)")
-    _add(p, "--model", default="efficientnet_lite0", choices=BACKBONES, help="backbone")
-    _add(p, "--weights", default=None, help="backbone weights file (default: the bundled Lite0 weights)")
-    _add(p, "--input-size", type=int, default=224, help="as for famsearch index")
-    _add(p, "--pooling", default="gap", help="as for famsearch index")
+    _model_flags(p)
     _add(p, "--batch-size", type=int, default=32, help="images per forward pass")
     _add(p, "--workers", type=int, default=2, help="decoding processes while indexing")
     _add(p, "--steps", type=int, default=10, help="deletion/insertion steps")
@@ -197,9 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--seed", type=int, default=0, help="seed of the label split, sampler and initialisation")
     _add(p, "--init", default="random", choices=("random", "pcaw"), help="start from random weights or PCA-whitening")
     _add(p, "--flip", action="store_true", help="add mirrored copies of the training images (2x embedding)")
-    _add(p, "--model", default="efficientnet_lite0", choices=BACKBONES, help="backbone")
-    _add(p, "--weights", default=None, help="backbone weights file (default: the bundled Lite0 weights)")
-    _add(p, "--input-size", type=int, default=224, help="as for famsearch index")
+    _model_flags(p, pooling=False)
     _add(p, "--pooling", default="gap", choices=("gap", "gem", "sqrt", "attn"),
          help="as for famsearch index; attn also fits an objectness probe on the dataset's masks "
               "(written next to --out as .objectness.pt)")

@@ -27,6 +27,13 @@ def _embed(feature_map, weight, bias):
     return z if weight is None else z @ weight + bias
 
 
+def _case_with_optional_head(seed: int, with_head: bool):
+    """A random case through a biased linear head (J = 5), or with no head (J = N = 8)."""
+    feature_map, weight, bias, partner_embs = _random_case(seed, j=5 if with_head else 8)
+    weight, bias = (weight, bias) if with_head else (None, None)
+    return feature_map, weight, bias, partner_embs, _embed(feature_map, weight, bias)
+
+
 def test_fam_on_one_active_channel_in_one_cell_is_that_cell():
     # Two channels on a 2x2 map. Channel 0 fires only at (0, 0); channel 1 fires only at (1, 1).
     # z = GAP = [0.25, 0.25]. Match embedding [1, 0]: only channel 0 is shared, so
@@ -83,9 +90,7 @@ def test_fam_through_a_head_equals_the_equations_written_as_loops(seed):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("with_head", [False, True])
 def test_exact_map_plus_offset_sums_to_the_mean_cosine(seed, with_head):
-    feature_map, weight, bias, partner_embs = _random_case(seed, j=8 if not with_head else 5)
-    weight, bias = (weight, bias) if with_head else (None, None)
-    emb = _embed(feature_map, weight, bias)
+    feature_map, weight, bias, partner_embs, emb = _case_with_optional_head(seed, with_head)
     heat, offset = explain("fam-exact", feature_map, emb, partner_embs, weight, bias)
     mean_cosine = F.cosine_similarity(emb[None], partner_embs, dim=-1).mean()
     torch.testing.assert_close(heat.sum() + offset, mean_cosine)
@@ -96,9 +101,7 @@ def test_exact_map_plus_offset_sums_to_the_mean_cosine(seed, with_head):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("with_head", [False, True])
 def test_closed_form_gradcam_equals_autograd(seed, with_head):
-    feature_map, weight, bias, partner_embs = _random_case(seed, j=8 if not with_head else 5)
-    weight, bias = (weight, bias) if with_head else (None, None)
-    emb = _embed(feature_map, weight, bias)
+    feature_map, weight, bias, partner_embs, emb = _case_with_optional_head(seed, with_head)
     heat, _ = explain("gradcam", feature_map, emb, partner_embs, weight, bias)
     head = (lambda z: z) if weight is None else (lambda z: z @ weight + bias)
     torch.testing.assert_close(heat, gradcam_autograd(feature_map, partner_embs, head))
