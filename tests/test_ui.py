@@ -259,8 +259,9 @@ def test_switching_the_explainer_redraws_the_maps(indexed, monkeypatch):
     at = _pick(_app(indexed, monkeypatch), "pic1.png")
     at.button(key="why_2").click().run()
     score = at.session_state["result"].matches[1].score
-    maps = {"fam": at.session_state["report"].first_map}
-    for explainer in ("fam-exact", "gradcam"):
+    assert at.selectbox(key="explainer").value == "gradcam"  # the default (retrieval.config.DEFAULT_EXPLAINER)
+    maps = {}
+    for explainer in ("fam", "fam-exact", "gradcam"):
         at.selectbox(key="explainer").set_value(explainer).run()
         assert not at.exception and f"{explainer}: " in _texts(at)
         maps[explainer] = at.session_state["report"].first_map

@@ -45,7 +45,7 @@ def _settled(page) -> None:
 
 def _choose(page, label: str, option: str) -> None:
     page.get_by_role("combobox", name=label).click()
-    page.get_by_role("option", name=option).click()
+    page.get_by_role("option", name=option, exact=True).click()
 
 
 def test_a_query_in_the_browser_shows_the_grid_and_the_why_view(page, gallery, tmp_path):
@@ -72,14 +72,14 @@ def test_a_query_in_the_browser_shows_the_grid_and_the_why_view(page, gallery, t
     assert _not_blank(tmp_path / "why.png")
 
     with page.expect_download() as download:
-        page.get_by_role("button", name="Download query_rank2_fam.png").click()
+        page.get_by_role("button", name="Download query_rank2_gradcam.png").click()  # the default explainer
     saved = tmp_path / "overlay.png"
     download.value.save_as(saved)
     with Image.open(saved) as overlay:
         assert overlay.format == "PNG" and overlay.size == (64, 64)
 
-    _choose(page, "Explainer", "gradcam")
-    page.get_by_text("gradcam: Grad-CAM of the cosine").wait_for()
+    _choose(page, "Explainer", "fam")
+    page.get_by_text("fam: paper FAM").wait_for()
     assert page.get_by_text("Traceback").count() == 0
 
 
