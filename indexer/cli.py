@@ -11,6 +11,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import webbrowser
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -481,9 +483,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
     env = {**os.environ, ENV_PREFIX + "HOME": str(settings_from(args).home)}
     if args.db:
         env[ENV_PREFIX + "DB"] = args.db
+    # Always headless for Streamlit itself: otherwise its first run asks for an e-mail address on
+    # stdin, which hangs or fails under make, cron or CI. We open the browser ourselves instead.
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-               "--browser.gatherUsageStats", "false", "--server.headless", str(args.headless).lower(),
+               "--browser.gatherUsageStats", "false", "--server.headless", "true",
                "--client.toolbarMode", "minimal"]  # no "Deploy" button on a local tool
+    url = f"http://localhost:{args.port}"
+    print(f"famsearch UI on {url} (Ctrl+C to stop)", flush=True)
+    if not args.headless:
+        threading.Timer(3.0, webbrowser.open, args=(url,)).start()  # a no-op where there is no browser
     return subprocess.call(command, env=env)
 
 
