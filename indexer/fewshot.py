@@ -27,14 +27,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from indexer.evaluate import IC_TOLERANCE, _localise, _pct, embed_items, saliency  # one metric code for both tables
+from indexer.evaluate import IC_TOLERANCE, _localise, _masked, _pct, embed_items, saliency  # one metric code for both tables
 from retrieval import fam as explainers
 from retrieval import metrics
 from retrieval.classify import vote_shares
 from retrieval.dataset import Item, item_box, read_dataset
 from retrieval.encoder import load_encoder
 from retrieval.episodes import Episode, episode_scores, mean_ci95, sample_episodes
-from retrieval.head import Head, fit_pcaw, load_head
+from retrieval.head import Head, head_from_choice
 from retrieval.images import load_image
 
 LOGGER = logging.getLogger(__name__)
@@ -106,20 +106,10 @@ def embed_dataset(items: list[Item], options: FewShotOptions, cache_dir: Path | 
             np.savez(tmp, feature_maps=feature_maps.half().numpy(), pooled=pooled.numpy(),
                      sizes=np.array(sizes, dtype=np.int64))
             tmp.replace(cache)
-    head = _resolve_head(options.head, pooled)
+    head = head_from_choice(options.head or "none", pooled)  # pcaw: unsupervised, the dataset's own images
     names = sorted({item.label for item in items})
     labels = np.array([names.index(item.label) for item in items], dtype=np.int64)
     return Features(items, labels, feature_maps, head(pooled), sizes, SimpleNamespace(encoder=encoder, head=head))
-
-
-def _resolve_head(choice: str | None, pooled: torch.Tensor) -> Head:
-    if choice in (None, "none"):
-        return Head()
-    if choice == "pcaw":
-        return fit_pcaw(pooled)  # unsupervised, on the dataset's own images (labels unused)
-    if not Path(choice).is_file():
-        raise ValueError(f"--head must be none, pcaw or a head file; {choice!r} is none of these")
-    return load_head(choice)
 
 
 # ---------------------------------------------------------------------------- decisions
@@ -201,7 +191,7 @@ def decision_maps(name: str, features: Features, decisions: Decisions, rows: np.
 
 def _masked_input(model: SimpleNamespace, image: np.ndarray, heat: np.ndarray) -> torch.Tensor:
     """The photo multiplied by its image-size saliency (AD / IC), 8-bit, preprocessed: -> (3, S, S)."""
-    return model.encoder.preprocess(Image.fromarray(np.rint(image * heat[..., None]).astype(np.uint8)))
+    return model.encoder.preprocess(Image.fromarray(_masked(image, heat)))
 
 
 def _embed_inputs(model: SimpleNamespace, tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -31,11 +31,11 @@ from retrieval.config import Settings
 from retrieval.encoder import Encoder, Preprocess
 from retrieval.engine import check_identity, index_from_store, model_identity
 from retrieval.featcache import FeatureCache, cache_batch, open_for_indexing
-from retrieval.head import Head, fit_pcaw, load_head
+from retrieval.head import Head, head_from_choice
 from retrieval.images import DEFAULT_MAX_MEGAPIXELS, ImageError, decode_image
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
 from retrieval.search import save_index
-from retrieval.store import Store, bytes_to_embedding, embedding_to_bytes
+from retrieval.store import Store, embedding_to_bytes
 
 LOGGER = logging.getLogger(__name__)
 
@@ -319,17 +319,14 @@ def apply_moves_and_deletes(store: Store, plan: Plan) -> None:
 def resolve_head(store: Store, choice: str | None) -> Head:
     """The head for this run: 'none', 'pcaw' (refitted on the current gallery) or a head file."""
     choice = choice or store.get_meta("head_choice") or "none"
-    if choice == "none":
-        return Head()
+    pooled = None
     if choice == "pcaw":
         pooled = np.concatenate([vectors for _, vectors in store.ok_embeddings()] or [np.zeros((0, 1), np.float32)])
         if len(pooled) < 3:
             LOGGER.warning("pcaw needs at least 3 images; using no head until there are more")
             return Head()
-        return fit_pcaw(torch.from_numpy(pooled))
-    if not Path(choice).is_file():
-        raise ValueError(f"--head must be none, pcaw or a head file; {choice!r} is none of these")
-    return load_head(choice)
+        pooled = torch.from_numpy(pooled)
+    return head_from_choice(choice, pooled)
 
 
 def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choice: str | None) -> Head:

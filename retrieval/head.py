@@ -56,6 +56,19 @@ class Head:
         torch.save(state if meta is None else {**state, "meta": meta}, path)
 
 
+def head_from_choice(choice: str, gallery_pooled: Tensor | None = None) -> Head:
+    """The head a user asked for: 'none', 'pcaw' (fitted on gallery_pooled (M, N)) or a head file."""
+    if choice == "none":
+        return Head()
+    if choice == "pcaw":
+        if gallery_pooled is None:
+            raise ValueError("pcaw is fitted on the gallery's pooled features; none were given")
+        return fit_pcaw(gallery_pooled)
+    if not Path(choice).is_file():
+        raise ValueError(f"--head must be none, pcaw or a head file; {choice!r} is none of these")
+    return load_head(choice)
+
+
 def load_head(path: str | Path) -> Head:
     """Read a head file (`famsearch train` output or a saved pcaw head)."""
     try:
