@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from retrieval.encoder import Encoder
+from retrieval.dataset import read_dataset
 from retrieval.head import Head, fit_pcaw
 from retrieval.images import is_image_path, load_image
 
@@ -41,9 +42,8 @@ def read_labelled(dataset: Path, split: str = "train") -> tuple[list[Path], list
     dataset = Path(dataset)
     annotations = dataset / "annotations.jsonl"
     if annotations.is_file():
-        rows = [json.loads(line) for line in annotations.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r.get("split", "train") == split]
-        paths, labels = [dataset / r["path"] for r in rows], [str(r["label"]) for r in rows]
+        items = read_dataset(dataset).split(split)
+        paths, labels = [item.path for item in items], [item.label for item in items]
     elif dataset.is_dir():
         pairs = [(p, folder.name) for folder in sorted(d for d in dataset.iterdir() if d.is_dir())
                  for p in sorted(folder.rglob("*")) if p.is_file() and is_image_path(p)]
@@ -99,14 +99,12 @@ def cached_pooled(
 
 def read_masks(dataset: Path, split: str = "train") -> list[Path]:
     """Object mask files of the `split` rows, in `read_labelled` order (for the objectness probe)."""
-    annotations = Path(dataset) / "annotations.jsonl"
-    if not annotations.is_file():
+    if not (Path(dataset) / "annotations.jsonl").is_file():
         raise ValueError(f"{dataset}: attn pooling needs object masks (annotations.jsonl with 'mask' fields)")
-    rows = [json.loads(line) for line in annotations.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("split", "train") == split]
-    if any(not r.get("mask") for r in rows):
+    items = read_dataset(dataset).split(split)
+    if any(item.mask is None for item in items):
         raise ValueError(f"{dataset}: attn pooling needs a 'mask' for every {split} image")
-    return [Path(dataset) / r["mask"] for r in rows]
+    return [item.mask for item in items]
 
 
 def mask_grid(mask_path: Path, size: tuple[int, int]) -> Tensor:
