@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from indexer.scan import DEFAULT_EXCLUDES
-from retrieval.config import BACKBONES, DEFAULT_EXPLAINER, ENV_PREFIX, Settings, default_home
+from retrieval.config import BACKBONES, DEFAULT_EXPLAINER, ENV_PREFIX, PRECISIONS, Settings, default_home
 from retrieval.images import SUPPORTED_SUFFIXES, ImageError, load_image, overlay
 
 LOGGER = logging.getLogger("famsearch")
@@ -64,6 +64,9 @@ def _model_flags(parser: argparse.ArgumentParser, pooling: bool = True) -> None:
          help="backbone (toy: random convs for tests, no weights)")
     _add(parser, "--weights", default=None, help="backbone weights file (default: the bundled Lite0 weights)")
     _add(parser, "--input-size", type=int, default=224, help="images are resized whole to this square")
+    _add(parser, "--precision", default="auto", choices=PRECISIONS,
+         help="backbone arithmetic: auto = bf16 on CPUs with native bf16 (AVX512-BF16/AMX, ~2x faster; "
+              "same Recall@k on clipart-composites), else fp32")
     if pooling:
         _add(parser, "--pooling", default="gap",
              help="feature-map pooling: gap (the paper's), gem (p=3), sqrt (GAP of square-rooted maps) or "
@@ -254,7 +257,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         pooling = args.pooling
         if pooling.startswith("attn:"):  # stored in the model identity: make it usable from anywhere
             pooling = "attn:" + str(Path(pooling[5:]).expanduser().resolve())
-        encoder = load_encoder(args.model, args.weights, args.input_size, pooling, _device(args))
+        encoder = load_encoder(args.model, args.weights, args.input_size, pooling, _device(args), args.precision, lazy=True)
         options = IndexOptions(
             batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
             full=args.full, dry_run=args.dry_run, head=args.head,
@@ -381,7 +384,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be >= 1, --workers >= 0, --steps >= 2, --examples and --curve-pairs >= 0")
     options = EvalOptions(
         explainers=parse_explainers(args.explain), head=args.head, model=args.model, weights=args.weights,
-        input_size=args.input_size, pooling=args.pooling, batch_size=args.batch_size, workers=args.workers,
+        input_size=args.input_size, pooling=args.pooling, precision=args.precision, batch_size=args.batch_size, workers=args.workers,
         steps=args.steps, curve_pairs=args.curve_pairs, examples=args.examples, progress=not args.no_progress, device=args.device,
     )
     home = args.home.expanduser() if args.home else None
@@ -466,7 +469,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                            patience=args.patience, seed=args.seed, init=args.init, progress=not args.no_progress)
     cache_dir = args.cache_dir or settings_from(args).home / "cache"
     summary = run_training(args.dataset, args.out, options, args.model, args.weights, args.input_size,
-                           args.pooling, _device(args), cache_dir, args.flip,
+                           args.pooling, _device(args), cache_dir, args.flip, precision=args.precision,
                            log=(lambda line: None) if args.json else print)
     if args.json:
         print(json.dumps(summary))

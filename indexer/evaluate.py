@@ -48,6 +48,7 @@ class EvalOptions:
     weights: str | None = None
     input_size: int = 224
     pooling: str = "gap"
+    precision: str = "auto"
     batch_size: int = 32
     workers: int = 2
     steps: int = 10  # deletion / insertion steps
@@ -121,7 +122,7 @@ def index_gallery(settings: Settings, gallery: list[Item], options: EvalOptions)
     store = open_store(settings.database_url)
     try:
         device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        encoder = load_encoder(options.model, options.weights, options.input_size, options.pooling, device)
+        encoder = load_encoder(options.model, options.weights, options.input_size, options.pooling, device, options.precision)
         index_options = IndexOptions(batch_size=options.batch_size, workers=options.workers,
                                      head=options.head, progress=options.progress)
         return sync(store, settings, encoder, [item.path for item in gallery], index_options)

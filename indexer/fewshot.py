@@ -57,6 +57,7 @@ class FewShotOptions:
     weights: str | None = None
     input_size: int = 224
     pooling: str = "gap"
+    precision: str = "auto"
     head: str | None = None  # none | pcaw (fitted on the dataset's images) | FILE
     batch_size: int = 32
     device: str | None = None
@@ -87,7 +88,7 @@ def _cache_key(items: list[Item], identity: dict) -> str:
 def embed_dataset(items: list[Item], options: FewShotOptions, cache_dir: Path | None) -> Features:
     """A (fp16 on disk) and z of every item, from the cache when the files and model are unchanged."""
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = load_encoder(options.model, options.weights, options.input_size, options.pooling, device)
+    encoder = load_encoder(options.model, options.weights, options.input_size, options.pooling, device, options.precision)
     identity = SimpleNamespace(encoder=encoder, head=Head())  # embs of an identity head = pooled z
     cache = cache_dir / f"fewshot-{_cache_key(items, encoder.identity)}.npz" if cache_dir else None
     if cache is not None and cache.is_file():
@@ -363,7 +364,8 @@ def options_from(args) -> FewShotOptions:
         episodes=args.episodes, way=args.way, shot=args.shot, queries=args.queries, knn=args.knn,
         seed=args.episode_seed, explainers=names, maps_episodes=args.maps_episodes,
         faithfulness_episodes=args.faithfulness_episodes, model=args.model, weights=args.weights,
-        input_size=args.input_size, pooling=args.pooling, head=args.head, batch_size=args.batch_size,
+        input_size=args.input_size, pooling=args.pooling, precision=args.precision, head=args.head,
+        batch_size=args.batch_size,
         device=args.device, progress=not args.no_progress,
     )
 

@@ -294,7 +294,7 @@ def train_head(
 def run_training(
     dataset: Path, out: Path, options: TrainOptions, model: str = "efficientnet_lite0", weights: str | None = None,
     input_size: int = 224, pooling: str = "gap", device: str = "cpu", cache_dir: Path | None = None,
-    flip: bool = False, log: Callable[[str], None] = print,
+    flip: bool = False, log: Callable[[str], None] = print, precision: str = "auto",
 ) -> dict:
     """Read, embed (cached), train, write the head file; returns the summary printed by the CLI."""
     from retrieval.encoder import load_encoder
@@ -302,9 +302,10 @@ def run_training(
     paths, labels = read_labelled(dataset)
     log(f"{len(paths)} images of {len(set(labels))} labels; embedding with {model} @{input_size}px, {pooling}")
     if pooling == "attn":
-        encoder, pooled = _objectness_pooled(dataset, out, paths, model, weights, input_size, device, cache_dir, options, log)
+        encoder, pooled = _objectness_pooled(dataset, out, paths, model, weights, input_size, device, cache_dir, options,
+                                             log, precision)
     else:
-        encoder = load_encoder(model, weights, input_size, pooling, device)
+        encoder = load_encoder(model, weights, input_size, pooling, device, precision)
         pooled = cached_pooled(encoder, paths, cache_dir, progress=options.progress)
     if flip:
         mirrored = cached_pooled(encoder, paths, cache_dir, flip=True, progress=options.progress)
@@ -319,11 +320,11 @@ def run_training(
             "pooling": encoder.pooling}
 
 
-def _objectness_pooled(dataset, out, paths, model, weights, input_size, device, cache_dir, options, log):
+def _objectness_pooled(dataset, out, paths, model, weights, input_size, device, cache_dir, options, log, precision):
     """attn pooling: fit the objectness probe on the masks, write it next to the head, pool with it."""
     from retrieval.encoder import load_encoder, pool_feature_map
 
-    plain = load_encoder(model, weights, input_size, "gap", device)
+    plain = load_encoder(model, weights, input_size, "gap", device, precision)
     feature_maps = cached_pooled(plain, paths, cache_dir, progress=options.progress, maps=True).float()
     masks = torch.stack([mask_grid(m, feature_maps.shape[-2:]) for m in read_masks(dataset)])  # (M, h, w)
     objectness = fit_objectness(feature_maps, masks)
@@ -332,5 +333,5 @@ def _objectness_pooled(dataset, out, paths, model, weights, input_size, device, 
     objectness.save(file)
     share = float((objectness(feature_maps) * masks).mean() / masks.mean().clamp_min(1e-12))
     log(f"objectness probe written to {file} (object cells weigh {share:.2f}x the average cell)")
-    encoder = load_encoder(model, weights, input_size, f"attn:{file.resolve()}", device)
+    encoder = load_encoder(model, weights, input_size, f"attn:{file.resolve()}", device, precision)
     return encoder, pool_feature_map(feature_maps, encoder.pooling, objectness=encoder.objectness)

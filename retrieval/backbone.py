@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import timm
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from retrieval.config import BACKBONES  # re-exported: the names live with the settings
@@ -59,7 +57,7 @@ class Backbone:
 class _ResNetFeatures(nn.Module):
     """torchvision ResNet split at layer4 so it offers timm's forward_features/forward_head."""
 
-    def __init__(self, net: torchvision.models.ResNet) -> None:
+    def __init__(self, net: nn.Module) -> None:  # a torchvision.models.ResNet
         super().__init__()
         self.net = net
         self.num_features = net.fc.in_features
@@ -105,6 +103,26 @@ class _ToyNet(nn.Module):
         return features.mean(dim=(-2, -1))
 
 
+def describe_backbone(name: str = "efficientnet_lite0", weights: str | None = None) -> tuple[tuple, tuple, dict]:
+    """(mean, std, identity) of a backbone without building it: what preprocessing and the
+    model-identity check need, at the cost of hashing the weights file (cached) and no
+    timm/torchvision import (~3 s), so a re-index with nothing to embed never loads the model.
+
+    Raises:
+        ValueError: unknown name, or resnet50 without weights.
+    """
+    if name == "efficientnet_lite0":
+        path = Path(weights) if weights is not None else _packaged_lite0_path()
+        return _LITE_MEAN, _LITE_STD, {"backbone": name, "weights_sha256": _sha256_16(path)}
+    if name == "resnet50":
+        if weights is None:
+            raise ValueError("resnet50 needs a local weights file (weights=...); none is bundled")
+        return _IMAGENET_MEAN, _IMAGENET_STD, {"backbone": name, "weights_sha256": _sha256_16(Path(weights))}
+    if name == "toy":
+        return (0.5,) * 3, (0.25,) * 3, {"backbone": "toy", "weights_sha256": "seed0"}
+    raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+
+
 def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) -> Backbone:
     """Build a backbone and load its weights from a local file (never downloads).
 
@@ -119,17 +137,19 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
     Raises:
         ValueError: unknown name, resnet50 without weights, or weights that do not fit.
     """
+    mean, std, identity = describe_backbone(name, weights)
     if name == "efficientnet_lite0":
+        import timm  # here, not at the top: importing it costs ~3 s (torch.fx, dynamo)
+
         path = Path(weights) if weights is not None else _packaged_lite0_path()
         model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state = model.state_dict()  # keeps timm's num_batches_tracked, so strict load passes
         state.update(map_lukemelas_to_timm(checkpoint, state))
         model.load_state_dict(state, strict=True)
-        mean, std = _LITE_MEAN, _LITE_STD
     elif name == "resnet50":
-        if weights is None:
-            raise ValueError("resnet50 needs a local weights file (weights=...); none is bundled")
+        import torchvision
+
         path = Path(weights)
         model = _ResNetFeatures(torchvision.models.resnet50(weights=None))
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -137,20 +157,10 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
             model.net.load_state_dict(checkpoint, strict=True)
         except RuntimeError as err:  # same error type as a mismatched EfficientNet file
             raise ValueError(f"{path} is not a torchvision resnet50 state dict: {err}") from err
-        mean, std = _IMAGENET_MEAN, _IMAGENET_STD
-    elif name == "toy":
-        model = _ToyNet().eval()
-        return Backbone(model, model.num_features, (0.5,) * 3, (0.25,) * 3, {"backbone": "toy", "weights_sha256": "seed0"})
-    else:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    else:  # toy
+        model = _ToyNet()
     model.eval()
-    return Backbone(
-        model=model,
-        num_features=int(model.num_features),
-        mean=mean,
-        std=std,
-        identity={"backbone": name, "weights_sha256": _sha256_16(path)},
-    )
+    return Backbone(model=model, num_features=int(model.num_features), mean=mean, std=std, identity=identity)
 
 
 def classify(backbone: Backbone, x: Tensor) -> Tensor:

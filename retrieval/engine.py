@@ -164,8 +164,10 @@ class QueryEngine:
                 f"nothing is indexed in {settings.home}; run: famsearch index PHOTO_FOLDER --home {settings.home}"
             )
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # Queries in the gallery's arithmetic where this machine has it (bf16 falls back to fp32).
+        precision = "auto" if stored.get("precision") == "bf16" else "fp32"
         self.encoder = load_encoder(
-            stored["backbone"], stored.get("weights_path"), stored["input_size"], stored["pooling"], device
+            stored["backbone"], stored.get("weights_path"), stored["input_size"], stored["pooling"], device, precision
         )
         check_identity(stored, self.encoder.identity)
         self.head = (load_head(settings.head_path) if stored.get("head", "none") != "none" else Head()).to(device)

@@ -1,7 +1,6 @@
 """The command line as a user drives it: contracts of DESIGN §5, exit codes, bad input."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

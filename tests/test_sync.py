@@ -440,3 +440,27 @@ def test_a_file_that_could_not_be_read_is_tried_again_once_it_can_be(capsys, gal
     code, summary = index(capsys, home, gallery)
     assert (code, summary["updated"], summary["failed"]) == (0, 1, 0)
     assert_consistent(home, [gallery])
+
+
+# ------------------------------------------------------------------------------------------ no-op cost
+def test_runs_with_nothing_to_embed_never_build_the_model(capsys, gallery, home, monkeypatch):
+    import retrieval.encoder as encoder_module
+
+    index(capsys, home, gallery)
+    built = []
+    real_load = encoder_module.load_backbone
+    monkeypatch.setattr(encoder_module, "load_backbone", lambda *a: built.append(a) or real_load(*a))
+    assert index(capsys, home, gallery)[1]["unchanged"] == 8 and built == []
+    (gallery / "pic3.png").unlink()  # a delete rebuilds the index from the rows: still no model
+    assert index(capsys, home, gallery)[1]["deleted"] == 1 and built == []
+    save_picture(gallery / "new.png", 40)
+    assert index(capsys, home, gallery)[1]["added"] == 1 and len(built) == 1
+    assert_consistent(home, [gallery])
+
+
+def test_precision_is_recorded_but_changing_it_re_embeds_nothing(capsys, gallery, home):
+    index(capsys, home, gallery, "--precision", "fp32")
+    code, summary = index(capsys, home, gallery, "--precision", "bf16")
+    assert (code, summary["unchanged"], summary["updated"]) == (0, 8, 0)
+    _, info = run_json(capsys, "info", "--home", home)
+    assert info["model"]["precision"] == "fp32"  # what the stored vectors were made with

@@ -1,7 +1,6 @@
 """The served UI in a real headless Chromium: query, grid, why view, download, explainer, bad upload, status."""
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
