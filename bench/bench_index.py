@@ -204,7 +204,7 @@ def speed_table(photos: list[Path], sweep: bool) -> list[str]:
 
 
 # (workers, batch size, torch threads in the main process): workers against threads on 2 cores, then batch size
-SWEEP = [(0, 32, 2), (1, 32, 2), (1, 32, 1), (2, 32, 1), (3, 32, 1), (1, 64, 2)]
+SWEEP = [(0, 32, 2), (1, 32, 1), (2, 32, 1), (2, 16, 1), (2, 8, 1), (3, 16, 1), (2, 16, 2)]
 
 
 # A no-op re-run with the default model: the first run embeds the 10^4 tiny files once (cached

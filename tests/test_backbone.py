@@ -75,8 +75,9 @@ def test_plain_lite0_computes_what_timm_tf_efficientnet_lite0_computes(lite0, si
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
     with torch.no_grad():
         ours, theirs = lite0.model.forward_features(x), reference.eval().forward_features(x)
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(lite0.model.forward_head(ours), reference.forward_head(theirs), atol=1e-4, rtol=1e-5)
+        # BN is folded into the convs on our side: equal up to float32 rounding (maps reach 6).
+        torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(lite0.model.forward_head(ours), reference.forward_head(theirs), atol=1e-3, rtol=1e-4)
     assert ours.shape[-2:] == ((size + 31) // 32,) * 2
 
 
@@ -110,6 +111,25 @@ def test_a_lite0_file_that_does_not_fit_is_refused_naming_the_tensor(tmp_path, d
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=message):
         load_backbone("efficientnet_lite0", weights=str(tmp_path / "bad.pth"))
+
+
+def test_folding_batchnorm_keeps_the_outputs_and_refuses_training_mode():
+    from retrieval.lite0 import EfficientNetLite0
+
+    model = EfficientNetLite0()
+    for module in model.modules():  # non-trivial running statistics, as trained BNs have
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(module.running_var, 0.5, 2.0)
+            torch.nn.init.normal_(module.running_mean, 0.0, 0.1)
+            torch.nn.init.normal_(module.bias, 0.0, 0.1)
+    x = torch.randn(2, 3, 96, 80, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="eval"):
+        model.fuse_batchnorm_()
+    with torch.no_grad():
+        before = model.eval()(x)
+        after = model.fuse_batchnorm_()(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
 
 
 def test_a_lite0_file_without_num_batches_tracked_loads():
