@@ -4,10 +4,11 @@
 
 1. Photos: mate-backgrounds resized to 4000x3000 (quality 92), five crops/mirrors of each,
    cached under $FAMSEARCH_BENCH_INDEX_CACHE (default /tmp/famsearch-bench-index).
-2. Side by side in one run: `famsearch index --full` at default settings (a subprocess,
-   end to end: scan, read, hash, decode, embed, DB, FAISS) against a naive pipeline
-   (full PIL decode, fp32 NCHW eager, no workers, batch 32, no DB), then optionally a
-   sweep of --workers / --batch-size / torch threads, then the default run again.
+2. Side by side in one run, interleaved --repeats times: `famsearch index --full` at default
+   settings (a subprocess, end to end: scan, read, hash, decode, embed, DB, FAISS, start-up)
+   against a naive pipeline (full PIL decode, fp32 NCHW eager, no workers, batch 32, no DB,
+   timed after its model is loaded); then optionally a sweep of --workers / --batch-size /
+   torch threads.
 3. A re-run with nothing changed on --tiny tiny files (wall time of the whole command).
 Peak RSS is the largest sum over the famsearch process and its decoding workers, sampled.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -177,34 +179,40 @@ class Lines(list):
         super().append(line)
 
 
-def speed_table(photos: list[Path], sweep: bool) -> list[str]:
+def speed_table(photos: list[Path], sweep: bool, repeats: int) -> list[str]:
+    """Naive and default famsearch interleaved `repeats` times (the machine is noisy): medians,
+    ranges and the per-pair ratios; then the sweep, one run per setting."""
     folder, home = photos[0].parent, CACHE / f"home-{photos[0].parent.name}"
     famsearch_index(folder, home)  # builds the home and warms the page cache for both pipelines
     lines = Lines()
     for line in (f"{len(photos)} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} (q92), {load_average()} at the start", "",
                  f"| {'pipeline':<52} | {'images/s':>8} | {'ratio':>6} | notes", f"|{'-' * 54}|{'-' * 10}|{'-' * 8}|---"):
         lines.append(line)
-    default = famsearch_index(folder, home, "--full")
-    naive = naive_images_per_s(photos)
-    lines.append(row("naive (full decode, NCHW fp32, batch 32, 0 workers)", naive, naive, "in-process, no DB"))
-    lines.append(row("famsearch index --full (defaults)", default["images_per_s"], naive,
-                     f"wall {default['wall_s']:.1f} s incl. start-up; peak PSS {default['peak_pss_mib']:.0f} MiB"))
+    naive_runs, default_runs = [], []
+    for _ in range(repeats):
+        naive_runs.append(naive_images_per_s(photos))
+        default_runs.append(famsearch_index(folder, home, "--full"))
+    speeds = [run["images_per_s"] for run in default_runs]
+    naive = statistics.median(naive_runs)
+    pairs = ", ".join(f"{d / n:.1f}x" for d, n in zip(speeds, naive_runs))
+    lines.append(row("naive (full decode, NCHW fp32, batch 32, 0 workers)", naive, naive,
+                     f"median of {repeats}: {', '.join(f'{n:.1f}' for n in naive_runs)}; in-process, no DB"))
+    lines.append(row("famsearch index --full (defaults)", statistics.median(speeds), naive,
+                     f"median of {repeats}: {', '.join(f'{v:.1f}' for v in speeds)}; pairwise {pairs}; "
+                     f"wall {statistics.median(r['wall_s'] for r in default_runs):.1f} s incl. start-up; "
+                     f"peak PSS {max(r['peak_pss_mib'] for r in default_runs):.0f} MiB"))
     if sweep:
         for workers, batch, threads in SWEEP:
             run = famsearch_index(folder, home, "--full", "--workers", str(workers), "--batch-size", str(batch),
                                   threads=threads)
             lines.append(row(f"  --workers {workers} --batch-size {batch} threads {threads}", run["images_per_s"],
                              naive, f"peak PSS {run['peak_pss_mib']:.0f} MiB"))
-    again = famsearch_index(folder, home, "--full")
-    naive_again = naive_images_per_s(photos)
-    lines.append(row("naive, again", naive_again, naive_again))
-    lines.append(row("famsearch index --full (defaults), again", again["images_per_s"], naive_again,
-                     f"wall {again['wall_s']:.1f} s; {load_average()}"))
+    lines.append(f"{load_average()} at the end")
     return lines
 
 
 # (workers, batch size, torch threads in the main process): workers against threads on 2 cores, then batch size
-SWEEP = [(0, 32, 2), (1, 32, 1), (2, 32, 1), (2, 16, 1), (2, 8, 1), (3, 16, 1), (2, 16, 2)]
+SWEEP = [(0, 16, 2), (1, 16, 1), (2, 32, 1), (2, 16, 1), (2, 8, 1), (2, 4, 1), (3, 8, 1), (2, 8, 2)]
 
 
 # A no-op re-run with the default model: the first run embeds the 10^4 tiny files once (cached
@@ -232,9 +240,10 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=120, help="how many 12-megapixel JPEGs (0: skip)")
     parser.add_argument("--tiny", type=int, default=10000, help="files for the no-op re-run (0: skip)")
     parser.add_argument("--sweep", action="store_true", help="also time --workers/--batch-size/threads settings")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of naive and default famsearch")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
-    lines = speed_table(make_photos(args.photos), args.sweep) if args.photos else Lines()
+    lines = speed_table(make_photos(args.photos), args.sweep, args.repeats) if args.photos else Lines()
     if args.tiny:
         lines += noop_table(args.tiny)
     text = "\n".join(lines)

@@ -92,7 +92,7 @@ def make_query(path: Path) -> Path:
 
 
 def index_gallery(gallery: Path, home: Path) -> dict | None:
-    if (home / "famsearch.db").exists() and (home / "index.faiss").exists():
+    if (home / "famsearch.db").exists() and any(home.glob("index*.faiss")):
         return None
     command = [sys.executable, "-m", "indexer.cli", "index", str(gallery), "--home", str(home),
                "--no-progress", "--json"]

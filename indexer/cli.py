@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--dry-run", action="store_true", help="print what would change, change nothing")
     _add(p, "--exclude", action="append", default=[], metavar="GLOB",
          help=f"skip files/folders matching GLOB (repeatable; always skipped: {' '.join(DEFAULT_EXCLUDES)})")
-    _add(p, "--batch-size", type=int, default=32, help="images per forward pass")
+    _add(p, "--batch-size", type=int, default=16, help="images per forward pass (and per DB commit)")
     _add(p, "--workers", type=int, default=2, help="decoding processes (0: decode in the main process)")
     _add(p, "--max-megapixels", type=float, default=150.0, help="refuse larger images (decompression bombs)")
     _add(p, "--no-progress", action="store_true", help="no progress bar (for cron)")
@@ -411,7 +411,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     store = open_store(settings.database_url)
     try:
         counts = store.counts()
-        index = load_index(settings.index_path) if settings.index_path.exists() else None
+        index_file = settings.index_file((store.get_meta("index") or {}).get("generation", 0))
+        index = load_index(index_file) if index_file.exists() else None
         info = {**counts, "vectors": int(index.ntotal) if index is not None else 0,
                 "model": store.get_meta("model"), "index_type": index_type_of(index) if index is not None else None,
                 "last_run": store.get_meta("last_run"), "home": str(settings.home)}

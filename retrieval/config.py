@@ -34,10 +34,22 @@ class Settings:
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{(self.home / 'famsearch.db').resolve()}"
 
-    @property
-    def index_path(self) -> Path:
-        return self.home / "index.faiss"
+    # Each rebuild of the index writes a new generation of the FAISS and head files and records
+    # its number in the DB (meta "index") in the same transaction as the model it goes with, so a
+    # reader that read the meta opens a matching pair even while a re-index swaps in the next
+    # one; the writer keeps the previous generation and deletes older ones. Generation 0 is the
+    # name homes had before generations (index.faiss, head.pt).
+    def index_file(self, generation: int = 0) -> Path:
+        return self.home / ("index.faiss" if generation == 0 else f"index-{generation}.faiss")
 
-    @property
-    def head_path(self) -> Path:
-        return self.home / "head.pt"
+    def head_file(self, generation: int = 0) -> Path:
+        return self.home / ("head.pt" if generation == 0 else f"head-{generation}.pt")
+
+    def generation_files(self) -> dict[int, list[Path]]:
+        """{generation: its index/head files present in the home}."""
+        found: dict[int, list[Path]] = {}
+        for path in [*self.home.glob("index*.faiss"), *self.home.glob("head*.pt")]:
+            stem = path.stem.partition("-")[2]
+            if path.stem in ("index", "head") or stem.isdigit():
+                found.setdefault(int(stem or 0), []).append(path)
+        return found

@@ -158,7 +158,9 @@ class QueryEngine:
                 f"nothing is indexed in {settings.home}; run: famsearch index PHOTO_FOLDER --home {settings.home}"
             )
         self.store = open_store(settings.database_url)
-        stored = self.store.get_meta("model")
+        metas = self.store.get_metas(("model", "index"))  # one snapshot: the model and its files' generation
+        stored, self.index_info = metas.get("model"), metas.get("index") or {}
+        generation = int(self.index_info.get("generation", 0))
         if not stored or self.store.counts()["images"] == 0:
             raise IndexMissingError(
                 f"nothing is indexed in {settings.home}; run: famsearch index PHOTO_FOLDER --home {settings.home}"
@@ -170,19 +172,18 @@ class QueryEngine:
             stored["backbone"], stored.get("weights_path"), stored["input_size"], stored["pooling"], device, precision
         )
         check_identity(stored, self.encoder.identity)
-        self.head = (load_head(settings.head_path) if stored.get("head", "none") != "none" else Head()).to(device)
+        head_file = settings.head_file(generation)
+        self.head = (load_head(head_file) if stored.get("head", "none") != "none" else Head()).to(device)
         if self.head.digest != stored.get("head_sha256", "identity"):
-            raise ModelMismatchError(f"{settings.head_path} is not the head the index was built with; re-run famsearch index")
+            raise ModelMismatchError(f"{head_file} is not the head the index was built with; re-run famsearch index")
         self.model = stored
-        self.index = to_gpu_if_available(self._load_or_rebuild_index())
+        self.index = to_gpu_if_available(self._load_or_rebuild_index(settings.index_file(generation)))
         # Match-side maps without a backbone pass; None when the home has no cache (index --no-map-cache).
         self.feature_cache = FeatureCache.open(settings.home, self.encoder.identity)
 
-    def _load_or_rebuild_index(self):
-        info = self.store.get_meta("index") or {}
+    def _load_or_rebuild_index(self, path: Path):
         n_ok = self.store.counts()["images"]
-        path = self.settings.index_path
-        if path.exists() and not info.get("dirty"):
+        if path.exists() and not self.index_info.get("dirty"):
             index = load_index(path)
             if index.ntotal == n_ok:
                 return index

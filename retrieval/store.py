@@ -97,6 +97,12 @@ class Store:
             row = session.get(Meta, key)
             return default if row is None else json.loads(row.value)
 
+    def get_metas(self, keys: Sequence[str]) -> dict[str, Any]:
+        """Several meta keys read by one SELECT: a consistent snapshot (a writer commits them together)."""
+        with self.session() as session:
+            rows = session.scalars(select(Meta).where(Meta.key.in_(list(keys)))).all()
+            return {row.key: json.loads(row.value) for row in rows}
+
     def set_meta(self, key: str, value: Any) -> None:
         """Store ``value`` (anything ``json.dumps`` takes) under ``key``, replacing the old one."""
         with self.session() as session:

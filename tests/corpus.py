@@ -156,10 +156,12 @@ def snapshot(home: Path) -> Snapshot:
     try:
         with store.session() as session:
             found = session.execute(select(ImageRow.path, ImageRow.id, ImageRow.status, ImageRow.embedding)).all()
-        dirty = (store.get_meta("index") or {}).get("dirty", True)
+        info = store.get_meta("index") or {}
+        dirty = info.get("dirty", True)
     finally:
         store.close()
-    ids = index_ids(load_index(settings.index_path)).tolist() if settings.index_path.exists() else []
+    index_file = settings.index_file(info.get("generation", 0))
+    ids = index_ids(load_index(index_file)).tolist() if index_file.exists() else []
     rows = {path: (row_id, status, None if blob is None else bytes_to_embedding(blob)) for path, row_id, status, blob in found}
     return Snapshot(rows, ids, dirty)
 

@@ -123,3 +123,40 @@ def test_a_reader_never_sees_a_half_written_index_file(tmp_path):
         stop.set()
         thread.join()
     assert not list(tmp_path.glob("*.tmp"))  # no temp files left behind
+
+
+def test_a_reader_that_read_the_model_before_a_pcaw_refit_opens_the_matching_head_and_index(capsys, gallery, home, monkeypatch):
+    """The re-index (new photo, so pcaw is refitted) lands between the reader's meta read and its
+    file reads: it must still pair the head and the index it read about, not the new files."""
+    import retrieval.engine as engine_module
+    from retrieval.config import Settings
+
+    run_json(capsys, "index", gallery, "--home", home, *TOY, "--workers", "0", "--head", "pcaw")
+    draw_picture(50).save(gallery / "late.png")
+    real_load_head = engine_module.load_head
+
+    def reindex_then_load(path):
+        code, summary = run_json(capsys, "index", gallery, "--home", home, *TOY, "--workers", "0")
+        assert summary["added"] == 1
+        return real_load_head(path)
+
+    monkeypatch.setattr(engine_module, "load_head", reindex_then_load)
+    engine = engine_module.QueryEngine(Settings(home=home))  # the old code raised: head.pt is not the head ...
+    result = engine.query(engine.load_query(gallery / "pic1.png"), k=1, explainer="none")
+    assert result.matches[0].path == str(gallery / "pic1.png") and result.matches[0].score == pytest.approx(1.0, abs=1e-5)
+    monkeypatch.undo()
+    fresh = engine_module.QueryEngine(Settings(home=home))
+    assert fresh.index.ntotal == 9 and fresh.head.digest != engine.head.digest  # pcaw was refitted
+
+
+def test_each_rebuild_is_a_new_generation_and_only_the_previous_one_is_kept(capsys, gallery, home):
+    from retrieval.config import Settings
+
+    settings = Settings(home=home)
+    for round_ in range(4):
+        draw_picture(60 + round_).save(gallery / f"new{round_}.png")
+        run_json(capsys, "index", gallery, "--home", home, *TOY, "--workers", "0", "--head", "pcaw")
+    snapshot_ = assert_consistent(home, [gallery])
+    assert not snapshot_.dirty
+    assert {g: sorted(p.name for p in paths) for g, paths in settings.generation_files().items()} == {
+        3: ["head-3.pt", "index-3.faiss"], 4: ["head-4.pt", "index-4.faiss"]}

@@ -61,9 +61,9 @@ def settings_from_env() -> Settings:
 
 
 def index_stamp(settings: Settings) -> int | None:
-    """When the index file was last swapped in (ns), so a re-index loads a fresh engine."""
+    """The newest index generation on disk (each rebuild writes one), so a re-index loads a fresh engine."""
     try:
-        return settings.index_path.stat().st_mtime_ns
+        return max(settings.generation_files(), default=None)
     except OSError:
         return None
 
