@@ -64,9 +64,9 @@ def _model_flags(parser: argparse.ArgumentParser, pooling: bool = True) -> None:
          help="backbone (toy: random convs for tests, no weights)")
     _add(parser, "--weights", default=None, help="backbone weights file (default: the bundled Lite0 weights)")
     _add(parser, "--input-size", type=int, default=224, help="images are resized whole to this square")
-    _add(parser, "--precision", default="auto", choices=PRECISIONS,
-         help="backbone arithmetic: auto = bf16 on CPUs with native bf16 (AVX512-BF16/AMX, ~2x faster; "
-              "same Recall@k on clipart-composites), else fp32")
+    _add(parser, "--precision", default="fp32", choices=PRECISIONS,
+         help="backbone arithmetic: bf16 is ~2x faster on CPUs with native bf16 (AVX512-BF16/AMX) but moved one "
+              "of 60 top-1 answers on clipart-composites (bench/results/precision.txt); auto = bf16 where native")
     if pooling:
         _add(parser, "--pooling", default="gap",
              help="feature-map pooling: gap (the paper's), gem (p=3), sqrt (GAP of square-rooted maps) or "

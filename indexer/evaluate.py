@@ -48,7 +48,7 @@ class EvalOptions:
     weights: str | None = None
     input_size: int = 224
     pooling: str = "gap"
-    precision: str = "auto"
+    precision: str = "fp32"
     batch_size: int = 32
     workers: int = 2
     steps: int = 10  # deletion / insertion steps

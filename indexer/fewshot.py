@@ -57,7 +57,7 @@ class FewShotOptions:
     weights: str | None = None
     input_size: int = 224
     pooling: str = "gap"
-    precision: str = "auto"
+    precision: str = "fp32"
     head: str | None = None  # none | pcaw (fitted on the dataset's images) | FILE
     batch_size: int = 32
     device: str | None = None

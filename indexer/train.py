@@ -294,7 +294,7 @@ def train_head(
 def run_training(
     dataset: Path, out: Path, options: TrainOptions, model: str = "efficientnet_lite0", weights: str | None = None,
     input_size: int = 224, pooling: str = "gap", device: str = "cpu", cache_dir: Path | None = None,
-    flip: bool = False, log: Callable[[str], None] = print, precision: str = "auto",
+    flip: bool = False, log: Callable[[str], None] = print, precision: str = "fp32",
 ) -> dict:
     """Read, embed (cached), train, write the head file; returns the summary printed by the CLI."""
     from retrieval.encoder import load_encoder

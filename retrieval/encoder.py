@@ -203,12 +203,13 @@ def load_encoder(
     input_size: int = DEFAULT_INPUT_SIZE,
     pooling: str = "gap",
     device: str | torch.device = "cpu",
-    precision: str = "auto",
+    precision: str = "fp32",
     lazy: bool = False,
 ) -> Encoder:
     """An Encoder on a device; the backbone is loaded now unless ``lazy`` (then on first use).
 
-    ``precision`` 'auto' is bf16 on a CPU with native bf16 (see `native_bf16`), else fp32.
+    ``precision``: 'fp32', 'bf16' (CPU autocast), or 'auto' = bf16 on a CPU with native bf16
+    (see `native_bf16`), else fp32.
     Raises ValueError for an unknown backbone, pooling or precision, before loading anything.
     """
     if pooling not in POOLINGS and not pooling.startswith("attn:"):
