@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 6's targets through the product's own commands: train the objectness probe + Multi-Similarity
+# head on clipart-train at SIZE px, then `famsearch eval` it on clipart-composites and on composites
+# of object styles it never saw (made with make_composites.py, as in bench/bench_heads.py), next to
+# the untrained default (GAP, no head, 224 px).
+#   bash bench/heads_eval.sh [SIZE] > bench/results/heads-eval-attn320.txt
+set -euo pipefail
+SIZE=${1:-320}
+DATA=${FAMSEARCH_DATA:-/work/shared/data}
+OTHER=${FAMSEARCH_OTHER:-/tmp/composites-other}
+FAMSEARCH=${FAMSEARCH:-.venv/bin/famsearch}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+if [ ! -f "$OTHER/annotations.jsonl" ]; then
+  .venv/bin/python "$DATA/../tools/make_composites.py" \
+    --objects '/usr/share/openclipart/png/signs_and_symbols/**/*.png' \
+              '/usr/share/openclipart/png/shapes/**/*.png' '/usr/share/openclipart/png/logos/**/*.png' \
+    --backgrounds '/usr/share/doc/opencv-doc/examples/data/*.jpg' \
+                  '/usr/share/doc/opencv-doc/examples/data/*.png' '/usr/share/backgrounds/mate/nature/*.jpg' \
+    --distractors 120 --seed 7 --out "$OTHER" > /dev/null
+fi
+EVAL=(eval --explain fam,fam-exact,gradcam --curve-pairs 5 --examples 0 --no-progress)
+echo "# $(date -u +%F), load $(cut -d' ' -f1-3 /proc/loadavg); famsearch train + famsearch eval, head trained at $SIZE px"
+"$FAMSEARCH" train "$DATA/clipart-train" --pooling attn --input-size "$SIZE" --out "$WORK/head.pt" \
+  --home "$WORK/train-home" --no-progress | tail -3
+TRAINED=(--pooling "attn:$WORK/head.objectness.pt" --head "$WORK/head.pt" --input-size "$SIZE")
+for dataset in "$DATA/clipart-composites" "$OTHER"; do
+  name=$(basename "$dataset")
+  echo; echo "## $name: untrained default (gap, no head, 224 px)"
+  "$FAMSEARCH" "${EVAL[@]}" "$dataset" --home "$WORK/$name-default" | sed -n '1,/^Faithfulness/p' | head -n -1
+  echo "## $name: attn pooling + trained head, $SIZE px"
+  "$FAMSEARCH" "${EVAL[@]}" "$dataset" "${TRAINED[@]}" --home "$WORK/$name-trained" | sed -n '1,/^Faithfulness/p' | head -n -1
+done
