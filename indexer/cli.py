@@ -427,7 +427,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"home       {info['home']}\nimages     {info['images']} indexed, {info['failed']} failed\n"
           f"vectors    {info['vectors']} in a {info['index_type']} index\n"
           f"model      {model.get('backbone')} ({model.get('weights_sha256')}), {model.get('pooling')}, "
-          f"{model.get('input_size')}px, head {model.get('head')}")
+          f"{model.get('input_size')}px, {model.get('precision', 'fp32')}, head {model.get('head')}")
     if info["last_run"]:
         print(f"last run   {info['last_run'].get('finished_at')}")
     for failure in info.get("failures", []):
