@@ -130,11 +130,6 @@ def index_gallery(settings: Settings, gallery: list[Item], options: EvalOptions)
         store.close()
 
 
-def _embed_tensors(engine: QueryEngine, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Preprocessed (perturbed) images -> embeddings (B, J)."""
-    return engine.head(engine.encoder.pool(engine.encoder.forward_features(torch.stack(tensors))))
-
-
 def embed_items(engine: QueryEngine, items: list[Item], options: EvalOptions, desc: str) -> Embedded:
     """The maps the explainers weight and the embeddings of dataset images, in batches, with a progress bar."""
     maps, embs, sizes = [], [], []
@@ -247,17 +242,6 @@ def saliency(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return metrics.minmax_saliency(upsample(raw, size))
 
 
-def _localise(heat: np.ndarray, box) -> tuple[float, float]:
-    if box is None:
-        return float("nan"), float("nan")
-    return metrics.proportion(heat, box), metrics.localisation_iou(heat, box)
-
-
-def _masked(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """The query multiplied by its saliency (AD / IC), back to 8-bit RGB: (H, W, 3), (H, W) -> (H, W, 3)."""
-    return np.rint(image * heat[..., None]).astype(np.uint8)
-
-
 def similarities(engine: QueryEngine, images: list[np.ndarray], partners: torch.Tensor, batch_size: int) -> np.ndarray:
     """Cosine of each (perturbed) 8-bit image with its partner embedding: P x (H, W, 3), (P, J) -> (P,).
 
@@ -271,7 +255,8 @@ def similarities(engine: QueryEngine, images: list[np.ndarray], partners: torch.
     embs = []
     for start in range(0, len(unique), batch_size):
         chunk = unique[start:start + batch_size]
-        embs.append(_embed_tensors(engine, [preprocess(Image.fromarray(images[first[key]])) for key in chunk]))
+        batch = torch.stack([preprocess(Image.fromarray(images[first[key]])) for key in chunk])
+        embs.append(engine.head(engine.encoder.pooled(batch)))
     row = {key: i for i, key in enumerate(unique)}
     gathered = torch.cat(embs)[torch.as_tensor([row[key] for key in keys])]  # (P, J)
     return explainers.cosine(gathered, partners[:, None].to(gathered))[:, 0].float().cpu().numpy()
@@ -296,10 +281,10 @@ def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, ima
                 qi = pairs.query[p]
                 for name in names:
                     heat = saliency(maps[name].query[p], (images[qi].shape[1], images[qi].shape[0]))
-                    prop, iou = _localise(heat, boxes[qi])
+                    prop, iou = metrics.localise(heat, boxes[qi])
                     found[name][0].append(prop)
                     found[name][1].append(iou)
-                    masked.append(_masked(images[qi], heat))
+                    masked.append(metrics.masked_image(images[qi], heat))
                     partners.append(match_embs[int(pairs.gallery[p])])
             scores = similarities(engine, masked, torch.stack(partners), options.batch_size).reshape(len(chunk), len(names))
             for i, name in enumerate(names):
@@ -310,7 +295,7 @@ def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, ima
 
 def match_side(maps: Maps, sizes: list[tuple[int, int]], boxes: list, pairs: Pairs) -> tuple[np.ndarray, np.ndarray]:
     """Proportion and IoU of the match-side maps: (P,), (P,)."""
-    results = [_localise(saliency(maps.match[p], sizes[gi]), boxes[gi]) for p, gi in enumerate(pairs.gallery)]
+    results = [metrics.localise(saliency(maps.match[p], sizes[gi]), boxes[gi]) for p, gi in enumerate(pairs.gallery)]
     props, ious = zip(*results) if results else ((), ())
     return np.array(props, dtype=np.float64), np.array(ious, dtype=np.float64)
 
@@ -461,7 +446,7 @@ def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine
 
 
 # ---------------------------------------------------------------------------- output
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
@@ -477,7 +462,7 @@ def format_tables(report: dict) -> str:
         "",
         "| Recall@1 | Recall@5 | Recall@10 | mAP |",
         "|---:|---:|---:|---:|",
-        f"| {_pct(recall['1'])} | {_pct(recall['5'])} | {_pct(recall['10'])} | {_pct(report['map'])} |",
+        f"| {pct(recall['1'])} | {pct(recall['5'])} | {pct(recall['10'])} | {pct(report['map'])} |",
         "",
         f"Localisation, % (Proportion Eq. 19 / IoU at 0.2·max Eq. 20): (a) correct top-1 retrievals, "
         f"{pairs['a']} pairs; (b) every ground-truth pair, {pairs['b']} pairs; maps on the query and on the match.",
@@ -487,7 +472,7 @@ def format_tables(report: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in report["explainers"].items():
-        cells = [_pct(row[p][s][m]) for p in ("a", "b") for s in ("query", "match") for m in ("proportion", "iou")]
+        cells = [pct(row[p][s][m]) for p in ("a", "b") for s in ("query", "match") for m in ("proportion", "iou")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     first = next(iter(report["explainers"].values()))
     lines += [
@@ -501,8 +486,8 @@ def format_tables(report: dict) -> str:
     ]
     for name, row in report["explainers"].items():
         batched = "—" if row.get("ms_per_map_batched") is None else f"{row['ms_per_map_batched']:.3f}"
-        lines.append(f"| {name} | {_pct(row['ad'])} | {_pct(row['ic'])} | {_pct(row['deletion_auc'])} | "
-                     f"{_pct(row['insertion_auc'])} | {row['ms_per_map']:.3f} | {batched} |")
+        lines.append(f"| {name} | {pct(row['ad'])} | {pct(row['ic'])} | {pct(row['deletion_auc'])} | "
+                     f"{pct(row['insertion_auc'])} | {row['ms_per_map']:.3f} | {batched} |")
     check = report["gradcam_check"]
     lines += ["", f"Grad-CAM closed form vs autograd: max |difference| {check['max_abs_diff']:.2e} "
                   f"(maps up to {check['max_abs_map']:.2e}); {report['seconds']:.0f} s in all."]

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from indexer.evaluate import IC_TOLERANCE, _localise, _masked, _pct, embed_items, saliency  # one metric code for both tables
+from indexer.evaluate import IC_TOLERANCE, embed_items, pct, saliency  # one metric code for both tables
 from retrieval import fam as explainers
 from retrieval import metrics
 from retrieval.classify import vote_shares
@@ -192,19 +192,13 @@ def decision_maps(name: str, features: Features, decisions: Decisions, rows: np.
 
 def _masked_input(model: SimpleNamespace, image: np.ndarray, heat: np.ndarray) -> torch.Tensor:
     """The photo multiplied by its image-size saliency (AD / IC), 8-bit, preprocessed: -> (3, S, S)."""
-    return model.encoder.preprocess(Image.fromarray(_masked(image, heat)))
-
-
-def _embed_inputs(model: SimpleNamespace, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Preprocessed images -> embeddings (B, J) on the CPU."""
-    feature_maps = model.encoder.forward_features(torch.stack(tensors))  # (B, N, h, w)
-    return model.head(model.encoder.pool(feature_maps).cpu())
+    return model.encoder.preprocess(Image.fromarray(metrics.masked_image(image, heat)))
 
 
 def localisation(maps: np.ndarray, features: Features, decisions: Decisions, rows: np.ndarray,
                  boxes: list) -> tuple[np.ndarray, np.ndarray]:
     """Proportion and IoU (Eq. 19, 20) of each map on its query image: (R,), (R,)."""
-    results = [_localise(saliency(heat, features.sizes[decisions.query[d]]), boxes[decisions.query[d]])
+    results = [metrics.localise(saliency(heat, features.sizes[decisions.query[d]]), boxes[decisions.query[d]])
                for heat, d in zip(maps, rows)]
     props, ious = zip(*results) if results else ((), ())
     return np.array(props, np.float64), np.array(ious, np.float64)
@@ -221,7 +215,7 @@ def faithfulness_scores(maps: np.ndarray, features: Features, decisions: Decisio
             for heat, d in zip(maps[start:start + options.batch_size], chunk):
                 image = np.asarray(load_image(features.items[decisions.query[d]].path))
                 tensors.append(_masked_input(features.model, image, saliency(heat, (image.shape[1], image.shape[0]))))
-            masked_embs = _embed_inputs(features.model, tensors)  # (B, J)
+            masked_embs = features.model.head(features.model.encoder.pooled(torch.stack(tensors)).cpu())  # (B, J)
             for i, d in enumerate(chunk):
                 partner_embs = features.embs[torch.from_numpy(decisions.partners[d])]  # (K, J)
                 scores.append(float(explainers.cosine(features.embs[decisions.query[d]], partner_embs).mean()))
@@ -339,13 +333,13 @@ def format_report(report: dict) -> str:
         scope = (f"localisation on correct decisions of the first {report['maps_blocks']} blocks of {report['block']} "
                  f"queries, AD/IC on the first {report['faithfulness_blocks']}; per block, then over blocks")
     seconds = ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items())
-    lines = [f"{title}: accuracy {_pct(report['accuracy'])} ± {_pct(report['ci95'])} % (95% CI)", "",
+    lines = [f"{title}: accuracy {pct(report['accuracy'])} ± {pct(report['ci95'])} % (95% CI)", "",
              f"{scope}; seconds: {seconds}", "",
              "| explainer | Proportion ↑ | IoU ↑ | n maps | AD ↓ | IC ↑ | n AD/IC | ms/map |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in report["explainers"].items():
-        lines.append(f"| {name} | {_pct(row['proportion'])} | {_pct(row['iou'])} | {row['n']} | {_pct(row['ad'])} | "
-                     f"{_pct(row['ic'])} | {row['faithfulness_n']} | {row['ms_per_map']:.2f} |")
+        lines.append(f"| {name} | {pct(row['proportion'])} | {pct(row['iou'])} | {row['n']} | {pct(row['ad'])} | "
+                     f"{pct(row['ic'])} | {row['faithfulness_n']} | {row['ms_per_map']:.2f} |")
     return "\n".join(lines)
 
 

@@ -190,6 +190,10 @@ class Encoder:
         """(B, N, h, w) -> (B, N) with this encoder's pooling."""
         return pool_feature_map(feature_maps, self.pooling, objectness=self.objectness)
 
+    def pooled(self, batch: Tensor) -> Tensor:
+        """Preprocessed images (B, 3, S, S) -> pooled vectors z (B, N) on the encoder's device."""
+        return self.pool(self.forward_features(batch))
+
     def encode(self, images: list[Image.Image]) -> tuple[Tensor, Tensor]:
         """Photos -> the feature maps the explainers weight (B, N, h, w) and pooled vectors (B, N)."""
         preprocess = self.preprocess

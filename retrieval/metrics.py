@@ -97,6 +97,18 @@ def proportion(saliency: np.ndarray, box: Box) -> float:
     return float(saliency[y0:y1, x0:x1].sum()) / total
 
 
+def localise(saliency: np.ndarray, box: Box | None) -> tuple[float, float]:
+    """(Proportion Eq. 19, IoU Eq. 20) of an image-size saliency against a box; NaNs without a box."""
+    if box is None:
+        return float("nan"), float("nan")
+    return proportion(saliency, box), localisation_iou(saliency, box)
+
+
+def masked_image(image: np.ndarray, saliency: np.ndarray) -> np.ndarray:
+    """The image multiplied by its saliency (AD / IC), back to 8-bit RGB: (H, W, 3), (H, W) -> (H, W, 3)."""
+    return np.rint(image * saliency[..., None]).astype(np.uint8)
+
+
 def box_area(box: Box) -> int:
     x0, y0, x1, y1 = box
     return max(x1 - x0, 0) * max(y1 - y0, 0)

@@ -12,6 +12,8 @@ from retrieval.metrics import (
     increase_in_confidence,
     largest_component_box,
     localisation_iou,
+    localise,
+    masked_image,
     mean_average_precision,
     minmax_saliency,
     proportion,
@@ -162,3 +164,18 @@ def test_step_masks_grow_from_nothing_to_everything():
     masks = step_masks(np.arange(12)[::-1], (3, 4), steps=3)
     assert [int(m.sum()) for m in masks] == [0, 4, 8, 12]
     assert np.all(masks[1:] >= masks[:-1])  # each step keeps the previous pixels
+
+
+def test_localise_gives_proportion_and_iou_and_nans_without_a_box():
+    saliency = np.zeros((20, 30))
+    saliency[5:10, 10:20] = 1.0
+    assert localise(saliency, (10, 5, 20, 10)) == (proportion(saliency, (10, 5, 20, 10)), 1.0)
+    assert all(np.isnan(v) for v in localise(saliency, None))
+
+
+def test_masking_by_a_saliency_of_ones_keeps_the_image_and_of_zeros_blacks_it_out():
+    image = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    assert np.array_equal(masked_image(image, np.ones((6, 7))), image)
+    assert not masked_image(image, np.zeros((6, 7))).any()
+    half = masked_image(image, np.full((6, 7), 0.5))
+    assert half.dtype == np.uint8 and np.abs(half.astype(int) - image / 2).max() <= 0.5
