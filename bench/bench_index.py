@@ -212,7 +212,7 @@ def speed_table(photos: list[Path], sweep: bool, repeats: int) -> list[str]:
 
 
 # (workers, batch size, torch threads in the main process): workers against threads on 2 cores, then batch size
-SWEEP = [(0, 16, 2), (1, 16, 1), (2, 32, 1), (2, 16, 1), (2, 8, 1), (2, 4, 1), (3, 8, 1), (2, 8, 2)]
+SWEEP = [(0, 4, 2), (1, 4, 1), (2, 16, 1), (2, 8, 1), (2, 4, 1), (2, 2, 1), (3, 4, 1), (2, 4, 2)]
 
 
 # A no-op re-run with the default model: the first run embeds the 10^4 tiny files once (cached

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--dry-run", action="store_true", help="print what would change, change nothing")
     _add(p, "--exclude", action="append", default=[], metavar="GLOB",
          help=f"skip files/folders matching GLOB (repeatable; always skipped: {' '.join(DEFAULT_EXCLUDES)})")
-    _add(p, "--batch-size", type=int, default=16, help="images per forward pass (and per DB commit)")
+    _add(p, "--batch-size", type=int, default=4, help="images per forward pass (and per DB commit)")
     _add(p, "--workers", type=int, default=2, help="decoding processes (0: decode in the main process)")
     _add(p, "--max-megapixels", type=float, default=150.0, help="refuse larger images (decompression bombs)")
     _add(p, "--no-progress", action="store_true", help="no progress bar (for cron)")
