@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fit a linear embedding head (Multi-Similarity loss) on labelled images",
                        description="Train e = W^T z + b on a frozen backbone's pooled features; the head file "
-                                   "is then used by: famsearch index PATH --head FILE (same --pooling/--input-size).")
+                                   "is then used by: famsearch index PATH --head FILE (same --pooling/--input-size). "
+                                   "Best measured on object composites: --pooling attn --input-size 320 "
+                                   "(Recall@1 78%% vs 12%% untrained; docs/heads.md).")
     p.add_argument("dataset", type=Path, metavar="DATASET",
                    help="a folder with annotations.jsonl (its 'train' split) or with one sub-folder per label")
     _common(p)
