@@ -158,28 +158,42 @@ class QueryEngine:
                 f"nothing is indexed in {settings.home}; run: famsearch index PHOTO_FOLDER --home {settings.home}"
             )
         self.store = open_store(settings.database_url)
-        metas = self.store.get_metas(("model", "index"))  # one snapshot: the model and its files' generation
-        stored, self.index_info = metas.get("model"), metas.get("index") or {}
-        generation = int(self.index_info.get("generation", 0))
-        if not stored or self.store.counts()["images"] == 0:
-            raise IndexMissingError(
-                f"nothing is indexed in {settings.home}; run: famsearch index PHOTO_FOLDER --home {settings.home}"
-            )
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        for attempt in range(3):
+            stored, generation = self._snapshot()
+            try:
+                self.head = self._load_head(stored, generation).to(device)
+                break
+            except ValueError:  # its generation's files went meanwhile: two re-indexes finished since the snapshot
+                if attempt == 2 or self._snapshot()[1] == generation:
+                    raise
         # Queries in the gallery's arithmetic where this machine has it (bf16 falls back to fp32).
         precision = "auto" if stored.get("precision") == "bf16" else "fp32"
         self.encoder = load_encoder(
             stored["backbone"], stored.get("weights_path"), stored["input_size"], stored["pooling"], device, precision
         )
         check_identity(stored, self.encoder.identity)
-        head_file = settings.head_file(generation)
-        self.head = (load_head(head_file) if stored.get("head", "none") != "none" else Head()).to(device)
-        if self.head.digest != stored.get("head_sha256", "identity"):
-            raise ModelMismatchError(f"{head_file} is not the head the index was built with; re-run famsearch index")
         self.model = stored
         self.index = to_gpu_if_available(self._load_or_rebuild_index(settings.index_file(generation)))
         # Match-side maps without a backbone pass; None when the home has no cache (index --no-map-cache).
         self.feature_cache = FeatureCache.open(settings.home, self.encoder.identity)
+
+    def _snapshot(self) -> tuple[dict, int]:
+        """The stored model and the generation of its index/head files, read in one SELECT."""
+        metas = self.store.get_metas(("model", "index"))
+        stored, self.index_info = metas.get("model"), metas.get("index") or {}
+        if not stored or self.store.counts()["images"] == 0:
+            home = self.settings.home
+            raise IndexMissingError(f"nothing is indexed in {home}; run: famsearch index PHOTO_FOLDER --home {home}")
+        return stored, int(self.index_info.get("generation", 0))
+
+    def _load_head(self, stored: dict, generation: int) -> Head:
+        """The head file of this generation, checked against the model it was stored with."""
+        head_file = self.settings.head_file(generation)
+        head = load_head(head_file) if stored.get("head", "none") != "none" else Head()
+        if head.digest != stored.get("head_sha256", "identity"):
+            raise ModelMismatchError(f"{head_file} is not the head the index was built with; re-run famsearch index")
+        return head
 
     def _load_or_rebuild_index(self, path: Path):
         n_ok = self.store.counts()["images"]

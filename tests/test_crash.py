@@ -160,3 +160,27 @@ def test_each_rebuild_is_a_new_generation_and_only_the_previous_one_is_kept(caps
     assert not snapshot_.dirty
     assert {g: sorted(p.name for p in paths) for g, paths in settings.generation_files().items()} == {
         3: ["head-3.pt", "index-3.faiss"], 4: ["head-4.pt", "index-4.faiss"]}
+
+
+def test_a_reader_whose_generation_was_deleted_by_two_later_re_indexes_opens_the_newest(capsys, gallery, home, monkeypatch):
+    import retrieval.engine as engine_module
+    from retrieval.config import Settings
+
+    run_json(capsys, "index", gallery, "--home", home, *TOY, "--workers", "0", "--head", "pcaw")
+    real_load_head = engine_module.load_head
+    calls = []
+
+    def two_reindexes_then_load(path):
+        if not calls:  # the reader read generation 1; generations 2 and 3 land, and 1 is deleted
+            for seed in (70, 71):
+                draw_picture(seed).save(gallery / f"late{seed}.png")
+                run_json(capsys, "index", gallery, "--home", home, *TOY, "--workers", "0")
+        calls.append(path)
+        return real_load_head(path)
+
+    monkeypatch.setattr(engine_module, "load_head", two_reindexes_then_load)
+    engine = engine_module.QueryEngine(Settings(home=home))
+    assert [p.name for p in calls] == ["head-1.pt", "head-3.pt"]  # the first one was gone: snapshot read again
+    assert engine.index.ntotal == 10
+    result = engine.query(engine.load_query(gallery / "late71.png"), k=1, explainer="none")
+    assert result.matches[0].path == str(gallery / "late71.png") and result.matches[0].score == pytest.approx(1.0, abs=1e-5)
