@@ -33,6 +33,9 @@ GROUP_CHOICES = ("none", "topk")
 class IndexMissingError(ValueError):
     """No usable index in this home: the shell should say how to build one."""
 
+    def __init__(self, home: Path):
+        super().__init__(f"nothing is indexed in {home}; run: famsearch index PHOTO_FOLDER --home {home}")
+
 
 class ModelMismatchError(ValueError):
     """The stored vectors were made by another model than the one asked for."""
@@ -154,9 +157,7 @@ class QueryEngine:
     def __init__(self, settings: Settings, device: str | None = None):
         self.settings = settings
         if settings.db_url is None and not (settings.home / "famsearch.db").exists():
-            raise IndexMissingError(
-                f"nothing is indexed in {settings.home}; run: famsearch index PHOTO_FOLDER --home {settings.home}"
-            )
+            raise IndexMissingError(settings.home)
         self.store = open_store(settings.database_url)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         for attempt in range(3):
@@ -183,8 +184,7 @@ class QueryEngine:
         metas = self.store.get_metas(("model", "index"))
         stored, self.index_info = metas.get("model"), metas.get("index") or {}
         if not stored or self.store.counts()["images"] == 0:
-            home = self.settings.home
-            raise IndexMissingError(f"nothing is indexed in {home}; run: famsearch index PHOTO_FOLDER --home {home}")
+            raise IndexMissingError(self.settings.home)
         return stored, int(self.index_info.get("generation", 0))
 
     def _load_head(self, stored: dict, generation: int) -> Head:
