@@ -19,7 +19,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from indexer.scan import DEFAULT_EXCLUDES
-from retrieval.config import BACKBONES, DEFAULT_EXPLAINER, ENV_PREFIX, PRECISIONS, Settings, default_home
+from retrieval.config import (
+    BACKBONES, DEFAULT_EXPLAINER, ENV_PREFIX, PRECISIONS, Settings, default_home, index_generation,
+)
 from retrieval.images import SUPPORTED_SUFFIXES, ImageError, load_image, overlay
 
 LOGGER = logging.getLogger("famsearch")
@@ -413,7 +415,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     store = open_store(settings.database_url)
     try:
         counts = store.counts()
-        index_file = settings.index_file((store.get_meta("index") or {}).get("generation", 0))
+        index_file = settings.index_file(index_generation(store.get_meta("index")))
         index = load_index(index_file) if index_file.exists() else None
         info = {**counts, "vectors": int(index.ntotal) if index is not None else 0,
                 "model": store.get_meta("model"), "index_type": index_type_of(index) if index is not None else None,

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from indexer.scan import DEFAULT_EXCLUDES, FileStat, content_hash, file_hash, scan
-from retrieval.config import Settings
+from retrieval.config import Settings, index_generation
 from retrieval.encoder import Encoder, Preprocess
 from retrieval.engine import check_identity, index_from_store, model_identity
 from retrieval.featcache import FeatureCache, cache_batch, open_for_indexing
@@ -340,7 +340,7 @@ def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choic
     head with a new index, or the reverse.
     """
     info = store.get_meta("index") or {}
-    generation = int(info.get("generation", 0)) + 1
+    generation = index_generation(info) + 1
     store.set_meta("index", {**info, "dirty": True})
     head = resolve_head(store, head_choice)
     index = index_from_store(store, head)
@@ -414,7 +414,7 @@ def sync(
             cache.close()
     summary = _settle(summary, outcomes)
     head_changed = options.head is not None and options.head != store.get_meta("head_choice")
-    index_file = settings.index_file(index_meta.get("generation", 0))
+    index_file = settings.index_file(index_generation(index_meta))
     if changed or head_changed or index_meta.get("dirty", True) or not index_file.exists() or full:
         rebuild_index(store, settings, encoder, options.head)
     seconds = time.perf_counter() - start

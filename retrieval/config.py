@@ -20,6 +20,11 @@ PRECISIONS = ("fp32", "bf16", "auto")
 DEFAULT_EXPLAINER = "gradcam"
 
 
+def index_generation(index_meta: dict | None) -> int:
+    """The committed generation recorded in the DB's meta "index" (0: a home from before generations)."""
+    return int((index_meta or {}).get("generation", 0))
+
+
 def default_home() -> Path:
     """$FAMSEARCH_HOME, else the user data directory (never inside the photo folders)."""
     return Path(os.environ.get(ENV_PREFIX + "HOME") or platformdirs.user_data_dir("famsearch"))

@@ -15,7 +15,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from retrieval import fam as explainers
-from retrieval.config import DEFAULT_EXPLAINER, Settings
+from retrieval.config import DEFAULT_EXPLAINER, Settings, index_generation
 from retrieval.encoder import Encoder, load_encoder
 from retrieval.featcache import FeatureCache
 from retrieval.head import Head, load_head
@@ -161,12 +161,13 @@ class QueryEngine:
         self.store = open_store(settings.database_url)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         for attempt in range(3):
-            stored, generation = self._snapshot()
+            stored, self.index_info = self._snapshot()
+            generation = index_generation(self.index_info)
             try:
                 self.head = self._load_head(stored, generation).to(device)
                 break
             except ValueError:  # its generation's files went meanwhile: two re-indexes finished since the snapshot
-                if attempt == 2 or self._snapshot()[1] == generation:
+                if attempt == 2 or index_generation(self._snapshot()[1]) == generation:
                     raise
         # Queries in the gallery's arithmetic where this machine has it (bf16 falls back to fp32).
         precision = "auto" if stored.get("precision") == "bf16" else "fp32"
@@ -179,13 +180,12 @@ class QueryEngine:
         # Match-side maps without a backbone pass; None when the home has no cache (index --no-map-cache).
         self.feature_cache = FeatureCache.open(settings.home, self.encoder.identity)
 
-    def _snapshot(self) -> tuple[dict, int]:
-        """The stored model and the generation of its index/head files, read in one SELECT."""
+    def _snapshot(self) -> tuple[dict, dict]:
+        """The stored model and the index meta (dirty flag, generation of its files), read in one SELECT."""
         metas = self.store.get_metas(("model", "index"))
-        stored, self.index_info = metas.get("model"), metas.get("index") or {}
-        if not stored or self.store.counts()["images"] == 0:
+        if not metas.get("model") or self.store.counts()["images"] == 0:
             raise IndexMissingError(self.settings.home)
-        return stored, int(self.index_info.get("generation", 0))
+        return metas["model"], metas.get("index") or {}
 
     def _load_head(self, stored: dict, generation: int) -> Head:
         """The head file of this generation, checked against the model it was stored with."""

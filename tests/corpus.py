@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.scan import scan
-from retrieval.config import Settings
+from retrieval.config import Settings, index_generation
 from retrieval.schema import STATUS_OK
 from retrieval.search import index_ids, load_index
 from retrieval.store import bytes_to_embedding, open_store
@@ -160,7 +160,7 @@ def snapshot(home: Path) -> Snapshot:
         dirty = info.get("dirty", True)
     finally:
         store.close()
-    index_file = settings.index_file(info.get("generation", 0))
+    index_file = settings.index_file(index_generation(info))
     ids = index_ids(load_index(index_file)).tolist() if index_file.exists() else []
     rows = {path: (row_id, status, None if blob is None else bytes_to_embedding(blob)) for path, row_id, status, blob in found}
     return Snapshot(rows, ids, dirty)
