@@ -349,3 +349,18 @@ def test_a_re_index_is_picked_up_without_restarting_the_ui(indexed, gallery, mon
     assert code == 0 and summary["added"] == 1
     at.run()  # the index file was swapped: a new engine is loaded, the query re-run
     assert not at.exception and "Top 9" in _texts(at)
+
+
+def test_the_engine_cache_key_is_the_committed_generation_not_the_files_on_disk(capsys, indexed, gallery, tmp_path):
+    settings = Settings(home=indexed)
+    committed = queries.index_stamp(settings)
+    # A re-index has written its next generation's files but not committed it yet: an engine built
+    # now still opens `committed`, so caching it under a newer key would keep it after the commit.
+    (indexed / f"index-{committed + 1}.faiss").write_bytes(b"")
+    assert queries.index_stamp(settings) == committed
+    draw_picture(40).save(gallery / "new.png")
+    run_json(capsys, "index", gallery, "--home", indexed, "--model", "toy", "--input-size", "64", "--workers", "0",
+             "--no-progress")
+    assert queries.index_stamp(settings) == committed + 1
+    empty = tmp_path / "empty-home"
+    assert queries.index_stamp(Settings(home=empty)) is None and not empty.exists()  # nothing created

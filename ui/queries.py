@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from retrieval.config import ENV_PREFIX, Settings, default_home
+from retrieval.config import ENV_PREFIX, Settings, default_home, index_generation
 from retrieval.engine import QueryEngine
 from retrieval.images import ImageError, decode_image, load_image
+from retrieval.store import open_store
 from ui.pictures import fit_within
 
 MAX_UPLOAD_MB = 20  # uploads over this are refused before decoding
@@ -61,11 +62,13 @@ def settings_from_env() -> Settings:
 
 
 def index_stamp(settings: Settings) -> int | None:
-    """The newest index generation on disk (each rebuild writes one), so a re-index loads a fresh engine."""
-    try:
-        return max(settings.generation_files(), default=None)
-    except OSError:
+    """The committed index generation (what a new QueryEngine opens; each rebuild commits the next),
+    so a re-index loads a fresh engine. Read from the DB, not from the files on disk: a re-index
+    writes its files before it commits them. None when nothing was indexed (nothing is created)."""
+    if settings.db_url is None and not (settings.home / "famsearch.db").exists():
         return None
+    with open_store(settings.database_url) as store:
+        return index_generation(store.get_meta("index"))
 
 
 def digest(data: bytes) -> str:
