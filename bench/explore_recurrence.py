@@ -16,39 +16,30 @@ cells; see docs/heads.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from itertools import product
 from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 from scipy import ndimage
 
-DATA = Path(os.environ.get("FAMSEARCH_DATA", "/work/shared/data"))
-CACHE = Path(os.environ.get("FAMSEARCH_BENCH_CACHE", "/tmp/famsearch-bench"))
+from bench_heads import COMPOSITES, TRAIN, feature_maps, read_rows  # same folder: one feature-map cache
+from retrieval.head import fit_pcaw
+
 TAU = 0.5  # cosine at which two cells count as the same content (chosen on clipart-train, see --taus)
 
 
-def feature_maps(dataset: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A (M, N, h, w) float32, labels, splits of every annotated image; A cached as float16."""
-    rows = [json.loads(line) for line in (dataset / "annotations.jsonl").read_text().splitlines() if line.strip()]
-    file = CACHE / f"recurrence-{dataset.name}-{size}.npy"
-    if not file.is_file():
-        from retrieval.encoder import load_encoder
-        from retrieval.images import load_image
-
-        encoder = load_encoder(input_size=size)
-        maps = [encoder.encode([load_image(dataset / r["path"]) for r in rows[i:i + 16]])[0].half().numpy()
-                for i in range(0, len(rows), 16)]
-        CACHE.mkdir(parents=True, exist_ok=True)
-        np.save(file, np.concatenate(maps))
+def labelled_maps(dataset: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A (M, N, h, w) float32 (bench_heads' cache), labels and splits of every annotated image; a set
+    without query/gallery splits (a training set) gets the first view of each label as its query."""
+    rows = read_rows(dataset)
     labels = np.array([r["label"] for r in rows])
     splits = np.array([r.get("split", "") for r in rows])
-    if not {"query", "gallery"} <= set(splits):  # a training set: first view of each label is the query
+    if not {"query", "gallery"} <= set(splits):
         seen: set[str] = set()
         splits = np.array(["gallery" if label in seen or seen.add(label) else "query" for label in labels])
-    return np.load(file).astype(np.float32), labels, splits
+    return np.asarray(feature_maps(dataset, size), dtype=np.float32), labels, splits
 
 
 class Cues:
@@ -79,28 +70,19 @@ class Cues:
             kth = np.sort(weights, 1)[:, -max(1, int(top * h * w))][:, None]
             weights = (weights >= kth).astype(np.float32)
         pooled = (self.cells * (weights / weights.mean(1, keepdims=True))[:, :, None]).mean(1)
-        if whiten:
-            pooled = _pcaw(pooled, self.g)
+        if whiten:  # as `--head pcaw`, fitted on the gallery rows, 256-d
+            pooled = fit_pcaw(torch.from_numpy(pooled[self.g]), dim=256)(torch.from_numpy(pooled)).numpy()
         pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
         best = self.g[(pooled[self.q] @ pooled[self.g].T).argmax(1)]
         return 100.0 * float(np.mean(self.labels[best] == self.labels[self.q]))
-
-
-def _pcaw(pooled: np.ndarray, gallery: np.ndarray, dim: int = 256, shrinkage: float = 0.1) -> np.ndarray:
-    """PCA-whitening fitted on the gallery rows (as `--head pcaw`, 256-d)."""
-    mean = pooled[gallery].mean(0)
-    _, singular, vh = np.linalg.svd(pooled[gallery] - mean, full_matrices=False)
-    eig = singular**2 / (len(gallery) - 1)
-    keep = min(dim, len(gallery) - 1)
-    return (pooled - mean) @ (vh[:keep].T / np.sqrt(eig[:keep] + shrinkage * eig[:keep].mean()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320)
     args = parser.parse_args()
-    train = Cues(*feature_maps(DATA / "clipart-train", args.size))
-    test = Cues(*feature_maps(DATA / "clipart-composites", args.size))
+    train = Cues(*labelled_maps(TRAIN, args.size))
+    test = Cues(*labelled_maps(COMPOSITES, args.size))
     grid = list(product((1.0, 2.0, 4.0), (0.0, 1.0, 2.0), (False, True), (1.0, 0.3, 0.15), (False, True)))
     on_train = {config: train.recall_at_1(*config) for config in grid}
     print(f"{args.size} px, tau {TAU}; {len(grid)} settings scored on clipart-train (200 queries), the 5 best "
