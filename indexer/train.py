@@ -82,19 +82,25 @@ def cached_pooled(
     maps: bool = False,
 ) -> Tensor:
     """`embed_pooled`, memoised on disk by (model identity, file list, sizes, mtimes)."""
+    return memoised(encoder, paths, cache_dir, [flip, maps],
+                    lambda: embed_pooled(encoder, paths, progress=progress, flip=flip, maps=maps))
+
+
+def memoised(encoder: Encoder, paths: list[Path], cache_dir: Path | None, tag, compute: Callable[[], Tensor]) -> Tensor:
+    """compute() cached as .npy under cache_dir, keyed by (model identity, tag, file list, sizes, mtimes)."""
     if cache_dir is None:
-        return embed_pooled(encoder, paths, progress=progress, flip=flip, maps=maps)
-    key = hashlib.sha256(json.dumps([encoder.identity, flip, maps]).encode())
+        return compute()
+    key = hashlib.sha256(json.dumps([encoder.identity, *(tag if isinstance(tag, list) else [tag])]).encode())
     for p in paths:
         stat = p.stat()
         key.update(f"{p.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     file = Path(cache_dir) / f"pooled-{key.hexdigest()[:20]}.npy"
     if file.is_file():
         return torch.from_numpy(np.load(file))
-    pooled = embed_pooled(encoder, paths, progress=progress, flip=flip, maps=maps)
+    result = compute()
     file.parent.mkdir(parents=True, exist_ok=True)
-    np.save(file, pooled.numpy())
-    return pooled
+    np.save(file, result.numpy())
+    return result
 
 
 def read_masks(dataset: Path, split: str = "train") -> list[Path]:
@@ -232,6 +238,13 @@ def loss_and_miner(name: str):
     raise ValueError(f"unknown loss {name!r}; choose ms")
 
 
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch and numpy (MPerClassSampler draws from numpy's global generator); a torch generator."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
 def train_head(
     pooled: Tensor, labels: list[str], options: TrainOptions = TrainOptions(),
     log: Callable[[str], None] = LOGGER.info,
@@ -240,34 +253,57 @@ def train_head(
 
     With val_fraction = 0 there is no validation: all epochs run and the last head is kept.
     """
+    generator = seed_everything(options.seed)
+    train_idx, _ = split_labels(labels, options.val_fraction, options.seed)
+    pooled = pooled.float()
+    start = initial_head(pooled[train_idx], min(options.dim, pooled.shape[1]), options.init, options.shrinkage, generator)
+    model = LinearHead(start.weight, start.bias)
+    return fit_metric(model, pooled, labels, options, [{"params": model.parameters()}], model.frozen, log=log)
+
+
+def fit_metric(
+    model: torch.nn.Module, inputs: Tensor, labels: list[str], options: TrainOptions, param_groups: list[dict],
+    snapshot: Callable[[], object], log: Callable[[str], None] = LOGGER.info, val_batch: int = 256,
+) -> tuple[object, History]:
+    """The Multi-Similarity training loop shared by `train_head` and last-stage fine-tuning.
+
+    `model` maps rows of `inputs` (pooled vectors, or cached backbone activations) to embeddings;
+    AdamW over `param_groups`; batches of `per_label` images per label (MPerClassSampler); after
+    each epoch Recall@1 among the held-out labels; `snapshot()` of the best epoch is returned,
+    and training stops after `patience` epochs without gain. Seeded by `options.seed`.
+    """
     from pytorch_metric_learning.samplers import MPerClassSampler
 
-    torch.manual_seed(options.seed)
-    np.random.seed(options.seed)  # MPerClassSampler draws from numpy's global generator
-    generator = torch.Generator().manual_seed(options.seed)
+    seed_everything(options.seed)
     codes = torch.tensor([sorted(set(labels)).index(label) for label in labels])
     train_idx, val_idx = split_labels(labels, options.val_fraction, options.seed)
-    pooled = pooled.float()
-    train_z, train_y = pooled[train_idx], codes[train_idx]
-    val_z, val_y = pooled[val_idx], codes[val_idx]
-    start = initial_head(train_z, min(options.dim, train_z.shape[1]), options.init, options.shrinkage, generator)
-    model = LinearHead(start.weight, start.bias)
+    train_x, train_y = inputs[train_idx], codes[train_idx]
+    val_x, val_y = inputs[val_idx], codes[val_idx]
+
+    def val_recall() -> float:
+        model.eval()
+        with torch.no_grad():
+            embs = torch.cat([model(chunk.float()) for chunk in val_x.split(val_batch)])
+        model.train()
+        return recall_at_1(embs, val_y)
+
     loss_fn, miner = loss_and_miner(options.loss)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    optimiser = torch.optim.AdamW(param_groups, lr=options.lr, weight_decay=options.weight_decay)
     batch_size = min(options.batch_size, len(train_idx) - len(train_idx) % options.per_label)
     sampler = MPerClassSampler(train_y, options.per_label, batch_size=batch_size, length_before_new_iter=len(train_idx))
     history = History()
-    best = model.frozen()
+    best = snapshot()
     if val_idx:
-        history.best_recall = history.initial_recall = recall_at_1(best(val_z), val_y)
+        history.best_recall = history.initial_recall = val_recall()
         log(f"epoch 0 (init {options.init}): val Recall@1 {history.best_recall:.3f}")
     since_best = 0
+    model.train()
     for epoch in range(1, options.epochs + 1):
         order = torch.tensor(list(iter(sampler)))
         losses = []
         batches = order.split(batch_size)
         for batch in tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not options.progress):
-            embs = model(train_z[batch])
+            embs = model(train_x[batch].float())
             loss = loss_fn(embs, train_y[batch], miner(embs, train_y[batch]))
             optimiser.zero_grad()
             loss.backward()
@@ -275,18 +311,18 @@ def train_head(
             losses.append(loss.item())
         row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan")}
         if val_idx:
-            with torch.no_grad():
-                row["val_recall_at_1"] = recall_at_1(model(val_z), val_y)
+            row["val_recall_at_1"] = val_recall()
         history.epochs.append(row)
         log(f"epoch {epoch}: loss {row['loss']:.4f}" + (f", val Recall@1 {row['val_recall_at_1']:.3f}" if val_idx else ""))
         if not val_idx or row["val_recall_at_1"] > history.best_recall:
-            best, history.best_epoch, since_best = model.frozen(), epoch, 0
+            best, history.best_epoch, since_best = snapshot(), epoch, 0
             history.best_recall = row.get("val_recall_at_1", float("nan"))
         else:
             since_best += 1
             if since_best >= options.patience:
                 log(f"early stop: no gain for {options.patience} epochs; keeping epoch {history.best_epoch}")
                 break
+    model.eval()
     return best, history
 
 
@@ -294,13 +330,18 @@ def train_head(
 def run_training(
     dataset: Path, out: Path, options: TrainOptions, model: str = "efficientnet_lite0", weights: str | None = None,
     input_size: int = 224, pooling: str = "gap", device: str = "cpu", cache_dir: Path | None = None,
-    flip: bool = False, log: Callable[[str], None] = print, precision: str = "fp32",
+    flip: bool = False, log: Callable[[str], None] = print, precision: str = "fp32", finetune: bool = False,
 ) -> dict:
-    """Read, embed (cached), train, write the head file; returns the summary printed by the CLI."""
+    """Read, embed (cached), train, write the head file (and with `finetune` the tuned backbone
+    weights, OUT with suffix .backbone.pth); returns the summary printed by the CLI."""
     from retrieval.encoder import load_encoder
 
     paths, labels = read_labelled(dataset)
-    log(f"{len(paths)} images of {len(set(labels))} labels; embedding with {model} @{input_size}px, {pooling}")
+    log(f"{len(paths)} images of {len(set(labels))} labels; embedding with {model} @{input_size}px, {pooling}"
+        + (", last stage fine-tuned" if finetune else ""))
+    if finetune:
+        return _run_finetune(dataset, out, options, paths, labels, model, weights, input_size, pooling, device,
+                             cache_dir, flip, log, precision)
     if pooling == "attn":
         encoder, pooled = _objectness_pooled(dataset, out, paths, model, weights, input_size, device, cache_dir, options,
                                              log, precision)
@@ -311,13 +352,49 @@ def run_training(
         mirrored = cached_pooled(encoder, paths, cache_dir, flip=True, progress=options.progress)
         pooled, labels = torch.cat([pooled, mirrored]), labels + labels
     head, history = train_head(pooled, labels, options, log=log)
+    return _write_head(head, history, out, encoder, dataset, options, paths, labels)
+
+
+def _write_head(head: Head, history: History, out: Path, encoder: Encoder, dataset: Path, options: TrainOptions,
+                paths: list[Path], labels: list[str], **extra) -> dict:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     head.save(Path(out), meta={**encoder.identity, "trained_on": str(Path(dataset).resolve()),
                                "loss": options.loss, "best_epoch": history.best_epoch})
     return {"out": str(out), "dim": int(head.weight.shape[1]), "images": len(paths), "labels": len(set(labels)),
             "best_epoch": history.best_epoch, "val_recall_at_1": round(history.best_recall, 4),
             "epochs": history.epochs, "head_sha256": head.digest, "model": encoder.identity,
-            "pooling": encoder.pooling}
+            "pooling": encoder.pooling, **extra}
+
+
+def _run_finetune(dataset, out, options, paths, labels, model, weights, input_size, pooling, device, cache_dir, flip,
+                  log, precision) -> dict:
+    """--finetune: trunk features once (cached), objectness probe on the untuned maps for attn,
+    tail + head trained together, tuned weights written next to the head."""
+    from indexer import finetune as ft
+    from retrieval.backbone import _lite0_weights
+    from retrieval.encoder import load_encoder
+
+    plain = load_encoder(model, weights, input_size, "gap", device, precision, lazy=True)
+    ft.check_finetunable(plain)
+    features = memoised(plain, paths, cache_dir, "trunk",
+                        lambda: ft.trunk_features(plain, paths, progress=options.progress))
+    if flip:
+        mirrored = memoised(plain, paths, cache_dir, "trunk-flip",
+                            lambda: ft.trunk_features(plain, paths, progress=options.progress, flip=True))
+        features, labels = torch.cat([features, mirrored]), labels + labels
+    backbone = plain.backbone.model
+    objectness = None
+    if pooling == "attn":
+        frozen_maps = ft.untuned_maps(backbone, features[:len(paths)])
+        objectness, pooling = _fit_probe(dataset, out, frozen_maps, log)
+    (tail_state, head), history = ft.finetune(features, labels, backbone, pooling, objectness, options, log=log)
+    packaged = torch.load(_lite0_weights(weights), map_location="cpu", weights_only=True)
+    weights_out = Path(out).with_suffix(".backbone.pth")
+    weights_out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ft.tuned_state(packaged, tail_state, len(backbone._blocks) - 1), weights_out)
+    log(f"fine-tuned backbone weights written to {weights_out}")
+    encoder = load_encoder(model, str(weights_out), input_size, pooling, device, precision, lazy=True)
+    return _write_head(head, history, out, encoder, dataset, options, paths, labels, weights=str(weights_out))
 
 
 def _objectness_pooled(dataset, out, paths, model, weights, input_size, device, cache_dir, options, log, precision):
@@ -326,6 +403,14 @@ def _objectness_pooled(dataset, out, paths, model, weights, input_size, device, 
 
     plain = load_encoder(model, weights, input_size, "gap", device, precision)
     feature_maps = cached_pooled(plain, paths, cache_dir, progress=options.progress, maps=True).float()
+    _, pooling = _fit_probe(dataset, out, feature_maps, log)
+    encoder = load_encoder(model, weights, input_size, pooling, device, precision)
+    return encoder, pool_feature_map(feature_maps, encoder.pooling, objectness=encoder.objectness)
+
+
+def _fit_probe(dataset: Path, out: Path, feature_maps: Tensor, log: Callable[[str], None]):
+    """Fit the objectness probe on (M, N, h, w) maps and the dataset's masks; write it next to the
+    head as OUT.objectness.pt. Returns (probe, the pooling string 'attn:FILE')."""
     masks = torch.stack([mask_grid(m, feature_maps.shape[-2:]) for m in read_masks(dataset)])  # (M, h, w)
     objectness = fit_objectness(feature_maps, masks)
     file = Path(out).with_suffix(".objectness.pt")
@@ -333,5 +418,4 @@ def _objectness_pooled(dataset, out, paths, model, weights, input_size, device, 
     objectness.save(file)
     share = float((objectness(feature_maps) * masks).mean() / masks.mean().clamp_min(1e-12))
     log(f"objectness probe written to {file} (object cells weigh {share:.2f}x the average cell)")
-    encoder = load_encoder(model, weights, input_size, f"attn:{file.resolve()}", device, precision)
-    return encoder, pool_feature_map(feature_maps, encoder.pooling, objectness=encoder.objectness)
+    return objectness, f"attn:{file.resolve()}"
