@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--seed", type=int, default=0, help="seed of the label split, sampler and initialisation")
     _add(p, "--init", default="random", choices=("random", "pcaw"), help="start from random weights or PCA-whitening")
     _add(p, "--flip", action="store_true", help="add mirrored copies of the training images (2x embedding)")
+    _add(p, "--finetune", action="store_true",
+         help="also train the backbone's last stage (Lite0 block 15 + conv head, at a tenth of --lr) on cached "
+              "trunk features; writes the tuned weights next to --out as .backbone.pth (pass them as --weights)")
     _model_flags(p, pooling=False)
     _add(p, "--pooling", default="gap", choices=("gap", "gem", "sqrt", "attn"),
          help="as for famsearch index; attn also fits an objectness probe on the dataset's masks "
@@ -475,13 +478,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or settings_from(args).home / "cache"
     summary = run_training(args.dataset, args.out, options, args.model, args.weights, args.input_size,
                            args.pooling, _device(args), cache_dir, args.flip, precision=args.precision,
-                           log=(lambda line: None) if args.json else print)
+                           log=(lambda line: None) if args.json else print, finetune=args.finetune)
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"head ({summary['dim']}-d, best epoch {summary['best_epoch']}, val Recall@1 "
               f"{summary['val_recall_at_1']}) written to {args.out}; use it with: famsearch index PATH "
-              f"--head {args.out} --pooling {summary['pooling']} --input-size {args.input_size}")
+              f"--head {args.out} --pooling {summary['pooling']} --input-size {args.input_size}"
+              + (f" --weights {summary['weights']}" if "weights" in summary else ""))
     return EXIT_OK
 
 

@@ -1,0 +1,116 @@
+"""`famsearch train --finetune`: the tuned last stage is saved so that loading it reproduces it
+exactly, the frozen layers stay the packaged ones, training learns, and the product uses the result."""
+import numpy as np
+import pytest
+import torch
+
+from indexer.finetune import Tail, finetune, trunk, tuned_state, untuned_maps
+from indexer.train import TrainOptions
+from retrieval.backbone import _lite0_weights, load_backbone
+from retrieval.head import Head, head_meta, load_head
+from tests.conftest import run_cli, run_json
+from tests.test_train import _clustered_features, _masked_dataset
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_backbone("efficientnet_lite0").model
+
+
+@pytest.fixture(scope="module")
+def packaged():
+    return torch.load(_lite0_weights(None), map_location="cpu", weights_only=True)
+
+
+def _images(seed: int, n: int = 2, size: int = 96) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _perturbed_tail(model, seed: int = 0) -> Tail:
+    """The packaged tail with every tuned tensor moved, as training would."""
+    head = Head("linear", torch.randn(1280, 8), torch.zeros(8))
+    tail = Tail(model, head, "gap", None)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tail.named_parameters():
+            if not name.startswith("head."):
+                p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    return tail
+
+
+def test_saved_tuned_weights_reload_to_exactly_the_trained_tail(lite0, packaged, tmp_path):
+    tail = _perturbed_tail(lite0)
+    state, _ = tail.snapshot()
+    torch.save(tuned_state(packaged, state, len(lite0._blocks) - 1), tmp_path / "tuned.pth")
+    reloaded = load_backbone("efficientnet_lite0", weights=str(tmp_path / "tuned.pth")).model
+    x = _images(0)
+    with torch.no_grad():
+        expected = tail.feature_maps(trunk(lite0, x))
+        torch.testing.assert_close(reloaded.forward_features(x), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(trunk(reloaded, x), trunk(lite0, x))  # the frozen layers are the packaged ones
+        assert (reloaded.forward_features(x) - lite0.forward_features(x)).abs().max() > 1e-2  # and the tail moved
+
+
+def test_an_untrained_tail_saves_the_packaged_model(lite0, packaged, tmp_path):
+    state, _ = Tail(lite0, Head("linear", torch.zeros(1280, 4), torch.zeros(4)), "gap", None).snapshot()
+    torch.save(tuned_state(packaged, state, len(lite0._blocks) - 1), tmp_path / "same.pth")
+    reloaded = load_backbone("efficientnet_lite0", weights=str(tmp_path / "same.pth")).model
+    x = _images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.forward_features(x), lite0.forward_features(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(untuned_maps(lite0, trunk(lite0, x)), lite0.forward_features(x))
+
+
+def test_finetuning_learns_the_training_labels_and_keeps_its_best_validation_epoch(lite0):
+    """Trunk features where the label lives in a few channels under shared noise: the tuned tail and
+    head separate the training labels far better than the starting ones; the kept snapshot is the
+    best validation epoch's (generalisation to unseen objects is measured by bench/heads_eval.sh)."""
+    from indexer.train import recall_at_1, split_labels
+
+    pooled, labels = _clustered_features(0, n_labels=64)  # (256, 24)
+    g = torch.Generator().manual_seed(1)
+    features = 0.5 * torch.randn(len(pooled), 192, 3, 3, generator=g)
+    features[:, :24] += 4 * pooled[:, :, None, None]
+    options = TrainOptions(dim=16, epochs=6, lr=3e-3, batch_size=32, val_fraction=0.25, patience=6, progress=False)
+    (state, head), history = finetune(features, labels, lite0, "gap", None, options, log=lambda line: None)
+    train_idx, _ = split_labels(labels, options.val_fraction, options.seed)
+    codes = torch.tensor([sorted(set(labels)).index(label) for label in labels])[train_idx]
+    tuned = Tail(lite0, head, "gap", None)
+    tuned.load_state_dict({**state, **{f"head.{k}": v for k, v in tuned.head.state_dict().items()}})
+    start = Tail(lite0, Head("linear", torch.randn(1280, 16, generator=g), torch.zeros(16)), "gap", None)
+    with torch.no_grad():
+        before, after = recall_at_1(start(features[train_idx]), codes), recall_at_1(tuned(features[train_idx]), codes)
+    assert after > before + 0.3, (before, after)
+    best = max(history.epochs, key=lambda row: row["val_recall_at_1"])
+    assert history.best_recall == max(history.initial_recall, best["val_recall_at_1"])
+    assert head.kind == "linear" and head.weight.shape == (1280, 16)
+
+
+def test_finetune_writes_weights_that_index_and_explain_use(capsys, tmp_path, gallery, home):
+    out = tmp_path / "head.pt"
+    code, summary = run_json(capsys, "train", _masked_dataset(tmp_path / "masked"), "--out", out, "--input-size", "64",
+                             "--epochs", "2", "--dim", "8", "--val-fraction", "0.34", "--pooling", "attn",
+                             "--finetune", "--no-progress", "--home", home)
+    assert code == 0, summary
+    weights = tmp_path / "head.backbone.pth"
+    assert summary["weights"] == str(weights) and weights.is_file()
+    tuned = load_backbone("efficientnet_lite0", weights=str(weights))
+    assert head_meta(out)["weights_sha256"] == tuned.identity["weights_sha256"]
+    code, _ = run_json(capsys, "index", gallery, "--home", home, "--input-size", "64", "--workers", "0",
+                       "--no-progress", "--head", out, "--pooling", summary["pooling"], "--weights", weights)
+    assert code == 0
+    _, info = run_json(capsys, "info", "--home", home)
+    assert info["model"]["weights_sha256"] == tuned.identity["weights_sha256"]
+    assert info["model"]["head_sha256"] == load_head(out).digest
+    pictures = sorted(gallery.glob("*.png"))
+    code, result = run_json(capsys, "explain", pictures[0], pictures[1], "--home", home, "--explain", "fam-exact",
+                            "--out", tmp_path / "maps")
+    query_map = np.load(result["query_map"])
+    assert abs(query_map.sum() + result["offset"]["query"] - result["score"]) < 1e-4
+
+
+def test_finetune_of_a_backbone_without_a_last_stage_split_is_a_clear_error(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", _masked_dataset(tmp_path / "masked"), "--out", tmp_path / "h.pt",
+                           "--model", "toy", "--input-size", "64", "--finetune", "--no-progress")
+    assert code == 2 and "--finetune is implemented for efficientnet_lite0" in err
+    assert not (tmp_path / "h.pt").exists()
