@@ -4,6 +4,8 @@
 # of object styles it never saw (made with make_composites.py, as in bench/bench_heads.py), next to
 # the untrained default (GAP, no head, 224 px).
 #   bash bench/heads_eval.sh [SIZE] > bench/results/heads-eval-attn320.txt
+# TRAIN_ARGS adds train flags (TRAIN_ARGS=--finetune also tunes the last stage and evaluates with the
+# tuned --weights); SKIP_DEFAULT=1 leaves out the untrained default's runs.
 set -euo pipefail
 SIZE=${1:-320}
 DATA=${FAMSEARCH_DATA:-/work/shared/data}
@@ -22,12 +24,15 @@ fi
 EVAL=(eval --explain fam,fam-exact,gradcam --curve-pairs 5 --examples 0 --no-progress)
 echo "# $(date -u +%F), load $(cut -d' ' -f1-3 /proc/loadavg); famsearch train + famsearch eval, head trained at $SIZE px"
 "$FAMSEARCH" train "$DATA/clipart-train" --pooling attn --input-size "$SIZE" --out "$WORK/head.pt" \
-  --home "$WORK/train-home" --no-progress | tail -3
+  --home "$WORK/train-home" --no-progress ${TRAIN_ARGS:-} | tail -3
 TRAINED=(--pooling "attn:$WORK/head.objectness.pt" --head "$WORK/head.pt" --input-size "$SIZE")
+if [ -f "$WORK/head.backbone.pth" ]; then TRAINED+=(--weights "$WORK/head.backbone.pth"); fi
 for dataset in "$DATA/clipart-composites" "$OTHER"; do
   name=$(basename "$dataset")
-  echo; echo "## $name: untrained default (gap, no head, 224 px)"
-  "$FAMSEARCH" "${EVAL[@]}" "$dataset" --home "$WORK/$name-default" | sed -n '1,/^Faithfulness/p' | head -n -1
-  echo "## $name: attn pooling + trained head, $SIZE px"
+  if [ -z "${SKIP_DEFAULT:-}" ]; then
+    echo; echo "## $name: untrained default (gap, no head, 224 px)"
+    "$FAMSEARCH" "${EVAL[@]}" "$dataset" --home "$WORK/$name-default" | sed -n '1,/^Faithfulness/p' | head -n -1
+  fi
+  echo "## $name: attn pooling + trained head${TRAIN_ARGS:+ ($TRAIN_ARGS)}, $SIZE px"
   "$FAMSEARCH" "${EVAL[@]}" "$dataset" "${TRAINED[@]}" --home "$WORK/$name-trained" | sed -n '1,/^Faithfulness/p' | head -n -1
 done
