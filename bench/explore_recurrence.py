@@ -27,7 +27,7 @@ from scipy import ndimage
 from bench_heads import COMPOSITES, TRAIN, feature_maps, read_rows  # same folder: one feature-map cache
 from retrieval.head import fit_pcaw
 
-TAU = 0.5  # cosine at which two cells count as the same content (chosen on clipart-train, see --taus)
+TAU = 0.5  # cosine at which two cells count as the same content (chosen on clipart-train)
 
 
 def labelled_maps(dataset: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
