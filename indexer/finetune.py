@@ -12,9 +12,9 @@ with an identity BN (weight 1, running mean 0, running variance 1 - eps, bias = 
 loading folds it back to exactly the trained convolution. The file's sha256 is part of the model
 identity, like any `--weights` file.
 
-    trunk_features(encoder, paths)  -> X (M, 192, h, w) float16   (cached)
-    Tail(model, head, pooling)      -> nn.Module: X -> e            (what is trained)
-    tuned_state(packaged, tail)     -> lukemelas state dict         (what is saved)
+    trunk_features(encoder, paths)          -> X (M, 192, h, w) float16   (cached; model.forward_trunk)
+    Tail(model, head, pooling)              -> nn.Module: X -> e            (what is trained; model.forward_tail)
+    tuned_state(packaged, tail, pairs)      -> lukemelas state dict         (what is saved)
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -42,14 +41,6 @@ def check_finetunable(encoder: Encoder) -> None:
         raise ValueError(f"--finetune is implemented for {', '.join(FINETUNE_BACKBONES)}, not {encoder.backbone_name}")
 
 
-def trunk(model: EfficientNetLite0, x: Tensor) -> Tensor:
-    """The frozen part: (B, 3, S, S) -> input of the last block (B, 192, h, w)."""
-    x = F.relu6(model._bn0(model._conv_stem(x)))
-    for block in model._blocks[:-1]:
-        x = block(x)
-    return x
-
-
 @torch.inference_mode()
 def trunk_features(
     encoder: Encoder, paths: list[Path], batch_size: int = 16, progress: bool = True, flip: bool = False,
@@ -62,54 +53,58 @@ def trunk_features(
         if flip:
             images = [im.transpose(0) for im in images]  # PIL FLIP_LEFT_RIGHT
         batch = torch.stack([encoder.preprocess(im) for im in images])
-        chunks.append(trunk(model, batch.to(encoder.device)).cpu().half())
+        chunks.append(model.forward_trunk(batch.to(encoder.device)).cpu().half())
     return torch.cat(chunks)
 
 
 @torch.inference_mode()
 def untuned_maps(model: EfficientNetLite0, features: Tensor, batch_size: int = 128) -> Tensor:
     """Trunk features through the packaged tail: the frozen backbone's A (M, 1280, h, w) float32."""
-    return torch.cat([F.relu6(model._conv_head(model._blocks[-1](chunk.float())))
-                      for chunk in features.split(batch_size)])
+    return torch.cat([model.forward_tail(chunk.float()) for chunk in features.split(batch_size)])
+
+
+def tail_pairs(model: EfficientNetLite0) -> list[tuple[str, str]]:
+    """(conv, BN) state-dict prefixes of every convolution the tail trains, input to output."""
+    last = f"_blocks.{len(model._blocks) - 1}"
+    return [(f"{last}.{conv}", f"{last}.{bn}") for conv, bn in model._blocks[-1].conv_bn_pairs()] + \
+        [("_conv_head", "_bn1")]
 
 
 class Tail(nn.Module):
-    """Trunk output X -> A = ReLU6(conv_head(block15(X))) -> z = pool(A) -> e = head(z)."""
+    """Trunk output X -> A = net.forward_tail(X) -> z = pool(A) -> e = head(z), on a copy of the
+    (BN-folded) backbone whose tail convolutions alone are trainable."""
 
     def __init__(self, model: EfficientNetLite0, head: Head, pooling: str, objectness: Objectness | None):
         super().__init__()
-        self.block = copy.deepcopy(model._blocks[-1])
-        self.conv_head = copy.deepcopy(model._conv_head)  # BN already folded in (load_backbone)
+        self.net = copy.deepcopy(model)
+        self.tail_prefixes = tuple(f"{conv}." for conv, _ in tail_pairs(model))
+        for name, parameter in self.net.named_parameters():
+            if not name.startswith(self.tail_prefixes):
+                parameter.requires_grad_(False)
         self.head = LinearHead(head.weight, head.bias)
         self.pooling, self.objectness = pooling, objectness
 
+    def tail_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.net.parameters() if p.requires_grad]
+
     def feature_maps(self, x: Tensor) -> Tensor:
-        return F.relu6(self.conv_head(self.block(x)))
+        return self.net.forward_tail(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(pool_feature_map(self.feature_maps(x), self.pooling, objectness=self.objectness))
 
     def snapshot(self) -> tuple[dict, Head]:
-        """A detached copy of the tuned state: (tail convs' state dict, head)."""
-        tail_state = {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("head.")}
+        """A detached copy of the tuned state: (the tail convolutions' entries of the net's state dict, head)."""
+        tail_state = {k: v.detach().clone() for k, v in self.net.state_dict().items() if k.startswith(self.tail_prefixes)}
         return tail_state, self.head.frozen()
 
 
-def _fused_pairs(last: int) -> list[tuple[str, str, str]]:
-    """(tail state key prefix, packaged conv name, packaged BN name) of every tuned convolution."""
-    block = f"_blocks.{last}"
-    return [("block._expand_conv", f"{block}._expand_conv", f"{block}._bn0"),
-            ("block._depthwise_conv", f"{block}._depthwise_conv", f"{block}._bn1"),
-            ("block._project_conv", f"{block}._project_conv", f"{block}._bn2"),
-            ("conv_head", "_conv_head", "_bn1")]
-
-
-def tuned_state(packaged: dict[str, Tensor], tail_state: dict[str, Tensor], last: int) -> dict[str, Tensor]:
+def tuned_state(packaged: dict[str, Tensor], tail_state: dict[str, Tensor], pairs: list[tuple[str, str]]) -> dict[str, Tensor]:
     """The packaged lukemelas state dict with the tuned tail written in: each tuned conv keeps its
     folded weight and gets an identity BN carrying its bias, which `load_backbone` folds back exactly."""
     state = {k: v.clone() for k, v in packaged.items()}
-    for tail_key, conv, bn in _fused_pairs(last):
-        weight, bias = tail_state[f"{tail_key}.weight"], tail_state[f"{tail_key}.bias"]
+    for conv, bn in pairs:
+        weight, bias = tail_state[f"{conv}.weight"], tail_state[f"{conv}.bias"]
         state[f"{conv}.weight"] = weight.clone()
         state[f"{bn}.weight"] = torch.ones_like(bias)
         state[f"{bn}.bias"] = bias.clone()
@@ -129,7 +124,5 @@ def finetune(
     pooled = pool_feature_map(untuned_maps(model, features[train_idx]), pooling, objectness=objectness)
     start = initial_head(pooled, min(options.dim, pooled.shape[1]), options.init, options.shrinkage, generator)
     tail = Tail(model, start, pooling, objectness)
-    groups = [{"params": tail.head.parameters()},
-              {"params": [p for n, p in tail.named_parameters() if not n.startswith("head.")],
-               "lr": options.lr * TAIL_LR_SCALE}]
+    groups = [{"params": tail.head.parameters()}, {"params": tail.tail_parameters(), "lr": options.lr * TAIL_LR_SCALE}]
     return fit_metric(tail, features, labels, options, groups, tail.snapshot, log=log)

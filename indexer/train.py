@@ -86,11 +86,13 @@ def cached_pooled(
                     lambda: embed_pooled(encoder, paths, progress=progress, flip=flip, maps=maps))
 
 
-def memoised(encoder: Encoder, paths: list[Path], cache_dir: Path | None, tag, compute: Callable[[], Tensor]) -> Tensor:
-    """compute() cached as .npy under cache_dir, keyed by (model identity, tag, file list, sizes, mtimes)."""
+def memoised(
+    encoder: Encoder, paths: list[Path], cache_dir: Path | None, tags: list, compute: Callable[[], Tensor],
+) -> Tensor:
+    """compute() cached as .npy under cache_dir, keyed by (model identity, tags, file list, sizes, mtimes)."""
     if cache_dir is None:
         return compute()
-    key = hashlib.sha256(json.dumps([encoder.identity, *(tag if isinstance(tag, list) else [tag])]).encode())
+    key = hashlib.sha256(json.dumps([encoder.identity, *tags]).encode())
     for p in paths:
         stat = p.stat()
         key.update(f"{p.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -376,10 +378,10 @@ def _run_finetune(dataset, out, options, paths, labels, model, weights, input_si
 
     plain = load_encoder(model, weights, input_size, "gap", device, precision, lazy=True)
     ft.check_finetunable(plain)
-    features = memoised(plain, paths, cache_dir, "trunk",
+    features = memoised(plain, paths, cache_dir, ["trunk"],
                         lambda: ft.trunk_features(plain, paths, progress=options.progress))
     if flip:
-        mirrored = memoised(plain, paths, cache_dir, "trunk-flip",
+        mirrored = memoised(plain, paths, cache_dir, ["trunk-flip"],
                             lambda: ft.trunk_features(plain, paths, progress=options.progress, flip=True))
         features, labels = torch.cat([features, mirrored]), labels + labels
     backbone = plain.backbone.model
@@ -391,7 +393,7 @@ def _run_finetune(dataset, out, options, paths, labels, model, weights, input_si
     packaged = torch.load(_lite0_weights(weights), map_location="cpu", weights_only=True)
     weights_out = Path(out).with_suffix(".backbone.pth")
     weights_out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ft.tuned_state(packaged, tail_state, len(backbone._blocks) - 1), weights_out)
+    torch.save(ft.tuned_state(packaged, tail_state, ft.tail_pairs(backbone)), weights_out)
     log(f"fine-tuned backbone weights written to {weights_out}")
     encoder = load_encoder(model, str(weights_out), input_size, pooling, device, precision, lazy=True)
     return _write_head(head, history, out, encoder, dataset, options, paths, labels, weights=str(weights_out))

@@ -17,6 +17,7 @@ width; TF "same" padding (asymmetric on stride-2 convolutions) and BN epsilon 1e
 from __future__ import annotations
 
 import math
+from itertools import islice
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -72,10 +73,14 @@ class MBConv(nn.Module):
         out = self._bn2(self._project_conv(out))
         return out + x if self.skip else out
 
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        """(conv, the BN after it) attribute names, input to output."""
+        pairs = [("_expand_conv", "_bn0")] if self.expand else []
+        return pairs + [("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]
+
     def fuse_batchnorm_(self) -> None:
         """Fold each eval-mode BN into the conv before it (one op instead of two per layer)."""
-        pairs = [("_expand_conv", "_bn0")] if self.expand else []
-        for conv, bn in pairs + [("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]:
+        for conv, bn in self.conv_bn_pairs():
             _fold(self, conv, bn)
 
 
@@ -100,10 +105,18 @@ class EfficientNetLite0(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, 1280, h, w), post-ReLU6 (non-negative, as the explainers assume)."""
+        return self.forward_tail(self.forward_trunk(x))
+
+    def forward_trunk(self, x: Tensor) -> Tensor:
+        """Stem and every block but the last: (B, 3, H, W) -> (B, 192, h, w) (what --finetune caches)."""
         x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
-        for block in self._blocks:
+        for block in islice(self._blocks, len(self._blocks) - 1):
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)), inplace=True)
+        return x
+
+    def forward_tail(self, x: Tensor) -> Tensor:
+        """The last block, the 1x1 conv head and its ReLU6 (what --finetune trains): -> (B, 1280, h, w)."""
+        return F.relu6(self._bn1(self._conv_head(self._blocks[-1](x))), inplace=True)
 
     def fuse_batchnorm_(self) -> "EfficientNetLite0":
         """Inference only: fold every BN into its conv (running statistics frozen), which takes a

@@ -24,6 +24,7 @@ import migrations
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
 
 _EMBEDDING_DTYPE = np.dtype("<f4")  # float32 little-endian, whatever the host
+_BUSY_TIMEOUT_S = 30.0  # how long a connection waits for another's lock (busy_timeout, the WAL switch)
 _SQLITE_BEGIN = "famsearch_sqlite_begin"  # execution option: the BEGIN statement to emit
 
 
@@ -190,9 +191,6 @@ def _on_sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
-
-
-_BUSY_TIMEOUT_S = 30.0
 
 
 def _switch_to_wal(cursor: Any) -> None:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.finetune import Tail, finetune, trunk, tuned_state, untuned_maps
+from indexer.finetune import Tail, finetune, tail_pairs, tuned_state, untuned_maps
 from indexer.train import TrainOptions
 from retrieval.backbone import _lite0_weights, load_backbone
 from retrieval.head import Head, head_meta, load_head
@@ -32,33 +32,32 @@ def _perturbed_tail(model, seed: int = 0) -> Tail:
     tail = Tail(model, head, "gap", None)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in tail.named_parameters():
-            if not name.startswith("head."):
-                p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
+        for p in tail.tail_parameters():
+            p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
     return tail
 
 
 def test_saved_tuned_weights_reload_to_exactly_the_trained_tail(lite0, packaged, tmp_path):
     tail = _perturbed_tail(lite0)
     state, _ = tail.snapshot()
-    torch.save(tuned_state(packaged, state, len(lite0._blocks) - 1), tmp_path / "tuned.pth")
+    torch.save(tuned_state(packaged, state, tail_pairs(lite0)), tmp_path / "tuned.pth")
     reloaded = load_backbone("efficientnet_lite0", weights=str(tmp_path / "tuned.pth")).model
     x = _images(0)
     with torch.no_grad():
-        expected = tail.feature_maps(trunk(lite0, x))
+        expected = tail.feature_maps(lite0.forward_trunk(x))
         torch.testing.assert_close(reloaded.forward_features(x), expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(trunk(reloaded, x), trunk(lite0, x))  # the frozen layers are the packaged ones
+        torch.testing.assert_close(reloaded.forward_trunk(x), lite0.forward_trunk(x))  # the frozen layers are the packaged ones
         assert (reloaded.forward_features(x) - lite0.forward_features(x)).abs().max() > 1e-2  # and the tail moved
 
 
 def test_an_untrained_tail_saves_the_packaged_model(lite0, packaged, tmp_path):
     state, _ = Tail(lite0, Head("linear", torch.zeros(1280, 4), torch.zeros(4)), "gap", None).snapshot()
-    torch.save(tuned_state(packaged, state, len(lite0._blocks) - 1), tmp_path / "same.pth")
+    torch.save(tuned_state(packaged, state, tail_pairs(lite0)), tmp_path / "same.pth")
     reloaded = load_backbone("efficientnet_lite0", weights=str(tmp_path / "same.pth")).model
     x = _images(1)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.forward_features(x), lite0.forward_features(x), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(untuned_maps(lite0, trunk(lite0, x)), lite0.forward_features(x))
+        torch.testing.assert_close(untuned_maps(lite0, lite0.forward_trunk(x)), lite0.forward_features(x))
 
 
 def test_finetuning_learns_the_training_labels_and_keeps_its_best_validation_epoch(lite0):
@@ -76,7 +75,7 @@ def test_finetuning_learns_the_training_labels_and_keeps_its_best_validation_epo
     train_idx, _ = split_labels(labels, options.val_fraction, options.seed)
     codes = torch.tensor([sorted(set(labels)).index(label) for label in labels])[train_idx]
     tuned = Tail(lite0, head, "gap", None)
-    tuned.load_state_dict({**state, **{f"head.{k}": v for k, v in tuned.head.state_dict().items()}})
+    tuned.net.load_state_dict({**tuned.net.state_dict(), **state})
     start = Tail(lite0, Head("linear", torch.randn(1280, 16, generator=g), torch.zeros(16)), "gap", None)
     with torch.no_grad():
         before, after = recall_at_1(start(features[train_idx]), codes), recall_at_1(tuned(features[train_idx]), codes)
