@@ -78,9 +78,8 @@ class Tail(nn.Module):
         super().__init__()
         self.net = copy.deepcopy(model)
         self.tail_prefixes = tuple(f"{conv}." for conv, _ in tail_pairs(model))
-        for name, parameter in self.net.named_parameters():
-            if not name.startswith(self.tail_prefixes):
-                parameter.requires_grad_(False)
+        for name, parameter in self.net.named_parameters():  # BN folding leaves the new biases frozen
+            parameter.requires_grad_(name.startswith(self.tail_prefixes))
         self.head = LinearHead(head.weight, head.bias)
         self.pooling, self.objectness = pooling, objectness
 

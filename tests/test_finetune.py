@@ -113,3 +113,11 @@ def test_finetune_of_a_backbone_without_a_last_stage_split_is_a_clear_error(caps
                            "--model", "toy", "--input-size", "64", "--finetune", "--no-progress")
     assert code == 2 and "--finetune is implemented for efficientnet_lite0" in err
     assert not (tmp_path / "h.pt").exists()
+
+
+def test_every_tuned_tensor_of_the_tail_is_trained_and_nothing_else(lite0):
+    """Weights and biases of each tail convolution (the bias carries the folded BN shift), none of the trunk."""
+    tail = Tail(lite0, Head("linear", torch.zeros(1280, 4), torch.zeros(4)), "gap", None)
+    trainable = {name for name, p in tail.net.named_parameters() if p.requires_grad}
+    assert trainable == {f"{conv}.{kind}" for conv, _ in tail_pairs(lite0) for kind in ("weight", "bias")}
+    assert set(tail.snapshot()[0]) == trainable
