@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--group", default="none", choices=("none", "topk"),
          help="topk: the query map explains the whole top-k at once (Eq. 11/15)")
     _add(p, "--maps-dir", type=Path, default=None, help="write query/match maps here as .npy (raw, h x w)")
+    _add(p, "--box", default=None, metavar="X1,Y1,X2,Y2",
+         help="search for this part of each query photo (pixels of the photo: left, top, right, bottom); "
+              "the query is pooled over the cells the box covers, so the background around it no longer counts")
     _add(p, "--json", action="store_true", help="one JSON object per query, one per line")
     p.set_defaults(run=cmd_search)
 
@@ -141,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--steps", type=int, default=10, help="deletion/insertion steps")
     _add(p, "--curve-pairs", type=int, default=0,
          help="deletion/insertion on the first N queries (each with its best-ranked true match); 0: all")
+    _add(p, "--query-box", action="store_true",
+         help="pool each query over its annotated bbox only, as `famsearch search --box` does for a box a user "
+              "draws around the object (the gallery stays whole-image)")
     _add(p, "--episodes", type=int, default=0,
          help="few-shot mode: this many seeded N-way K-shot episodes over all labelled images (Eq. 11)")
     _add(p, "--way", type=int, default=5, help="classes per episode (few-shot mode)")
@@ -302,12 +308,30 @@ def _open_engine(args: argparse.Namespace):
 
 def _read_query(path: Path, engine=None):
     """Decode a query photo (with an engine: JPEG draft decoding at the model's input size)."""
+    return _read_search_query(path, engine)[0]
+
+
+def _read_search_query(path: Path, engine=None, box=None):
+    """`_read_query` and the box moved onto the decoded photo (given in pixels of the full-size one), or None."""
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     try:
-        return engine.load_query(path) if engine is not None else load_image(path)
+        if engine is None:
+            return load_image(path), None
+        return engine.load_query_box(path, box) if box is not None else (engine.load_query(path), None)
     except ImageError as error:
         raise UsageError(f"{path}: not a readable image ({error})") from None
+    except ValueError as error:  # the box misses the photo
+        raise UsageError(f"{path}: --box: {error}") from None
+
+
+def _parse_box(text: str):
+    from retrieval.encoder import parse_box
+
+    try:
+        return parse_box(text)
+    except ValueError as error:
+        raise UsageError(f"--box: {error}") from None
 
 
 def _save_map(folder: Path, name: str, heatmap: np.ndarray | None) -> str | None:
@@ -322,14 +346,16 @@ def _save_map(folder: Path, name: str, heatmap: np.ndarray | None) -> str | None
 def cmd_search(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise UsageError("-k must be at least 1")
+    box = _parse_box(args.box) if args.box is not None else None
     for path in args.images:  # fail on a missing file before loading the model
         if not path.is_file():
             raise UsageError(f"{path}: no such file")
     engine = _open_engine(args)
     try:
-        images = [(path, _read_query(path, engine)) for path in args.images]  # draft-decoded: 12 MP costs ~1/8
-        for qi, (path, image) in enumerate(images):
-            result = engine.query(image, args.k, args.explain, args.group)
+        # draft-decoded: 12 MP costs ~1/8; a box is checked against each photo before any search
+        images = [(path, *_read_search_query(path, engine, box)) for path in args.images]
+        for qi, (path, image, image_box) in enumerate(images):
+            result = engine.query(image, args.k, args.explain, args.group, image_box)
             folder = args.maps_dir / f"{qi:03d}_{path.stem}" if args.maps_dir else None
             group_file = _save_map(folder, "group_query.npy", result.group_map) if folder else None
             rows = []
@@ -340,18 +366,22 @@ def cmd_search(args: argparse.Namespace) -> int:
                     "match_map": _save_map(folder, f"rank{m.rank:02d}_match.npy", m.match_map) if folder else None,
                 })
             if args.json:
-                print(json.dumps({"query": str(path), "model": engine.model, "explainer": args.explain,
-                                  "timing_ms": result.timing_ms, "results": rows}), flush=True)
+                record = {"query": str(path), "model": engine.model, "explainer": args.explain,
+                          "timing_ms": result.timing_ms, "results": rows}
+                if box is not None:
+                    record["box"] = [int(v) if v.is_integer() else v for v in box]
+                print(json.dumps(record), flush=True)
             else:
-                _print_table(path, result, rows)
+                _print_table(path, result, rows, box)
     finally:
         engine.close()
     return EXIT_OK
 
 
-def _print_table(path: Path, result, rows: list[dict]) -> None:
+def _print_table(path: Path, result, rows: list[dict], box=None) -> None:
     t = result.timing_ms
-    print(f"{path}  ({len(rows)} matches; embed {t['embed']:.0f} ms, search {t['search']:.0f} ms, "
+    where = f" [box {','.join(f'{v:g}' for v in box)}]" if box is not None else ""
+    print(f"{path}{where}  ({len(rows)} matches; embed {t['embed']:.0f} ms, search {t['search']:.0f} ms, "
           f"explain {t['explain']:.0f} ms)")
     print(f"  {'rank':>4}  {'score':>6}  path")
     for row in rows:
@@ -384,6 +414,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from indexer.evaluate import EvalOptions, evaluate, format_tables, parse_explainers, write_report
 
     if args.episodes or args.knn:  # the few-shot / k-NN tables (docs/fewshot.md)
+        if args.query_box:
+            raise UsageError("--query-box is for retrieval evaluation, not with --episodes or --knn")
         from indexer.fewshot import run_fewshot_eval
 
         return run_fewshot_eval(args, settings_from(args).home / "cache")
@@ -393,6 +425,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         explainers=parse_explainers(args.explain), head=args.head, model=args.model, weights=args.weights,
         input_size=args.input_size, pooling=args.pooling, precision=args.precision, batch_size=args.batch_size, workers=args.workers,
         steps=args.steps, curve_pairs=args.curve_pairs, examples=args.examples, progress=not args.no_progress, device=args.device,
+        query_box=args.query_box,
     )
     home = args.home.expanduser() if args.home else None
     evaluation = evaluate(args.dataset, options, home=home, db_url=args.db)

@@ -57,6 +57,7 @@ class EvalOptions:
     progress: bool = True
     device: str | None = None
     seed: int = 0
+    query_box: bool = False  # pool each query over its annotated box only (a user's box around the object)
 
 
 @dataclass
@@ -130,13 +131,16 @@ def index_gallery(settings: Settings, gallery: list[Item], options: EvalOptions)
         store.close()
 
 
-def embed_items(engine: QueryEngine, items: list[Item], options: EvalOptions, desc: str) -> Embedded:
-    """The maps the explainers weight and the embeddings of dataset images, in batches, with a progress bar."""
+def embed_items(engine: QueryEngine, items: list[Item], options: EvalOptions, desc: str,
+                boxes: list | None = None) -> Embedded:
+    """The maps the explainers weight and the embeddings of dataset images, in batches, with a
+    progress bar; with ``boxes`` (one per item), each pooled over its box alone."""
     maps, embs, sizes = [], [], []
     with tqdm(total=len(items), unit="img", desc=desc, disable=not options.progress) as bar:
         for start in range(0, len(items), options.batch_size):
             images = [load_image(item.path) for item in items[start:start + options.batch_size]]
-            feature_maps, pooled = engine.encoder.encode(images)  # (B, N, h, w), (B, N)
+            chunk_boxes = boxes[start:start + options.batch_size] if boxes is not None else None
+            feature_maps, pooled = engine.encoder.encode(images, chunk_boxes)  # (B, N, h, w), (B, N)
             maps.append(feature_maps)
             embs.append(engine.head(pooled))
             sizes += [image.size for image in images]
@@ -242,21 +246,25 @@ def saliency(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return metrics.minmax_saliency(upsample(raw, size))
 
 
-def similarities(engine: QueryEngine, images: list[np.ndarray], partners: torch.Tensor, batch_size: int) -> np.ndarray:
+def similarities(engine: QueryEngine, images: list[np.ndarray], partners: torch.Tensor, batch_size: int,
+                 boxes: list | None = None) -> np.ndarray:
     """Cosine of each (perturbed) 8-bit image with its partner embedding: P x (H, W, 3), (P, J) -> (P,).
+    ``boxes`` (one per image, or None): pool each image over its box, as its query was.
 
     Byte-identical images (e.g. Grad-CAM closed form and autograd masking alike) go through
     the model once: the same input gives the same embedding, so this only saves time.
     """
-    keys = [hashlib.blake2b(image.tobytes() + repr(image.shape).encode(), digest_size=16).digest() for image in images]
+    boxes = boxes if boxes is not None else [None] * len(images)
+    keys = [hashlib.blake2b(image.tobytes() + repr((image.shape, box)).encode(), digest_size=16).digest()
+            for image, box in zip(images, boxes, strict=True)]
     unique = list(dict.fromkeys(keys))
     first = {key: keys.index(key) for key in unique}
-    preprocess = engine.encoder.preprocess
     embs = []
     for start in range(0, len(unique), batch_size):
         chunk = unique[start:start + batch_size]
-        batch = torch.stack([preprocess(Image.fromarray(images[first[key]])) for key in chunk])
-        embs.append(engine.head(engine.encoder.pooled(batch)))
+        _, pooled = engine.encoder.encode([Image.fromarray(images[first[key]]) for key in chunk],
+                                          [boxes[first[key]] for key in chunk])
+        embs.append(engine.head(pooled))
     row = {key: i for i, key in enumerate(unique)}
     gathered = torch.cat(embs)[torch.as_tensor([row[key] for key in keys])]  # (P, J)
     return explainers.cosine(gathered, partners[:, None].to(gathered))[:, 0].float().cpu().numpy()
@@ -276,7 +284,7 @@ def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, ima
     with tqdm(total=len(pairs), unit="pair", desc="query-side maps, AD/IC", disable=not options.progress) as bar:
         for start in range(0, len(pairs), max(options.batch_size // len(names), 1)):
             chunk = range(start, min(start + max(options.batch_size // len(names), 1), len(pairs)))
-            masked, partners = [], []
+            masked, partners, masked_boxes = [], [], []
             for p in chunk:
                 qi = pairs.query[p]
                 for name in names:
@@ -286,7 +294,9 @@ def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, ima
                     found[name][1].append(iou)
                     masked.append(metrics.masked_image(images[qi], heat))
                     partners.append(match_embs[int(pairs.gallery[p])])
-            scores = similarities(engine, masked, torch.stack(partners), options.batch_size).reshape(len(chunk), len(names))
+                    masked_boxes.append(boxes[qi] if options.query_box else None)
+            scores = similarities(engine, masked, torch.stack(partners), options.batch_size,
+                                  masked_boxes).reshape(len(chunk), len(names))
             for i, name in enumerate(names):
                 found[name][2].extend(scores[:, i].tolist())
             bar.update(len(chunk))
@@ -316,7 +326,8 @@ def _run_images(image: np.ndarray, blurred: np.ndarray, steps_mask: np.ndarray) 
 
 
 def deletion_insertion(names: list[str], maps: dict[str, Maps], engine: QueryEngine, images: list[np.ndarray],
-                       pairs: Pairs, match_embs: torch.Tensor, options: EvalOptions) -> dict[str, dict[str, np.ndarray]]:
+                       pairs: Pairs, match_embs: torch.Tensor, options: EvalOptions,
+                       boxes: list | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Similarity deletion / insertion curves (SANE / RISE) on each query's best-ranked true match.
 
     Returns {name: {"deletion": (C, T+1), "insertion": (C, T+1)}} as shares of s, clipped to [0, 1],
@@ -337,7 +348,7 @@ def deletion_insertion(names: list[str], maps: dict[str, Maps], engine: QueryEng
             order = metrics.saliency_order(heat, tiebreak)
             batch += _run_images(image, blurred, metrics.step_masks(order, heat.shape, steps))
         partner = match_embs[int(pairs.gallery[p])].expand(len(batch), -1)  # (B, J)
-        scores = similarities(engine, batch, partner, options.batch_size)
+        scores = similarities(engine, batch, partner, options.batch_size, [boxes[qi] if boxes else None] * len(batch))
         black, blur, inner = scores[0], scores[1], scores[2:].reshape(len(names), 2, steps - 1)
         for i, name in enumerate(names):
             curves[name]["deletion"].append(metrics.similarity_curve(np.array([s, *inner[i, 0], black]), s))
@@ -391,7 +402,11 @@ def evaluate(root: str | Path, options: EvalOptions = EvalOptions(), home: Path 
 
 def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine: QueryEngine,
               options: EvalOptions, summary: dict, start: float) -> Evaluation:
-    query = embed_items(engine, queries, options, "embedding queries")
+    query_boxes, gallery_boxes = [item_box(item) for item in queries], [item_box(item) for item in gallery]
+    if options.query_box and None in query_boxes:
+        unboxed = [str(item.path) for item, box in zip(queries, query_boxes) if box is None]
+        raise ValueError(f"--query-box needs a bbox or mask on every query; {len(unboxed)} have none, e.g. {unboxed[0]}")
+    query = embed_items(engine, queries, options, "embedding queries", query_boxes if options.query_box else None)
     matches = embed_items(engine, gallery, options, "embedding gallery")
     ranking = rank_gallery(engine, query.embs, gallery)
     hits = metrics.relevance(np.array([gallery[i].label for i in ranking.ravel()]).reshape(ranking.shape),
@@ -400,7 +415,6 @@ def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine
     names = list(dict.fromkeys([*options.explainers, *BASELINES]))
     maps = {name: explainer_maps(name, engine, query, matches, pairs, options.progress) for name in names}
     images = [np.asarray(load_image(item.path)) for item in queries]
-    query_boxes, gallery_boxes = [item_box(item) for item in queries], [item_box(item) for item in gallery]
     rows, per_pair = {}, {"query": pairs.query, "gallery": pairs.gallery, "top1": pairs.top1, "scores": pairs.scores}
     sides = query_side(names, maps, engine, images, query_boxes, pairs, matches.embs, options)
     for name in names:
@@ -417,7 +431,8 @@ def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine
             "ad": _finite(drop.value), "ic": _finite(rise.value), "faithfulness_n": drop.n, "faithfulness_excluded": drop.excluded,
             "ms_per_map": maps[name].ms_per_map, "ms_per_map_batched": maps[name].ms_per_map_batched,
         }
-    curves = deletion_insertion(names, maps, engine, images, pairs, matches.embs, options)
+    curves = deletion_insertion(names, maps, engine, images, pairs, matches.embs, options,
+                                query_boxes if options.query_box else None)
     for name in names:
         rows[name].update(
             deletion_auc=_auc(curves[name]["deletion"]), insertion_auc=_auc(curves[name]["insertion"]),
@@ -433,7 +448,7 @@ def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine
     report = {
         "recall": {str(k): v for k, v in recall.items()},
         "map": metrics.mean_average_precision(hits),
-        "n_queries": len(queries),
+        "n_queries": len(queries), "query_box": options.query_box,
         "explainers": rows,
         "dataset": str(dataset.root), "n_gallery": int(ranking.shape[1]), "model": engine.model,
         "pairs": {"a": int(pairs.top1.sum()), "b": len(pairs),
@@ -459,6 +474,8 @@ def format_tables(report: dict) -> str:
         f"dataset {report['dataset']}: {report['n_queries']} queries, {report['n_gallery']} gallery images",
         f"model {model.get('backbone')} ({model.get('weights_sha256')}), {model.get('pooling')}, "
         f"{model.get('input_size')} px, head {model.get('head')}",
+        *(["queries pooled inside their annotated box (--query-box): query-side maps are zero outside it, "
+           "so query-side Proportion / IoU say little; read the match side"] if report.get("query_box") else []),
         "",
         "| Recall@1 | Recall@5 | Recall@10 | mAP |",
         "|---:|---:|---:|---:|",

@@ -2,6 +2,7 @@
 
     forward_features(x)  (B, 3, S, S) -> A (B, N, h, w)   last conv map, post-activation
     pool(A)              (B, N, h, w) -> z (B, N)          GAP (the paper's), GeM or sqrt-GAP
+                                                           (a query box: over the cells it covers)
     head(z)              (B, N)       -> e (B, J)          retrieval.head.Head
 
 Preprocessing resizes the *whole* image to S x S (no centre crop), so an (h, w) map
@@ -80,8 +81,61 @@ def _cached_objectness(path: str) -> Objectness:
     return load_objectness(path)
 
 
-def explained_feature_map(feature_maps: Tensor, pooling: str, objectness: Objectness | None = None) -> Tensor:
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the photo, x2 / y2 exclusive
+BOX_FORMAT = "X1,Y1,X2,Y2 (pixels of the photo: left, top, right, bottom)"
+
+
+def parse_box(text: str) -> Box:
+    """'x1,y1,x2,y2' -> a box; ValueError naming the format on anything else."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not (values[2] > values[0] and values[3] > values[1]):
+        raise ValueError(f"a box is {BOX_FORMAT} with X2 > X1 and Y2 > Y1; got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def clip_box(box: Box, size: tuple[int, int]) -> Box:
+    """The box cut to a (width, height) photo; ValueError if nothing of it is left."""
+    width, height = size
+    x1, y1, x2, y2 = max(box[0], 0), max(box[1], 0), min(box[2], width), min(box[3], height)
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(f"the box {','.join(f'{v:g}' for v in box)} lies outside the {width}x{height} photo")
+    return x1, y1, x2, y2
+
+
+def fit_box(box: Box, photo_size: tuple[int, int], image_size: tuple[int, int]) -> Box:
+    """A box in pixels of the full-size photo -> clipped, in pixels of its decoded image (JPEG
+    draft decoding shrinks the photo by 1/2^k; the box shrinks with it)."""
+    x1, y1, x2, y2 = clip_box(box, photo_size)
+    sx, sy = image_size[0] / photo_size[0], image_size[1] / photo_size[1]
+    return x1 * sx, y1 * sy, x2 * sx, y2 * sy
+
+
+def box_weights(box: Box, image_size: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+    """Cell weights (h, w) that restrict pooling to a box: the cells whose centre lies in it, scaled
+    so the weights average 1 (GAP of weights·A is then the mean of A over those cells). A box
+    smaller than a cell keeps the cell holding its centre. The preprocessing keeps the whole photo,
+    so cell (i, j) covers the same fraction of the photo whatever its size."""
+    width, height = image_size
+    h, w = grid
+    x1, y1, x2, y2 = clip_box(box, image_size)
+    centres_x = (torch.arange(w, dtype=torch.float64) + 0.5) * width / w
+    centres_y = (torch.arange(h, dtype=torch.float64) + 0.5) * height / h
+    inside = ((centres_y >= y1) & (centres_y < y2))[:, None] & ((centres_x >= x1) & (centres_x < x2))[None, :]
+    if not inside.any():
+        inside[min(int((y1 + y2) / 2 * h / height), h - 1), min(int((x1 + x2) / 2 * w / width), w - 1)] = True
+    weights = inside.float()
+    return weights * (h * w) / weights.sum()
+
+
+def explained_feature_map(feature_maps: Tensor, pooling: str, objectness: Objectness | None = None,
+                          region: Tensor | None = None) -> Tensor:
     """The map z is the spatial mean of, which the explainers weight: (..., N, h, w) -> same.
+
+    ``region`` (..., h, w), from `box_weights`, zeroes the cells outside a query box and scales the
+    rest, so z stays the spatial mean of this map and every explainer weights exactly what was compared.
 
     `gap` and `gem`: A itself. `sqrt`: √A (power-normalised activations; z = GAP(√A) is linear
     in this map, so fam-exact and closed-form Grad-CAM stay exact on it). Under `gem` z is not
@@ -89,25 +143,31 @@ def explained_feature_map(feature_maps: Tensor, pooling: str, objectness: Object
     closed-form Grad-CAM is an approximation (see docs/heads.md).
     """
     if pooling == "sqrt":
-        return feature_maps.clamp_min(0).sqrt()
-    if pooling.startswith("attn"):  # s(hw)·A, s of mean 1: its GAP is the attention-weighted mean
+        explained = feature_maps.clamp_min(0).sqrt()
+    elif pooling.startswith("attn"):  # s(hw)·A, s of mean 1: its GAP is the attention-weighted mean
         if objectness is None and pooling.startswith("attn:"):
             objectness = _cached_objectness(pooling[5:])
         if objectness is None:
             raise ValueError("attn pooling needs an objectness probe (attn:FILE, from famsearch train)")
-        return feature_maps * objectness(feature_maps).unsqueeze(-3)
-    return feature_maps
+        explained = feature_maps * objectness(feature_maps).unsqueeze(-3)
+    else:
+        explained = feature_maps
+    return explained if region is None else explained * region.unsqueeze(-3)
 
 
 def pool_feature_map(
-    feature_maps: Tensor, pooling: str = "gap", p: float = GEM_P, objectness: Objectness | None = None
+    feature_maps: Tensor, pooling: str = "gap", p: float = GEM_P, objectness: Objectness | None = None,
+    region: Tensor | None = None,
 ) -> Tensor:
     """(..., N, h, w) -> (..., N). GAP; GeM (mean A^p)^(1/p) (p = 1 is GAP); sqrt: GAP of √A;
-    attn:FILE: GAP of s·A, with s a learnt objectness map (see `Objectness`)."""
+    attn:FILE: GAP of s·A, with s a learnt objectness map (see `Objectness`). ``region``
+    (..., h, w) from `box_weights`: pool over a query box's cells only."""
     if pooling == "gem":
-        return feature_maps.clamp_min(1e-6).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+        powered = feature_maps.clamp_min(1e-6).pow(p)
+        powered = powered if region is None else powered * region.unsqueeze(-3)
+        return powered.mean(dim=(-2, -1)).pow(1.0 / p)
     if pooling in ("gap", "sqrt") or pooling.startswith("attn:"):
-        return explained_feature_map(feature_maps, pooling, objectness).mean(dim=(-2, -1))
+        return explained_feature_map(feature_maps, pooling, objectness, region).mean(dim=(-2, -1))
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
 
 
@@ -186,19 +246,27 @@ class Encoder:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             return model.forward_features(batch).float()
 
-    def pool(self, feature_maps: Tensor) -> Tensor:
-        """(B, N, h, w) -> (B, N) with this encoder's pooling."""
-        return pool_feature_map(feature_maps, self.pooling, objectness=self.objectness)
+    def pool(self, feature_maps: Tensor, region: Tensor | None = None) -> Tensor:
+        """(B, N, h, w) -> (B, N) with this encoder's pooling (over a box's cells with ``region``)."""
+        return pool_feature_map(feature_maps, self.pooling, objectness=self.objectness, region=region)
 
     def pooled(self, batch: Tensor) -> Tensor:
         """Preprocessed images (B, 3, S, S) -> pooled vectors z (B, N) on the encoder's device."""
         return self.pool(self.forward_features(batch))
 
-    def encode(self, images: list[Image.Image]) -> tuple[Tensor, Tensor]:
-        """Photos -> the feature maps the explainers weight (B, N, h, w) and pooled vectors (B, N)."""
+    def encode(self, images: list[Image.Image], boxes: list[Box | None] | None = None) -> tuple[Tensor, Tensor]:
+        """Photos -> the feature maps the explainers weight (B, N, h, w) and pooled vectors (B, N).
+
+        ``boxes``: per photo a box in its pixels (or None) to pool over that part of it alone."""
         preprocess = self.preprocess
         feature_maps = self.forward_features(torch.stack([preprocess(im) for im in images]))
-        return explained_feature_map(feature_maps, self.pooling, self.objectness), self.pool(feature_maps)
+        region = None
+        if boxes is not None and any(box is not None for box in boxes):
+            grid = tuple(feature_maps.shape[-2:])
+            region = torch.stack([torch.ones(grid) if box is None else box_weights(box, image.size, grid)
+                                  for image, box in zip(images, boxes, strict=True)]).to(feature_maps)
+        return (explained_feature_map(feature_maps, self.pooling, self.objectness, region),
+                self.pool(feature_maps, region))
 
 
 def load_encoder(

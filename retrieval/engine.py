@@ -16,10 +16,10 @@ from sqlalchemy import select
 
 from retrieval import fam as explainers
 from retrieval.config import DEFAULT_EXPLAINER, Settings, index_generation
-from retrieval.encoder import Encoder, load_encoder
+from retrieval.encoder import Box, Encoder, fit_box, load_encoder
 from retrieval.featcache import FeatureCache
 from retrieval.head import Head, load_head
-from retrieval.images import is_image_path, load_image
+from retrieval.images import is_image_path, load_image, load_image_sized
 from retrieval.search import build_index, index_type_of, load_index, search, to_gpu_if_available
 from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
@@ -208,8 +208,9 @@ class QueryEngine:
     def index_type(self) -> str:
         return index_type_of(self.index)
 
-    def embed(self, image: Image.Image) -> Embedded:
-        feature_maps, pooled = self.encoder.encode([image])
+    def embed(self, image: Image.Image, box: Box | None = None) -> Embedded:
+        """One photo through the model; with a box (its pixels), pooled over that part alone."""
+        feature_maps, pooled = self.encoder.encode([image], boxes=[box])
         return Embedded(feature_maps[0], pooled[0], self.head(pooled)[0])
 
     def load_query(self, path: str | Path) -> Image.Image:
@@ -217,10 +218,18 @@ class QueryEngine:
         (draft mode: a 12 MP file decodes ~8x smaller, the whole image kept)."""
         return load_image(path, draft_size=self.encoder.input_size)
 
-    def query_path(self, path: str | Path, k: int = 10, explainer: str = DEFAULT_EXPLAINER, group: str = "none") -> QueryResult:
-        """`query` on a photo file; the decode counts in `embed` and `total`."""
+    def load_query_box(self, path: str | Path, box: Box) -> tuple[Image.Image, Box]:
+        """`load_query` and a box given in pixels of the full-size photo, clipped to it and moved to
+        the pixels of the decoded image. ValueError if the box misses the photo."""
+        image, size = load_image_sized(path, draft_size=self.encoder.input_size)
+        return image, fit_box(box, size, image.size)
+
+    def query_path(self, path: str | Path, k: int = 10, explainer: str = DEFAULT_EXPLAINER, group: str = "none",
+                   box: Box | None = None) -> QueryResult:
+        """`query` on a photo file (box in pixels of the full-size photo); the decode counts in `embed` and `total`."""
         start = time.perf_counter()
-        result = self.query(self.load_query(path), k, explainer, group)
+        image, box = self.load_query_box(path, box) if box is not None else (self.load_query(path), None)
+        result = self.query(image, k, explainer, group, box)
         decode = _ms(start) - result.timing_ms["total"]
         result.timing_ms["embed"] = round(result.timing_ms["embed"] + decode, 2)
         result.timing_ms["total"] = _ms(start)
@@ -254,8 +263,12 @@ class QueryEngine:
         )
         return heat.float().cpu().numpy(), offset.float().cpu().numpy()
 
-    def query(self, image: Image.Image, k: int = 10, explainer: str = DEFAULT_EXPLAINER, group: str = "none") -> QueryResult:
-        """Top-k matches of one photo, with query- and match-side maps unless explainer == 'none'."""
+    def query(self, image: Image.Image, k: int = 10, explainer: str = DEFAULT_EXPLAINER, group: str = "none",
+              box: Box | None = None) -> QueryResult:
+        """Top-k matches of one photo, with query- and match-side maps unless explainer == 'none'.
+
+        ``box`` (x1, y1, x2, y2 in the image's pixels): search for that part of the photo; the
+        query is pooled over the cells it covers and its maps are zero outside it."""
         if explainer not in EXPLAIN_CHOICES:
             raise ValueError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
         if group not in GROUP_CHOICES:
@@ -263,7 +276,7 @@ class QueryEngine:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         start = time.perf_counter()
-        query = self.embed(image)
+        query = self.embed(image, box)
         timing = {"embed": _ms(start)}
         tick = time.perf_counter()
         hits = search(self.index, query.emb[None].cpu().numpy(), k)[0]
@@ -341,13 +354,15 @@ class QueryEngine:
         a, b = (Embedded(feature_maps[i], pooled[i], embs[i]) for i in (0, 1))
         return self._pair_report(a, b, explainer)
 
-    def compare_indexed(self, first: Image.Image, image_id: int, explainer: str = DEFAULT_EXPLAINER) -> PairReport:
-        """`compare` against an indexed photo: its z as stored, its A from the map cache when there."""
+    def compare_indexed(self, first: Image.Image, image_id: int, explainer: str = DEFAULT_EXPLAINER,
+                        box: Box | None = None) -> PairReport:
+        """`compare` against an indexed photo: its z as stored, its A from the map cache when there;
+        ``box``: the first photo pooled over that part of it, as `query` does."""
         if not self.store.images_by_ids([image_id]):
             raise ValueError(f"no indexed image has id {image_id}")
         gallery, _ = self.embed_gallery([image_id])
         second = Embedded(gallery.feature_map[0], gallery.pooled[0], gallery.emb[0])
-        return self._pair_report(self.embed(first), second, explainer)
+        return self._pair_report(self.embed(first, box), second, explainer)
 
     def _pair_report(self, a: Embedded, b: Embedded, explainer: str) -> PairReport:
         first_map, first_offset = self._explain(explainer, a, b.emb[None])

@@ -122,11 +122,18 @@ def load_image(
     path: str | Path, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, draft_size: int | None = None
 ) -> Image.Image:
     """Read a file as an upright RGB image (see `decode_image`); unreadable files raise ImageError."""
+    return load_image_sized(path, max_megapixels, draft_size)[0]
+
+
+def load_image_sized(
+    path: str | Path, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, draft_size: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """`load_image` and the photo's full-resolution upright (width, height)."""
     try:
         data = Path(path).read_bytes()
     except OSError as error:
         raise ImageError(f"cannot read: {error.strerror or error}") from None
-    return decode_image(data, max_megapixels, draft_size)[0]
+    return decode_image(data, max_megapixels, draft_size)
 
 
 def upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:

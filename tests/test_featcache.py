@@ -100,7 +100,7 @@ def _query_both_ways(home, picture, explainer):
         assert engine.feature_cache is not None
         calls = []
         encode = engine.encoder.encode
-        engine.encoder.encode = lambda images: calls.append(len(images)) or encode(images)
+        engine.encoder.encode = lambda images, boxes=None: calls.append(len(images)) or encode(images, boxes)
         cached = engine.query_path(picture, 5, explainer)
         assert calls == [1], "with the cache only the query goes through the backbone"
         engine.feature_cache = None
