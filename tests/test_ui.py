@@ -364,3 +364,40 @@ def test_the_engine_cache_key_is_the_committed_generation_not_the_files_on_disk(
     assert queries.index_stamp(settings) == committed + 1
     empty = tmp_path / "empty-home"
     assert queries.index_stamp(Settings(home=empty)) is None and not empty.exists()  # nothing created
+
+
+# ---------------------------------------------------------------------------- part of the photo
+def test_slider_ranges_become_a_region_and_a_box_in_the_model_images_pixels():
+    assert queries.region_from_percent((0, 100), (0, 100)) is None
+    region = queries.region_from_percent((25, 50), (10, 100))
+    assert region == (0.25, 0.1, 0.5, 1.0)
+    assert queries.box_on(region, (200, 80)) == pytest.approx((50, 8, 100, 80))
+    assert queries.box_on(None, (200, 80)) is None
+    with pytest.raises(ValueError, match="needs a width and a height"):
+        queries.region_from_percent((30, 30), (0, 100))
+
+
+def test_the_outline_frames_the_region_and_leaves_the_rest_of_the_photo():
+    photo = Image.new("RGB", (200, 100), (90, 120, 30))
+    framed = np.asarray(pictures.outline(photo, (0.25, 0.2, 0.75, 0.8))).astype(int)
+    assert framed.shape == (100, 200, 3)
+    assert (framed[50, 50] == 255).all() and (framed[20, 100] == 255).all()  # left and top edges, white
+    assert (framed[50, 100] == (90, 120, 30)).all() and (framed[5, 5] == (90, 120, 30)).all()  # inside, outside
+
+
+def test_searching_for_part_of_an_uploaded_photo_finds_the_picture_in_that_part(indexed, monkeypatch):
+    canvas = Image.new("RGB", (128, 64))
+    canvas.paste(draw_picture(2), (0, 0))
+    canvas.paste(draw_picture(5), (64, 0))
+    at = _app(indexed, monkeypatch)
+    at.radio(key="source").set_value("Upload a photo").run()
+    at.file_uploader(key="upload").set_value(("two.png", pictures.png_bytes(canvas), "image/png")).run()
+    for x_range, expected in (((0, 50), "pic2.jpg"), ((50, 100), "pic5.png")):
+        at.slider(key="box_x").set_value(x_range).run()
+        assert not at.exception and "**Query** (the framed part)" in _texts(at)
+        assert at.session_state["result"].matches[0].path.endswith(expected)
+    at.button(key="why_1").click().run()
+    report = at.session_state["report"]
+    assert np.count_nonzero(report.first_map[:, :4]) == 0  # the left half of the 8x8 map is outside the part
+    at.slider(key="box_x").set_value((40, 40)).run()
+    assert not at.exception and "needs a width and a height" in at.warning[0].value

@@ -83,12 +83,22 @@ def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
         return None
 
 
-def show_query(photo: queries.QueryPhoto, result, opacity: float) -> None:
-    st.markdown("**Query**")
+def query_region() -> queries.Region | None:
+    """The part of the query photo to search for (fractions), from two range sliders; None: all of it."""
+    with st.expander("Search for part of the photo"):
+        st.caption("Narrow the query to the object you mean: the rest of the photo then no longer counts.")
+        x_range = st.slider("Left to right (%)", 0, 100, (0, 100), key="box_x")
+        y_range = st.slider("Top to bottom (%)", 0, 100, (0, 100), key="box_y")
+    return queries.region_from_percent(x_range, y_range)
+
+
+def show_query(photo: queries.QueryPhoto, result, opacity: float, region: queries.Region | None) -> None:
+    st.markdown("**Query**" + (" (the framed part)" if region else ""))
+    frame = (lambda image: pictures.outline(image, region)) if region else (lambda image: image)
     if result.group_map is None:
-        st.image(pictures.fit_within(photo.display, 512), caption=photo.label, width="stretch")
+        st.image(frame(pictures.fit_within(photo.display, 512)), caption=photo.label, width="stretch")
         return
-    drawn = pictures.heat_overlay(photo.display, result.group_map, opacity, 512)
+    drawn = frame(pictures.heat_overlay(photo.display, result.group_map, opacity, 512))
     st.image(drawn, caption="Group map: what all these matches have in common with it", width="stretch")
     st.image(pictures.colour_scale(*pictures.map_range(result.group_map, drawn.size)))
     st.download_button("Download group map (PNG)", lambda: pictures.png_bytes(drawn), "group_map.png",
@@ -106,8 +116,9 @@ def show_grid(result, stamp: int | None) -> None:
                 st.button("Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,), width="stretch")
 
 
-def show_overlay(column, title: str, image, heatmap, opacity: float, filename: str) -> None:
+def show_overlay(column, title: str, image, heatmap, opacity: float, filename: str, region=None) -> None:
     drawn = pictures.heat_overlay(image, heatmap, opacity)
+    drawn = pictures.outline(drawn, region) if region else drawn
     with column:
         st.image(drawn, caption=title, width="stretch")
         st.image(pictures.colour_scale(*pictures.map_range(heatmap, drawn.size)))
@@ -115,11 +126,12 @@ def show_overlay(column, title: str, image, heatmap, opacity: float, filename: s
                            on_click="ignore", key=f"dl_{filename}")
 
 
-def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | None) -> None:
+def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | None, region) -> None:
     explainer = settings["explainer"]
-    key = (photo.digest, match.image_id, explainer, stamp)
+    key = (photo.digest, match.image_id, explainer, stamp, region)
     if st.session_state.get("report_key") != key:
-        st.session_state.report = engine.compare_indexed(photo.image, match.image_id, explainer)
+        st.session_state.report = engine.compare_indexed(photo.image, match.image_id, explainer,
+                                                         queries.box_on(region, photo.image.size))
         st.session_state.report_key = key
     report = st.session_state.report
     st.button("← All results", on_click=select, args=(None,), key="back")
@@ -131,7 +143,7 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
     photo_of_match = match_photo(match.path, stamp)
     left, right = st.columns(2)
     show_overlay(left, "Query: where it resembles the match", photo.display, report.first_map,
-                 settings["opacity"], f"query_rank{match.rank}_{explainer}.png")
+                 settings["opacity"], f"query_rank{match.rank}_{explainer}.png", region)
     show_overlay(right, f"Match #{match.rank}: where it resembles the query", photo_of_match, report.second_map,
                  settings["opacity"], f"match_rank{match.rank}_{explainer}.png")
     st.markdown("#### Channels that carried the score")
@@ -183,12 +195,17 @@ def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
     if photo is None:
         st.info("Pick, upload or type a photo to find the indexed photos most like it.")
         return
+    try:
+        region = query_region()
+    except ValueError as error:
+        st.warning(str(error))
+        return
     request = queries.grid_request(settings["k"], settings["explainer"], settings["group"])
-    key = (photo.digest, stamp, *request.values())
+    key = (photo.digest, region, stamp, *request.values())
     if st.session_state.get("result_key") != key:
-        if st.session_state.get("result_key", (None,))[0] != photo.digest:
+        if st.session_state.get("result_key", (None,))[:2] != key[:2]:  # another photo or part: back to the grid
             st.session_state.selected = None
-        st.session_state.result = engine.query(photo.image, **request)
+        st.session_state.result = engine.query(photo.image, **request, box=queries.box_on(region, photo.image.size))
         st.session_state.result_key = key
     result = st.session_state.result
     if not result.matches:
@@ -196,14 +213,14 @@ def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
         return
     left, right = st.columns([1, 4])
     with left:
-        show_query(photo, result, settings["opacity"])
+        show_query(photo, result, settings["opacity"], region)
         show_album_decision(engine, photo, settings, stamp)  # which album, and why (docs/fewshot.md)
     with right:
         selected = st.session_state.get("selected")
         if selected is None or selected > len(result.matches):
             show_grid(result, stamp)
         else:
-            show_why(engine, photo, result.matches[selected - 1], settings, stamp)
+            show_why(engine, photo, result.matches[selected - 1], settings, stamp, region)
 
 
 def status_page(engine: QueryEngine) -> None:

@@ -31,6 +31,18 @@ def heat_overlay(image: Image.Image, heatmap: np.ndarray, opacity: float, max_si
     return overlay(fit_within(image, max_side), heatmap, opacity, CMAP)
 
 
+def outline(image: Image.Image, region: tuple[float, float, float, float]) -> Image.Image:
+    """A copy with the region (fractions x1, y1, x2, y2) framed: white on black, visible on any photo."""
+    framed = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(framed)
+    width = max(2, round(max(image.size) / 200))
+    x1, y1, x2, y2 = (round(f * side) for f, side in zip(region, image.size * 2))
+    x2, y2 = max(x2 - 1, x1), max(y2 - 1, y1)  # the last pixel inside the region
+    draw.rectangle([x1, y1, x2, y2], outline=(0, 0, 0), width=2 * width)
+    draw.rectangle([x1, y1, x2, y2], outline=(255, 255, 255), width=width)
+    return framed
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)

@@ -101,6 +101,28 @@ def grid_request(k: int, explainer: str, group: bool) -> dict:
     return {"k": k, "explainer": explainer if group else "none", "group": "topk" if group else "none"}
 
 
+Region = tuple[float, float, float, float]  # x1, y1, x2, y2 as fractions of the photo's width and height
+
+
+def region_from_percent(x_range: tuple[int, int], y_range: tuple[int, int]) -> Region | None:
+    """Two slider ranges (percent of the width, of the height) -> the part of the photo to search
+    for, as fractions; None for the whole photo. ValueError for a part with no width or height."""
+    (left, right), (top, bottom) = x_range, y_range
+    if right <= left or bottom <= top:
+        raise ValueError("The part of the photo to search for needs a width and a height: widen the sliders.")
+    if (left, right, top, bottom) == (0, 100, 0, 100):
+        return None
+    return left / 100, top / 100, right / 100, bottom / 100
+
+
+def box_on(region: Region | None, size: tuple[int, int]):
+    """A region (fractions) -> `QueryEngine.query`'s box in pixels of an image of `size` (None stays None)."""
+    if region is None:
+        return None
+    width, height = size
+    return region[0] * width, region[1] * height, region[2] * width, region[3] * height
+
+
 def top_channels(shares: np.ndarray, n: int) -> np.ndarray:
     """Indices of the n largest shares, largest first: (N,) -> (min(n, N),)."""
     order = np.argsort(-shares, kind="stable")
