@@ -6,21 +6,8 @@
 #   bash bench/heads_eval.sh [SIZE] > bench/results/heads-eval-attn320.txt
 # TRAIN_ARGS adds train flags (TRAIN_ARGS=--finetune also tunes the last stage and evaluates with the
 # tuned --weights); SKIP_DEFAULT=1 leaves out the untrained default's runs.
-set -euo pipefail
 SIZE=${1:-320}
-DATA=${FAMSEARCH_DATA:-/work/shared/data}
-OTHER=${FAMSEARCH_OTHER:-/tmp/composites-other}
-FAMSEARCH=${FAMSEARCH:-.venv/bin/famsearch}
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-if [ ! -f "$OTHER/annotations.jsonl" ]; then
-  .venv/bin/python "$DATA/../tools/make_composites.py" \
-    --objects '/usr/share/openclipart/png/signs_and_symbols/**/*.png' \
-              '/usr/share/openclipart/png/shapes/**/*.png' '/usr/share/openclipart/png/logos/**/*.png' \
-    --backgrounds '/usr/share/doc/opencv-doc/examples/data/*.jpg' \
-                  '/usr/share/doc/opencv-doc/examples/data/*.png' '/usr/share/backgrounds/mate/nature/*.jpg' \
-    --distractors 120 --seed 7 --out "$OTHER" > /dev/null
-fi
+source bench/composites_env.sh
 EVAL=(eval --explain fam,fam-exact,gradcam --curve-pairs 5 --examples 0 --no-progress)
 echo "# $(date -u +%F), load $(cut -d' ' -f1-3 /proc/loadavg); famsearch train + famsearch eval, head trained at $SIZE px"
 "$FAMSEARCH" train "$DATA/clipart-train" --pooling attn --input-size "$SIZE" --out "$WORK/head.pt" \
