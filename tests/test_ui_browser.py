@@ -1,6 +1,7 @@
 """The served UI in a real headless Chromium: query, grid, why view, download, explainer, bad upload, status."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -93,3 +94,27 @@ def test_a_bad_upload_and_the_status_page_in_the_browser(page):
     page.get_by_text("IndexFlatIP").wait_for()
     page.get_by_text("No file failed.").wait_for()
     assert page.get_by_text("Traceback").count() == 0
+
+
+def test_framing_part_of_the_query_with_the_sliders_in_the_browser(page, gallery, tmp_path):
+    """Keyboard on the real range slider: the right edge at 50 % searches the left half and frames it."""
+    canvas = Image.new("RGB", (128, 64))
+    canvas.paste(Image.open(gallery / "pic3.png"), (0, 0))
+    canvas.paste(Image.open(gallery / "pic6.jpg"), (64, 0))
+    path = tmp_path / "two.png"
+    canvas.save(path)
+    page.get_by_text("Upload a photo").click()
+    page.locator("input[type=file]").set_input_files(str(path))
+    page.get_by_text("Top 8").wait_for()
+    first = re.compile(r"^#1 · 0\.\d{3} · (pic\d\.\w+)$")
+    assert first.match(page.get_by_text(first).inner_text()).group(1) != "pic3.png"  # the whole photo: another one
+    page.get_by_text("Search for part of the photo").click()
+    end = page.get_by_role("slider", name="Left to right (%) — end")
+    end.focus()
+    for _ in range(50):
+        end.press("ArrowLeft")
+    page.get_by_text("(the framed part)").wait_for()
+    page.get_by_text(re.compile(r"^#1 · 0\.\d{3} · pic3\.png$")).wait_for()  # the left half is pic3
+    _settled(page)
+    page.screenshot(path=tmp_path / "framed.png")
+    assert _not_blank(tmp_path / "framed.png") and page.get_by_text("Traceback").count() == 0
