@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.encoder import parse_box
 from retrieval.images import overlay
 
 
@@ -89,14 +90,17 @@ def _as_dict(path: Path, result, files: dict, paths_of) -> dict:
 
 
 def run_classify(args: argparse.Namespace, engine, images: list) -> int:
-    """Classify each (path, image) and print a sentence (or a JSON line) per photo."""
+    """Classify each (path, image, box or None) and print a sentence (or a JSON line) per photo."""
     paths_of = lambda ids: [row.path for row in engine.store.images_by_ids(ids)]  # noqa: E731
-    for qi, (path, image) in enumerate(images):
-        result = engine.classify(image, args.rule, args.k, args.explain)
+    for qi, (path, image, box) in enumerate(images):
+        result = engine.classify(image, args.rule, args.k, args.explain, box)
         folder = (args.out / f"{qi:03d}_{path.stem}" if len(images) > 1 else args.out) if args.out else None
         files = save_maps(folder, image, result) if folder else {}
         if args.json:
-            print(json.dumps(_as_dict(path, result, files, paths_of)), flush=True)
+            record = _as_dict(path, result, files, paths_of)
+            if args.box is not None:  # as given, like `search --json`
+                record["box"] = [int(v) if v.is_integer() else v for v in parse_box(args.box)]
+            print(json.dumps(record), flush=True)
             continue
         win, second = result.winner, result.runner_up
         what = "mean cosine" if args.rule == "mean" else f"vote share of the top {args.k}"

@@ -115,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--group", default="none", choices=("none", "topk"),
          help="topk: the query map explains the whole top-k at once (Eq. 11/15)")
     _add(p, "--maps-dir", type=Path, default=None, help="write query/match maps here as .npy (raw, h x w)")
-    _add(p, "--box", default=None, metavar="X1,Y1,X2,Y2",
-         help="search for this part of each query photo (pixels of the photo: left, top, right, bottom); "
-              "the query is pooled over the cells the box covers, so the background around it no longer counts")
+    _box_flag(p, "search for")
     _add(p, "--json", action="store_true", help="one JSON object per query, one per line")
     p.set_defaults(run=cmd_search)
 
@@ -192,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--explain", default="fam", choices=("fam", "fam-exact", "gradcam", "none"),
          help="explainer of the decision (the paper's K-averaged FAM by default)")
     _add(p, "--out", type=Path, default=None, help="write winner/runner-up maps (.npy) and PNG overlays here")
+    _box_flag(p, "classify")
     _add(p, "--json", action="store_true", help="one JSON object per photo, one per line")
     p.set_defaults(run=cmd_classify)
 
@@ -313,16 +312,25 @@ def _read_query(path: Path, engine=None):
 
 def _read_search_query(path: Path, engine=None, box=None):
     """`_read_query` and the box moved onto the decoded photo (given in pixels of the full-size one), or None."""
+    from retrieval.encoder import clip_box
+
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     try:
         if engine is None:
-            return load_image(path), None
+            image = load_image(path)  # full size: the box stays as given, clipped
+            return image, (clip_box(box, image.size) if box is not None else None)
         return engine.load_query_box(path, box) if box is not None else (engine.load_query(path), None)
     except ImageError as error:
         raise UsageError(f"{path}: not a readable image ({error})") from None
     except ValueError as error:  # the box misses the photo
         raise UsageError(f"{path}: --box: {error}") from None
+
+
+def _box_flag(p: argparse.ArgumentParser, verb: str) -> None:
+    _add(p, "--box", default=None, metavar="X1,Y1,X2,Y2",
+         help=f"{verb} this part of each photo (pixels of the photo: left, top, right, bottom); it is pooled "
+              "over the cells the box covers, so the rest of the photo no longer counts")
 
 
 def _parse_box(text: str):
@@ -487,7 +495,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise UsageError("-k must be at least 1")
-    images = [(path, _read_query(path)) for path in args.images]  # fail before loading the model
+    box = _parse_box(args.box) if args.box is not None else None
+    images = [(path, *_read_search_query(path, box=box)) for path in args.images]  # fail before loading the model
     engine = _open_engine(args)
     try:
         return run_classify(args, engine, images)

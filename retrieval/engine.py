@@ -316,11 +316,13 @@ class QueryEngine:
         return {"score": score, "query_map": map_a, "match_map": map_b,
                 "offset": {"query": float(offset_a), "match": float(offset_b)}}
 
-    def classify(self, image: Image.Image, rule: str = "mean", k: int = 20, explainer: str = "fam") -> Classification:
+    def classify(self, image: Image.Image, rule: str = "mean", k: int = 20, explainer: str = "fam",
+                 box: Box | None = None) -> Classification:
         """Rank the albums for a photo (Eq. 11 or k-NN votes) and explain the winner and the runner-up.
 
         Each map is the query-side map against that album's K images (Eq. 15): the whole album
         for rule mean, its voters among the top-k for rule knn. Needs only stored vectors.
+        ``box``: classify that part of the photo, as `query` searches it.
         """
         from retrieval.albums import labelled_gallery
         from retrieval.classify import decide
@@ -331,7 +333,7 @@ class QueryEngine:
         names, image_ids, pooled, memberships = labelled_gallery(self.store)
         if not names:
             raise ValueError("no albums yet; label the gallery first: famsearch albums --from-folders PHOTO_FOLDER")
-        query = self.embed(image)
+        query = self.embed(image, box)
         gallery_embs = self.head(torch.from_numpy(pooled).to(query.emb.device))  # (M, N) -> (M, J)
         decision = decide(query.emb, gallery_embs, torch.from_numpy(memberships).to(query.emb.device), rule, k)
         timing = {"decide": _ms(start)}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from sqlalchemy import select
 
 from conftest import draw_picture, run_cli, run_json
@@ -201,3 +202,37 @@ def test_the_ui_says_which_album_the_query_would_go_to_and_shows_why(albums_home
     assert "would go to **green** (1.00) rather than" in text
     assert at.session_state["album_decision"].winner_map is not None
     assert any("Why green" in caption for image in at.image for caption in image.captions)
+
+
+def test_classifying_part_of_a_photo_decides_on_that_part(albums_home):
+    """A photo with green's picture on the left and blue's on the right: each half goes to its own album."""
+    home, root = albums_home
+    canvas = Image.new("RGB", (128, 64))
+    canvas.paste(draw_picture(5), (0, 0))
+    canvas.paste(draw_picture(3), (64, 0))
+    engine = QueryEngine(Settings(home), device="cpu")
+    try:
+        left = engine.classify(canvas, "mean", explainer="fam", box=(0, 0, 64, 64))
+        right = engine.classify(canvas, "mean", explainer="fam", box=(64, 0, 128, 64))
+        whole = engine.classify(canvas, "mean", explainer="fam")
+        same = engine.classify(canvas, "mean", explainer="fam", box=(0, 0, 128, 64))
+    finally:
+        engine.close()
+    assert left.winner.album == "green" and right.winner.album == "blue"
+    assert np.count_nonzero(left.winner_map[:, 4:]) == 0 and np.count_nonzero(right.winner_map[:, :4]) == 0
+    assert [(a.album, a.score) for a in same.ranking] == [(a.album, a.score) for a in whole.ranking]
+
+
+def test_classify_cli_box_decides_on_the_boxed_part_and_refuses_a_box_off_the_photo(capsys, albums_home, tmp_path):
+    home, root = albums_home
+    canvas = Image.new("RGB", (128, 64))
+    canvas.paste(draw_picture(5), (0, 0))
+    canvas.paste(draw_picture(3), (64, 0))
+    query = tmp_path / "two.png"
+    canvas.save(query)
+    for box, album in (("0,0,64,64", "green"), ("64,0,200,64", "blue")):
+        code, out = run_json(capsys, "classify", query, "--home", home, "--box", box)
+        assert code == 0 and out["winner"]["album"] == album
+    assert out["box"] == [64, 0, 200, 64]  # as given; the search used the part inside the photo
+    code, _, err = run_cli(capsys, "classify", query, "--home", home, "--box", "0,70,10,80")
+    assert code == 2 and "lies outside the 128x64 photo" in err

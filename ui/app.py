@@ -165,12 +165,15 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
 
 
 # ---------------------------------------------------------------------------- album decision (docs/fewshot.md)
-def show_album_decision(engine: QueryEngine, photo: queries.QueryPhoto, settings: dict, stamp: int | None) -> None:
-    """Which album the query would go to (Eq. 11) rather than the runner-up, with the winner's group map (Eq. 15)."""
-    key = (photo.digest, settings["explainer"], stamp)
+def show_album_decision(engine: QueryEngine, photo: queries.QueryPhoto, settings: dict, stamp: int | None,
+                        region: queries.Region | None) -> None:
+    """Which album the query (or its framed part) would go to (Eq. 11) rather than the runner-up, with the
+    winner's group map (Eq. 15)."""
+    key = (photo.digest, settings["explainer"], stamp, region)
     if st.session_state.get("album_key") != key:
         try:
-            st.session_state.album_decision = engine.classify(photo.image, "mean", explainer=settings["explainer"])
+            st.session_state.album_decision = engine.classify(photo.image, "mean", explainer=settings["explainer"],
+                                                              box=queries.box_on(region, photo.image.size))
         except ValueError:  # no albums yet
             st.session_state.album_decision = None
         st.session_state.album_key = key
@@ -179,13 +182,14 @@ def show_album_decision(engine: QueryEngine, photo: queries.QueryPhoto, settings
         st.caption("Label albums (`famsearch albums --from-folders PHOTO_FOLDER`) to see which one this photo would go to.")
         return
     win, second = decision.winner, decision.runner_up
-    line = f"This photo would go to **{win.album}** ({win.score:.2f})"
+    line = f"This {'part of the photo' if region else 'photo'} would go to **{win.album}** ({win.score:.2f})"
     if second is not None:
         line += f" rather than **{second.album}** ({second.score:.2f})"
     st.markdown(line + f", because the highlighted parts resemble its {len(win.image_ids)} photo(s) on average "
                        "(mean cosine, Eq. 11).")
     if decision.winner_map is not None:
-        st.image(pictures.heat_overlay(photo.display, decision.winner_map, settings["opacity"], 512),
+        drawn = pictures.heat_overlay(photo.display, decision.winner_map, settings["opacity"], 512)
+        st.image(pictures.outline(drawn, region) if region else drawn,
                  caption=f"Why {win.album}: {settings['explainer']} against the album (Eq. 15)", width="stretch")
 
 
@@ -214,7 +218,7 @@ def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
     left, right = st.columns([1, 4])
     with left:
         show_query(photo, result, settings["opacity"], region)
-        show_album_decision(engine, photo, settings, stamp)  # which album, and why (docs/fewshot.md)
+        show_album_decision(engine, photo, settings, stamp, region)  # which album, and why (docs/fewshot.md)
     with right:
         selected = st.session_state.get("selected")
         if selected is None or selected > len(result.matches):
