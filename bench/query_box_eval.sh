@@ -2,7 +2,7 @@
 # Searching for a boxed part of the query (`famsearch search --box`, `famsearch eval --query-box`):
 # each query pooled over its annotated bbox (the box a user would draw around the object) against
 # the same queries whole, side by side, for the untrained default (GAP, no head, 224 px), GAP with
-# gallery PCA-whitening (untrained) and the trained attn + MS head at 320 px (trained here on
+# gallery PCA-whitening (untrained), both also at 320 px, and the trained attn + MS head at 320 px (trained here on
 # clipart-train, as bench/heads_eval.sh does). On clipart-composites and on the unseen-style composites.
 #   bash bench/query_box_eval.sh > bench/results/query-box.txt
 source bench/composites_env.sh
@@ -34,6 +34,8 @@ for dataset in "$DATA/clipart-composites" "$OTHER"; do
   done <<CONFIGS
 untrained: gap, no head, 224 px|--head none
 untrained: gap + gallery pcaw, 224 px|--head pcaw
+untrained: gap, no head, 320 px|--head none --input-size 320
+untrained: gap + gallery pcaw, 320 px|--head pcaw --input-size 320
 trained: attn + MS head, 320 px|--pooling attn:$WORK/head.objectness.pt --head $WORK/head.pt --input-size 320
 CONFIGS
 done
