@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Searching for a boxed part of the query (`famsearch search --box`, `famsearch eval --query-box`):
-# each query pooled over its annotated bbox (the box a user would draw around the object) against
-# the same queries whole, side by side, for the untrained default (GAP, no head, 224 px), GAP with
-# gallery PCA-whitening (untrained), both also at 320 px, and the trained attn + MS head at 320 px (trained here on
-# clipart-train, as bench/heads_eval.sh does). On clipart-composites and on the unseen-style composites.
+# Searching for part of the query (`famsearch search --box`, `famsearch eval --query-box/--query-auto`):
+# each query whole, pooled over the cells the automatic focus picks (`--box auto`, no annotation), and
+# pooled over its annotated bbox (the box a user would draw around the object), side by side, for the
+# untrained default (GAP, no head, 224 px), GAP with gallery PCA-whitening (untrained), both also at
+# 320 px, and the trained attn + MS head at 320 px (trained here on clipart-train, as
+# bench/heads_eval.sh does). On clipart-composites and on the unseen-style composites.
 #   bash bench/query_box_eval.sh > bench/results/query-box.txt
 source bench/composites_env.sh
-echo "# $(date -u +%F), load $(cut -d' ' -f1-3 /proc/loadavg); famsearch eval with and without --query-box"
+echo "# $(date -u +%F), load $(cut -d' ' -f1-3 /proc/loadavg); famsearch eval whole, --query-auto and --query-box"
 "$FAMSEARCH" train "$DATA/clipart-train" --pooling attn --input-size 320 --out "$WORK/head.pt" \
   --home "$WORK/train-home" --no-progress > /dev/null
 row() {  # config, query kind; the JSON report on stdin -> one Markdown row
@@ -26,10 +27,10 @@ for dataset in "$DATA/clipart-composites" "$OTHER"; do
   echo "| config | query | R@1 | R@5 | R@10 | mAP | (a) pairs | fam (a) match Prop / IoU | gradcam (a) match Prop / IoU |"
   echo "|---|---|---:|---:|---:|---:|---:|---|---|"
   while IFS='|' read -r config args; do
-    for box in "" --query-box; do
+    for box in "" --query-auto --query-box; do
       # shellcheck disable=SC2086
       "$FAMSEARCH" eval "$dataset" $args --home "$WORK/$name-${config// /_}" --explain fam,gradcam \
-        --curve-pairs 5 --examples 0 --no-progress --json $box | row "$config" "$([ -n "$box" ] && echo "boxed" || echo "whole")"
+        --curve-pairs 5 --examples 0 --no-progress --json $box | row "$config" "$(case $box in --query-box) echo "boxed";; --query-auto) echo "auto";; *) echo "whole";; esac)"
     done
   done <<CONFIGS
 untrained: gap, no head, 224 px|--head none

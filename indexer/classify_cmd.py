@@ -99,7 +99,8 @@ def run_classify(args: argparse.Namespace, engine, images: list) -> int:
         if args.json:
             record = _as_dict(path, result, files, paths_of)
             if args.box is not None:  # as given, like `search --json`
-                record["box"] = [int(v) if v.is_integer() else v for v in parse_box(args.box)]
+                box_given = parse_box(args.box)
+                record["box"] = box_given if isinstance(box_given, str) else [int(v) if v.is_integer() else v for v in box_given]
             print(json.dumps(record), flush=True)
             continue
         win, second = result.winner, result.runner_up

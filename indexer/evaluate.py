@@ -28,6 +28,7 @@ from retrieval import fam as explainers
 from retrieval import metrics
 from retrieval.config import Settings
 from retrieval.dataset import Dataset, Item, item_box, read_dataset
+from retrieval.encoder import AUTO
 from retrieval.engine import QueryEngine
 from retrieval.images import load_image, upsample
 from retrieval.search import search
@@ -57,7 +58,8 @@ class EvalOptions:
     progress: bool = True
     device: str | None = None
     seed: int = 0
-    query_box: bool = False  # pool each query over its annotated box only (a user's box around the object)
+    query_box: str | None = None  # "annotated": pool each query over its annotated box only (a user's box around
+    # the object); "auto": over the cells retrieval.encoder.focus_weights picks (no annotation used)
 
 
 @dataclass
@@ -278,8 +280,10 @@ class QuerySide:
 
 
 def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, images: list[np.ndarray], boxes: list,
-               pairs: Pairs, match_embs: torch.Tensor, options: EvalOptions) -> dict[str, QuerySide]:
-    """Proportion and IoU of every explainer's query-side maps, and s' of the saliency-masked query."""
+               pairs: Pairs, match_embs: torch.Tensor, options: EvalOptions,
+               pool_boxes: list | None = None) -> dict[str, QuerySide]:
+    """Proportion and IoU of every explainer's query-side maps (against the annotated ``boxes``), and s'
+    of the saliency-masked query, pooled as the query was (``pool_boxes``: one per query, or None)."""
     found = {name: ([], [], []) for name in names}  # proportions, IoUs, s'
     with tqdm(total=len(pairs), unit="pair", desc="query-side maps, AD/IC", disable=not options.progress) as bar:
         for start in range(0, len(pairs), max(options.batch_size // len(names), 1)):
@@ -294,7 +298,7 @@ def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, ima
                     found[name][1].append(iou)
                     masked.append(metrics.masked_image(images[qi], heat))
                     partners.append(match_embs[int(pairs.gallery[p])])
-                    masked_boxes.append(boxes[qi] if options.query_box else None)
+                    masked_boxes.append(pool_boxes[qi] if pool_boxes else None)
             scores = similarities(engine, masked, torch.stack(partners), options.batch_size,
                                   masked_boxes).reshape(len(chunk), len(names))
             for i, name in enumerate(names):
@@ -403,10 +407,11 @@ def evaluate(root: str | Path, options: EvalOptions = EvalOptions(), home: Path 
 def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine: QueryEngine,
               options: EvalOptions, summary: dict, start: float) -> Evaluation:
     query_boxes, gallery_boxes = [item_box(item) for item in queries], [item_box(item) for item in gallery]
-    if options.query_box and None in query_boxes:
+    if options.query_box == "annotated" and None in query_boxes:
         unboxed = [str(item.path) for item, box in zip(queries, query_boxes) if box is None]
         raise ValueError(f"--query-box needs a bbox or mask on every query; {len(unboxed)} have none, e.g. {unboxed[0]}")
-    query = embed_items(engine, queries, options, "embedding queries", query_boxes if options.query_box else None)
+    pool_boxes = {"annotated": query_boxes, "auto": [AUTO] * len(queries), None: None}[options.query_box]
+    query = embed_items(engine, queries, options, "embedding queries", pool_boxes)
     matches = embed_items(engine, gallery, options, "embedding gallery")
     ranking = rank_gallery(engine, query.embs, gallery)
     hits = metrics.relevance(np.array([gallery[i].label for i in ranking.ravel()]).reshape(ranking.shape),
@@ -416,7 +421,7 @@ def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine
     maps = {name: explainer_maps(name, engine, query, matches, pairs, options.progress) for name in names}
     images = [np.asarray(load_image(item.path)) for item in queries]
     rows, per_pair = {}, {"query": pairs.query, "gallery": pairs.gallery, "top1": pairs.top1, "scores": pairs.scores}
-    sides = query_side(names, maps, engine, images, query_boxes, pairs, matches.embs, options)
+    sides = query_side(names, maps, engine, images, query_boxes, pairs, matches.embs, options, pool_boxes)
     for name in names:
         side = sides[name]
         match_props, match_ious = match_side(maps[name], matches.sizes, gallery_boxes, pairs)
@@ -431,8 +436,7 @@ def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine
             "ad": _finite(drop.value), "ic": _finite(rise.value), "faithfulness_n": drop.n, "faithfulness_excluded": drop.excluded,
             "ms_per_map": maps[name].ms_per_map, "ms_per_map_batched": maps[name].ms_per_map_batched,
         }
-    curves = deletion_insertion(names, maps, engine, images, pairs, matches.embs, options,
-                                query_boxes if options.query_box else None)
+    curves = deletion_insertion(names, maps, engine, images, pairs, matches.embs, options, pool_boxes)
     for name in names:
         rows[name].update(
             deletion_auc=_auc(curves[name]["deletion"]), insertion_auc=_auc(curves[name]["insertion"]),
@@ -475,7 +479,10 @@ def format_tables(report: dict) -> str:
         f"model {model.get('backbone')} ({model.get('weights_sha256')}), {model.get('pooling')}, "
         f"{model.get('input_size')} px, head {model.get('head')}",
         *(["queries pooled inside their annotated box (--query-box): query-side maps are zero outside it, "
-           "so query-side Proportion / IoU say little; read the match side"] if report.get("query_box") else []),
+           "so query-side Proportion / IoU say little; read the match side"] if report.get("query_box") == "annotated"
+          else ["queries pooled over the cells the automatic focus picked (--query-auto): query-side maps are "
+                "zero outside them, so query-side Proportion / IoU say how well the focus found the object"]
+          if report.get("query_box") == "auto" else []),
         "",
         "| Recall@1 | Recall@5 | Recall@10 | mAP |",
         "|---:|---:|---:|---:|",

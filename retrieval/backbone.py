@@ -45,6 +45,8 @@ class Backbone:
         std: per-channel std to divide by after that.
         identity: ``{"backbone": name, "weights_sha256": 16 hex}``; an index built with
             other weights is not comparable, so this is what gets stored next to it.
+        focus_layer: the submodule whose output (a mid-level map) `retrieval.encoder.focus_weights`
+            reads to pick the salient part of a query (``--box auto``).
     """
 
     model: nn.Module
@@ -52,6 +54,7 @@ class Backbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     identity: dict
+    focus_layer: str
 
 
 class _ResNetFeatures(nn.Module):
@@ -137,6 +140,7 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
         ValueError: unknown name, resnet50 without weights, or weights that do not fit.
     """
     mean, std, identity = describe_backbone(name, weights)
+    focus_layer = {"efficientnet_lite0": "_blocks.11", "resnet50": "net.layer3", "toy": "conv1"}[name]
     if name == "efficientnet_lite0":
         from retrieval.lite0 import EfficientNetLite0, load_lite0_state
 
@@ -157,7 +161,8 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
     else:  # toy
         model = _ToyNet()
     model.eval()
-    return Backbone(model=model, num_features=int(model.num_features), mean=mean, std=std, identity=identity)
+    return Backbone(model=model, num_features=int(model.num_features), mean=mean, std=std, identity=identity,
+                    focus_layer=focus_layer)
 
 
 def classify(backbone: Backbone, x: Tensor) -> Tensor:

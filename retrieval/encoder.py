@@ -5,6 +5,9 @@
                                                            (a query box: over the cells it covers)
     head(z)              (B, N)       -> e (B, J)          retrieval.head.Head
 
+A query can be pooled over part of itself: a box the user gives, or ``auto`` (`AUTO`): the cells a
+gallery-free saliency cue picks (`focus_weights`), for a whole photo whose object is not framed.
+
 Preprocessing resizes the *whole* image to S x S (no centre crop), so an (h, w) map
 up-sampled to the image's own size lines up with the photo.
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -82,11 +86,15 @@ def _cached_objectness(path: str) -> Objectness:
 
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the photo, x2 / y2 exclusive
-BOX_FORMAT = "X1,Y1,X2,Y2 (pixels of the photo: left, top, right, bottom)"
+AUTO = "auto"  # in place of a box: let `focus_weights` pick the part of the photo
+BOX_FORMAT = "X1,Y1,X2,Y2 (pixels of the photo: left, top, right, bottom) or auto"
+FOCUS_SHARE = 0.15  # share of the cells `focus_weights` keeps (chosen on clipart-train, docs/heads.md)
 
 
-def parse_box(text: str) -> Box:
-    """'x1,y1,x2,y2' -> a box; ValueError naming the format on anything else."""
+def parse_box(text: str) -> Box | str:
+    """'x1,y1,x2,y2' -> a box, 'auto' -> `AUTO`; ValueError naming the format on anything else."""
+    if text.strip().lower() == AUTO:
+        return AUTO
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
@@ -97,7 +105,9 @@ def parse_box(text: str) -> Box:
 
 
 def clip_box(box: Box, size: tuple[int, int]) -> Box:
-    """The box cut to a (width, height) photo; ValueError if nothing of it is left."""
+    """The box cut to a (width, height) photo; ValueError if nothing of it is left. `AUTO` stays."""
+    if box == AUTO:
+        return box
     width, height = size
     x1, y1, x2, y2 = max(box[0], 0), max(box[1], 0), min(box[2], width), min(box[3], height)
     if not (x2 > x1 and y2 > y1):
@@ -107,7 +117,9 @@ def clip_box(box: Box, size: tuple[int, int]) -> Box:
 
 def fit_box(box: Box, photo_size: tuple[int, int], image_size: tuple[int, int]) -> Box:
     """A box in pixels of the full-size photo -> clipped, in pixels of its decoded image (JPEG
-    draft decoding shrinks the photo by 1/2^k; the box shrinks with it)."""
+    draft decoding shrinks the photo by 1/2^k; the box shrinks with it). `AUTO` stays."""
+    if box == AUTO:
+        return box
     x1, y1, x2, y2 = clip_box(box, photo_size)
     sx, sy = image_size[0] / photo_size[0], image_size[1] / photo_size[1]
     return x1 * sx, y1 * sy, x2 * sx, y2 * sy
@@ -130,11 +142,40 @@ def box_weights(box: Box, image_size: tuple[int, int], grid: tuple[int, int]) ->
     return weights * (h * w) / weights.sum()
 
 
+def focus_weights(mid_maps: Tensor, grid: tuple[int, int], share: float = FOCUS_SHARE) -> Tensor:
+    """Cell weights (B, h, w) that restrict pooling to the photo's most salient cells, with no box,
+    no training and no gallery: the `AUTO` focus. From a mid-level map (B, C, h', w') of the same
+    forward pass (the backbone's ``focus_layer``: Lite0's block 11, whose features inside an object
+    mask identify the instance best, docs/heads.md), each cell scores
+
+        d · (‖a‖ / mean ‖a‖)²,   d = 1 − cos(a, mean direction of the photo's cells)
+
+    — strongly activated and unlike the rest of the photo, i.e. unlike the background that fills it —
+    smoothed 3×3 (edges repeated), resampled to the pooling grid (h, w); the top ``share`` of cells
+    (at least one; ties kept) get equal weight, scaled so the weights average 1 as `box_weights` do.
+    The choices (score, smoothing, share) were made on clipart-train, never on the evaluation sets.
+    """
+    cells = mid_maps.float().clamp_min(0).flatten(2).transpose(1, 2)  # (B, h'w', C)
+    norms = cells.norm(dim=2)  # (B, h'w')
+    unit = cells / norms.clamp_min(1e-6).unsqueeze(2)
+    mean = F.normalize(unit.mean(dim=1, keepdim=True), dim=2)
+    distinct = (1.0 - (unit * mean).sum(dim=2)).clamp_min(1e-6)
+    score = distinct * (norms / norms.mean(dim=1, keepdim=True).clamp_min(1e-12)) ** 2
+    score = score.reshape(len(score), 1, *mid_maps.shape[-2:])
+    score = F.avg_pool2d(F.pad(score, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    if tuple(score.shape[-2:]) != tuple(grid):
+        score = F.interpolate(score, size=grid, mode="bilinear", align_corners=False)
+    score = score.flatten(1)  # (B, hw)
+    kth = score.topk(max(1, int(share * score.shape[1])), dim=1).values[:, -1:]
+    inside = (score >= kth).float()
+    return (inside * (score.shape[1] / inside.sum(dim=1, keepdim=True))).reshape(len(score), *grid)
+
+
 def explained_feature_map(feature_maps: Tensor, pooling: str, objectness: Objectness | None = None,
                           region: Tensor | None = None) -> Tensor:
     """The map z is the spatial mean of, which the explainers weight: (..., N, h, w) -> same.
 
-    ``region`` (..., h, w), from `box_weights`, zeroes the cells outside a query box and scales the
+    ``region`` (..., h, w), from `box_weights` or `focus_weights`, zeroes the cells outside a query box and scales the
     rest, so z stays the spatial mean of this map and every explainer weights exactly what was compared.
 
     `gap` and `gem`: A itself. `sqrt`: √A (power-normalised activations; z = GAP(√A) is linear
@@ -246,6 +287,18 @@ class Encoder:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             return model.forward_features(batch).float()
 
+    def forward_features_and_focus(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, S, S) -> the feature maps (B, N, h, w) and `focus_weights` (B, h, w), one forward
+        pass: the backbone's ``focus_layer`` output is caught on the way."""
+        caught: list[Tensor] = []
+        layer = self.backbone.model.get_submodule(self.backbone.focus_layer)
+        handle = layer.register_forward_hook(lambda _module, _inputs, output: caught.append(output))
+        try:
+            feature_maps = self.forward_features(batch)
+        finally:
+            handle.remove()
+        return feature_maps, focus_weights(caught[0], tuple(feature_maps.shape[-2:])).to(feature_maps)
+
     def pool(self, feature_maps: Tensor, region: Tensor | None = None) -> Tensor:
         """(B, N, h, w) -> (B, N) with this encoder's pooling (over a box's cells with ``region``)."""
         return pool_feature_map(feature_maps, self.pooling, objectness=self.objectness, region=region)
@@ -254,17 +307,24 @@ class Encoder:
         """Preprocessed images (B, 3, S, S) -> pooled vectors z (B, N) on the encoder's device."""
         return self.pool(self.forward_features(batch))
 
-    def encode(self, images: list[Image.Image], boxes: list[Box | None] | None = None) -> tuple[Tensor, Tensor]:
+    def encode(self, images: list[Image.Image], boxes: list[Box | str | None] | None = None) -> tuple[Tensor, Tensor]:
         """Photos -> the feature maps the explainers weight (B, N, h, w) and pooled vectors (B, N).
 
-        ``boxes``: per photo a box in its pixels (or None) to pool over that part of it alone."""
-        preprocess = self.preprocess
-        feature_maps = self.forward_features(torch.stack([preprocess(im) for im in images]))
+        ``boxes``: per photo a box in its pixels (or None) to pool over that part of it alone, or
+        `AUTO` to pool over the cells `focus_weights` picks."""
+        batch = torch.stack([self.preprocess(im) for im in images])
+        boxes = boxes if boxes is not None else [None] * len(images)
+        if AUTO in boxes:
+            feature_maps, focus = self.forward_features_and_focus(batch)
+        else:
+            feature_maps, focus = self.forward_features(batch), None
         region = None
-        if boxes is not None and any(box is not None for box in boxes):
+        if any(box is not None for box in boxes):
             grid = tuple(feature_maps.shape[-2:])
-            region = torch.stack([torch.ones(grid) if box is None else box_weights(box, image.size, grid)
-                                  for image, box in zip(images, boxes, strict=True)]).to(feature_maps)
+            region = torch.stack([
+                torch.ones(grid).to(feature_maps) if box is None else focus[i] if box == AUTO
+                else box_weights(box, image.size, grid).to(feature_maps)
+                for i, (image, box) in enumerate(zip(images, boxes, strict=True))])
         return (explained_feature_map(feature_maps, self.pooling, self.objectness, region),
                 self.pool(feature_maps, region))
 

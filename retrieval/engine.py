@@ -213,6 +213,11 @@ class QueryEngine:
         feature_maps, pooled = self.encoder.encode([image], boxes=[box])
         return Embedded(feature_maps[0], pooled[0], self.head(pooled)[0])
 
+    def focus_cells(self, image: Image.Image) -> np.ndarray:
+        """The cells (h, w) bool that `box` ``auto`` pools a photo over (`retrieval.encoder.focus_weights`)."""
+        _, focus = self.encoder.forward_features_and_focus(self.encoder.preprocess(image)[None])
+        return focus[0].cpu().numpy() > 0
+
     def load_query(self, path: str | Path) -> Image.Image:
         """Read a query photo; a JPEG is decoded at the smallest DCT scale still >= the input size
         (draft mode: a 12 MP file decodes ~8x smaller, the whole image kept)."""

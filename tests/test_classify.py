@@ -234,5 +234,7 @@ def test_classify_cli_box_decides_on_the_boxed_part_and_refuses_a_box_off_the_ph
         code, out = run_json(capsys, "classify", query, "--home", home, "--box", box)
         assert code == 0 and out["winner"]["album"] == album
     assert out["box"] == [64, 0, 200, 64]  # as given; the search used the part inside the photo
+    code, out = run_json(capsys, "classify", query, "--home", home, "--box", "auto")
+    assert code == 0 and out["box"] == "auto"  # JSON says how the photo was pooled
     code, _, err = run_cli(capsys, "classify", query, "--home", home, "--box", "0,70,10,80")
     assert code == 2 and "lies outside the 128x64 photo" in err

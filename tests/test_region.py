@@ -145,7 +145,7 @@ def test_eval_query_box_pools_each_query_inside_its_annotated_box(capsys, tmp_pa
                                  "--no-progress", "--explain", "fam", "--steps", "2", "--json", *flag)
         assert code == 0, err
         runs[bool(flag)] = json.loads(out)
-    assert runs[True]["query_box"] is True and runs[False]["query_box"] is False
+    assert runs[True]["query_box"] == "annotated" and runs[False]["query_box"] is None
     assert runs[True]["recall"]["1"] == 1.0 and runs[False]["recall"]["1"] < 1.0
 
 
@@ -175,3 +175,121 @@ def test_a_box_on_a_draft_decoded_jpeg_covers_the_same_part_of_the_photo(indexed
         engine.close()
     assert image.size == (128, 64)  # 1/8: the smallest scale still >= 64 px on both sides
     assert box == pytest.approx((64, 0, 128, 64))
+
+
+# ---------------------------------------------------------------------------- --box auto: the automatic focus
+def _scene(h: int = 8, w: int = 8, spot=(slice(2, 4), slice(5, 7)), channels: int = 12, seed: int = 0) -> torch.Tensor:
+    """A mid-level map (1, C, h, w): background cells in one direction with small noise, and a 2x2 `spot`
+    of cells in another direction, activated twice as strongly."""
+    g = torch.Generator().manual_seed(seed)
+    background, thing = torch.rand(channels, generator=g), torch.rand(channels, generator=g)
+    maps = background[:, None, None] + 0.05 * torch.rand(channels, h, w, generator=g)
+    maps[:, spot[0], spot[1]] = 2.0 * thing[:, None, None] + 0.05 * torch.rand(channels, 2, 2, generator=g)
+    return maps[None]
+
+
+def test_the_automatic_focus_keeps_the_cells_that_stand_out_from_the_rest_of_the_photo():
+    from retrieval.encoder import focus_weights
+
+    weights = focus_weights(_scene(), (8, 8))[0]
+    kept = weights > 0
+    assert kept[2:4, 5:7].all()  # the spot
+    rows, cols = torch.nonzero(kept, as_tuple=True)
+    assert rows.min() >= 1 and rows.max() <= 4 and cols.min() >= 4 and cols.max() <= 7  # the spot and its ring only
+    assert kept.sum() >= int(0.15 * 64) and torch.allclose(weights[kept], weights[kept][0])
+    assert torch.isclose(weights.mean(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_automatic_focus_ignores_the_map_s_scale_and_follows_the_spot(seed):
+    """Property: scaling every activation changes nothing (cosines and norm ratios stay), and moving the
+    spot moves the focus with it; a map of another size is resampled to the pooling grid."""
+    from retrieval.encoder import focus_weights
+
+    g = torch.Generator().manual_seed(seed)
+    r, c = (int(v) for v in torch.randint(0, 7, (2,), generator=g))
+    scene = _scene(spot=(slice(r, r + 2), slice(c, c + 2)), seed=seed)
+    weights = focus_weights(scene, (8, 8))
+    assert torch.equal(weights, focus_weights(3.7 * scene, (8, 8)))
+    assert (weights[0, r:r + 2, c:c + 2] > 0).all()
+    coarse = focus_weights(scene, (4, 4))
+    assert coarse.shape == (1, 4, 4) and (coarse[0, r // 2:(r + 1) // 2 + 1, c // 2:(c + 1) // 2 + 1] > 0).any()
+
+
+def test_auto_pools_the_query_over_the_cells_the_focus_picks():
+    """Oracle: z under `AUTO` is the mean of A over the cells `forward_features_and_focus` keeps, and the
+    explained map is zero elsewhere and still averages to z."""
+    from retrieval.encoder import AUTO
+
+    encoder = load_encoder("toy", input_size=64)
+    image = draw_picture(7, size=96)
+    full_map, focus = encoder.forward_features_and_focus(encoder.preprocess(image)[None])
+    maps, pooled = encoder.encode([image, image], boxes=[AUTO, None])
+    kept = focus[0] > 0
+    assert 0 < kept.sum() < kept.numel()
+    assert torch.allclose(pooled[0], full_map[0][:, kept].mean(dim=1), atol=1e-5)
+    assert torch.allclose(pooled[1], full_map[0].mean(dim=(-2, -1)), atol=1e-5)
+    assert torch.count_nonzero(maps[0][:, ~kept]) == 0 and torch.allclose(maps[0].mean(dim=(-2, -1)), pooled[0], atol=1e-6)
+
+
+def test_parse_box_takes_auto():
+    from retrieval.encoder import AUTO, clip_box, fit_box
+
+    assert parse_box("auto") == parse_box(" AUTO ") == AUTO
+    assert clip_box(AUTO, (10, 10)) == fit_box(AUTO, (100, 100), (10, 10)) == AUTO
+
+
+def _tiled(folder, background: int, odd: int):
+    """A 192x192 photo: gallery picture `background` tiled 3x3, the top-left tile replaced by picture `odd`."""
+    canvas = Image.new("RGB", (192, 192))
+    for x in range(3):
+        for y in range(3):
+            canvas.paste(draw_picture(odd if x == y == 0 else background), (64 * x, 64 * y))
+    path = folder / f"tiled{background}{odd}.png"
+    canvas.save(path)
+    return path
+
+
+def test_search_box_auto_finds_the_picture_that_stands_out_where_the_whole_photo_finds_the_background(
+        capsys, indexed, tmp_path):
+    query = _tiled(tmp_path, 1, 5)
+    _, whole = run_json(capsys, "search", query, "--home", indexed, "-k", "1")
+    _, auto = run_json(capsys, "search", query, "--home", indexed, "--box", "auto", "-k", "1", "--explain", "fam-exact")
+    assert whole["results"][0]["path"].endswith("pic1.png") and auto["results"][0]["path"].endswith("pic5.png")
+    assert auto["box"] == "auto" and "box" not in whole
+    code, out, _ = run_cli(capsys, "search", query, "--home", indexed, "--box", "auto", "-k", "1")
+    assert code == 0 and "[box auto]" in out.splitlines()[0]
+
+
+def test_eval_query_auto_needs_no_annotated_box_and_says_so(capsys, tmp_path):
+    root = _two_object_dataset(tmp_path / "pairs")
+    lines = (root / "annotations.jsonl").read_text().splitlines()
+    (root / "annotations.jsonl").write_text("\n".join(line.replace(', "bbox": [0, 0, 64, 64]}', "}")
+                                                      if '"query"' in line else line for line in lines) + "\n")
+    args = ("eval", root, "--model", "toy", "--input-size", "64", "--workers", "0", "--no-progress", "--explain", "fam",
+            "--steps", "2")
+    code, out, err = run_cli(capsys, *args, "--json", "--query-auto")
+    assert code == 0, err
+    assert json.loads(out)["query_box"] == "auto"
+    code, out, _ = run_cli(capsys, *args, "--query-auto")
+    assert code == 0 and "automatic focus picked (--query-auto)" in out
+    code, _, err = run_cli(capsys, *args, "--query-auto", "--query-box")
+    assert code == 2 and "not allowed with" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, corner", [("chelsea", (260, 40)), ("coffee", (40, 250)), ("astronaut", (150, 150))])
+def test_with_the_bundled_backbone_the_focus_lands_on_a_photo_pasted_onto_texture(name, corner):
+    """A real photo (skimage) covering 11 % of a grass texture: most of the 7 cells (15 % of 7x7) the focus
+    picks have their centre on it (chance: 11 %)."""
+    from skimage import data
+
+    encoder = load_encoder(input_size=224)
+    canvas = Image.fromarray(data.grass()).convert("RGB").resize((448, 448))
+    canvas.paste(Image.fromarray(getattr(data, name)()).convert("RGB").resize((160, 140)), corner)
+    _, focus = encoder.forward_features_and_focus(encoder.preprocess(canvas)[None])
+    rows, cols = np.nonzero(focus[0].numpy())
+    centres_x, centres_y = (cols + 0.5) * 64, (rows + 0.5) * 64
+    on_photo = ((centres_x >= corner[0]) & (centres_x < corner[0] + 160)
+                & (centres_y >= corner[1]) & (centres_y < corner[1] + 140))
+    assert len(rows) == 7 and on_photo.mean() > 0.5

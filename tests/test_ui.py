@@ -401,3 +401,33 @@ def test_searching_for_part_of_an_uploaded_photo_finds_the_picture_in_that_part(
     assert np.count_nonzero(report.first_map[:, :4]) == 0  # the left half of the 8x8 map is outside the part
     at.slider(key="box_x").set_value((40, 40)).run()
     assert not at.exception and "needs a width and a height" in at.warning[0].value
+
+
+def test_the_spotlight_dims_every_cell_but_the_picked_ones():
+    photo = Image.new("RGB", (200, 100), (90, 120, 30))
+    cells = np.zeros((2, 4), bool)
+    cells[0, 1] = True  # x 50..100, y 0..50
+    lit = np.asarray(pictures.spotlight(photo, cells)).astype(int)
+    assert lit.shape == (100, 200, 3)
+    assert (lit[25, 75] == (90, 120, 30)).all() and (lit[75, 75] == (30, 40, 10)).all() and (lit[25, 10] == (30, 40, 10)).all()
+    assert queries.box_on(queries.AUTO, (200, 100)) == queries.AUTO
+
+
+def test_picking_the_part_automatically_searches_for_what_stands_out(indexed, monkeypatch):
+    """The tiled photo: picture 1 eight times and picture 5 once; the whole photo finds picture 1, the
+    automatic focus picture 5 (as `famsearch search --box auto` does), and the Why? maps stay on its cells."""
+    canvas = Image.new("RGB", (192, 192))
+    for x in range(3):
+        for y in range(3):
+            canvas.paste(draw_picture(5 if x == y == 0 else 1), (64 * x, 64 * y))
+    at = _app(indexed, monkeypatch)
+    at.radio(key="source").set_value("Upload a photo").run()
+    at.file_uploader(key="upload").set_value(("tiled.png", pictures.png_bytes(canvas), "image/png")).run()
+    assert at.session_state["result"].matches[0].path.endswith("pic1.png")
+    at.checkbox(key="box_auto").check().run()
+    assert not at.exception and "(the part picked automatically: lit)" in _texts(at)
+    assert at.slider(key="box_x").disabled
+    assert at.session_state["result"].matches[0].path.endswith("pic5.png")
+    cells = at.session_state["focus_cells"]
+    at.button(key="why_1").click().run()
+    assert not at.exception and np.count_nonzero(at.session_state["report"].first_map[~cells]) == 0

@@ -83,18 +83,34 @@ def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
         return None
 
 
-def query_region() -> queries.Region | None:
-    """The part of the query photo to search for (fractions), from two range sliders; None: all of it."""
+def query_region() -> queries.Region | str | None:
+    """The part of the query photo to search for: fractions from two range sliders, `queries.AUTO` (the
+    automatic focus), or None: all of it."""
     with st.expander("Search for part of the photo"):
         st.caption("Narrow the query to the object you mean: the rest of the photo then no longer counts.")
-        x_range = st.slider("Left to right (%)", 0, 100, (0, 100), key="box_x")
-        y_range = st.slider("Top to bottom (%)", 0, 100, (0, 100), key="box_y")
-    return queries.region_from_percent(x_range, y_range)
+        auto = st.checkbox("Pick the part automatically (what stands out from the rest of the photo)", key="box_auto")
+        x_range = st.slider("Left to right (%)", 0, 100, (0, 100), key="box_x", disabled=auto)
+        y_range = st.slider("Top to bottom (%)", 0, 100, (0, 100), key="box_y", disabled=auto)
+    return queries.AUTO if auto else queries.region_from_percent(x_range, y_range)
 
 
-def show_query(photo: queries.QueryPhoto, result, opacity: float, region: queries.Region | None) -> None:
-    st.markdown("**Query**" + (" (the framed part)" if region else ""))
-    frame = (lambda image: pictures.outline(image, region)) if region else (lambda image: image)
+def framer(engine: QueryEngine, photo: queries.QueryPhoto, region):
+    """image -> image: the query's part marked on any size of the query photo: a framed box, the automatic
+    focus's cells lit (the rest dimmed), or nothing for the whole photo."""
+    if region is None:
+        return lambda image: image
+    if region != queries.AUTO:
+        return lambda image: pictures.outline(image, region)
+    key = (photo.digest, engine.encoder.input_size)
+    if st.session_state.get("focus_key") != key:
+        st.session_state.focus_cells = engine.focus_cells(photo.image)
+        st.session_state.focus_key = key
+    return lambda image: pictures.spotlight(image, st.session_state.focus_cells)
+
+
+def show_query(photo: queries.QueryPhoto, result, opacity: float, region, frame) -> None:
+    st.markdown("**Query**" + ("" if region is None else " (the part picked automatically: lit)" if region == queries.AUTO
+                               else " (the framed part)"))
     if result.group_map is None:
         st.image(frame(pictures.fit_within(photo.display, 512)), caption=photo.label, width="stretch")
         return
@@ -116,9 +132,9 @@ def show_grid(result, stamp: int | None) -> None:
                 st.button("Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,), width="stretch")
 
 
-def show_overlay(column, title: str, image, heatmap, opacity: float, filename: str, region=None) -> None:
+def show_overlay(column, title: str, image, heatmap, opacity: float, filename: str, frame=None) -> None:
     drawn = pictures.heat_overlay(image, heatmap, opacity)
-    drawn = pictures.outline(drawn, region) if region else drawn
+    drawn = frame(drawn) if frame else drawn
     with column:
         st.image(drawn, caption=title, width="stretch")
         st.image(pictures.colour_scale(*pictures.map_range(heatmap, drawn.size)))
@@ -126,7 +142,7 @@ def show_overlay(column, title: str, image, heatmap, opacity: float, filename: s
                            on_click="ignore", key=f"dl_{filename}")
 
 
-def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | None, region) -> None:
+def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | None, region, frame) -> None:
     explainer = settings["explainer"]
     key = (photo.digest, match.image_id, explainer, stamp, region)
     if st.session_state.get("report_key") != key:
@@ -143,7 +159,7 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
     photo_of_match = match_photo(match.path, stamp)
     left, right = st.columns(2)
     show_overlay(left, "Query: where it resembles the match", photo.display, report.first_map,
-                 settings["opacity"], f"query_rank{match.rank}_{explainer}.png", region)
+                 settings["opacity"], f"query_rank{match.rank}_{explainer}.png", frame)
     show_overlay(right, f"Match #{match.rank}: where it resembles the query", photo_of_match, report.second_map,
                  settings["opacity"], f"match_rank{match.rank}_{explainer}.png")
     st.markdown("#### Channels that carried the score")
@@ -166,7 +182,7 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
 
 # ---------------------------------------------------------------------------- album decision (docs/fewshot.md)
 def show_album_decision(engine: QueryEngine, photo: queries.QueryPhoto, settings: dict, stamp: int | None,
-                        region: queries.Region | None) -> None:
+                        region, frame) -> None:
     """Which album the query (or its framed part) would go to (Eq. 11) rather than the runner-up, with the
     winner's group map (Eq. 15)."""
     key = (photo.digest, settings["explainer"], stamp, region)
@@ -189,7 +205,7 @@ def show_album_decision(engine: QueryEngine, photo: queries.QueryPhoto, settings
                        "(mean cosine, Eq. 11).")
     if decision.winner_map is not None:
         drawn = pictures.heat_overlay(photo.display, decision.winner_map, settings["opacity"], 512)
-        st.image(pictures.outline(drawn, region) if region else drawn,
+        st.image(frame(drawn),
                  caption=f"Why {win.album}: {settings['explainer']} against the album (Eq. 15)", width="stretch")
 
 
@@ -217,14 +233,15 @@ def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
         return
     left, right = st.columns([1, 4])
     with left:
-        show_query(photo, result, settings["opacity"], region)
-        show_album_decision(engine, photo, settings, stamp, region)  # which album, and why (docs/fewshot.md)
+        frame = framer(engine, photo, region)
+        show_query(photo, result, settings["opacity"], region, frame)
+        show_album_decision(engine, photo, settings, stamp, region, frame)  # which album, and why (docs/fewshot.md)
     with right:
         selected = st.session_state.get("selected")
         if selected is None or selected > len(result.matches):
             show_grid(result, stamp)
         else:
-            show_why(engine, photo, result.matches[selected - 1], settings, stamp, region)
+            show_why(engine, photo, result.matches[selected - 1], settings, stamp, region, frame)
 
 
 def status_page(engine: QueryEngine) -> None:

@@ -43,6 +43,13 @@ def outline(image: Image.Image, region: tuple[float, float, float, float]) -> Im
     return framed
 
 
+def spotlight(image: Image.Image, cells: np.ndarray) -> Image.Image:
+    """A copy with the feature cells (h, w) bool left as they are and every other cell dimmed to a third,
+    so the part the automatic focus picked stands out."""
+    lit = Image.fromarray(cells.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)
+    return Image.composite(image.convert("RGB"), Image.eval(image.convert("RGB"), lambda v: v // 3), lit)
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from retrieval.config import ENV_PREFIX, Settings, default_home, index_generation
+from retrieval.encoder import AUTO as encoder_auto
 from retrieval.engine import QueryEngine
 from retrieval.images import ImageError, decode_image, load_image
 from retrieval.store import open_store
@@ -102,6 +103,7 @@ def grid_request(k: int, explainer: str, group: bool) -> dict:
 
 
 Region = tuple[float, float, float, float]  # x1, y1, x2, y2 as fractions of the photo's width and height
+AUTO = encoder_auto  # in place of a region: the part the automatic focus picks (`search --box auto`)
 
 
 def region_from_percent(x_range: tuple[int, int], y_range: tuple[int, int]) -> Region | None:
@@ -115,10 +117,10 @@ def region_from_percent(x_range: tuple[int, int], y_range: tuple[int, int]) -> R
     return left / 100, top / 100, right / 100, bottom / 100
 
 
-def box_on(region: Region | None, size: tuple[int, int]):
-    """A region (fractions) -> `QueryEngine.query`'s box in pixels of an image of `size` (None stays None)."""
-    if region is None:
-        return None
+def box_on(region: Region | str | None, size: tuple[int, int]):
+    """A region (fractions) -> `QueryEngine.query`'s box in pixels of an image of `size` (None and AUTO stay)."""
+    if region is None or region == AUTO:
+        return region
     width, height = size
     return region[0] * width, region[1] * height, region[2] * width, region[3] * height
 
