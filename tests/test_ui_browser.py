@@ -118,3 +118,25 @@ def test_framing_part_of_the_query_with_the_sliders_in_the_browser(page, gallery
     _settled(page)
     page.screenshot(path=tmp_path / "framed.png")
     assert _not_blank(tmp_path / "framed.png") and page.get_by_text("Traceback").count() == 0
+
+
+def test_picking_the_part_automatically_in_the_browser(page, gallery, tmp_path):
+    """The checkbox under *Search for part of the photo*: picture 1 tiled with one tile of picture 5 finds
+    picture 1 whole and picture 5 with the automatic focus, and the sliders are greyed out."""
+    canvas = Image.new("RGB", (192, 192))
+    for x in range(3):
+        for y in range(3):
+            canvas.paste(Image.open(gallery / ("pic5.png" if x == y == 0 else "pic1.png")), (64 * x, 64 * y))
+    path = tmp_path / "tiled.png"
+    canvas.save(path)
+    page.get_by_text("Upload a photo").click()
+    page.locator("input[type=file]").set_input_files(str(path))
+    page.get_by_text(re.compile(r"^#1 · 0\.\d{3} · pic1\.png$")).wait_for()
+    page.get_by_text("Search for part of the photo").click()
+    page.get_by_text("Pick the part automatically").click()
+    page.get_by_text("(the part picked automatically: lit)").wait_for()
+    page.get_by_text(re.compile(r"^#1 · 0\.\d{3} · pic5\.png$")).wait_for()
+    assert page.get_by_role("slider", name="Left to right (%) — end").is_disabled()
+    _settled(page)
+    page.screenshot(path=tmp_path / "auto.png")
+    assert _not_blank(tmp_path / "auto.png") and page.get_by_text("Traceback").count() == 0
