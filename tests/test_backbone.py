@@ -180,6 +180,28 @@ def test_resnet50_loads_a_local_file_and_gives_layer4_maps(tmp_path):
     torch.testing.assert_close(logits, reference)  # the split reassembles torchvision's forward
 
 
+@pytest.mark.parametrize("name, size, mid_grid", [("efficientnet_lite0", (224, 224), (7, 7)), ("toy", (224, 128), (56, 32))])
+def test_every_backbone_names_a_focus_layer_that_its_forward_pass_goes_through(name, size, mid_grid):
+    """`--box auto` hooks this layer; a name that is not a submodule, or one the forward pass skips,
+    would fail only on a user's first automatic query."""
+    backbone = load_backbone(name)
+    caught = []
+    backbone.model.get_submodule(backbone.focus_layer).register_forward_hook(lambda _m, _i, out: caught.append(out))
+    with torch.no_grad():
+        backbone.model.forward_features(torch.randn(1, 3, *size))
+    assert len(caught) == 1 and tuple(caught[0].shape[-2:]) == mid_grid
+
+
+def test_resnet50_focus_layer_is_layer3(tmp_path):
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "r50.pth")
+    backbone = load_backbone("resnet50", weights=str(tmp_path / "r50.pth"))
+    caught = []
+    backbone.model.get_submodule(backbone.focus_layer).register_forward_hook(lambda _m, _i, out: caught.append(out))
+    with torch.no_grad():
+        backbone.model.forward_features(torch.randn(1, 3, 224, 224))
+    assert len(caught) == 1 and caught[0].shape == (1, 1024, 14, 14)
+
+
 def test_toy_backbone_is_seeded_and_post_relu():
     first, second = load_backbone("toy"), load_backbone("toy")
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
