@@ -208,8 +208,8 @@ class QueryEngine:
     def index_type(self) -> str:
         return index_type_of(self.index)
 
-    def embed(self, image: Image.Image, box: Box | None = None) -> Embedded:
-        """One photo through the model; with a box (its pixels), pooled over that part alone."""
+    def embed(self, image: Image.Image, box: Box | str | None = None) -> Embedded:
+        """One photo through the model; with a box (its pixels, or ``AUTO``), pooled over that part alone."""
         feature_maps, pooled = self.encoder.encode([image], boxes=[box])
         return Embedded(feature_maps[0], pooled[0], self.head(pooled)[0])
 
@@ -269,11 +269,12 @@ class QueryEngine:
         return heat.float().cpu().numpy(), offset.float().cpu().numpy()
 
     def query(self, image: Image.Image, k: int = 10, explainer: str = DEFAULT_EXPLAINER, group: str = "none",
-              box: Box | None = None) -> QueryResult:
+              box: Box | str | None = None) -> QueryResult:
         """Top-k matches of one photo, with query- and match-side maps unless explainer == 'none'.
 
         ``box`` (x1, y1, x2, y2 in the image's pixels): search for that part of the photo; the
-        query is pooled over the cells it covers and its maps are zero outside it."""
+        query is pooled over the cells it covers and its maps are zero outside it. ``AUTO``
+        (retrieval.encoder): the same over the cells `focus_weights` picks."""
         if explainer not in EXPLAIN_CHOICES:
             raise ValueError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
         if group not in GROUP_CHOICES:
