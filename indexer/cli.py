@@ -335,7 +335,7 @@ def _box_flag(p: argparse.ArgumentParser, verb: str) -> None:
     _add(p, "--box", default=None, metavar="X1,Y1,X2,Y2|auto",
          help=f"{verb} this part of each photo (pixels of the photo: left, top, right, bottom); it is pooled "
               "over the cells the box covers, so the rest of the photo no longer counts. 'auto': over the "
-              "15%% of cells that stand out most from the rest of the photo (no box needed; ~2x Recall@1 "
+              "10%% of cells that stand out most from the rest of the photo (no box needed; 2.5-4x Recall@1 "
               "on whole photos of an object in a scene, docs/heads.md)")
 
 

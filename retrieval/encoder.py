@@ -88,7 +88,7 @@ def _cached_objectness(path: str) -> Objectness:
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the photo, x2 / y2 exclusive
 AUTO = "auto"  # in place of a box: let `focus_weights` pick the part of the photo
 BOX_FORMAT = "X1,Y1,X2,Y2 (pixels of the photo: left, top, right, bottom) or auto"
-FOCUS_SHARE = 0.15  # share of the cells `focus_weights` keeps (chosen on clipart-train, docs/heads.md)
+FOCUS_SHARE = 0.1  # share of the cells `focus_weights` keeps (chosen on clipart-train, docs/heads.md)
 
 
 def parse_box(text: str) -> Box | str:
@@ -148,20 +148,27 @@ def focus_weights(mid_maps: Tensor, grid: tuple[int, int], share: float = FOCUS_
     forward pass (the backbone's ``focus_layer``: Lite0's block 11, whose features inside an object
     mask identify the instance best, docs/heads.md), each cell scores
 
-        d · (‖a‖ / mean ‖a‖)²,   d = 1 − cos(a, mean direction of the photo's cells)
+        d² · ‖a‖ / mean ‖a‖,   d = 1 − cos(a, mean direction of the photo's cells)
 
-    — strongly activated and unlike the rest of the photo, i.e. unlike the background that fills it —
-    smoothed 3×3 (edges repeated), resampled to the pooling grid (h, w); the top ``share`` of cells
-    (at least one; ties kept) get equal weight, scaled so the weights average 1 as `box_weights` do.
-    The choices (score, smoothing, share) were made on clipart-train, never on the evaluation sets.
+    — unlike the rest of the photo (mostly the background that fills it) and strongly activated. The
+    outer ring of cells scores 0: those cells see the convolutions' zero padding, which alone makes
+    them look unlike the rest (on a uniform texture the corners stood out). The scores are smoothed
+    3×3 (edges repeated), so a ring cell next to a salient one can still be picked, resampled to the
+    pooling grid (h, w), and the top ``share`` of cells (at least one; ties kept) get equal weight,
+    scaled so the weights average 1 as `box_weights` do. The choices (score, ring, smoothing, share)
+    were made on clipart-train, never on the evaluation sets (bench/explore_focus.py).
     """
     cells = mid_maps.float().clamp_min(0).flatten(2).transpose(1, 2)  # (B, h'w', C)
     norms = cells.norm(dim=2)  # (B, h'w')
     unit = cells / norms.clamp_min(1e-6).unsqueeze(2)
     mean = F.normalize(unit.mean(dim=1, keepdim=True), dim=2)
     distinct = (1.0 - (unit * mean).sum(dim=2)).clamp_min(1e-6)
-    score = distinct * (norms / norms.mean(dim=1, keepdim=True).clamp_min(1e-12)) ** 2
+    score = distinct ** 2 * norms / norms.mean(dim=1, keepdim=True).clamp_min(1e-12)
     score = score.reshape(len(score), 1, *mid_maps.shape[-2:])
+    if min(score.shape[-2:]) > 2:  # the padding ring; a map of 1-2 cells across is all ring: keep it
+        inner = torch.zeros_like(score)
+        inner[..., 1:-1, 1:-1] = 1.0
+        score = score * inner
     score = F.avg_pool2d(F.pad(score, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     if tuple(score.shape[-2:]) != tuple(grid):
         score = F.interpolate(score, size=grid, mode="bilinear", align_corners=False)
