@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.encoder import parse_box
+from retrieval.encoder import box_json, parse_box
 from retrieval.images import overlay
 
 
@@ -99,8 +99,7 @@ def run_classify(args: argparse.Namespace, engine, images: list) -> int:
         if args.json:
             record = _as_dict(path, result, files, paths_of)
             if args.box is not None:  # as given, like `search --json`
-                box_given = parse_box(args.box)
-                record["box"] = box_given if isinstance(box_given, str) else [int(v) if v.is_integer() else v for v in box_given]
+                record["box"] = box_json(parse_box(args.box))
             print(json.dumps(record), flush=True)
             continue
         win, second = result.winner, result.runner_up

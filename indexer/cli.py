@@ -383,7 +383,9 @@ def cmd_search(args: argparse.Namespace) -> int:
                 record = {"query": str(path), "model": engine.model, "explainer": args.explain,
                           "timing_ms": result.timing_ms, "results": rows}
                 if box is not None:
-                    record["box"] = box if isinstance(box, str) else [int(v) if v.is_integer() else v for v in box]
+                    from retrieval.encoder import box_json
+
+                    record["box"] = box_json(box)
                 print(json.dumps(record), flush=True)
             else:
                 _print_table(path, result, rows, box)

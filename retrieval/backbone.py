@@ -64,6 +64,7 @@ class _ResNetFeatures(nn.Module):
         super().__init__()
         self.net = net
         self.num_features = net.fc.in_features
+        self.focus_layer = "net.layer3"  # stride 16, 1024 channels: the mid-level map `--box auto` reads
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, 2048, H/32, W/32), after layer4's final ReLU."""
@@ -88,6 +89,7 @@ class _ToyNet(nn.Module):
     """
 
     num_features = 16
+    focus_layer = "conv1"
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -140,7 +142,6 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
         ValueError: unknown name, resnet50 without weights, or weights that do not fit.
     """
     mean, std, identity = describe_backbone(name, weights)
-    focus_layer = {"efficientnet_lite0": "_blocks.11", "resnet50": "net.layer3", "toy": "conv1"}[name]
     if name == "efficientnet_lite0":
         from retrieval.lite0 import EfficientNetLite0, load_lite0_state
 
@@ -162,7 +163,7 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
         model = _ToyNet()
     model.eval()
     return Backbone(model=model, num_features=int(model.num_features), mean=mean, std=std, identity=identity,
-                    focus_layer=focus_layer)
+                    focus_layer=model.focus_layer)
 
 
 def classify(backbone: Backbone, x: Tensor) -> Tensor:

@@ -104,6 +104,11 @@ def parse_box(text: str) -> Box | str:
     return values  # type: ignore[return-value]
 
 
+def box_json(box: Box | str) -> list | str:
+    """A parsed box as `--json` echoes it: `AUTO` as is, whole pixel values as ints."""
+    return box if box == AUTO else [int(v) if float(v).is_integer() else v for v in box]
+
+
 def clip_box(box: Box, size: tuple[int, int]) -> Box:
     """The box cut to a (width, height) photo; ValueError if nothing of it is left. `AUTO` stays."""
     if box == AUTO:

@@ -88,6 +88,7 @@ class EfficientNetLite0(nn.Module):
     """The network; ``num_features`` = 1280 channels in the last conv map."""
 
     num_features = HEAD
+    focus_layer = "_blocks.11"  # stage 6's first block (192 ch, stride 32): the mid-level map `--box auto` reads
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()

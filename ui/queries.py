@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from retrieval.config import ENV_PREFIX, Settings, default_home, index_generation
-from retrieval.encoder import AUTO as encoder_auto
+from retrieval.encoder import AUTO  # re-exported: in place of a region, the automatic focus (`search --box auto`)
 from retrieval.engine import QueryEngine
 from retrieval.images import ImageError, decode_image, load_image
 from retrieval.store import open_store
@@ -103,7 +103,6 @@ def grid_request(k: int, explainer: str, group: bool) -> dict:
 
 
 Region = tuple[float, float, float, float]  # x1, y1, x2, y2 as fractions of the photo's width and height
-AUTO = encoder_auto  # in place of a region: the part the automatic focus picks (`search --box auto`)
 
 
 def region_from_percent(x_range: tuple[int, int], y_range: tuple[int, int]) -> Region | None:
