@@ -296,13 +296,11 @@ def embed_files(
             good = [i for i, item in enumerate(batch) if item.tensor is not None]
             pooled: dict[int, np.ndarray] = {}
             if good:
-                features = encoder.forward_features(torch.stack([batch[i].tensor for i in good]))
-                vectors = encoder.pool(features).cpu().numpy()  # (B, N)
-                pooled = dict(zip(good, vectors))
+                explained, vectors = encoder.embed_batch(torch.stack([batch[i].tensor for i in good]))
+                pooled = dict(zip(good, vectors.cpu().numpy()))  # (B, N) rows
             outcomes += _write_batch(store, batch + same, pooled)
-            if cache is not None:  # map cache hook: the batch's A, keyed by the ids just committed
-                cache_batch(cache, store, [item.stat.path for item in batch], good, features if good else None,
-                            encoder.pooling)
+            if cache is not None:  # map cache hook: the maps the explainers weight, keyed by the ids just committed
+                cache_batch(cache, store, [item.stat.path for item in batch], good, explained if good else None)
             bar.update(len(batch) + len(same))
     return outcomes
 

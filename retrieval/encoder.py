@@ -1,12 +1,15 @@
 """The embedding model: backbone -> feature map A -> pooling -> z -> head -> e.
 
     forward_features(x)  (B, 3, S, S) -> A (B, N, h, w)   last conv map, post-activation
-    pool(A)              (B, N, h, w) -> z (B, N)          GAP (the paper's), GeM or sqrt-GAP
+    pool(A)              (B, N, h, w) -> z (B, N)          GAP (the paper's), GeM, sqrt-GAP, or focus:
+                                                           GAP over the cells `focus_weights` picks
                                                            (a query box: over the cells it covers)
     head(z)              (B, N)       -> e (B, J)          retrieval.head.Head
 
 A query can be pooled over part of itself: a box the user gives, or ``auto`` (`AUTO`): the cells a
 gallery-free saliency cue picks (`focus_weights`), for a whole photo whose object is not framed.
+``focus`` pooling does the latter to every photo, query and gallery alike, so an indexed photo still
+finds itself at score 1 while photos are compared by what stands out in them (docs/heads.md).
 
 Preprocessing resizes the *whole* image to S x S (no centre crop), so an (h, w) map
 up-sampled to the image's own size lines up with the photo.
@@ -28,7 +31,7 @@ from retrieval.backbone import Backbone, describe_backbone, load_backbone
 from retrieval.config import PRECISIONS
 
 DEFAULT_INPUT_SIZE = 224
-POOLINGS = ("gap", "gem", "sqrt", "attn:FILE")
+POOLINGS = ("gap", "gem", "sqrt", "focus", "attn:FILE")
 GEM_P = 3.0
 
 
@@ -189,6 +192,7 @@ def explained_feature_map(feature_maps: Tensor, pooling: str, objectness: Object
 
     ``region`` (..., h, w), from `box_weights` or `focus_weights`, zeroes the cells outside a query box and scales the
     rest, so z stays the spatial mean of this map and every explainer weights exactly what was compared.
+    `focus` pooling is GAP with its region always set (the photo's own focus cells, or a query box).
 
     `gap` and `gem`: A itself. `sqrt`: √A (power-normalised activations; z = GAP(√A) is linear
     in this map, so fam-exact and closed-form Grad-CAM stay exact on it). Under `gem` z is not
@@ -203,6 +207,9 @@ def explained_feature_map(feature_maps: Tensor, pooling: str, objectness: Object
         if objectness is None:
             raise ValueError("attn pooling needs an objectness probe (attn:FILE, from famsearch train)")
         explained = feature_maps * objectness(feature_maps).unsqueeze(-3)
+    elif pooling == "focus" and region is None:
+        raise ValueError("focus pooling needs the focus weights of the same forward pass "
+                         "(Encoder.encode / Encoder.embed_batch), not the feature map alone")
     else:
         explained = feature_maps
     return explained if region is None else explained * region.unsqueeze(-3)
@@ -213,13 +220,14 @@ def pool_feature_map(
     region: Tensor | None = None,
 ) -> Tensor:
     """(..., N, h, w) -> (..., N). GAP; GeM (mean A^p)^(1/p) (p = 1 is GAP); sqrt: GAP of √A;
-    attn:FILE: GAP of s·A, with s a learnt objectness map (see `Objectness`). ``region``
-    (..., h, w) from `box_weights`: pool over a query box's cells only."""
+    attn:FILE: GAP of s·A, with s a learnt objectness map (see `Objectness`); focus: GAP over
+    ``region``, which must be given. ``region`` (..., h, w) from `box_weights` or `focus_weights`:
+    pool over those cells only."""
     if pooling == "gem":
         powered = feature_maps.clamp_min(1e-6).pow(p)
         powered = powered if region is None else powered * region.unsqueeze(-3)
         return powered.mean(dim=(-2, -1)).pow(1.0 / p)
-    if pooling in ("gap", "sqrt") or pooling.startswith("attn:"):
+    if pooling in ("gap", "sqrt", "focus") or pooling.startswith("attn:"):
         return explained_feature_map(feature_maps, pooling, objectness, region).mean(dim=(-2, -1))
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
 
@@ -317,15 +325,16 @@ class Encoder:
 
     def pooled(self, batch: Tensor) -> Tensor:
         """Preprocessed images (B, 3, S, S) -> pooled vectors z (B, N) on the encoder's device."""
-        return self.pool(self.forward_features(batch))
+        return self.embed_batch(batch)[1]
 
-    def encode(self, images: list[Image.Image], boxes: list[Box | str | None] | None = None) -> tuple[Tensor, Tensor]:
-        """Photos -> the feature maps the explainers weight (B, N, h, w) and pooled vectors (B, N).
+    def embed_batch(self, batch: Tensor, boxes: list[Box | str | None] | None = None,
+                    sizes: list[tuple[int, int]] | None = None) -> tuple[Tensor, Tensor]:
+        """Preprocessed images (B, 3, S, S) -> the maps the explainers weight (B, N, h, w) and z (B, N).
 
-        ``boxes``: per photo a box in its pixels (or None) to pool over that part of it alone, or
-        `AUTO` to pool over the cells `focus_weights` picks."""
-        batch = torch.stack([self.preprocess(im) for im in images])
-        boxes = boxes if boxes is not None else [None] * len(images)
+        ``boxes`` as in `encode`, each in the pixels of a (width, height) in ``sizes``. Under `focus`
+        pooling a photo without a box is pooled over its own focus cells, as `AUTO` pools a query."""
+        boxes = [AUTO if box is None and self.pooling == "focus" else box
+                 for box in (boxes if boxes is not None else [None] * len(batch))]
         if AUTO in boxes:
             feature_maps, focus = self.forward_features_and_focus(batch)
         else:
@@ -335,10 +344,18 @@ class Encoder:
             grid = tuple(feature_maps.shape[-2:])
             region = torch.stack([
                 torch.ones(grid).to(feature_maps) if box is None else focus[i] if box == AUTO
-                else box_weights(box, image.size, grid).to(feature_maps)
-                for i, (image, box) in enumerate(zip(images, boxes, strict=True))])
+                else box_weights(box, sizes[i], grid).to(feature_maps)
+                for i, box in enumerate(boxes)])
         return (explained_feature_map(feature_maps, self.pooling, self.objectness, region),
                 self.pool(feature_maps, region))
+
+    def encode(self, images: list[Image.Image], boxes: list[Box | str | None] | None = None) -> tuple[Tensor, Tensor]:
+        """Photos -> the feature maps the explainers weight (B, N, h, w) and pooled vectors (B, N).
+
+        ``boxes``: per photo a box in its pixels (or None) to pool over that part of it alone, or
+        `AUTO` to pool over the cells `focus_weights` picks."""
+        batch = torch.stack([self.preprocess(im) for im in images])
+        return self.embed_batch(batch, boxes, [im.size for im in images])
 
 
 def load_encoder(

@@ -213,8 +213,8 @@ class FeatureCache:
 def _matches_pooled(feature_map: np.ndarray, pooled: np.ndarray, pooling: str) -> bool:
     """Does the (N, h, w) map pool to the (N,) stored vector, within float16 rounding?
 
-    The cached map is the one the explainers weight: A for gap/gem, √A for sqrt, so z is its
-    spatial mean, or its GeM under gem.
+    The cached map is the one the explainers weight: A for gap/gem, √A for sqrt, s·A for attn, A
+    on the focus cells (zero elsewhere) for focus, so z is its spatial mean, or its GeM under gem.
     """
     if feature_map.shape[0] != pooled.shape[0]:
         return False
@@ -244,15 +244,15 @@ def open_for_indexing(home: Path, identity: dict, enabled: bool = True) -> Featu
     return cache
 
 
-def cache_batch(cache: FeatureCache, store, paths: list[str], good: list[int], feature_maps, pooling: str) -> None:
+def cache_batch(cache: FeatureCache, store, paths: list[str], good: list[int], explained) -> None:
     """The indexer's hook, after a batch's rows are committed: keep the maps of the embedded
     files, forget the entries of files that now failed. Rows are found by path (new rows got
     their ids in that commit).
 
     Args:
         paths: the batch's file paths; good: positions of those that were embedded.
-        feature_maps: (len(good), N, h, w) backbone output A of the good ones (None if none).
-        pooling: the encoder's pooling, which decides the map the explainers weight.
+        explained: (len(good), N, h, w) the maps the explainers weight (`Encoder.embed_batch`) of the
+            good ones, None if none.
     """
     from sqlalchemy import select
 
@@ -263,10 +263,6 @@ def cache_batch(cache: FeatureCache, store, paths: list[str], good: list[int], f
     failed = [ids[p] for i, p in enumerate(paths) if i not in set(good) and p in ids]
     cache.delete(failed)
     if good:
-        if pooling != "gap":  # under GAP the explained map is A itself
-            from retrieval.encoder import explained_feature_map
-
-            feature_maps = explained_feature_map(feature_maps, pooling)
-        explained = feature_maps.float().cpu().numpy()  # (G, N, h, w)
+        explained = explained.float().cpu().numpy()  # (G, N, h, w)
         keep = [j for j, i in enumerate(good) if paths[i] in ids]
         cache.put([ids[paths[good[j]]] for j in keep], explained[keep])

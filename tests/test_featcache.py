@@ -128,7 +128,7 @@ def test_maps_served_from_the_cache_equal_recomputed_ones(capsys, gallery, home,
     _assert_same_maps(*_query_both_ways(home, gallery / "pic0.jpg", explainer))
 
 
-@pytest.mark.parametrize("pooling", ["sqrt", "gem"])
+@pytest.mark.parametrize("pooling", ["sqrt", "gem", "focus"])
 def test_the_cache_holds_the_map_each_pooling_explains(capsys, gallery, home, pooling):
     code, _ = run_json(capsys, "index", gallery, "--home", home, "--pooling", pooling, *TOY)
     assert code == 0
