@@ -20,7 +20,7 @@ import numpy as np
 
 from indexer.scan import DEFAULT_EXCLUDES
 from retrieval.config import (
-    BACKBONES, DEFAULT_EXPLAINER, ENV_PREFIX, PRECISIONS, Settings, default_home, index_generation,
+    BACKBONES, DEFAULT_EXPLAINER, DEFAULT_POOLING, ENV_PREFIX, PRECISIONS, Settings, default_home, index_generation,
 )
 from retrieval.images import SUPPORTED_SUFFIXES, ImageError, load_image, overlay
 
@@ -60,19 +60,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
 
 
-def _model_flags(parser: argparse.ArgumentParser, pooling: bool = True) -> None:
-    """--model/--weights/--input-size[/--pooling]: what defines the pooled vectors z."""
-    _add(parser, "--model", default="efficientnet_lite0", choices=BACKBONES,
-         help="backbone (toy: random convs for tests, no weights)")
+def _model_flags(parser: argparse.ArgumentParser, pooling: bool = True, from_home: bool = False) -> None:
+    """--model/--weights/--input-size[/--pooling]: what defines the pooled vectors z. ``from_home`` (index):
+    unset flags mean what a --head file was trained with, else what the home was indexed with (`_index_model`)."""
+    kept = " (default: what a --head file was trained with, else what the home was indexed with, else %s)"
+    _add(parser, "--model", default=None if from_home else BACKBONES[0], choices=BACKBONES,
+         help="backbone (toy: random convs for tests, no weights)" + (kept % BACKBONES[0] if from_home else ""))
     _add(parser, "--weights", default=None, help="backbone weights file (default: the bundled Lite0 weights)")
-    _add(parser, "--input-size", type=int, default=224, help="images are resized whole to this square")
+    _add(parser, "--input-size", type=int, default=None if from_home else 224,
+         help="images are resized whole to this square" + (kept % 224 if from_home else ""))
     _add(parser, "--precision", default="fp32", choices=PRECISIONS,
          help="backbone arithmetic: bf16 is ~2x faster on CPUs with native bf16 (AVX512-BF16/AMX) but moved one "
               "of 60 top-1 answers on clipart-composites (bench/results/precision.txt); auto = bf16 where native")
     if pooling:
-        _add(parser, "--pooling", default="gap",
-             help="feature-map pooling: gap (the paper's), gem (p=3), sqrt (GAP of square-rooted maps) or "
-                  "attn:FILE (GAP weighted by an objectness probe from `famsearch train --pooling attn`)")
+        _add(parser, "--pooling", default=None if from_home else DEFAULT_POOLING,
+             help="feature-map pooling: focus (GAP over the cells that stand out in each photo, so photos are "
+                  "compared by their objects rather than their backgrounds; docs/heads.md), gap (the paper's: "
+                  "the whole photo), gem (p=3), sqrt (GAP of square-rooted maps) or attn:FILE (GAP weighted by an "
+                  "objectness probe from `famsearch train --pooling attn`)"
+                  + (kept % DEFAULT_POOLING if from_home else f" (default: {DEFAULT_POOLING})"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="photo folders or files")
     _common(p)
     _add(p, "--demo", action="store_true", help="index a bundled demo gallery (no PATH needed)")
-    _model_flags(p)
+    _model_flags(p, from_home=True)
     _add(p, "--head", default=None, help="none, pcaw (PCA-whitening fitted on the gallery) or a head file "
                                          "from `famsearch train` (default: keep the last choice, else none)")
     _add(p, "--full", action="store_true", help="re-embed everything")
@@ -222,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
          help="also train the backbone's last stage (Lite0 block 15 + conv head, at a tenth of --lr) on cached "
               "trunk features; writes the tuned weights next to --out as .backbone.pth (pass them as --weights)")
     _model_flags(p, pooling=False)
-    _add(p, "--pooling", default="gap", choices=("gap", "gem", "sqrt", "attn"),
+    _add(p, "--pooling", default=DEFAULT_POOLING, choices=("focus", "gap", "gem", "sqrt", "attn"),
          help="as for famsearch index; attn also fits an objectness probe on the dataset's masks "
               "(written next to --out as .objectness.pt)")
     _add(p, "--cache-dir", type=Path, default=None, help="cache pooled features here (default: HOME/cache)")
@@ -249,6 +255,48 @@ def _device(args: argparse.Namespace) -> str:
 
 
 # ---------------------------------------------------------------------------- index
+def _trained_head_meta(head: str | None) -> dict:
+    """The model a --head FILE was trained with ({} for none/pcaw/no head)."""
+    if head in (None, "none", "pcaw") or not Path(head).is_file():
+        return {}
+    from retrieval.head import head_meta
+
+    return head_meta(head)
+
+
+def _index_model(args: argparse.Namespace, stored: dict | None) -> tuple[str, str | None, int, str]:
+    """(model, weights, input size, pooling) for `index`: each flag as given, else as the --head file was
+    trained, else as the home was indexed (so a plain re-run keeps the home's model), else the defaults."""
+    from retrieval.encoder import DEFAULT_INPUT_SIZE
+
+    trained, stored = _trained_head_meta(args.head), stored or {}
+    model = args.model or trained.get("backbone") or stored.get("backbone") or BACKBONES[0]
+    input_size = args.input_size or trained.get("input_size") or stored.get("input_size") or DEFAULT_INPUT_SIZE
+    pooling = args.pooling or trained.get("pooling") or stored.get("pooling") or DEFAULT_POOLING
+    if pooling.startswith("attn:"):  # stored in the model identity: make it usable from anywhere
+        pooling = "attn:" + str(Path(pooling[5:]).expanduser().resolve())
+    weights, tuned = args.weights, Path(args.head or "head").with_suffix(".backbone.pth")
+    if weights is None and trained and tuned.is_file():  # `train --finetune` wrote the tuned backbone next to the head
+        weights = str(tuned)
+    elif weights is None and not trained and args.model is None and stored.get("backbone") == model:
+        weights = stored.get("weights_path")
+    return model, weights, int(input_size), pooling
+
+
+def _check_head_model(head: str | None, encoder) -> None:
+    """A --head FILE trained on another model than the index's would embed garbage: a usage error saying
+    which flags to give."""
+    trained = _trained_head_meta(head)
+    flags = {"backbone": "--model", "input_size": "--input-size", "pooling": "--pooling",
+             "weights_sha256": "backbone weights of sha256"}
+    wrong = [f"{flag} {trained[key]} (the index: {encoder.identity.get(key)})" for key, flag in flags.items()
+             if key in trained and trained[key] != encoder.identity.get(key)]
+    if wrong:
+        hint = Path(head).with_suffix(".backbone.pth")
+        raise UsageError(f"{head} was trained with " + ", ".join(wrong) + "; index with those flags"
+                         + (f" (--weights {hint}: the tuned backbone written next to it)" if hint.is_file() else ""))
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from indexer.demo import make_demo_gallery
     from indexer.sync import IndexOptions, sync
@@ -270,10 +318,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.database_url)
     try:
-        pooling = args.pooling
-        if pooling.startswith("attn:"):  # stored in the model identity: make it usable from anywhere
-            pooling = "attn:" + str(Path(pooling[5:]).expanduser().resolve())
-        encoder = load_encoder(args.model, args.weights, args.input_size, pooling, _device(args), args.precision, lazy=True)
+        model, weights, input_size, pooling = _index_model(args, store.get_meta("model"))
+        encoder = load_encoder(model, weights, input_size, pooling, _device(args), args.precision, lazy=True)
+        _check_head_model(args.head, encoder)
         options = IndexOptions(
             batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
             full=args.full, dry_run=args.dry_run, head=args.head,

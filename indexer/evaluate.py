@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from retrieval import fam as explainers
 from retrieval import metrics
-from retrieval.config import Settings
+from retrieval.config import DEFAULT_POOLING, Settings
 from retrieval.dataset import Dataset, Item, item_box, read_dataset
 from retrieval.encoder import AUTO
 from retrieval.engine import QueryEngine
@@ -48,7 +48,7 @@ class EvalOptions:
     model: str = "efficientnet_lite0"
     weights: str | None = None
     input_size: int = 224
-    pooling: str = "gap"
+    pooling: str = DEFAULT_POOLING
     precision: str = "fp32"
     batch_size: int = 32
     workers: int = 2

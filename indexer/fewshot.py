@@ -31,6 +31,7 @@ from indexer.evaluate import IC_TOLERANCE, embed_items, pct, saliency  # one met
 from retrieval import fam as explainers
 from retrieval import metrics
 from retrieval.classify import vote_shares
+from retrieval.config import DEFAULT_POOLING
 from retrieval.dataset import Item, item_box, read_dataset
 from retrieval.encoder import load_encoder
 from retrieval.episodes import Episode, episode_scores, mean_ci95, sample_episodes
@@ -56,7 +57,7 @@ class FewShotOptions:
     model: str = "efficientnet_lite0"
     weights: str | None = None
     input_size: int = 224
-    pooling: str = "gap"
+    pooling: str = DEFAULT_POOLING
     precision: str = "fp32"
     head: str | None = None  # none | pcaw (fitted on the dataset's images) | FILE
     batch_size: int = 32

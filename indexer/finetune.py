@@ -12,7 +12,8 @@ with an identity BN (weight 1, running mean 0, running variance 1 - eps, bias = 
 loading folds it back to exactly the trained convolution. The file's sha256 is part of the model
 identity, like any `--weights` file.
 
-    trunk_features(encoder, paths)          -> X (M, 192, h, w) float16   (cached; model.forward_trunk)
+    trunk_features(encoder, paths)          -> X (M, 192, h, w) float16   (cached; model.forward_trunk;
+                                               focus pooling: + the focus weights as channel 193)
     Tail(model, head, pooling)              -> nn.Module: X -> e            (what is trained; model.forward_tail)
     tuned_state(packaged, tail, pairs)      -> lukemelas state dict         (what is saved)
 """
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from indexer.train import History, LinearHead, TrainOptions, fit_metric, initial_head, seed_everything, split_labels
-from retrieval.encoder import Encoder, Objectness, pool_feature_map
+from retrieval.encoder import Encoder, Objectness, focus_weights, pool_feature_map
 from retrieval.head import Head
 from retrieval.images import load_image
 from retrieval.lite0 import BN_EPS, EfficientNetLite0
@@ -44,22 +45,45 @@ def check_finetunable(encoder: Encoder) -> None:
 @torch.inference_mode()
 def trunk_features(
     encoder: Encoder, paths: list[Path], batch_size: int = 16, progress: bool = True, flip: bool = False,
+    focus: bool = False,
 ) -> Tensor:
-    """Every image (optionally mirrored) through the frozen trunk once: -> (M, 192, h, w) float16 on the CPU."""
+    """Every image (optionally mirrored) through the frozen trunk once: -> (M, 192, h, w) float16 on the CPU.
+
+    ``focus``: for `focus` pooling, each photo's `focus_weights` ride along as one more channel,
+    (M, 193, h, w). They come from the backbone's focus_layer (block 11), which lies in the frozen
+    trunk, so tuning the tail cannot move them; `split_focus` takes them off again."""
     model = encoder.backbone.model
+    caught: list[Tensor] = []
+    hook = model.get_submodule(encoder.backbone.focus_layer).register_forward_hook(
+        lambda _module, _inputs, output: caught.append(output)) if focus else None
     chunks = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="embedding (trunk)", unit="batch", disable=not progress):
-        images = [load_image(p) for p in paths[start:start + batch_size]]
-        if flip:
-            images = [im.transpose(0) for im in images]  # PIL FLIP_LEFT_RIGHT
-        batch = torch.stack([encoder.preprocess(im) for im in images])
-        chunks.append(model.forward_trunk(batch.to(encoder.device)).cpu().half())
+    try:
+        for start in tqdm(range(0, len(paths), batch_size), desc="embedding (trunk)", unit="batch", disable=not progress):
+            images = [load_image(p) for p in paths[start:start + batch_size]]
+            if flip:
+                images = [im.transpose(0) for im in images]  # PIL FLIP_LEFT_RIGHT
+            batch = torch.stack([encoder.preprocess(im) for im in images])
+            trunk = model.forward_trunk(batch.to(encoder.device))
+            if focus:
+                weights = focus_weights(caught.pop(), tuple(trunk.shape[-2:])).to(trunk)
+                trunk = torch.cat([trunk, weights.unsqueeze(1)], dim=1)
+            chunks.append(trunk.cpu().half())
+    finally:
+        if hook is not None:
+            hook.remove()
     return torch.cat(chunks)
+
+
+def split_focus(features: Tensor, pooling: str) -> tuple[Tensor, Tensor | None]:
+    """Trunk features -> (the trunk's output, the focus weights (B, h, w) under `focus` pooling, else None)."""
+    if pooling != "focus":
+        return features, None
+    return features[:, :-1], features[:, -1]
 
 
 @torch.inference_mode()
 def untuned_maps(model: EfficientNetLite0, features: Tensor, batch_size: int = 128) -> Tensor:
-    """Trunk features through the packaged tail: the frozen backbone's A (M, 1280, h, w) float32."""
+    """Trunk features (without focus weights) through the packaged tail: the frozen backbone's A (M, 1280, h, w) float32."""
     return torch.cat([model.forward_tail(chunk.float()) for chunk in features.split(batch_size)])
 
 
@@ -90,7 +114,8 @@ class Tail(nn.Module):
         return self.net.forward_tail(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(pool_feature_map(self.feature_maps(x), self.pooling, objectness=self.objectness))
+        x, region = split_focus(x, self.pooling)
+        return self.head(pool_feature_map(self.feature_maps(x), self.pooling, objectness=self.objectness, region=region))
 
     def snapshot(self) -> tuple[dict, Head]:
         """A detached copy of the tuned state: (the tail convolutions' entries of the net's state dict, head)."""
@@ -116,11 +141,14 @@ def finetune(
     features: Tensor, labels: list[str], model: EfficientNetLite0, pooling: str, objectness: Objectness | None,
     options: TrainOptions, log: Callable[[str], None] = print,
 ) -> tuple[tuple[dict, Head], History]:
-    """Train tail + head on trunk features (M, 192, h, w); returns the best-validation (tail state, head)."""
+    """Train tail + head on trunk features (M, 192, h, w) (+ focus weights, `trunk_features`); returns the
+    best-validation (tail state, head)."""
     generator = seed_everything(options.seed)
     train_idx, _ = split_labels(labels, options.val_fraction, options.seed)
     # the head starts as `train` would start it, on the untuned tail's z
-    pooled = pool_feature_map(untuned_maps(model, features[train_idx]), pooling, objectness=objectness)
+    trunk, region = split_focus(features[train_idx], pooling)
+    pooled = pool_feature_map(untuned_maps(model, trunk), pooling, objectness=objectness,
+                              region=None if region is None else region.float())
     start = initial_head(pooled, min(options.dim, pooled.shape[1]), options.init, options.shrinkage, generator)
     tail = Tail(model, start, pooling, objectness)
     groups = [{"params": tail.head.parameters()}, {"params": tail.tail_parameters(), "lr": options.lr * TAIL_LR_SCALE}]

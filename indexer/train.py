@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from retrieval.config import DEFAULT_POOLING
 from retrieval.encoder import Encoder
 from retrieval.dataset import read_dataset
 from retrieval.head import Head, fit_pcaw
@@ -331,7 +332,7 @@ def fit_metric(
 # ---------------------------------------------------------------------------- shell
 def run_training(
     dataset: Path, out: Path, options: TrainOptions, model: str = "efficientnet_lite0", weights: str | None = None,
-    input_size: int = 224, pooling: str = "gap", device: str = "cpu", cache_dir: Path | None = None,
+    input_size: int = 224, pooling: str = DEFAULT_POOLING, device: str = "cpu", cache_dir: Path | None = None,
     flip: bool = False, log: Callable[[str], None] = print, precision: str = "fp32", finetune: bool = False,
 ) -> dict:
     """Read, embed (cached), train, write the head file (and with `finetune` the tuned backbone
@@ -378,11 +379,13 @@ def _run_finetune(dataset, out, options, paths, labels, model, weights, input_si
 
     plain = load_encoder(model, weights, input_size, "gap", device, precision, lazy=True)
     ft.check_finetunable(plain)
-    features = memoised(plain, paths, cache_dir, ["trunk"],
-                        lambda: ft.trunk_features(plain, paths, progress=options.progress))
+    focus = pooling == "focus"  # the focus weights ride along with the trunk features
+    tag = "trunk-focus" if focus else "trunk"
+    features = memoised(plain, paths, cache_dir, [tag],
+                        lambda: ft.trunk_features(plain, paths, progress=options.progress, focus=focus))
     if flip:
-        mirrored = memoised(plain, paths, cache_dir, ["trunk-flip"],
-                            lambda: ft.trunk_features(plain, paths, progress=options.progress, flip=True))
+        mirrored = memoised(plain, paths, cache_dir, [tag + "-flip"],
+                            lambda: ft.trunk_features(plain, paths, progress=options.progress, flip=True, focus=focus))
         features, labels = torch.cat([features, mirrored]), labels + labels
     backbone = plain.backbone.model
     objectness = None

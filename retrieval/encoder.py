@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from retrieval.backbone import Backbone, describe_backbone, load_backbone
-from retrieval.config import PRECISIONS
+from retrieval.config import DEFAULT_POOLING, PRECISIONS
 
 DEFAULT_INPUT_SIZE = 224
 POOLINGS = ("gap", "gem", "sqrt", "focus", "attn:FILE")
@@ -260,7 +260,7 @@ class Encoder:
 
     backbone_name: str = "efficientnet_lite0"
     input_size: int = DEFAULT_INPUT_SIZE
-    pooling: str = "gap"
+    pooling: str = DEFAULT_POOLING
     device: torch.device = torch.device("cpu")
     weights: str | None = None  # an explicit weights file; None = the backbone's bundled one
     objectness: Objectness | None = None  # for pooling "attn:FILE"
@@ -362,7 +362,7 @@ def load_encoder(
     backbone: str = "efficientnet_lite0",
     weights: str | None = None,
     input_size: int = DEFAULT_INPUT_SIZE,
-    pooling: str = "gap",
+    pooling: str = DEFAULT_POOLING,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     lazy: bool = False,

@@ -63,7 +63,17 @@ def run_json(capsys, *argv: str):
 
 @pytest.fixture
 def indexed(capsys, gallery: Path, home: Path) -> Path:
-    """The drawn gallery indexed with the toy backbone into a temp home."""
+    """The drawn gallery indexed with the toy backbone into a temp home (default pooling: focus)."""
     code, _ = run_json(capsys, "index", gallery, "--home", home, "--model", "toy", "--input-size", "64", "--workers", "0", "--no-progress")
+    assert code == 0
+    return home
+
+
+@pytest.fixture
+def gap_indexed(capsys, gallery: Path, home: Path) -> Path:
+    """`indexed` under GAP: every photo pooled whole, for tests of searching for part of a photo (a box, or
+    `auto`) against whole-photo pooling."""
+    code, _ = run_json(capsys, "index", gallery, "--home", home, "--model", "toy", "--input-size", "64", "--workers", "0",
+                       "--no-progress", "--pooling", "gap")
     assert code == 0
     return home

@@ -127,8 +127,7 @@ def test_relabelling_replaces_one_sources_labels_and_deleted_images_leave_their_
 
 
 # ---------------------------------------------------------------------------- engine and CLI
-@pytest.fixture
-def albums_home(capsys, tmp_path):
+def _albums_home(capsys, tmp_path, *flags: str):
     """Six drawn photos in three album folders plus one unlabelled, indexed with folder labels."""
     root = tmp_path / "albums"
     for album, seeds in {"red": (0, 1, 2), "blue": (3, 4), "green": (5,)}.items():
@@ -138,9 +137,20 @@ def albums_home(capsys, tmp_path):
     draw_picture(9).save(root / "loose.png")
     home = tmp_path / "home"
     code, summary = run_json(capsys, "index", root, "--home", home, "--model", "toy", "--input-size", "64",
-                             "--workers", "0", "--no-progress", "--labels-from", "folders")
+                             "--workers", "0", "--no-progress", "--labels-from", "folders", *flags)
     assert code == 0 and summary["labels"]["folders"] == {"labelled": 6, "albums": 3, "unknown": 0}
     return home, root
+
+
+@pytest.fixture
+def albums_home(capsys, tmp_path):
+    return _albums_home(capsys, tmp_path)
+
+
+@pytest.fixture
+def gap_albums_home(capsys, tmp_path):
+    """`albums_home` under GAP (photos pooled whole), for deciding on part of a photo against whole photos."""
+    return _albums_home(capsys, tmp_path, "--pooling", "gap")
 
 
 def test_with_one_image_album_the_group_map_equals_the_pair_map(albums_home):
@@ -204,9 +214,9 @@ def test_the_ui_says_which_album_the_query_would_go_to_and_shows_why(albums_home
     assert any("Why green" in caption for image in at.image for caption in image.captions)
 
 
-def test_classifying_part_of_a_photo_decides_on_that_part(albums_home):
+def test_classifying_part_of_a_photo_decides_on_that_part(gap_albums_home):
     """A photo with green's picture on the left and blue's on the right: each half goes to its own album."""
-    home, root = albums_home
+    home, root = gap_albums_home
     canvas = Image.new("RGB", (128, 64))
     canvas.paste(draw_picture(5), (0, 0))
     canvas.paste(draw_picture(3), (64, 0))
@@ -223,8 +233,8 @@ def test_classifying_part_of_a_photo_decides_on_that_part(albums_home):
     assert [(a.album, a.score) for a in same.ranking] == [(a.album, a.score) for a in whole.ranking]
 
 
-def test_classify_cli_box_decides_on_the_boxed_part_and_refuses_a_box_off_the_photo(capsys, albums_home, tmp_path):
-    home, root = albums_home
+def test_classify_cli_box_decides_on_the_boxed_part_and_refuses_a_box_off_the_photo(capsys, gap_albums_home, tmp_path):
+    home, root = gap_albums_home
     canvas = Image.new("RGB", (128, 64))
     canvas.paste(draw_picture(5), (0, 0))
     canvas.paste(draw_picture(3), (64, 0))

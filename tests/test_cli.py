@@ -134,8 +134,9 @@ def test_an_empty_folder_indexes_nothing_and_says_so(capsys, tmp_path, home):
 
 
 def test_an_index_built_by_another_model_is_refused_without_full(capsys, indexed, gallery):
-    # `indexed` used the toy backbone; the default is Lite0.
-    code, _, err = run_cli(capsys, "index", gallery, "--home", indexed, "--no-progress", "--workers", "0")
+    # `indexed` used the toy backbone (a plain re-run keeps it: tests/test_train.py); asked for Lite0:
+    code, _, err = run_cli(capsys, "index", gallery, "--home", indexed, "--no-progress", "--workers", "0",
+                           "--model", "efficientnet_lite0")
     assert code == 2 and "another model" in err and "--full" in err
 
 

@@ -123,7 +123,10 @@ def _assert_same_maps(cached, recomputed):
 @pytest.mark.parametrize("head", ["none", "pcaw"])
 @pytest.mark.parametrize("explainer", ["fam", "fam-exact", "gradcam"])
 def test_maps_served_from_the_cache_equal_recomputed_ones(capsys, gallery, home, head, explainer):
-    code, _ = run_json(capsys, "index", gallery, "--home", home, "--head", head, *TOY)
+    """Under GAP (focus pooling: the next test). With focus pooling, the toy backbone and pcaw fitted on eight
+    photos, Grad-CAM's channel sum cancels to ~1/20 of its terms on some cells, where the float16 map's rounding
+    shows above the tolerance."""
+    code, _ = run_json(capsys, "index", gallery, "--home", home, "--head", head, "--pooling", "gap", *TOY)
     assert code == 0
     _assert_same_maps(*_query_both_ways(home, gallery / "pic0.jpg", explainer))
 

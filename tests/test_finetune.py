@@ -8,7 +8,8 @@ from indexer.finetune import Tail, finetune, tail_pairs, tuned_state, untuned_ma
 from indexer.train import TrainOptions
 from retrieval.backbone import _lite0_weights, load_backbone
 from retrieval.head import Head, head_meta, load_head
-from tests.conftest import run_cli, run_json
+from retrieval.images import load_image
+from tests.conftest import draw_picture, run_cli, run_json
 from tests.test_train import _clustered_features, _masked_dataset
 
 
@@ -85,18 +86,39 @@ def test_finetuning_learns_the_training_labels_and_keeps_its_best_validation_epo
     assert head.kind == "linear" and head.weight.shape == (1280, 16)
 
 
-def test_finetune_writes_weights_that_index_and_explain_use(capsys, tmp_path, gallery, home):
+def test_under_focus_pooling_the_tail_embeds_what_the_index_will_embed(tmp_path):
+    """Oracle: trunk features with their focus weights (channel 193) through the tail and head give the
+    embedding `encode` gives the photo under focus pooling, so training optimises what search compares."""
+    from indexer.finetune import trunk_features
+    from retrieval.encoder import load_encoder
+
+    encoder = load_encoder(input_size=96, pooling="focus")
+    paths = []
+    for seed in range(3):
+        paths.append(tmp_path / f"pic{seed}.png")
+        draw_picture(seed, size=120).save(paths[-1])
+    features = trunk_features(encoder, paths, progress=False, focus=True)
+    assert features.shape[:2] == (3, 193)
+    head = Head("linear", torch.randn(1280, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(8))
+    with torch.no_grad():
+        tuned_side = Tail(encoder.backbone.model, head, "focus", None)(features.float())
+    index_side = head(encoder.encode([load_image(p) for p in paths])[1])
+    torch.testing.assert_close(tuned_side, index_side, rtol=2e-2, atol=2e-2 * index_side.abs().max().item())
+
+
+@pytest.mark.parametrize("pooling", ["attn", "focus"])
+def test_finetune_writes_weights_that_index_and_explain_use(capsys, tmp_path, gallery, home, pooling):
     out = tmp_path / "head.pt"
     code, summary = run_json(capsys, "train", _masked_dataset(tmp_path / "masked"), "--out", out, "--input-size", "64",
-                             "--epochs", "2", "--dim", "8", "--val-fraction", "0.34", "--pooling", "attn",
+                             "--epochs", "2", "--dim", "8", "--val-fraction", "0.34", "--pooling", pooling,
                              "--finetune", "--no-progress", "--home", home)
     assert code == 0, summary
     weights = tmp_path / "head.backbone.pth"
     assert summary["weights"] == str(weights) and weights.is_file()
     tuned = load_backbone("efficientnet_lite0", weights=str(weights))
     assert head_meta(out)["weights_sha256"] == tuned.identity["weights_sha256"]
-    code, _ = run_json(capsys, "index", gallery, "--home", home, "--input-size", "64", "--workers", "0",
-                       "--no-progress", "--head", out, "--pooling", summary["pooling"], "--weights", weights)
+    # no model flags: the head's pooling and input size, and the tuned weights written next to it
+    code, _ = run_json(capsys, "index", gallery, "--home", home, "--workers", "0", "--no-progress", "--head", out)
     assert code == 0
     _, info = run_json(capsys, "info", "--home", home)
     assert info["model"]["weights_sha256"] == tuned.identity["weights_sha256"]

@@ -37,7 +37,7 @@ def test_box_weights_are_the_covered_cells_scaled_to_mean_one(box, size, grid):
 
 def test_a_box_over_the_whole_photo_changes_nothing():
     images = [draw_picture(seed) for seed in range(3)]
-    encoder = load_encoder("toy", input_size=64)
+    encoder = load_encoder("toy", input_size=64, pooling="gap")
     maps, pooled = encoder.encode(images)
     boxed_maps, boxed = encoder.encode(images, boxes=[(0, 0, 64, 64), None, (-5, -5, 99, 99)])
     assert torch.allclose(boxed, pooled) and torch.allclose(boxed_maps, maps)
@@ -56,7 +56,7 @@ def test_boxed_pooling_is_the_pooling_of_the_covered_cells_alone(pooling):
 
 def test_the_explained_map_of_a_boxed_query_is_zero_outside_and_still_averages_to_z():
     """So FAM, fam-exact and closed-form Grad-CAM weight exactly what was compared."""
-    encoder = load_encoder("toy", input_size=64)
+    encoder = load_encoder("toy", input_size=64, pooling="gap")
     maps, pooled = encoder.encode([draw_picture(3)], boxes=[(0, 0, 32, 64)])  # the left half
     assert torch.count_nonzero(maps[0, :, :, 4:]) == 0
     assert torch.allclose(maps.mean(dim=(-2, -1)), pooled, atol=1e-6)
@@ -83,11 +83,11 @@ def _two_pictures(folder, left: int, right: int):
     return path
 
 
-def test_search_with_a_box_finds_the_picture_inside_it(capsys, indexed, tmp_path):
+def test_search_with_a_box_finds_the_picture_inside_it(capsys, gap_indexed, tmp_path):
     query = _two_pictures(tmp_path, 2, 5)
-    _, left = run_json(capsys, "search", query, "--home", indexed, "--box", "0,0,64,64", "-k", "1",
+    _, left = run_json(capsys, "search", query, "--home", gap_indexed, "--box", "0,0,64,64", "-k", "1",
                        "--explain", "fam-exact")
-    _, right = run_json(capsys, "search", query, "--home", indexed, "--box", "64,0,128,64", "-k", "1")
+    _, right = run_json(capsys, "search", query, "--home", gap_indexed, "--box", "64,0,128,64", "-k", "1")
     assert left["results"][0]["path"].endswith("pic2.jpg") and right["results"][0]["path"].endswith("pic5.png")
     assert left["box"] == [0, 0, 64, 64]
 
@@ -142,7 +142,7 @@ def test_eval_query_box_pools_each_query_inside_its_annotated_box(capsys, tmp_pa
     runs = {}
     for flag in ([], ["--query-box"]):
         code, out, err = run_cli(capsys, "eval", root, "--model", "toy", "--input-size", "64", "--workers", "0",
-                                 "--no-progress", "--explain", "fam", "--steps", "2", "--json", *flag)
+                                 "--pooling", "gap", "--no-progress", "--explain", "fam", "--steps", "2", "--json", *flag)
         assert code == 0, err
         runs[bool(flag)] = json.loads(out)
     assert runs[True]["query_box"] == "annotated" and runs[False]["query_box"] is None
@@ -232,7 +232,7 @@ def test_auto_pools_the_query_over_the_cells_the_focus_picks():
     explained map is zero elsewhere and still averages to z."""
     from retrieval.encoder import AUTO
 
-    encoder = load_encoder("toy", input_size=64)
+    encoder = load_encoder("toy", input_size=64, pooling="gap")
     image = draw_picture(7, size=96)
     full_map, focus = encoder.forward_features_and_focus(encoder.preprocess(image)[None])
     maps, pooled = encoder.encode([image, image], boxes=[AUTO, None])
@@ -262,13 +262,13 @@ def _tiled(folder, background: int, odd: int):
 
 
 def test_search_box_auto_finds_the_picture_that_stands_out_where_the_whole_photo_finds_the_background(
-        capsys, indexed, tmp_path):
+        capsys, gap_indexed, tmp_path):
     query = _tiled(tmp_path, 1, 5)
-    _, whole = run_json(capsys, "search", query, "--home", indexed, "-k", "1")
-    _, auto = run_json(capsys, "search", query, "--home", indexed, "--box", "auto", "-k", "1", "--explain", "fam-exact")
+    _, whole = run_json(capsys, "search", query, "--home", gap_indexed, "-k", "1")
+    _, auto = run_json(capsys, "search", query, "--home", gap_indexed, "--box", "auto", "-k", "1", "--explain", "fam-exact")
     assert whole["results"][0]["path"].endswith("pic1.png") and auto["results"][0]["path"].endswith("pic5.png")
     assert auto["box"] == "auto" and "box" not in whole
-    code, out, _ = run_cli(capsys, "search", query, "--home", indexed, "--box", "auto", "-k", "1")
+    code, out, _ = run_cli(capsys, "search", query, "--home", gap_indexed, "--box", "auto", "-k", "1")
     assert code == 0 and "[box auto]" in out.splitlines()[0]
 
 

@@ -120,17 +120,41 @@ def test_train_writes_a_head_that_index_uses_and_identifies(capsys, tmp_path, ga
     data = _labelled_folders(tmp_path / "labelled")
     out = tmp_path / "head.pt"
     code, summary = run_json(capsys, "train", data, "--out", out, "--model", "toy", "--input-size", "64",
-                             "--epochs", "2", "--dim", "8", "--val-fraction", "0.34", "--no-progress", "--home", home)
+                             "--pooling", "gap", "--epochs", "2", "--dim", "8", "--val-fraction", "0.34",
+                             "--no-progress", "--home", home)
     assert code == 0 and summary["dim"] == 8 and len(summary["epochs"]) <= 2
     head = load_head(out)
     assert head.kind == "linear" and head.weight.shape == (16, 8)
     assert head_meta(out)["backbone"] == "toy" and head_meta(out)["input_size"] == 64
-    code, _ = run_json(capsys, "index", gallery, "--home", home, "--model", "toy", "--input-size", "64",
-                       "--workers", "0", "--no-progress", "--head", out)
+    # no model flags: the index takes the model the head was trained with
+    code, _ = run_json(capsys, "index", gallery, "--home", home, "--workers", "0", "--no-progress", "--head", out)
     assert code == 0
     _, info = run_json(capsys, "info", "--home", home)
     assert info["model"]["head"] == "linear" and info["model"]["head_sha256"] == head.digest
     assert info["model"]["dim"] == 8
+    assert (info["model"]["backbone"], info["model"]["input_size"], info["model"]["pooling"]) == ("toy", 64, "gap")
+
+
+def test_a_head_trained_on_another_model_than_the_index_s_is_refused_with_the_flags_to_give(capsys, tmp_path, gallery):
+    out = tmp_path / "head.pt"
+    code, _ = run_json(capsys, "train", _labelled_folders(tmp_path / "labelled"), "--out", out, "--model", "toy",
+                       "--input-size", "64", "--pooling", "gap", "--epochs", "1", "--dim", "8", "--val-fraction",
+                       "0.34", "--no-progress", "--home", tmp_path / "train-home")
+    assert code == 0
+    code, _, err = run_cli(capsys, "index", gallery, "--home", tmp_path / "home", "--workers", "0", "--no-progress",
+                           "--head", out, "--pooling", "focus", "--input-size", "96")
+    assert code == 2 and "--input-size 64 (the index: 96)" in err and "--pooling gap (the index: focus)" in err
+
+
+def test_a_plain_re_index_keeps_the_model_the_home_was_indexed_with(capsys, gallery, home):
+    code, _ = run_json(capsys, "index", gallery, "--home", home, "--model", "toy", "--input-size", "64",
+                       "--pooling", "gap", "--workers", "0", "--no-progress")
+    assert code == 0
+    draw_picture(30).save(gallery / "new.png")
+    code, summary = run_json(capsys, "index", gallery, "--home", home, "--workers", "0", "--no-progress")
+    assert code == 0 and (summary["added"], summary["unchanged"]) == (1, 8)
+    _, info = run_json(capsys, "info", "--home", home)
+    assert (info["model"]["backbone"], info["model"]["input_size"], info["model"]["pooling"]) == ("toy", 64, "gap")
 
 
 def test_train_without_out_is_a_usage_error(capsys, tmp_path):
@@ -172,8 +196,7 @@ def test_attn_training_writes_a_probe_that_index_and_explain_use_exactly(capsys,
                              "--input-size", "64", "--epochs", "2", "--dim", "8", "--val-fraction", "0.34",
                              "--pooling", "attn", "--no-progress", "--home", home)
     assert code == 0 and summary["pooling"].startswith("attn:") and (tmp_path / "head.objectness.pt").is_file()
-    code, _ = run_json(capsys, "index", gallery, "--home", home, "--model", "toy", "--input-size", "64",
-                       "--workers", "0", "--no-progress", "--head", out, "--pooling", summary["pooling"])
+    code, _ = run_json(capsys, "index", gallery, "--home", home, "--workers", "0", "--no-progress", "--head", out)
     assert code == 0
     _, info = run_json(capsys, "info", "--home", home)
     assert info["model"]["pooling"] == summary["pooling"] and "objectness_sha256" in info["model"]

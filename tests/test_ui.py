@@ -258,7 +258,7 @@ def test_switching_the_explainer_redraws_the_maps(indexed, monkeypatch):
     at = _pick(_app(indexed, monkeypatch), "pic1.png")
     at.button(key="why_2").click().run()
     score = at.session_state["result"].matches[1].score
-    assert at.selectbox(key="explainer").value == "gradcam"  # the default (retrieval.config.DEFAULT_EXPLAINER)
+    assert at.selectbox(key="explainer").value == "fam"  # the default (retrieval.config.DEFAULT_EXPLAINER)
     maps = {}
     for explainer in ("fam", "fam-exact", "gradcam"):
         at.selectbox(key="explainer").set_value(explainer).run()
@@ -385,11 +385,11 @@ def test_the_outline_frames_the_region_and_leaves_the_rest_of_the_photo():
     assert (framed[50, 100] == (90, 120, 30)).all() and (framed[5, 5] == (90, 120, 30)).all()  # inside, outside
 
 
-def test_searching_for_part_of_an_uploaded_photo_finds_the_picture_in_that_part(indexed, monkeypatch):
+def test_searching_for_part_of_an_uploaded_photo_finds_the_picture_in_that_part(gap_indexed, monkeypatch):
     canvas = Image.new("RGB", (128, 64))
     canvas.paste(draw_picture(2), (0, 0))
     canvas.paste(draw_picture(5), (64, 0))
-    at = _app(indexed, monkeypatch)
+    at = _app(gap_indexed, monkeypatch)
     at.radio(key="source").set_value("Upload a photo").run()
     at.file_uploader(key="upload").set_value(("two.png", pictures.png_bytes(canvas), "image/png")).run()
     for x_range, expected in (((0, 50), "pic2.jpg"), ((50, 100), "pic5.png")):
@@ -413,14 +413,14 @@ def test_the_spotlight_dims_every_cell_but_the_picked_ones():
     assert queries.box_on(queries.AUTO, (200, 100)) == queries.AUTO
 
 
-def test_picking_the_part_automatically_searches_for_what_stands_out(indexed, monkeypatch):
+def test_picking_the_part_automatically_searches_for_what_stands_out(gap_indexed, monkeypatch):
     """The tiled photo: picture 1 eight times and picture 5 once; the whole photo finds picture 1, the
     automatic focus picture 5 (as `famsearch search --box auto` does), and the Why? maps stay on its cells."""
     canvas = Image.new("RGB", (192, 192))
     for x in range(3):
         for y in range(3):
             canvas.paste(draw_picture(5 if x == y == 0 else 1), (64 * x, 64 * y))
-    at = _app(indexed, monkeypatch)
+    at = _app(gap_indexed, monkeypatch)
     at.radio(key="source").set_value("Upload a photo").run()
     at.file_uploader(key="upload").set_value(("tiled.png", pictures.png_bytes(canvas), "image/png")).run()
     assert at.session_state["result"].matches[0].path.endswith("pic1.png")
@@ -429,5 +429,20 @@ def test_picking_the_part_automatically_searches_for_what_stands_out(indexed, mo
     assert at.slider(key="box_x").disabled
     assert at.session_state["result"].matches[0].path.endswith("pic5.png")
     cells = at.session_state["focus_cells"]
+    at.button(key="why_1").click().run()
+    assert not at.exception and np.count_nonzero(at.session_state["report"].first_map[~cells]) == 0
+
+
+def test_on_a_focus_index_the_query_lights_the_part_it_is_compared_by(indexed, monkeypatch):
+    """The default pooling (focus) compares every photo by the part that stands out: the query photo shows
+    those cells lit, the automatic-part checkbox (which would change nothing) gives way to a sentence saying
+    so, and the Why? query map stays on the lit cells."""
+    at = _pick(_app(indexed, monkeypatch), "pic2.jpg")
+    assert not at.exception
+    assert "(compared by the part that stands out: lit)" in _texts(at)
+    assert "compares every photo by the part that stands out" in _texts(at)
+    assert not [box for box in at.checkbox if box.key == "box_auto"]
+    cells = at.session_state["focus_cells"]
+    assert 0 < cells.sum() < cells.size
     at.button(key="why_1").click().run()
     assert not at.exception and np.count_nonzero(at.session_state["report"].first_map[~cells]) == 0

@@ -83,12 +83,18 @@ def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
         return None
 
 
-def query_region() -> queries.Region | str | None:
+def query_region(focus_index: bool) -> queries.Region | str | None:
     """The part of the query photo to search for: fractions from two range sliders, `queries.AUTO` (the
-    automatic focus), or None: all of it."""
+    automatic focus), or None: all of it (under focus pooling: the part that stands out, as for every photo)."""
     with st.expander("Search for part of the photo"):
         st.caption("Narrow the query to the object you mean: the rest of the photo then no longer counts.")
-        auto = st.checkbox("Pick the part automatically (what stands out from the rest of the photo)", key="box_auto")
+        if focus_index:  # every photo is already pooled over its focus: `auto` would change nothing
+            st.caption("This index compares every photo by the part that stands out from the rest of it (focus "
+                       "pooling; lit on the query). Frame a part to search for that instead.")
+            auto = False
+        else:
+            auto = st.checkbox("Pick the part automatically (what stands out from the rest of the photo)",
+                               key="box_auto")
         x_range = st.slider("Left to right (%)", 0, 100, (0, 100), key="box_x", disabled=auto)
         y_range = st.slider("Top to bottom (%)", 0, 100, (0, 100), key="box_y", disabled=auto)
     return queries.AUTO if auto else queries.region_from_percent(x_range, y_range)
@@ -96,10 +102,11 @@ def query_region() -> queries.Region | str | None:
 
 def framer(engine: QueryEngine, photo: queries.QueryPhoto, region):
     """image -> image: the query's part marked on any size of the query photo: a framed box, the automatic
-    focus's cells lit (the rest dimmed), or nothing for the whole photo."""
-    if region is None:
+    focus's cells lit (the rest dimmed; also for the whole photo under focus pooling), or nothing for the
+    whole photo."""
+    if region is None and engine.encoder.pooling != "focus":
         return lambda image: image
-    if region != queries.AUTO:
+    if region is not None and region != queries.AUTO:
         return lambda image: pictures.outline(image, region)
     key = (photo.digest, engine.encoder.input_size)
     if st.session_state.get("focus_key") != key:
@@ -108,9 +115,12 @@ def framer(engine: QueryEngine, photo: queries.QueryPhoto, region):
     return lambda image: pictures.spotlight(image, st.session_state.focus_cells)
 
 
-def show_query(photo: queries.QueryPhoto, result, opacity: float, region, frame) -> None:
-    st.markdown("**Query**" + ("" if region is None else " (the part picked automatically: lit)" if region == queries.AUTO
-                               else " (the framed part)"))
+def show_query(photo: queries.QueryPhoto, result, opacity: float, region, frame, focus_index: bool) -> None:
+    if region is None:
+        part = " (compared by the part that stands out: lit)" if focus_index else ""
+    else:
+        part = " (the part picked automatically: lit)" if region == queries.AUTO else " (the framed part)"
+    st.markdown("**Query**" + part)
     if result.group_map is None:
         st.image(frame(pictures.fit_within(photo.display, 512)), caption=photo.label, width="stretch")
         return
@@ -215,8 +225,9 @@ def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
     if photo is None:
         st.info("Pick, upload or type a photo to find the indexed photos most like it.")
         return
+    focus_index = engine.encoder.pooling == "focus"
     try:
-        region = query_region()
+        region = query_region(focus_index)
     except ValueError as error:
         st.warning(str(error))
         return
@@ -234,7 +245,7 @@ def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
     left, right = st.columns([1, 4])
     with left:
         frame = framer(engine, photo, region)
-        show_query(photo, result, settings["opacity"], region, frame)
+        show_query(photo, result, settings["opacity"], region, frame, focus_index)
         show_album_decision(engine, photo, settings, stamp, region, frame)  # which album, and why (docs/fewshot.md)
     with right:
         selected = st.session_state.get("selected")
