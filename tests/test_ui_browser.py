@@ -17,11 +17,10 @@ CHROMIUM = shutil.which("chromium")
 WAIT_MS = 90_000  # Streamlit draws after its websocket connects; the first query loads the model
 
 
-@pytest.fixture
-def page(indexed: Path, tmp_path: Path):
+def _browse(home: Path, tmp_path: Path):
     if CHROMIUM is None:
         pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    with served(indexed, log=tmp_path / "streamlit.log") as url, sync_api.sync_playwright() as playwright:
+    with served(home, log=tmp_path / "streamlit.log") as url, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1800}, accept_downloads=True)
@@ -31,6 +30,18 @@ def page(indexed: Path, tmp_path: Path):
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(indexed: Path, tmp_path: Path):
+    """The UI in headless Chromium over the drawn gallery indexed with the defaults (focus pooling)."""
+    yield from _browse(indexed, tmp_path)
+
+
+@pytest.fixture
+def gap_page(gap_indexed: Path, tmp_path: Path):
+    """The same under GAP, where searching for part of a photo differs from searching the whole photo."""
+    yield from _browse(gap_indexed, tmp_path)
 
 
 def _not_blank(path: Path) -> bool:
@@ -72,7 +83,7 @@ def test_a_query_in_the_browser_shows_the_grid_and_the_why_view(page, gallery, t
     assert _not_blank(tmp_path / "why.png")
 
     with page.expect_download() as download:
-        page.get_by_role("button", name="Download query_rank2_gradcam.png").click()  # the default explainer
+        page.get_by_role("button", name="Download query_rank2_fam.png").click()  # the default explainer
     saved = tmp_path / "overlay.png"
     download.value.save_as(saved)
     with Image.open(saved) as overlay:
@@ -96,31 +107,31 @@ def test_a_bad_upload_and_the_status_page_in_the_browser(page):
     assert page.get_by_text("Traceback").count() == 0
 
 
-def test_framing_part_of_the_query_with_the_sliders_in_the_browser(page, gallery, tmp_path):
+def test_framing_part_of_the_query_with_the_sliders_in_the_browser(gap_page, gallery, tmp_path):
     """Keyboard on the real range slider: the right edge at 50 % searches the left half and frames it."""
     canvas = Image.new("RGB", (128, 64))
     canvas.paste(Image.open(gallery / "pic3.png"), (0, 0))
     canvas.paste(Image.open(gallery / "pic6.jpg"), (64, 0))
     path = tmp_path / "two.png"
     canvas.save(path)
-    page.get_by_text("Upload a photo").click()
-    page.locator("input[type=file]").set_input_files(str(path))
-    page.get_by_text("Top 8").wait_for()
+    gap_page.get_by_text("Upload a photo").click()
+    gap_page.locator("input[type=file]").set_input_files(str(path))
+    gap_page.get_by_text("Top 8").wait_for()
     first = re.compile(r"^#1 · 0\.\d{3} · (pic\d\.\w+)$")
-    assert first.match(page.get_by_text(first).inner_text()).group(1) != "pic3.png"  # the whole photo: another one
-    page.get_by_text("Search for part of the photo").click()
-    end = page.get_by_role("slider", name="Left to right (%) — end")
+    assert first.match(gap_page.get_by_text(first).inner_text()).group(1) != "pic3.png"  # the whole photo: another one
+    gap_page.get_by_text("Search for part of the photo").click()
+    end = gap_page.get_by_role("slider", name="Left to right (%) — end")
     end.focus()
     for _ in range(50):
         end.press("ArrowLeft")
-    page.get_by_text("(the framed part)").wait_for()
-    page.get_by_text(re.compile(r"^#1 · 0\.\d{3} · pic3\.png$")).wait_for()  # the left half is pic3
-    _settled(page)
-    page.screenshot(path=tmp_path / "framed.png")
-    assert _not_blank(tmp_path / "framed.png") and page.get_by_text("Traceback").count() == 0
+    gap_page.get_by_text("(the framed part)").wait_for()
+    gap_page.get_by_text(re.compile(r"^#1 · 0\.\d{3} · pic3\.png$")).wait_for()  # the left half is pic3
+    _settled(gap_page)
+    gap_page.screenshot(path=tmp_path / "framed.png")
+    assert _not_blank(tmp_path / "framed.png") and gap_page.get_by_text("Traceback").count() == 0
 
 
-def test_picking_the_part_automatically_in_the_browser(page, gallery, tmp_path):
+def test_picking_the_part_automatically_in_the_browser(gap_page, gallery, tmp_path):
     """The checkbox under *Search for part of the photo*: picture 1 tiled with one tile of picture 5 finds
     picture 1 whole and picture 5 with the automatic focus, and the sliders are greyed out."""
     canvas = Image.new("RGB", (192, 192))
@@ -129,14 +140,14 @@ def test_picking_the_part_automatically_in_the_browser(page, gallery, tmp_path):
             canvas.paste(Image.open(gallery / ("pic5.png" if x == y == 0 else "pic1.png")), (64 * x, 64 * y))
     path = tmp_path / "tiled.png"
     canvas.save(path)
-    page.get_by_text("Upload a photo").click()
-    page.locator("input[type=file]").set_input_files(str(path))
-    page.get_by_text(re.compile(r"^#1 · 0\.\d{3} · pic1\.png$")).wait_for()
-    page.get_by_text("Search for part of the photo").click()
-    page.get_by_text("Pick the part automatically").click()
-    page.get_by_text("(the part picked automatically: lit)").wait_for()
-    page.get_by_text(re.compile(r"^#1 · 0\.\d{3} · pic5\.png$")).wait_for()
-    assert page.get_by_role("slider", name="Left to right (%) — end").is_disabled()
-    _settled(page)
-    page.screenshot(path=tmp_path / "auto.png")
-    assert _not_blank(tmp_path / "auto.png") and page.get_by_text("Traceback").count() == 0
+    gap_page.get_by_text("Upload a photo").click()
+    gap_page.locator("input[type=file]").set_input_files(str(path))
+    gap_page.get_by_text(re.compile(r"^#1 · 0\.\d{3} · pic1\.png$")).wait_for()
+    gap_page.get_by_text("Search for part of the photo").click()
+    gap_page.get_by_text("Pick the part automatically").click()
+    gap_page.get_by_text("(the part picked automatically: lit)").wait_for()
+    gap_page.get_by_text(re.compile(r"^#1 · 0\.\d{3} · pic5\.png$")).wait_for()
+    assert gap_page.get_by_role("slider", name="Left to right (%) — end").is_disabled()
+    _settled(gap_page)
+    gap_page.screenshot(path=tmp_path / "auto.png")
+    assert _not_blank(tmp_path / "auto.png") and gap_page.get_by_text("Traceback").count() == 0
