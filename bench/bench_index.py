@@ -26,6 +26,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from retrieval.config import DEFAULT_POOLING  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 FAMSEARCH = [sys.executable, "-m", "indexer.cli"]
 CACHE = Path(os.environ.get("FAMSEARCH_BENCH_INDEX_CACHE", "/tmp/famsearch-bench-index"))
@@ -182,16 +185,19 @@ class Lines(list):
 def speed_table(photos: list[Path], sweep: bool, repeats: int) -> list[str]:
     """Naive and default famsearch interleaved `repeats` times (the machine is noisy): medians,
     ranges and the per-pair ratios; then the sweep, one run per setting."""
-    folder, home = photos[0].parent, CACHE / f"home-{photos[0].parent.name}"
+    folder, home = photos[0].parent, CACHE / f"home-{photos[0].parent.name}-{DEFAULT_POOLING}"
+    gap_home = CACHE / f"home-{photos[0].parent.name}-gap"
     famsearch_index(folder, home)  # builds the home and warms the page cache for both pipelines
+    famsearch_index(folder, gap_home, "--pooling", "gap")
     lines = Lines()
     for line in (f"{len(photos)} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} (q92), {load_average()} at the start", "",
                  f"| {'pipeline':<52} | {'images/s':>8} | {'ratio':>6} | notes", f"|{'-' * 54}|{'-' * 10}|{'-' * 8}|---"):
         lines.append(line)
-    naive_runs, default_runs = [], []
+    naive_runs, default_runs, gap_runs = [], [], []
     for _ in range(repeats):
         naive_runs.append(naive_images_per_s(photos))
         default_runs.append(famsearch_index(folder, home, "--full"))
+        gap_runs.append(famsearch_index(folder, gap_home, "--full"))  # the home's pooling: gap
     speeds = [run["images_per_s"] for run in default_runs]
     naive = statistics.median(naive_runs)
     pairs = ", ".join(f"{d / n:.1f}x" for d, n in zip(speeds, naive_runs))
@@ -201,6 +207,10 @@ def speed_table(photos: list[Path], sweep: bool, repeats: int) -> list[str]:
                      f"median of {repeats}: {', '.join(f'{v:.1f}' for v in speeds)}; pairwise {pairs}; "
                      f"wall {statistics.median(r['wall_s'] for r in default_runs):.1f} s incl. start-up; "
                      f"peak PSS {max(r['peak_pss_mib'] for r in default_runs):.0f} MiB"))
+    gap_speeds = [run["images_per_s"] for run in gap_runs]
+    lines.append(row("famsearch index --full --pooling gap", statistics.median(gap_speeds), naive,
+                     f"median of {repeats}: {', '.join(f'{v:.1f}' for v in gap_speeds)}; default ({DEFAULT_POOLING}) / gap "
+                     f"pairwise {', '.join(f'{d / g:.2f}x' for d, g in zip(speeds, gap_speeds))}"))
     if sweep:
         for workers, batch, threads in SWEEP:
             run = famsearch_index(folder, home, "--full", "--workers", str(workers), "--batch-size", str(batch),

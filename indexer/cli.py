@@ -581,8 +581,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"head ({summary['dim']}-d, best epoch {summary['best_epoch']}, val Recall@1 "
               f"{summary['val_recall_at_1']}) written to {args.out}; use it with: famsearch index PATH "
-              f"--head {args.out} --pooling {summary['pooling']} --input-size {args.input_size}"
-              + (f" --weights {summary['weights']}" if "weights" in summary else ""))
+              f"--head {args.out} (the index takes the model it was trained with: --pooling {summary['pooling']} "
+              f"--input-size {args.input_size}" + (f" --weights {summary['weights']}" if "weights" in summary else "")
+              + ")")
     return EXIT_OK
 
 
