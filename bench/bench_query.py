@@ -1,12 +1,13 @@
 """Query latency with all maps on a 10,000-image gallery, cold start, and explainer cost.
 
-    .venv/bin/python bench/bench_query.py [--work /tmp/famsearch-bench] [--n 10000] [--queries 30]
+    .venv/bin/python bench/bench_query.py [--work /tmp/famsearch-bench] [--n 10000] [--queries 30] [--pooling gap]
 
 1. Synthesises a gallery of --n small JPEGs (longer side 512) from the clipart composites,
    the clipart train/few-shot sets, and random crops of real photos (mate-backgrounds,
    OpenCV samples), with flips and crops, and a 12-megapixel JPEG query (4000x3000, q92).
-2. Indexes it once with the real default backbone (efficientnet_lite0) into WORK/home with
-   the map cache on (kept between runs; delete WORK to start over).
+2. Indexes it once with the real default backbone (efficientnet_lite0) and --pooling (default: famsearch's)
+   into WORK/home-POOLING (WORK/home for gap) with the map cache on (kept between runs; delete WORK to start
+   over).
 3. Cold start: QueryEngine construction (model + index + DB), in a fresh process.
 4. Warm: the query photo, top-10, query-side and match-side maps for all 10 results, through
    `QueryEngine.query_path` (JPEG draft decoding) with the map cache, and without it.
@@ -91,11 +92,11 @@ def make_query(path: Path) -> Path:
     return path
 
 
-def index_gallery(gallery: Path, home: Path) -> dict | None:
+def index_gallery(gallery: Path, home: Path, pooling: str) -> dict | None:
     if (home / "famsearch.db").exists() and any(home.glob("index*.faiss")):
         return None
     command = [sys.executable, "-m", "indexer.cli", "index", str(gallery), "--home", str(home),
-               "--no-progress", "--json"]
+               "--pooling", pooling, "--no-progress", "--json"]
     out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])
 
@@ -202,20 +203,22 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=30)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu_check.sh)")
     parser.add_argument("--threads", type=int, default=0, help="torch/FAISS threads (0: all cores)")
+    parser.add_argument("--pooling", default=None, help="the index's pooling (default: famsearch's default)")
     args = parser.parse_args()
     import torch
 
-    from retrieval.config import Settings
+    from retrieval.config import DEFAULT_POOLING, Settings
     from retrieval.engine import QueryEngine
 
-    gallery, home = args.work / "gallery", args.work / "home"
+    pooling = args.pooling or DEFAULT_POOLING
+    gallery, home = args.work / "gallery", args.work / ("home" if pooling == "gap" else f"home-{pooling}")
     start = time.perf_counter()
     make_gallery(gallery, args.n)
     query = make_query(args.work / "query_12mp.jpg")
     print(f"gallery: {len(list(gallery.glob('*.jpg')))} JPEGs (longer side {SIDE}) in {gallery} "
           f"[{time.perf_counter() - start:.0f} s]; query {query} {Image.open(query).size} "
           f"{query.stat().st_size / 1e6:.1f} MB")
-    summary = index_gallery(gallery, home)
+    summary = index_gallery(gallery, home, pooling)
     if summary:
         print(f"indexed once: {summary}")
     cache_dir = home / "featcache"
