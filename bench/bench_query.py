@@ -180,6 +180,8 @@ def explainer_costs(engine, query: Path, repeats: int) -> dict[str, tuple[float,
                                                               weight, bias))
              for name in explainers.EXPLAINERS}
     costs["backbone forward"] = timed(lambda: engine.encoder.forward_features(batch))
+    # focus pooling's extra work per photo: the block-11 hook and `focus_weights`, against the plain forward above
+    costs["backbone forward + focus (hook, weights)"] = timed(lambda: engine.encoder.forward_features_and_focus(batch))
     costs["gradcam-autograd (map only)"] = timed(
         lambda: explainers.gradcam_autograd(subject.feature_map, partners, embed))
 

@@ -206,9 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fit a linear embedding head (Multi-Similarity loss) on labelled images",
                        description="Train e = W^T z + b on a frozen backbone's pooled features; the head file "
-                                   "is then used by: famsearch index PATH --head FILE (same --pooling/--input-size). "
-                                   "Best measured on object composites: --pooling attn --input-size 320 "
-                                   "(Recall@1 78%% vs 12%% untrained; docs/heads.md).")
+                                   "is then used by: famsearch index PATH --head FILE (the index takes the pooling, "
+                                   "input size and tuned weights the head was trained with). Best measured on object "
+                                   "composites: --pooling attn --input-size 320 (needs masks; Recall@1 78% vs 52% "
+                                   "for the untrained default), without masks --pooling focus --finetune "
+                                   "--input-size 320 (75%, and the best on unseen object styles; docs/heads.md).")
     p.add_argument("dataset", type=Path, metavar="DATASET",
                    help="a folder with annotations.jsonl (its 'train' split) or with one sub-folder per label")
     _common(p)
@@ -226,11 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--flip", action="store_true", help="add mirrored copies of the training images (2x embedding)")
     _add(p, "--finetune", action="store_true",
          help="also train the backbone's last stage (Lite0 block 15 + conv head, at a tenth of --lr) on cached "
-              "trunk features; writes the tuned weights next to --out as .backbone.pth (pass them as --weights)")
+              "trunk features; writes the tuned weights next to --out as .backbone.pth (index --head picks them up)")
     _model_flags(p, pooling=False)
     _add(p, "--pooling", default=DEFAULT_POOLING, choices=("focus", "gap", "gem", "sqrt", "attn"),
-         help="as for famsearch index; attn also fits an objectness probe on the dataset's masks "
-              "(written next to --out as .objectness.pt)")
+         help=f"as for famsearch index (default: {DEFAULT_POOLING}); attn also fits an objectness probe on the "
+              "dataset's masks (written next to --out as .objectness.pt)")
     _add(p, "--cache-dir", type=Path, default=None, help="cache pooled features here (default: HOME/cache)")
     _add(p, "--no-progress", action="store_true", help="no progress bars")
     _add(p, "--json", action="store_true", help="print the training summary as JSON")
@@ -382,8 +384,9 @@ def _box_flag(p: argparse.ArgumentParser, verb: str) -> None:
     _add(p, "--box", default=None, metavar="X1,Y1,X2,Y2|auto",
          help=f"{verb} this part of each photo (pixels of the photo: left, top, right, bottom); it is pooled "
               "over the cells the box covers, so the rest of the photo no longer counts. 'auto': over the "
-              "10%% of cells that stand out most from the rest of the photo (no box needed; 2.5-4x Recall@1 "
-              "on whole photos of an object in a scene, docs/heads.md)")
+              "10%% of cells that stand out most from the rest of the photo, for a --pooling gap index (no box "
+              "needed; 2.5-4x Recall@1 there on whole photos of an object in a scene, docs/heads.md); on a focus "
+              "index (the default) every photo already is")
 
 
 def _parse_box(text: str):
