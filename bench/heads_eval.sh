@@ -2,7 +2,7 @@
 # Issue 6's targets through the product's own commands: train the objectness probe + Multi-Similarity
 # head on clipart-train at SIZE px, then `famsearch eval` it on clipart-composites and on composites
 # of object styles it never saw (made with make_composites.py, as in bench/bench_heads.py), next to
-# the untrained default (GAP, no head, 224 px).
+# the untrained default (every default; GAP, no head, 224 px when the recorded results were made).
 #   bash bench/heads_eval.sh [SIZE] > bench/results/heads-eval-attn320.txt
 # TRAIN_ARGS adds train flags (TRAIN_ARGS=--finetune also tunes the last stage and evaluates with the
 # tuned --weights); SKIP_DEFAULT=1 leaves out the untrained default's runs.
@@ -17,7 +17,7 @@ if [ -f "$WORK/head.backbone.pth" ]; then TRAINED+=(--weights "$WORK/head.backbo
 for dataset in "$DATA/clipart-composites" "$OTHER"; do
   name=$(basename "$dataset")
   if [ -z "${SKIP_DEFAULT:-}" ]; then
-    echo; echo "## $name: untrained default (gap, no head, 224 px)"
+    echo; echo "## $name: untrained default (no flags; its model line says the pooling)"
     "$FAMSEARCH" "${EVAL[@]}" "$dataset" --home "$WORK/$name-default" | sed -n '1,/^Faithfulness/p' | head -n -1
   fi
   echo "## $name: attn pooling + trained head${TRAIN_ARGS:+ ($TRAIN_ARGS)}, $SIZE px"

@@ -446,3 +446,6 @@ def test_on_a_focus_index_the_query_lights_the_part_it_is_compared_by(indexed, m
     assert 0 < cells.sum() < cells.size
     at.button(key="why_1").click().run()
     assert not at.exception and np.count_nonzero(at.session_state["report"].first_map[~cells]) == 0
+    match_cells = at.session_state["match_cells"]  # the match's compared cells, lit in the Why? view too
+    assert 0 < match_cells.sum() < match_cells.size
+    assert np.count_nonzero(at.session_state["report"].second_map[~match_cells]) == 0

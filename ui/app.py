@@ -115,6 +115,19 @@ def framer(engine: QueryEngine, photo: queries.QueryPhoto, region):
     return lambda image: pictures.spotlight(image, st.session_state.focus_cells)
 
 
+def match_framer(engine: QueryEngine, match, stamp: int | None):
+    """image -> image: on a focus index, the match's own compared cells lit (the rest dimmed), as on the query;
+    elsewhere nothing (a match is always pooled whole)."""
+    if engine.encoder.pooling != "focus":
+        return None
+    key = (match.image_id, stamp, engine.encoder.input_size)
+    if st.session_state.get("match_cells_key") != key:
+        image = load_image(match.path, draft_size=engine.encoder.input_size)
+        st.session_state.match_cells = engine.focus_cells(image)
+        st.session_state.match_cells_key = key
+    return lambda image: pictures.spotlight(image, st.session_state.match_cells)
+
+
 def show_query(photo: queries.QueryPhoto, result, opacity: float, region, frame, focus_index: bool) -> None:
     if region is None:
         part = " (compared by the part that stands out: lit)" if focus_index else ""
@@ -171,7 +184,7 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
     show_overlay(left, "Query: where it resembles the match", photo.display, report.first_map,
                  settings["opacity"], f"query_rank{match.rank}_{explainer}.png", frame)
     show_overlay(right, f"Match #{match.rank}: where it resembles the query", photo_of_match, report.second_map,
-                 settings["opacity"], f"match_rank{match.rank}_{explainer}.png")
+                 settings["opacity"], f"match_rank{match.rank}_{explainer}.png", match_framer(engine, match, stamp))
     st.markdown("#### Channels that carried the score")
     rows = queries.channel_rows(report.shares, 15)
     st.bar_chart(pd.DataFrame(rows), x="channel", y="share of the score", horizontal=True,
