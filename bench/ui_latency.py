@@ -132,7 +132,7 @@ def browser_section(home: Path, photos: list[Path], screenshots: Path | None) ->
             option = page.get_by_role("option", name=str(path), exact=True)
             start = time.perf_counter()
             option.click()
-            page.get_by_text(re.compile(rf"#1 · [0-9.]+ · {re.escape(path.name)}")).wait_for()
+            page.get_by_text(re.compile(rf"#1 · [0-9.]+ · {re.escape(queries.short_name(str(path)))}")).wait_for()
             page.get_by_role("button", name="Why?").nth(9).wait_for()
             page.wait_for_selector(settled, state="hidden")
             grid.append((time.perf_counter() - start) * 1000)
