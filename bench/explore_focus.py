@@ -25,7 +25,7 @@ from scipy.stats import rankdata
 
 from bench_heads import CACHE, COMPOSITES, TRAIN, read_rows  # same folder: one feature-map cache
 from explore_recurrence import labelled_maps
-from retrieval.encoder import load_encoder
+from retrieval.encoder import focus_layer_outputs, load_encoder
 from retrieval.head import fit_pcaw
 from retrieval.images import load_image
 
@@ -36,16 +36,15 @@ def block11_maps(dataset: Path, size: int) -> np.ndarray:
     if file.is_file():
         return np.load(file)
     encoder = load_encoder(input_size=size)
-    caught: list[torch.Tensor] = []
-    layer = encoder.backbone.model.get_submodule(encoder.backbone.focus_layer)
-    handle = layer.register_forward_hook(lambda _m, _i, output: caught.append(output.clamp_min(0).half()))
     paths = [dataset / r["path"] for r in read_rows(dataset)]
-    for start in range(0, len(paths), 32):
-        encoder.forward_features(torch.stack([encoder.preprocess(load_image(p)) for p in paths[start:start + 32]]))
-        print(f"  block 11 of {dataset.name} @{size}: {min(start + 32, len(paths))}/{len(paths)}", file=sys.stderr, end="\r")
-    handle.remove()
+    chunks = []
+    with focus_layer_outputs(encoder.backbone) as caught:
+        for start in range(0, len(paths), 32):
+            encoder.forward_features(torch.stack([encoder.preprocess(load_image(p)) for p in paths[start:start + 32]]))
+            chunks.append(caught.pop().clamp_min(0).half())
+            print(f"  block 11 of {dataset.name} @{size}: {min(start + 32, len(paths))}/{len(paths)}", file=sys.stderr, end="\r")
     CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(file, torch.cat(caught).numpy())
+    np.save(file, torch.cat(chunks).numpy())
     return np.load(file)
 
 

@@ -266,12 +266,13 @@ def _trained_head_meta(head: str | None) -> dict:
     return head_meta(head)
 
 
-def _index_model(args: argparse.Namespace, stored: dict | None) -> tuple[str, str | None, int, str]:
+def _index_model(args: argparse.Namespace, trained: dict, stored: dict | None) -> tuple[str, str | None, int, str]:
     """(model, weights, input size, pooling) for `index`: each flag as given, else as the --head file was
-    trained, else as the home was indexed (so a plain re-run keeps the home's model), else the defaults."""
+    ``trained`` (its meta), else as the home was indexed (so a plain re-run keeps the home's model), else
+    the defaults."""
     from retrieval.encoder import DEFAULT_INPUT_SIZE
 
-    trained, stored = _trained_head_meta(args.head), stored or {}
+    stored = stored or {}
     model = args.model or trained.get("backbone") or stored.get("backbone") or BACKBONES[0]
     input_size = args.input_size or trained.get("input_size") or stored.get("input_size") or DEFAULT_INPUT_SIZE
     pooling = args.pooling or trained.get("pooling") or stored.get("pooling") or DEFAULT_POOLING
@@ -285,10 +286,9 @@ def _index_model(args: argparse.Namespace, stored: dict | None) -> tuple[str, st
     return model, weights, int(input_size), pooling
 
 
-def _check_head_model(head: str | None, encoder) -> None:
-    """A --head FILE trained on another model than the index's would embed garbage: a usage error saying
-    which flags to give."""
-    trained = _trained_head_meta(head)
+def _check_head_model(head: str | None, trained: dict, encoder) -> None:
+    """A --head FILE ``trained`` (its meta) on another model than the index's would embed garbage: a usage
+    error saying which flags to give."""
     flags = {"backbone": "--model", "input_size": "--input-size", "pooling": "--pooling",
              "weights_sha256": "backbone weights of sha256"}
     wrong = [f"{flag} {trained[key]} (the index: {encoder.identity.get(key)})" for key, flag in flags.items()
@@ -320,9 +320,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.database_url)
     try:
-        model, weights, input_size, pooling = _index_model(args, store.get_meta("model"))
+        trained = _trained_head_meta(args.head)
+        model, weights, input_size, pooling = _index_model(args, trained, store.get_meta("model"))
         encoder = load_encoder(model, weights, input_size, pooling, _device(args), args.precision, lazy=True)
-        _check_head_model(args.head, encoder)
+        _check_head_model(args.head, trained, encoder)
         options = IndexOptions(
             batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
             full=args.full, dry_run=args.dry_run, head=args.head,

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from indexer.train import History, LinearHead, TrainOptions, fit_metric, initial_head, seed_everything, split_labels
-from retrieval.encoder import Encoder, Objectness, focus_weights, pool_feature_map
+from retrieval.encoder import Encoder, Objectness, focus_layer_outputs, focus_weights, pool_feature_map
 from retrieval.head import Head
 from retrieval.images import load_image
 from retrieval.lite0 import BN_EPS, EfficientNetLite0
@@ -53,24 +53,19 @@ def trunk_features(
     (M, 193, h, w). They come from the backbone's focus_layer (block 11), which lies in the frozen
     trunk, so tuning the tail cannot move them; `split_focus` takes them off again."""
     model = encoder.backbone.model
-    caught: list[Tensor] = []
-    hook = model.get_submodule(encoder.backbone.focus_layer).register_forward_hook(
-        lambda _module, _inputs, output: caught.append(output)) if focus else None
     chunks = []
-    try:
+    with focus_layer_outputs(encoder.backbone) as caught:
         for start in tqdm(range(0, len(paths), batch_size), desc="embedding (trunk)", unit="batch", disable=not progress):
             images = [load_image(p) for p in paths[start:start + batch_size]]
             if flip:
                 images = [im.transpose(0) for im in images]  # PIL FLIP_LEFT_RIGHT
             batch = torch.stack([encoder.preprocess(im) for im in images])
             trunk = model.forward_trunk(batch.to(encoder.device))
+            mid = caught.pop()  # block 11's output, caught on the way through the trunk
             if focus:
-                weights = focus_weights(caught.pop(), tuple(trunk.shape[-2:])).to(trunk)
+                weights = focus_weights(mid, tuple(trunk.shape[-2:])).to(trunk)
                 trunk = torch.cat([trunk, weights.unsqueeze(1)], dim=1)
             chunks.append(trunk.cpu().half())
-    finally:
-        if hook is not None:
-            hook.remove()
     return torch.cat(chunks)
 
 

@@ -16,8 +16,10 @@ up-sampled to the image's own size lines up with the photo.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,6 +188,19 @@ def focus_weights(mid_maps: Tensor, grid: tuple[int, int], share: float = FOCUS_
     return (inside * (score.shape[1] / inside.sum(dim=1, keepdim=True))).reshape(len(score), *grid)
 
 
+@contextlib.contextmanager
+def focus_layer_outputs(backbone: Backbone) -> Iterator[list[Tensor]]:
+    """While open, every forward pass of ``backbone`` appends its ``focus_layer`` output (the map
+    `focus_weights` reads) to the yielded list; the hook is removed on exit."""
+    caught: list[Tensor] = []
+    layer = backbone.model.get_submodule(backbone.focus_layer)
+    handle = layer.register_forward_hook(lambda _module, _inputs, output: caught.append(output))
+    try:
+        yield caught
+    finally:
+        handle.remove()
+
+
 def explained_feature_map(feature_maps: Tensor, pooling: str, objectness: Objectness | None = None,
                           region: Tensor | None = None) -> Tensor:
     """The map z is the spatial mean of, which the explainers weight: (..., N, h, w) -> same.
@@ -310,13 +325,8 @@ class Encoder:
     def forward_features_and_focus(self, batch: Tensor) -> tuple[Tensor, Tensor]:
         """(B, 3, S, S) -> the feature maps (B, N, h, w) and `focus_weights` (B, h, w), one forward
         pass: the backbone's ``focus_layer`` output is caught on the way."""
-        caught: list[Tensor] = []
-        layer = self.backbone.model.get_submodule(self.backbone.focus_layer)
-        handle = layer.register_forward_hook(lambda _module, _inputs, output: caught.append(output))
-        try:
+        with focus_layer_outputs(self.backbone) as caught:
             feature_maps = self.forward_features(batch)
-        finally:
-            handle.remove()
         return feature_maps, focus_weights(caught[0], tuple(feature_maps.shape[-2:])).to(feature_maps)
 
     def pool(self, feature_maps: Tensor, region: Tensor | None = None) -> Tensor:

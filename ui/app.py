@@ -108,11 +108,7 @@ def framer(engine: QueryEngine, photo: queries.QueryPhoto, region):
         return lambda image: image
     if region is not None and region != queries.AUTO:
         return lambda image: pictures.outline(image, region)
-    key = (photo.digest, engine.encoder.input_size)
-    if st.session_state.get("focus_key") != key:
-        st.session_state.focus_cells = engine.focus_cells(photo.image)
-        st.session_state.focus_key = key
-    return lambda image: pictures.spotlight(image, st.session_state.focus_cells)
+    return lit_cells(engine, "focus_cells", (photo.digest, engine.encoder.input_size), lambda: photo.image)
 
 
 def match_framer(engine: QueryEngine, match, stamp: int | None):
@@ -120,12 +116,18 @@ def match_framer(engine: QueryEngine, match, stamp: int | None):
     elsewhere nothing (a match is always pooled whole)."""
     if engine.encoder.pooling != "focus":
         return None
-    key = (match.image_id, stamp, engine.encoder.input_size)
-    if st.session_state.get("match_cells_key") != key:
-        image = load_image(match.path, draft_size=engine.encoder.input_size)
-        st.session_state.match_cells = engine.focus_cells(image)
-        st.session_state.match_cells_key = key
-    return lambda image: pictures.spotlight(image, st.session_state.match_cells)
+    return lit_cells(engine, "match_cells", (match.image_id, stamp, engine.encoder.input_size),
+                     lambda: load_image(match.path, draft_size=engine.encoder.input_size))
+
+
+def lit_cells(engine: QueryEngine, name: str, key: tuple, image):
+    """image -> image with the focus cells of the photo ``image()`` lit: the cells are computed once per
+    ``key`` and kept in session state under ``name``."""
+    if st.session_state.get(name + "_key") != key:
+        st.session_state[name] = engine.focus_cells(image())
+        st.session_state[name + "_key"] = key
+    cells = st.session_state[name]
+    return lambda picture: pictures.spotlight(picture, cells)
 
 
 def show_query(photo: queries.QueryPhoto, result, opacity: float, region, frame, focus_index: bool) -> None:
