@@ -38,7 +38,9 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval import fam as explainers  # noqa: E402
-from retrieval.encoder import load_encoder, pool_feature_map  # noqa: E402
+from retrieval.encoder import load_encoder  # noqa: E402
+from retrieval.modelspec import ModelSpec  # noqa: E402
+from retrieval.pooling import pool_feature_map  # noqa: E402
 from retrieval.head import Head, fit_pcaw, load_head  # noqa: E402
 from retrieval.images import load_image, upsample  # noqa: E402
 
@@ -56,7 +58,7 @@ def feature_maps(dataset: Path, size: int, model: str = "efficientnet_lite0", fl
     file = CACHE / f"{dataset.name}-{model}-{size}{'-flip' if flip else ''}.npy"
     if file.is_file():
         return np.load(file, mmap_mode="r")
-    encoder = load_encoder(model, input_size=size, device="cuda" if torch.cuda.is_available() else "cpu")
+    encoder = load_encoder(ModelSpec(model, input_size=size), device="cuda" if torch.cuda.is_available() else "cpu")
     paths = [dataset / r["path"] for r in read_rows(dataset)]
     chunks = []
     for start in range(0, len(paths), 32):
@@ -127,7 +129,7 @@ class Bench:
 
 def transformed(maps: torch.Tensor, pooling: str) -> torch.Tensor:
     """The map the explainers see: the one z is the GAP of (sqrt maps for 'sqrt'), else A."""
-    from retrieval.encoder import explained_feature_map
+    from retrieval.pooling import explained_feature_map
 
     return explained_feature_map(maps, pooling)
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.encoder import load_encoder
+from retrieval.modelspec import ModelSpec
 from retrieval.images import load_image
 
 SOURCES = [Path("/usr/share/backgrounds/mate"), Path("/usr/share/doc/opencv-doc/examples/data")]
@@ -59,7 +60,7 @@ def main() -> None:
     print(f"{len(paths)} photos (mate-backgrounds, opencv-doc), one crop of {args.area:.0%} of each as its query, "
           f"{args.size} px; Recall@1 / Recall@5 of the source photo")
     for pooling in ("gap", "focus"):
-        encoder = load_encoder(input_size=args.size, pooling=pooling)
+        encoder = load_encoder(ModelSpec(input_size=args.size, pooling=pooling))
         gallery = F.normalize(torch.cat([encoder.encode(images[i:i + 16])[1] for i in range(0, len(images), 16)]), dim=1)
         query = F.normalize(torch.cat([encoder.encode(queries[i:i + 16])[1] for i in range(0, len(queries), 16)]), dim=1)
         ranks = (query @ gallery.T).argsort(dim=1, descending=True)

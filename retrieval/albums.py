@@ -18,6 +18,7 @@ from sqlalchemy import delete, func, select
 
 from retrieval.schema import LABEL_SOURCES, STATUS_OK, Album, AlbumImage, Image
 from retrieval.store import Store, bytes_to_embedding
+from retrieval.errors import UsageError
 
 
 def labels_from_folders(paths: Iterable[str], roots: Iterable[str | Path]) -> dict[str, str]:
@@ -46,7 +47,7 @@ def read_labels_file(file: str | Path) -> dict[str, str]:
     """
     file = Path(file)
     if not file.is_file():
-        raise ValueError(f"{file}: no such labels file")
+        raise UsageError(f"{file}: no such labels file")
     text = file.read_text(encoding="utf-8")
     if file.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         pairs = [_json_pair(line, file, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -56,7 +57,7 @@ def read_labels_file(file: str | Path) -> dict[str, str]:
             rows = rows[1:]
         bad = next((n for n, row in enumerate(rows, 1) if len(row) < 2 or not row[1].strip()), None)
         if bad is not None:
-            raise ValueError(f"{file}: row {bad} is not 'path,label'")
+            raise UsageError(f"{file}: row {bad} is not 'path,label'")
         pairs = [(row[0].strip(), row[1].strip()) for row in rows]
     return {str((file.parent / path).absolute()): label for path, label in pairs}
 
@@ -66,7 +67,7 @@ def _json_pair(line: str, file: Path, number: int) -> tuple[str, str]:
         record = json.loads(line)
         return str(record["path"]), str(record["label"])
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{file}: line {number} is not a JSON object with 'path' and 'label'") from None
+        raise UsageError(f"{file}: line {number} is not a JSON object with 'path' and 'label'") from None
 
 
 def _image_ids_by_path(store: Store) -> dict[str, int]:
@@ -84,7 +85,7 @@ def set_labels(store: Store, labels: Mapping[str, str], source: str) -> dict[str
     Returns ``{"labelled": n, "albums": n, "unknown": n}``; unknown = paths not in the index.
     """
     if source not in LABEL_SOURCES:
-        raise ValueError(f"unknown label source {source!r}; choose one of {', '.join(LABEL_SOURCES)}")
+        raise UsageError(f"unknown label source {source!r}; choose one of {', '.join(LABEL_SOURCES)}")
     by_path = _image_ids_by_path(store)
     found = {}
     for path, label in labels.items():
@@ -118,7 +119,7 @@ def add_to_album(store: Store, name: str, image_ids: Iterable[int], source: str 
     """Add images to an album (created if new); returns how many were newly added."""
     name = name.strip()
     if not name:
-        raise ValueError("an album needs a name")
+        raise UsageError("an album needs a name")
     with store.session() as session:
         album_id = _ensure_albums(session, {name})[name]
         present = set(session.scalars(select(AlbumImage.image_id).where(AlbumImage.album_id == album_id)))

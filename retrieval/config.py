@@ -24,11 +24,21 @@ DEFAULT_POOLING = "focus"
 # vs 26.1; bench/results/pooling.txt, docs/eval.md). Under GAP Grad-CAM localised better (55.9 vs 36.6):
 # `--explain gradcam` for a gap index.
 DEFAULT_EXPLAINER = "fam"
+DEFAULT_INPUT_SIZE = 224  # the square side photos are resized to; 320 measured better at 2x the cost (README)
 
 
 def index_generation(index_meta: dict | None) -> int:
     """The committed generation recorded in the DB's meta "index" (0: a home from before generations)."""
     return int((index_meta or {}).get("generation", 0))
+
+
+def default_device(device: str | None = None) -> str:
+    """``device`` as given, else cuda when torch sees a GPU, else cpu."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_home() -> Path:
@@ -66,3 +76,8 @@ class Settings:
             if path.stem in ("index", "head") or stem.isdigit():
                 found.setdefault(int(stem or 0), []).append(path)
         return found
+
+
+def home_has_index(settings: Settings) -> bool:
+    """Whether a home has a metadata database to read (an explicit database URL always counts)."""
+    return settings.db_url is not None or (settings.home / "famsearch.db").exists()

@@ -15,8 +15,11 @@ from PIL import Image
 from sqlalchemy import select
 
 from retrieval import fam as explainers
-from retrieval.config import DEFAULT_EXPLAINER, Settings, index_generation
-from retrieval.encoder import Box, Encoder, fit_box, load_encoder
+from retrieval.config import DEFAULT_EXPLAINER, Settings, default_device, home_has_index, index_generation
+from retrieval.encoder import Encoder, load_encoder
+from retrieval.modelspec import stored_model_spec
+from retrieval.regions import Box, fit_box
+from retrieval.errors import IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
 from retrieval.featcache import FeatureCache
 from retrieval.head import Head, load_head
 from retrieval.images import is_image_path, load_image, load_image_sized
@@ -28,17 +31,6 @@ from retrieval.store import Store, bytes_to_embedding, open_store
 LOGGER = logging.getLogger(__name__)
 EXPLAIN_CHOICES = (*explainers.EXPLAINERS, "none")
 GROUP_CHOICES = ("none", "topk")
-
-
-class IndexMissingError(ValueError):
-    """No usable index in this home: the shell should say how to build one."""
-
-    def __init__(self, home: Path):
-        super().__init__(f"nothing is indexed in {home}; run: famsearch index PHOTO_FOLDER --home {home}")
-
-
-class ModelMismatchError(ValueError):
-    """The stored vectors were made by another model than the one asked for."""
 
 
 @dataclass
@@ -156,10 +148,10 @@ class QueryEngine:
 
     def __init__(self, settings: Settings, device: str | None = None):
         self.settings = settings
-        if settings.db_url is None and not (settings.home / "famsearch.db").exists():
+        if not home_has_index(settings):
             raise IndexMissingError(settings.home)
         self.store = open_store(settings.database_url)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(device)
         for attempt in range(3):
             stored, self.index_info = self._snapshot()
             generation = index_generation(self.index_info)
@@ -171,9 +163,7 @@ class QueryEngine:
                     raise
         # Queries in the gallery's arithmetic where this machine has it (bf16 falls back to fp32).
         precision = "auto" if stored.get("precision") == "bf16" else "fp32"
-        self.encoder = load_encoder(
-            stored["backbone"], stored.get("weights_path"), stored["input_size"], stored["pooling"], device, precision
-        )
+        self.encoder = load_encoder(stored_model_spec(stored, precision), device)
         check_identity(stored, self.encoder.identity)
         self.model = stored
         self.index = to_gpu_if_available(self._load_or_rebuild_index(settings.index_file(generation)))
@@ -214,7 +204,7 @@ class QueryEngine:
         return Embedded(feature_maps[0], pooled[0], self.head(pooled)[0])
 
     def focus_cells(self, image: Image.Image) -> np.ndarray:
-        """The cells (h, w) bool that `box` ``auto`` pools a photo over (`retrieval.encoder.focus_weights`)."""
+        """The cells (h, w) bool that `box` ``auto`` pools a photo over (`retrieval.regions.focus_weights`)."""
         _, focus = self.encoder.forward_features_and_focus(self.encoder.preprocess(image)[None])
         return focus[0].cpu().numpy() > 0
 
@@ -276,11 +266,11 @@ class QueryEngine:
         query is pooled over the cells it covers and its maps are zero outside it. ``AUTO``
         (retrieval.encoder): the same over the cells `focus_weights` picks."""
         if explainer not in EXPLAIN_CHOICES:
-            raise ValueError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
+            raise UsageError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
         if group not in GROUP_CHOICES:
-            raise ValueError(f"unknown group {group!r}; choose one of {', '.join(GROUP_CHOICES)}")
+            raise UsageError(f"unknown group {group!r}; choose one of {', '.join(GROUP_CHOICES)}")
         if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+            raise UsageError(f"k must be at least 1, got {k}")
         start = time.perf_counter()
         query = self.embed(image, box)
         timing = {"embed": _ms(start)}
@@ -334,11 +324,11 @@ class QueryEngine:
         from retrieval.classify import decide
 
         if explainer not in EXPLAIN_CHOICES:
-            raise ValueError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
+            raise UsageError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
         start = time.perf_counter()
         names, image_ids, pooled, memberships = labelled_gallery(self.store)
         if not names:
-            raise ValueError("no albums yet; label the gallery first: famsearch albums --from-folders PHOTO_FOLDER")
+            raise NoAlbumsError()
         query = self.embed(image, box)
         gallery_embs = self.head(torch.from_numpy(pooled).to(query.emb.device))  # (M, N) -> (M, J)
         decision = decide(query.emb, gallery_embs, torch.from_numpy(memberships).to(query.emb.device), rule, k)
@@ -367,7 +357,7 @@ class QueryEngine:
         """`compare` against an indexed photo: its z as stored, its A from the map cache when there;
         ``box``: the first photo pooled over that part of it, as `query` does."""
         if not self.store.images_by_ids([image_id]):
-            raise ValueError(f"no indexed image has id {image_id}")
+            raise UsageError(f"no indexed image has id {image_id}")
         gallery, _ = self.embed_gallery([image_id])
         second = Embedded(gallery.feature_map[0], gallery.pooled[0], gallery.emb[0])
         return self._pair_report(self.embed(first, box), second, explainer)
@@ -398,7 +388,7 @@ class QueryEngine:
         """
         candidate = Path(text.strip()).expanduser()
         if not text.strip() or not candidate.is_absolute() or ".." in candidate.parts:
-            raise ValueError(f"{text!r}: type the absolute path of an indexed photo (no '..')")
+            raise UsageError(f"{text!r}: type the absolute path of an indexed photo (no '..')")
         row = self.store.image_by_path(str(candidate))
         if row is not None:
             return Path(row.path)
@@ -406,7 +396,7 @@ class QueryEngine:
         real = candidate.resolve()
         if is_image_path(real) and real.is_file() and any(real.is_relative_to(root) for root in roots):
             return real
-        raise ValueError(f"{text}: not an indexed photo; only images inside the indexed folders "
+        raise UsageError(f"{text}: not an indexed photo; only images inside the indexed folders "
                          f"({', '.join(map(str, roots)) or 'none recorded'}) can be opened")
 
     def info(self) -> dict:

@@ -220,7 +220,7 @@ def _matches_pooled(feature_map: np.ndarray, pooled: np.ndarray, pooling: str) -
         return False
     values = feature_map.astype(np.float32)
     if pooling == "gem":
-        from retrieval.encoder import GEM_P
+        from retrieval.pooling import GEM_P
 
         again = (np.clip(values, 1e-6, None) ** GEM_P).mean(axis=(1, 2)) ** (1.0 / GEM_P)  # (N, h, w) -> (N,)
     else:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from retrieval.errors import UsageError
 
 HEAD_KINDS = ("none", "pcaw")
 
@@ -62,10 +63,10 @@ def head_from_choice(choice: str, gallery_pooled: Tensor | None = None) -> Head:
         return Head()
     if choice == "pcaw":
         if gallery_pooled is None:
-            raise ValueError("pcaw is fitted on the gallery's pooled features; none were given")
+            raise UsageError("pcaw is fitted on the gallery's pooled features; none were given")
         return fit_pcaw(gallery_pooled)
     if not Path(choice).is_file():
-        raise ValueError(f"--head must be none, pcaw or a head file; {choice!r} is none of these")
+        raise UsageError(f"--head must be none, pcaw or a head file; {choice!r} is none of these")
     return load_head(choice)
 
 
@@ -74,12 +75,12 @@ def load_head(path: str | Path) -> Head:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as error:
-        raise ValueError(f"cannot read head file {path}: {error}") from None
+        raise UsageError(f"cannot read head file {path}: {error}") from None
     if not isinstance(state, dict) or "weight" not in state:
-        raise ValueError(f"{path} is not a famsearch head file (no 'weight')")
+        raise UsageError(f"{path} is not a famsearch head file (no 'weight')")
     weight, bias = state["weight"], state.get("bias")
     if weight is not None and (weight.ndim != 2 or (bias is not None and bias.shape != weight.shape[1:])):
-        raise ValueError(f"{path}: weight must be (N, J) and bias (J,)")
+        raise UsageError(f"{path}: weight must be (N, J) and bias (J,)")
     return Head(str(state.get("kind", "linear")), weight, bias)
 
 
@@ -88,7 +89,7 @@ def head_meta(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as error:
-        raise ValueError(f"cannot read head file {path}: {error}") from None
+        raise UsageError(f"cannot read head file {path}: {error}") from None
     return dict(state.get("meta") or {}) if isinstance(state, dict) else {}
 
 
@@ -99,7 +100,7 @@ def fit_pcaw(pooled: Tensor, dim: int = 512, shrinkage: float = 0.1) -> Head:
     noisy tail from being blown up when the gallery is small; J = min(dim, M - 1, N).
     """
     if pooled.ndim != 2 or pooled.shape[0] < 3:
-        raise ValueError(f"pcaw needs at least 3 gallery images to fit, got {pooled.shape[0]}")
+        raise UsageError(f"pcaw needs at least 3 gallery images to fit, got {pooled.shape[0]}")
     pooled = pooled.double()
     mean = pooled.mean(dim=0)  # (M, N) -> (N,)
     centred = pooled - mean

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from retrieval.errors import ImageError  # re-exported: callers import it from here too
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 HEIF_SUFFIXES = frozenset({".heic", ".heif"})
 DEFAULT_MAX_MEGAPIXELS = 150.0
@@ -27,10 +29,6 @@ except ImportError:  # pragma: no cover - depends on the install
 # We enforce our own megapixel cap before decoding; PIL's own bomb check would fire on its
 # default (~179 MP) and hide our clearer message.
 Image.MAX_IMAGE_PIXELS = None
-
-
-class ImageError(ValueError):
-    """A file that cannot be read as a photo; the message says why, for `famsearch info --failures`."""
 
 
 def is_image_path(path: Path) -> bool:

@@ -22,6 +22,7 @@ from itertools import islice
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from retrieval.errors import UsageError
 
 BN_EPS = 1e-3
 # (repeats, kernel, stride of the first block, expand ratio, output channels) per stage.
@@ -161,6 +162,6 @@ def load_lite0_state(model: EfficientNetLite0, checkpoint: dict[str, Tensor], so
     if missing or extra or wrong:
         problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
                    ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + ([f"shape {wrong[0]}"] if wrong else [])
-        raise ValueError(f"{source} is not an EfficientNet-Lite0 state dict: {'; '.join(problems)}")
+        raise UsageError(f"{source} is not an EfficientNet-Lite0 state dict: {'; '.join(problems)}")
     state.update(tensors)
     model.load_state_dict(state, strict=True)

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
+from retrieval.errors import UsageError
 
 _EMBEDDING_DTYPE = np.dtype("<f4")  # float32 little-endian, whatever the host
 _BUSY_TIMEOUT_S = 30.0  # how long a connection waits for another's lock (busy_timeout, the WAL switch)
@@ -163,7 +164,7 @@ def _rows_to_arrays(rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     blobs = [row[1] for row in rows]
     nbytes = len(blobs[0])
     if any(len(blob) != nbytes for blob in blobs):
-        raise ValueError("stored embeddings differ in length: re-index with --full after changing the model")
+        raise UsageError("stored embeddings differ in length: re-index with --full after changing the model")
     embeddings = np.frombuffer(bytearray().join(blobs), dtype=_EMBEDDING_DTYPE)  # writable, one copy
     return ids, embeddings.astype(np.float32, copy=False).reshape(len(rows), -1)  # (B*N,) -> (B, N)
 

@@ -11,6 +11,7 @@ from skimage import data
 from PIL import Image
 
 from retrieval.encoder import load_encoder, resolve_precision
+from retrieval.modelspec import ModelSpec
 from tests.conftest import draw_picture
 
 
@@ -22,13 +23,13 @@ def test_auto_precision_is_fp32_on_cuda_and_explicit_choices_are_kept():
 
 def test_an_unknown_precision_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="fp32, bf16, auto"):
-        load_encoder("toy", input_size=64, precision="fp16")
+        load_encoder(ModelSpec("toy", input_size=64, precision="fp16"))
 
 
 def test_bf16_and_fp32_give_the_same_direction_and_float32_maps():
     images = [draw_picture(seed) for seed in range(6)]
-    maps32, z32 = load_encoder("toy", input_size=64, precision="fp32").encode(images)
-    maps16, z16 = load_encoder("toy", input_size=64, precision="bf16").encode(images)
+    maps32, z32 = load_encoder(ModelSpec("toy", input_size=64, precision="fp32")).encode(images)
+    maps16, z16 = load_encoder(ModelSpec("toy", input_size=64, precision="bf16")).encode(images)
     assert maps16.dtype == torch.float32 and maps16.shape == maps32.shape
     cosine = torch.nn.functional.cosine_similarity(z16, z32)
     assert cosine.min() > 0.999
@@ -38,8 +39,8 @@ def test_bf16_and_fp32_give_the_same_direction_and_float32_maps():
 @pytest.mark.slow
 def test_lite0_in_bf16_keeps_its_embeddings_and_its_imagenet_answers():
     photos = [Image.fromarray(data.coffee()), Image.fromarray(data.chelsea()), Image.fromarray(data.astronaut())]
-    fp32 = load_encoder(precision="fp32")
-    bf16 = load_encoder(precision="bf16")
+    fp32 = load_encoder(ModelSpec(precision="fp32"))
+    bf16 = load_encoder(ModelSpec(precision="bf16"))
     maps32, z32 = fp32.encode(photos)
     maps16, z16 = bf16.encode(photos)
     assert torch.nn.functional.cosine_similarity(z16, z32).min() > 0.995

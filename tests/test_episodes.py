@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import draw_picture, run_cli, run_json
-from indexer.fewshot import Decisions, Features, decision_maps, per_group_mean
+from evaluation.fewshot import Decisions, Features, decision_maps, per_group_mean
 from retrieval.fam import explain
 from retrieval.head import Head
-from retrieval.episodes import episode_scores, mean_ci95, sample_episode, sample_episodes
+from evaluation.episodes import episode_scores, mean_ci95, sample_episode, sample_episodes
 
 LABELS = np.repeat(np.arange(8), 6)  # 8 classes x 6 images
 np.random.default_rng(0).shuffle(LABELS)

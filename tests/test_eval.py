@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from retrieval.dataset import item_box, load_mask, read_dataset
+from evaluation.dataset import item_box, load_mask, read_dataset
 from tests.conftest import run_cli
 
 OBJECTS = (("ellipse", (220, 40, 40)), ("rectangle", (40, 180, 60)), ("triangle", (40, 70, 220)), ("ellipse", (230, 200, 30)))

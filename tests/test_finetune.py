@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.finetune import Tail, finetune, tail_pairs, tuned_state, untuned_maps
-from indexer.train import TrainOptions
-from retrieval.backbone import _lite0_weights, load_backbone
+from training.finetune import Tail, finetune, tail_pairs, tuned_state, untuned_maps
+from training.metric import TrainOptions
+from retrieval.backbone import lite0_weights_path, load_backbone
 from retrieval.head import Head, head_meta, load_head
 from retrieval.images import load_image
 from tests.conftest import draw_picture, run_cli, run_json
@@ -20,7 +20,7 @@ def lite0():
 
 @pytest.fixture(scope="module")
 def packaged():
-    return torch.load(_lite0_weights(None), map_location="cpu", weights_only=True)
+    return torch.load(lite0_weights_path(None), map_location="cpu", weights_only=True)
 
 
 def _images(seed: int, n: int = 2, size: int = 96) -> torch.Tensor:
@@ -65,7 +65,7 @@ def test_finetuning_learns_the_training_labels_and_keeps_its_best_validation_epo
     """Trunk features where the label lives in a few channels under shared noise: the tuned tail and
     head separate the training labels far better than the starting ones; the kept snapshot is the
     best validation epoch's (generalisation to unseen objects is measured by bench/heads_eval.sh)."""
-    from indexer.train import recall_at_1, split_labels
+    from training.metric import recall_at_1, split_labels
 
     pooled, labels = _clustered_features(0, n_labels=64)  # (256, 24)
     g = torch.Generator().manual_seed(1)
@@ -89,10 +89,11 @@ def test_finetuning_learns_the_training_labels_and_keeps_its_best_validation_epo
 def test_under_focus_pooling_the_tail_embeds_what_the_index_will_embed(tmp_path):
     """Oracle: trunk features with their focus weights (channel 193) through the tail and head give the
     embedding `encode` gives the photo under focus pooling, so training optimises what search compares."""
-    from indexer.finetune import trunk_features
+    from training.finetune import trunk_features
     from retrieval.encoder import load_encoder
+    from retrieval.modelspec import ModelSpec
 
-    encoder = load_encoder(input_size=96, pooling="focus")
+    encoder = load_encoder(ModelSpec(input_size=96, pooling="focus"))
     paths = []
     for seed in range(3):
         paths.append(tmp_path / f"pic{seed}.png")

@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from retrieval.encoder import AUTO, explained_feature_map, load_encoder, pool_feature_map
+from retrieval.encoder import load_encoder
+from retrieval.modelspec import ModelSpec
+from retrieval.regions import AUTO
+from retrieval.pooling import explained_feature_map, pool_feature_map
 from tests.conftest import draw_picture, run_json
 
 TOY = ("--model", "toy", "--input-size", "64", "--workers", "0", "--no-progress")
@@ -19,8 +22,8 @@ TOY = ("--model", "toy", "--input-size", "64", "--workers", "0", "--no-progress"
 def test_focus_pooling_is_the_mean_of_the_map_over_the_focus_cells():
     """Oracle: z is the mean of A over the cells `forward_features_and_focus` keeps; the explained map is zero
     elsewhere and averages to z; `auto` on a focus encoder changes nothing, a box overrides the focus."""
-    encoder = load_encoder("toy", input_size=64, pooling="focus")
-    plain = load_encoder("toy", input_size=64)
+    encoder = load_encoder(ModelSpec("toy", input_size=64, pooling="focus"))
+    plain = load_encoder(ModelSpec("toy", input_size=64))
     image = draw_picture(7, size=96)
     full_map, focus = encoder.forward_features_and_focus(encoder.preprocess(image)[None])
     kept = focus[0] > 0
@@ -34,7 +37,7 @@ def test_focus_pooling_is_the_mean_of_the_map_over_the_focus_cells():
 
 
 def test_the_indexer_s_batch_path_pools_as_encode_does():
-    encoder = load_encoder("toy", input_size=64, pooling="focus")
+    encoder = load_encoder(ModelSpec("toy", input_size=64, pooling="focus"))
     images = [draw_picture(seed) for seed in range(3)]
     explained, pooled = encoder.embed_batch(torch.stack([encoder.preprocess(im) for im in images]))
     maps, expected = encoder.encode(images)
@@ -81,7 +84,7 @@ def test_with_the_bundled_backbone_a_whole_photo_finds_the_pasted_photo_not_the_
     gallery = [(photo, texture) for i, photo in enumerate(photos) for texture in textures if texture != textures[i % 3]]
     hits = {}
     for pooling in ("gap", "focus"):
-        encoder = load_encoder(input_size=224, pooling=pooling)
+        encoder = load_encoder(ModelSpec(input_size=224, pooling=pooling))
         rows = F.normalize(encoder.encode([scene(*pair, (260, 40)) for pair in gallery])[1], dim=1)
         queries = F.normalize(encoder.encode([scene(photo, textures[i % 3], (40, 250))
                                               for i, photo in enumerate(photos)])[1], dim=1)

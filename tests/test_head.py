@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from retrieval.encoder import POOLINGS, explained_feature_map, pool_feature_map
+from retrieval.pooling import POOLINGS, explained_feature_map, pool_feature_map
 from retrieval.head import Head, fit_pcaw, head_meta, load_head
 
 
@@ -78,7 +78,7 @@ def test_a_file_that_is_not_a_head_is_refused(tmp_path):
 
 
 def test_attention_pooling_is_the_mean_of_the_weighted_map_the_explainers_see():
-    from retrieval.encoder import Objectness
+    from retrieval.pooling import Objectness
 
     g = torch.Generator().manual_seed(2)
     feature_maps = torch.rand(2, 4, 3, 3, generator=g, dtype=torch.float64)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from retrieval.metrics import (
+from evaluation.metrics import (
     average_drop,
     average_precision,
     box_from_mask,

@@ -8,7 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.encoder import box_weights, load_encoder, parse_box, pool_feature_map
+from retrieval.encoder import load_encoder
+from retrieval.modelspec import ModelSpec
+from retrieval.regions import box_weights, parse_box
+from retrieval.pooling import pool_feature_map
 from tests.conftest import draw_picture, run_cli, run_json
 
 
@@ -37,7 +40,7 @@ def test_box_weights_are_the_covered_cells_scaled_to_mean_one(box, size, grid):
 
 def test_a_box_over_the_whole_photo_changes_nothing():
     images = [draw_picture(seed) for seed in range(3)]
-    encoder = load_encoder("toy", input_size=64, pooling="gap")
+    encoder = load_encoder(ModelSpec("toy", input_size=64, pooling="gap"))
     maps, pooled = encoder.encode(images)
     boxed_maps, boxed = encoder.encode(images, boxes=[(0, 0, 64, 64), None, (-5, -5, 99, 99)])
     assert torch.allclose(boxed, pooled) and torch.allclose(boxed_maps, maps)
@@ -47,7 +50,7 @@ def test_a_box_over_the_whole_photo_changes_nothing():
 def test_boxed_pooling_is_the_pooling_of_the_covered_cells_alone(pooling):
     """Oracle: z of a box equals pooling the sub-map of the cells the box covers."""
     image = draw_picture(7, size=96)
-    encoder = load_encoder("toy", input_size=64, pooling=pooling)
+    encoder = load_encoder(ModelSpec("toy", input_size=64, pooling=pooling))
     full_map = encoder.forward_features(encoder.preprocess(image)[None])  # (1, 16, 8, 8)
     _, boxed = encoder.encode([image], boxes=[(24, 12, 72, 60)])  # cells 2..5 across, 1..4 down (12 px each)
     expected = pool_feature_map(full_map[..., 1:5, 2:6], pooling)
@@ -56,7 +59,7 @@ def test_boxed_pooling_is_the_pooling_of_the_covered_cells_alone(pooling):
 
 def test_the_explained_map_of_a_boxed_query_is_zero_outside_and_still_averages_to_z():
     """So FAM, fam-exact and closed-form Grad-CAM weight exactly what was compared."""
-    encoder = load_encoder("toy", input_size=64, pooling="gap")
+    encoder = load_encoder(ModelSpec("toy", input_size=64, pooling="gap"))
     maps, pooled = encoder.encode([draw_picture(3)], boxes=[(0, 0, 32, 64)])  # the left half
     assert torch.count_nonzero(maps[0, :, :, 4:]) == 0
     assert torch.allclose(maps.mean(dim=(-2, -1)), pooled, atol=1e-6)
@@ -189,7 +192,7 @@ def _scene(h: int = 8, w: int = 8, spot=(slice(2, 4), slice(5, 7)), channels: in
 
 
 def test_the_automatic_focus_keeps_the_cells_that_stand_out_from_the_rest_of_the_photo():
-    from retrieval.encoder import FOCUS_SHARE, focus_weights
+    from retrieval.regions import FOCUS_SHARE, focus_weights
 
     weights = focus_weights(_scene(), (8, 8))[0]
     kept = weights > 0
@@ -203,7 +206,7 @@ def test_the_automatic_focus_keeps_the_cells_that_stand_out_from_the_rest_of_the
 def test_the_outer_ring_of_cells_does_not_stand_out_on_its_own():
     """Two identical spots, one in the corner (cells that see the zero padding), one inside: only the inner
     one is picked."""
-    from retrieval.encoder import focus_weights
+    from retrieval.regions import focus_weights
 
     scene = _scene(spot=(slice(4, 6), slice(3, 5)))
     scene[..., 0:2, 0:2] = scene[..., 4:6, 3:5]
@@ -215,7 +218,7 @@ def test_the_outer_ring_of_cells_does_not_stand_out_on_its_own():
 def test_the_automatic_focus_ignores_the_map_s_scale_and_follows_the_spot(seed):
     """Property: scaling every activation changes nothing (cosines and norm ratios stay), and moving the
     spot moves the focus with it; a map of another size is resampled to the pooling grid."""
-    from retrieval.encoder import focus_weights
+    from retrieval.regions import focus_weights
 
     g = torch.Generator().manual_seed(seed)
     r, c = (int(v) for v in torch.randint(1, 6, (2,), generator=g))  # inside the padding ring
@@ -230,9 +233,9 @@ def test_the_automatic_focus_ignores_the_map_s_scale_and_follows_the_spot(seed):
 def test_auto_pools_the_query_over_the_cells_the_focus_picks():
     """Oracle: z under `AUTO` is the mean of A over the cells `forward_features_and_focus` keeps, and the
     explained map is zero elsewhere and still averages to z."""
-    from retrieval.encoder import AUTO
+    from retrieval.regions import AUTO
 
-    encoder = load_encoder("toy", input_size=64, pooling="gap")
+    encoder = load_encoder(ModelSpec("toy", input_size=64, pooling="gap"))
     image = draw_picture(7, size=96)
     full_map, focus = encoder.forward_features_and_focus(encoder.preprocess(image)[None])
     maps, pooled = encoder.encode([image, image], boxes=[AUTO, None])
@@ -244,7 +247,7 @@ def test_auto_pools_the_query_over_the_cells_the_focus_picks():
 
 
 def test_parse_box_takes_auto():
-    from retrieval.encoder import AUTO, clip_box, fit_box
+    from retrieval.regions import AUTO, clip_box, fit_box
 
     assert parse_box("auto") == parse_box(" AUTO ") == AUTO
     assert clip_box(AUTO, (10, 10)) == fit_box(AUTO, (100, 100), (10, 10)) == AUTO
@@ -295,7 +298,7 @@ def test_with_the_bundled_backbone_the_focus_lands_on_a_photo_pasted_onto_textur
     picks have their centre on it (chance: 11 %)."""
     from skimage import data
 
-    encoder = load_encoder(input_size=224)
+    encoder = load_encoder(ModelSpec(input_size=224))
     canvas = Image.fromarray(data.grass()).convert("RGB").resize((448, 448))
     canvas.paste(Image.fromarray(getattr(data, name)()).convert("RGB").resize((160, 140)), corner)
     _, focus = encoder.forward_features_and_focus(encoder.preprocess(canvas)[None])

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from indexer.train import TrainOptions, read_labelled, recall_at_1, split_labels, train_head
+from training.data import read_labelled
+from training.metric import TrainOptions, recall_at_1, split_labels, train_head
 from retrieval.fam import cosine, explain, gradcam_autograd
 from retrieval.head import head_meta, load_head
 from tests.conftest import draw_picture, run_cli, run_json
@@ -163,7 +164,7 @@ def test_train_without_out_is_a_usage_error(capsys, tmp_path):
 
 
 def test_the_objectness_probe_weighs_object_cells_above_background_cells():
-    from indexer.train import fit_objectness
+    from training.objectness import fit_objectness
 
     g = torch.Generator().manual_seed(0)
     masks = (torch.rand(30, 4, 4, generator=g) > 0.7).float()  # (M, h, w) object cells

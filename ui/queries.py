@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from retrieval.config import ENV_PREFIX, Settings, default_home, index_generation
-from retrieval.encoder import AUTO  # re-exported: in place of a region, the automatic focus (`search --box auto`)
+from retrieval.config import ENV_PREFIX, Settings, default_home, home_has_index, index_generation
+from retrieval.regions import AUTO  # re-exported: in place of a region, the automatic focus (`search --box auto`)
 from retrieval.engine import QueryEngine
 from retrieval.images import ImageError, decode_image, load_image
 from retrieval.store import open_store
@@ -66,7 +66,7 @@ def index_stamp(settings: Settings) -> int | None:
     """The committed index generation (what a new QueryEngine opens; each rebuild commits the next),
     so a re-index loads a fresh engine. Read from the DB, not from the files on disk: a re-index
     writes its files before it commits them. None when nothing was indexed (nothing is created)."""
-    if settings.db_url is None and not (settings.home / "famsearch.db").exists():
+    if not home_has_index(settings):
         return None
     with open_store(settings.database_url) as store:
         return index_generation(store.get_meta("index"))

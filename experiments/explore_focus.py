@@ -1,4 +1,4 @@
-"""How `--box auto` (retrieval.encoder.focus_weights) was chosen: gallery-free query-side cues, no training.
+"""How `--box auto` (retrieval.regions.focus_weights) was chosen: gallery-free query-side cues, no training.
 
 Each query is pooled over the cells a cue ranks highest (the gallery stays whole-image GAP with gallery
 PCA-whitening, as `--head pcaw` indexes it); each cell scores d^a * (|x| / mean |x|)^b, d = 1 - cos(x, the
@@ -8,7 +8,7 @@ as the gallery); the best ones are then applied once to clipart-composites: no t
 set. Also printed: how well each cue separates object cells from background cells of the composites'
 queries (ROC AUC against the masks), next to the gallery-recurrence cue of explore_recurrence.py.
 
-    .venv/bin/python bench/explore_focus.py [--size 320] > bench/results/focus.txt
+    .venv/bin/python experiments/explore_focus.py [--size 320] > bench/results/focus.txt
 """
 from __future__ import annotations
 
@@ -23,9 +23,13 @@ from PIL import Image
 from scipy import ndimage
 from scipy.stats import rankdata
 
-from bench_heads import CACHE, COMPOSITES, TRAIN, read_rows  # same folder: one feature-map cache
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench_heads: one feature-map cache
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_heads import CACHE, COMPOSITES, TRAIN, read_rows
 from explore_recurrence import labelled_maps
-from retrieval.encoder import focus_layer_outputs, load_encoder
+from retrieval.encoder import load_encoder
+from retrieval.modelspec import ModelSpec
+from retrieval.regions import focus_layer_outputs
 from retrieval.head import fit_pcaw
 from retrieval.images import load_image
 
@@ -35,7 +39,7 @@ def block11_maps(dataset: Path, size: int) -> np.ndarray:
     file = CACHE / f"{dataset.name}-efficientnet_lite0-{size}-block11.npy"
     if file.is_file():
         return np.load(file)
-    encoder = load_encoder(input_size=size)
+    encoder = load_encoder(ModelSpec(input_size=size))
     paths = [dataset / r["path"] for r in read_rows(dataset)]
     chunks = []
     with focus_layer_outputs(encoder.backbone) as caught:
@@ -78,7 +82,7 @@ class Queries:
 
     def scores(self, a: float, b: float, distinct_on: str, norm_on: str, smooth: bool, ring: bool = True) -> np.ndarray:
         score = np.maximum(self.cues[distinct_on][0][self.q], 1e-6) ** a * self.cues[norm_on][1][self.q] ** b
-        if not ring:  # zero the outer ring, as retrieval.encoder.focus_weights does
+        if not ring:  # zero the outer ring, as retrieval.regions.focus_weights does
             inner = np.zeros(self.hw, np.float32)
             inner[1:-1, 1:-1] = 1.0
             score = score * inner.ravel()

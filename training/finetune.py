@@ -20,6 +20,7 @@ identity, like any `--weights` file.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -27,19 +28,23 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from indexer.train import History, LinearHead, TrainOptions, fit_metric, initial_head, seed_everything, split_labels
-from retrieval.encoder import Encoder, Objectness, focus_layer_outputs, focus_weights, pool_feature_map
+from training.metric import History, LinearHead, TrainOptions, fit_metric, initial_head, seed_everything, split_labels
+from retrieval.encoder import Encoder
+from retrieval.regions import focus_layer_outputs, focus_weights
+from retrieval.pooling import Objectness, pool_feature_map
 from retrieval.head import Head
 from retrieval.images import load_image
 from retrieval.lite0 import BN_EPS, EfficientNetLite0
+from retrieval.errors import UsageError
 
+LOGGER = logging.getLogger(__name__)
 FINETUNE_BACKBONES = ("efficientnet_lite0",)
 TAIL_LR_SCALE = 0.1  # the tail starts from ImageNet weights: a tenth of the head's learning rate
 
 
 def check_finetunable(encoder: Encoder) -> None:
     if encoder.backbone_name not in FINETUNE_BACKBONES:
-        raise ValueError(f"--finetune is implemented for {', '.join(FINETUNE_BACKBONES)}, not {encoder.backbone_name}")
+        raise UsageError(f"--finetune is implemented for {', '.join(FINETUNE_BACKBONES)}, not {encoder.backbone_name}")
 
 
 @torch.inference_mode()
@@ -134,7 +139,7 @@ def tuned_state(packaged: dict[str, Tensor], tail_state: dict[str, Tensor], pair
 
 def finetune(
     features: Tensor, labels: list[str], model: EfficientNetLite0, pooling: str, objectness: Objectness | None,
-    options: TrainOptions, log: Callable[[str], None] = print,
+    options: TrainOptions, log: Callable[[str], None] = LOGGER.info,
 ) -> tuple[tuple[dict, Head], History]:
     """Train tail + head on trunk features (M, 192, h, w) (+ focus weights, `trunk_features`); returns the
     best-validation (tail state, head)."""

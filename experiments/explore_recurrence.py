@@ -7,7 +7,7 @@ smoothed 3x3, only the top fraction of cells kept, and gallery PCA-whitening on 
 made on clipart-train (view 0 of each object as the query, its other views as the gallery) and then
 applied once to clipart-composites: no tuning on the evaluation set.
 
-    .venv/bin/python bench/explore_recurrence.py [--size 320] > bench/results/recurrence.txt
+    .venv/bin/python experiments/explore_recurrence.py [--size 320] > bench/results/recurrence.txt
 
 Why it is not the default: z would depend on the whole gallery (adding photos changes every other
 photo's weights, so incremental indexing would re-pool everything) and the query needs the gallery's
@@ -15,6 +15,7 @@ cells; see docs/heads.md.
 """
 from __future__ import annotations
 
+import sys
 import argparse
 from itertools import product
 from pathlib import Path
@@ -24,7 +25,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from bench_heads import COMPOSITES, TRAIN, feature_maps, read_rows  # same folder: one feature-map cache
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench_heads: one feature-map cache
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_heads import COMPOSITES, TRAIN, feature_maps, read_rows
 from retrieval.head import fit_pcaw
 
 TAU = 0.5  # cosine at which two cells count as the same content (chosen on clipart-train)

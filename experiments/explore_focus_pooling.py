@@ -1,16 +1,17 @@
 """How `--pooling focus` was chosen: the automatic focus on the query alone (`--box auto`) or on every photo.
 
 Query and gallery are each pooled whole (GAP), over the top share of cells by the shipped focus score
-(retrieval.encoder.focus_weights: d² · ‖a‖/mean‖a‖ on block 11, outer ring zeroed, 3×3 smoothing), or with soft
+(retrieval.regions.focus_weights: d² · ‖a‖/mean‖a‖ on block 11, outer ring zeroed, 3×3 smoothing), or with soft
 weights (score / mean score)^p; with or without gallery PCA-whitening. Every combination is scored on
 clipart-train (view 0 of each object as the query, its other views as the gallery) and printed in that order,
 next to its Recall@1 on clipart-composites: the choice is the top train row, the composites column is only read
 for it. Then the share of cells kept, on train only, and a multi-scale embedding (224 + 320 px).
 
-    .venv/bin/python bench/explore_focus_pooling.py > bench/results/focus-pooling.txt
+    .venv/bin/python experiments/explore_focus_pooling.py > bench/results/focus-pooling.txt
 """
 from __future__ import annotations
 
+import sys
 from itertools import product
 from pathlib import Path
 
@@ -18,10 +19,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from bench_heads import COMPOSITES, TRAIN  # same folder: one feature-map cache
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench_heads: one feature-map cache
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_heads import COMPOSITES, TRAIN
 from explore_focus import _cells, block11_maps
 from explore_recurrence import labelled_maps
-from retrieval.encoder import FOCUS_SHARE, focus_weights
+from retrieval.regions import FOCUS_SHARE, focus_weights
 from retrieval.head import fit_pcaw
 
 WHOLE = ("whole", 0.0)
@@ -70,7 +73,7 @@ class Photos:
 
 
 def check_against_the_product(dataset: Path, size: int, photos: Photos, count: int = 40) -> None:
-    """The numpy score above picks the cells retrieval.encoder.focus_weights picks (same maps, same photos)."""
+    """The numpy score above picks the cells retrieval.regions.focus_weights picks (same maps, same photos)."""
     mid = torch.from_numpy(np.asarray(block11_maps(dataset, size)[:count], dtype=np.float32))
     grid = tuple(labelled_maps(dataset, size)[0].shape[-2:])
     product_cells = (focus_weights(mid, grid) > 0).flatten(1).numpy()

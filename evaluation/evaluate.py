@@ -6,7 +6,7 @@ explainer for every ground-truth (query, gallery) pair, on the query and on the 
 Proportion / IoU under protocols (a) correct top-1 and (b) every ground-truth pair, AD / IC, and
 similarity deletion / insertion -> a table, JSON, and a report folder.
 
-The maths lives in ``retrieval.fam`` (explainers) and ``retrieval.metrics`` (metrics); this module
+The maths lives in ``retrieval.fam`` (explainers) and ``evaluation.metrics`` (metrics); this module
 only loads, batches, times and reports. Faithfulness is measured on the query side: the match's
 embedding stays fixed while the query image is masked / deleted / inserted.
 """
@@ -25,13 +25,15 @@ from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from retrieval import fam as explainers
-from retrieval import metrics
-from retrieval.config import DEFAULT_POOLING, Settings
-from retrieval.dataset import Dataset, Item, item_box, read_dataset
-from retrieval.encoder import AUTO
+from evaluation import metrics
+from retrieval.config import Settings, default_device
+from retrieval.modelspec import ModelSpec
+from evaluation.dataset import Dataset, Item, item_box, read_dataset
+from retrieval.regions import AUTO
 from retrieval.engine import QueryEngine
 from retrieval.images import load_image, upsample
 from retrieval.search import search
+from retrieval.errors import UsageError
 
 LOGGER = logging.getLogger(__name__)
 BASELINES = ("gradcam-autograd", "centre", "uniform")
@@ -45,11 +47,7 @@ IC_TOLERANCE = 1e-5  # a rise of s' over s smaller than this (float32 batch nois
 class EvalOptions:
     explainers: tuple[str, ...] = DEFAULT_EXPLAIN
     head: str | None = None  # none | pcaw | FILE; None: the home's last choice (none for a new home)
-    model: str = "efficientnet_lite0"
-    weights: str | None = None
-    input_size: int = 224
-    pooling: str = DEFAULT_POOLING
-    precision: str = "fp32"
+    model: ModelSpec = ModelSpec()
     batch_size: int = 32
     workers: int = 2
     steps: int = 10  # deletion / insertion steps
@@ -59,7 +57,7 @@ class EvalOptions:
     device: str | None = None
     seed: int = 0
     query_box: str | None = None  # "annotated": pool each query over its annotated box only (a user's box around
-    # the object); "auto": over the cells retrieval.encoder.focus_weights picks (no annotation used)
+    # the object); "auto": over the cells retrieval.regions.focus_weights picks (no annotation used)
 
 
 @dataclass
@@ -110,7 +108,7 @@ def parse_explainers(text: str) -> tuple[str, ...]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in EVAL_EXPLAINERS]
     if unknown or not names:
-        raise ValueError(f"--explain takes a comma list of {', '.join(EVAL_EXPLAINERS)}; got {text!r}")
+        raise UsageError(f"--explain takes a comma list of {', '.join(EVAL_EXPLAINERS)}; got {text!r}")
     return tuple(dict.fromkeys(names))
 
 
@@ -124,8 +122,7 @@ def index_gallery(settings: Settings, gallery: list[Item], options: EvalOptions)
     settings.home.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.database_url)
     try:
-        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        encoder = load_encoder(options.model, options.weights, options.input_size, options.pooling, device, options.precision)
+        encoder = load_encoder(options.model, default_device(options.device))
         index_options = IndexOptions(batch_size=options.batch_size, workers=options.workers,
                                      head=options.head, progress=options.progress)
         return sync(store, settings, encoder, [item.path for item in gallery], index_options)
@@ -344,7 +341,7 @@ def deletion_insertion(names: list[str], maps: dict[str, Maps], engine: QueryEng
     for p in tqdm(chosen, unit="pair", desc="deletion/insertion", disable=not options.progress):
         qi, s = pairs.query[p], float(pairs.scores[p])
         image = images[qi]
-        blurred = _blur(image, options.input_size)
+        blurred = _blur(image, options.model.input_size)
         tiebreak = np.random.default_rng([options.seed, int(p)]).random(image.shape[0] * image.shape[1])
         batch = [np.zeros_like(image), blurred]  # shared end points: all deleted, nothing inserted
         for name in names:
@@ -387,11 +384,11 @@ def evaluate(root: str | Path, options: EvalOptions = EvalOptions(), home: Path 
              db_url: str | None = None) -> Evaluation:
     """Run the whole evaluation; `home=None` indexes into a temporary home removed afterwards."""
     if options.steps < 2:
-        raise ValueError("--steps must be at least 2")
+        raise UsageError("--steps must be at least 2")
     dataset = read_dataset(root)
     queries, gallery = dataset.split("query"), dataset.split("gallery")
     if not queries or not gallery:
-        raise ValueError(f"{dataset.root} needs images of split 'query' and 'gallery' "
+        raise UsageError(f"{dataset.root} needs images of split 'query' and 'gallery' "
                          f"(has {len(queries)} and {len(gallery)})")
     with tempfile.TemporaryDirectory(prefix="famsearch-eval-") as scratch:
         settings = Settings(home=(home or Path(scratch)).expanduser().absolute(), db_url=db_url)
@@ -409,7 +406,7 @@ def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine
     query_boxes, gallery_boxes = [item_box(item) for item in queries], [item_box(item) for item in gallery]
     if options.query_box == "annotated" and None in query_boxes:
         unboxed = [str(item.path) for item, box in zip(queries, query_boxes) if box is None]
-        raise ValueError(f"--query-box needs a bbox or mask on every query; {len(unboxed)} have none, e.g. {unboxed[0]}")
+        raise UsageError(f"--query-box needs a bbox or mask on every query; {len(unboxed)} have none, e.g. {unboxed[0]}")
     pool_boxes = {"annotated": query_boxes, "auto": [AUTO] * len(queries), None: None}[options.query_box]
     query = embed_items(engine, queries, options, "embedding queries", pool_boxes)
     matches = embed_items(engine, gallery, options, "embedding gallery")
@@ -462,125 +459,3 @@ def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine
         "index": summary, "seconds": round(time.perf_counter() - start, 1),
     }
     return Evaluation(report, dataset, pairs, maps, curves, per_pair)
-
-
-# ---------------------------------------------------------------------------- output
-def pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
-
-
-def format_tables(report: dict) -> str:
-    """The paper-style tables (Markdown, percentages) for people."""
-    model = report["model"]
-    recall = report["recall"]
-    pairs = report["pairs"]
-    lines = [
-        f"dataset {report['dataset']}: {report['n_queries']} queries, {report['n_gallery']} gallery images",
-        f"model {model.get('backbone')} ({model.get('weights_sha256')}), {model.get('pooling')}, "
-        f"{model.get('input_size')} px, head {model.get('head')}",
-        *(["queries pooled inside their annotated box (--query-box): query-side maps are zero outside it, "
-           "so query-side Proportion / IoU say little; read the match side"] if report.get("query_box") == "annotated"
-          else ["queries pooled over the cells the automatic focus picked (--query-auto): query-side maps are "
-                "zero outside them, so query-side Proportion / IoU say how well the focus found the object"]
-          if report.get("query_box") == "auto" else []),
-        "",
-        "| Recall@1 | Recall@5 | Recall@10 | mAP |",
-        "|---:|---:|---:|---:|",
-        f"| {pct(recall['1'])} | {pct(recall['5'])} | {pct(recall['10'])} | {pct(report['map'])} |",
-        "",
-        f"Localisation, % (Proportion Eq. 19 / IoU at 0.2·max Eq. 20): (a) correct top-1 retrievals, "
-        f"{pairs['a']} pairs; (b) every ground-truth pair, {pairs['b']} pairs; maps on the query and on the match.",
-        "",
-        "| explainer | (a) query Prop | (a) query IoU | (a) match Prop | (a) match IoU "
-        "| (b) query Prop | (b) query IoU | (b) match Prop | (b) match IoU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, row in report["explainers"].items():
-        cells = [pct(row[p][s][m]) for p in ("a", "b") for s in ("query", "match") for m in ("proportion", "iou")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    first = next(iter(report["explainers"].values()))
-    lines += [
-        "",
-        f"Faithfulness, % (query side; AD↓ / IC↑ Eq. 21-22 on {first['faithfulness_n']} pairs with s > 0, "
-        f"{first['faithfulness_excluded']} with s ≤ 0 left out; similarity deletion↓ / insertion↑ AUC on "
-        f"{first['curve_n']} pairs, {report['steps']} steps), and time per map.",
-        "",
-        "| explainer | AD | IC | deletion AUC | insertion AUC | ms/map (one per call) | ms/map (batched) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, row in report["explainers"].items():
-        batched = "—" if row.get("ms_per_map_batched") is None else f"{row['ms_per_map_batched']:.3f}"
-        lines.append(f"| {name} | {pct(row['ad'])} | {pct(row['ic'])} | {pct(row['deletion_auc'])} | "
-                     f"{pct(row['insertion_auc'])} | {row['ms_per_map']:.3f} | {batched} |")
-    check = report["gradcam_check"]
-    lines += ["", f"Grad-CAM closed form vs autograd: max |difference| {check['max_abs_diff']:.2e} "
-                  f"(maps up to {check['max_abs_map']:.2e}); {report['seconds']:.0f} s in all."]
-    return "\n".join(lines)
-
-
-def write_report(out: Path, evaluation: Evaluation, options: EvalOptions) -> None:
-    """table.md, report.json, per_pair.npz, curves.png and a few example overlays under `out`."""
-    import json
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(format_tables(evaluation.report) + "\n", encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(evaluation.report, indent=1), encoding="utf-8")
-    curves = {f"{name}/{kind}_curves": rows for name, runs in evaluation.curves.items() for kind, rows in runs.items()}
-    np.savez_compressed(out / "per_pair.npz", **evaluation.per_pair, **curves)
-    _plot_curves(out / "curves.png", evaluation.report)
-    pairs = evaluation.pairs
-    picks = [*np.flatnonzero(pairs.top1), *np.flatnonzero(~pairs.top1 & pairs.curve)][: options.examples]
-    for n, p in enumerate(picks):
-        _plot_example(out / f"example_{n:02d}.png", evaluation, int(p))
-
-
-def _plot_curves(path: Path, report: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for axis, kind in zip(axes, ("deletion", "insertion")):
-        for name, row in report["explainers"].items():
-            curve = row[f"{kind}_curve"]
-            if curve is not None:
-                xs = np.linspace(0, 1, len(curve))
-                axis.plot(xs, curve, label=f"{name} ({100 * row[f'{kind}_auc']:.1f})")
-        axis.set(title=f"similarity {kind} (AUC %)", xlabel="share of query pixels", ylim=(0, 1.02))
-        axis.legend(fontsize=8)
-    axes[0].set_ylabel("similarity / s")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_example(path: Path, evaluation: Evaluation, p: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    from retrieval.images import overlay
-
-    pairs, dataset = evaluation.pairs, evaluation.dataset
-    query_item = dataset.split("query")[pairs.query[p]]
-    match_item = dataset.split("gallery")[pairs.gallery[p]]
-    photos = (load_image(query_item.path), load_image(match_item.path))
-    names = list(evaluation.maps)
-    fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 5.4), squeeze=False)
-    for col, name in enumerate(names):
-        for row, (photo, item, heat) in enumerate(zip(photos, (query_item, match_item),
-                                                      (evaluation.maps[name].query[p], evaluation.maps[name].match[p]))):
-            axis = axes[row][col]
-            axis.imshow(overlay(photo, np.asarray(heat)))
-            box = item_box(item)
-            if box is not None:
-                axis.add_patch(Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec="white", lw=1.5))
-            axis.set_axis_off()
-            axis.set_title(f"{name}\n{'query' if row == 0 else 'match'} {item.path.stem}", fontsize=8)
-    fig.suptitle(f"s = {pairs.scores[p]:.3f}{'  (correct top-1)' if pairs.top1[p] else ''}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

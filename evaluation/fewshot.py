@@ -9,8 +9,8 @@ episode, then over episodes.
 
 Localisation runs on the first ``maps_episodes`` episodes and faithfulness, which needs one
 forward pass per map, on the first ``faithfulness_episodes``: the n behind each figure is
-reported. The maths is in ``retrieval.classify`` / ``retrieval.episodes`` / ``retrieval.fam``;
-per-map metrics reuse ``indexer.evaluate`` (the retrieval evaluation), so both tables agree.
+reported. The maths is in ``retrieval.classify`` / ``evaluation.episodes`` / ``retrieval.fam``;
+per-map metrics reuse ``evaluation.evaluate`` (the retrieval evaluation), so both tables agree.
 """
 from __future__ import annotations
 
@@ -27,16 +27,19 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from indexer.evaluate import IC_TOLERANCE, embed_items, pct, saliency  # one metric code for both tables
+from evaluation.evaluate import IC_TOLERANCE, embed_items, saliency  # one metric code for both tables
+from evaluation.report import pct
 from retrieval import fam as explainers
-from retrieval import metrics
+from evaluation import metrics
 from retrieval.classify import vote_shares
-from retrieval.config import DEFAULT_POOLING
-from retrieval.dataset import Item, item_box, read_dataset
+from retrieval.config import default_device
+from evaluation.dataset import Item, item_box, read_dataset
 from retrieval.encoder import load_encoder
-from retrieval.episodes import Episode, episode_scores, mean_ci95, sample_episodes
+from evaluation.episodes import Episode, episode_scores, mean_ci95, sample_episodes
 from retrieval.head import Head, head_from_choice
 from retrieval.images import load_image
+from retrieval.modelspec import ModelSpec
+from retrieval.errors import UsageError
 
 LOGGER = logging.getLogger(__name__)
 FEWSHOT_EXPLAINERS = (*explainers.EXPLAINERS, "centre")
@@ -54,11 +57,7 @@ class FewShotOptions:
     explainers: tuple[str, ...] = FEWSHOT_EXPLAINERS
     maps_episodes: int = 200  # episodes whose correct queries get maps (k-NN: blocks of way * queries)
     faithfulness_episodes: int = 10  # of those, episodes whose maps also get AD / IC (k-NN: blocks)
-    model: str = "efficientnet_lite0"
-    weights: str | None = None
-    input_size: int = 224
-    pooling: str = DEFAULT_POOLING
-    precision: str = "fp32"
+    model: ModelSpec = ModelSpec()
     head: str | None = None  # none | pcaw (fitted on the dataset's images) | FILE
     batch_size: int = 32
     device: str | None = None
@@ -88,8 +87,7 @@ def _cache_key(items: list[Item], identity: dict) -> str:
 
 def embed_dataset(items: list[Item], options: FewShotOptions, cache_dir: Path | None) -> Features:
     """A (fp16 on disk) and z of every item, from the cache when the files and model are unchanged."""
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = load_encoder(options.model, options.weights, options.input_size, options.pooling, device, options.precision)
+    encoder = load_encoder(options.model, default_device(options.device))
     identity = SimpleNamespace(encoder=encoder, head=Head())  # embs of an identity head = pooled z
     cache = cache_dir / f"fewshot-{_cache_key(items, encoder.identity)}.npz" if cache_dir else None
     if cache is not None and cache.is_file():
@@ -149,7 +147,7 @@ def knn_decisions(features: Features, k: int, temperature: float, block: int,
     """
     n = len(features.labels)
     if not 1 <= k < n:
-        raise ValueError(f"--knn must be between 1 and {n - 1} (the other images), got {k}")
+        raise UsageError(f"--knn must be between 1 and {n - 1} (the other images), got {k}")
     memberships = torch.from_numpy(features.labels[:, None] == np.unique(features.labels)[None])  # (M, C)
     scores = explainers.cosine(features.embs, features.embs[None].expand(n, -1, -1))  # (M, M)
     scores.fill_diagonal_(float("-inf"))  # the query leaves the memory bank
@@ -344,36 +342,11 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def options_from(args) -> FewShotOptions:
-    """FewShotOptions from `famsearch eval` arguments; ValueError (exit 2) on a bad combination."""
-    names = tuple(dict.fromkeys(n.strip() for n in args.explain.split(",") if n.strip()))
+def fewshot_explainers(text: str) -> tuple[str, ...]:
+    """`--explain` in few-shot/k-NN mode: the named explainers (baselines dropped) and the centre prior."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     names = tuple(n for n in names if n not in ("centre", "uniform", "gradcam-autograd")) + ("centre",)
     unknown = [n for n in names if n not in FEWSHOT_EXPLAINERS]
     if unknown:
-        raise ValueError(f"--explain in few-shot/k-NN mode takes {', '.join(explainers.EXPLAINERS)}; got {', '.join(unknown)}")
-    if args.episodes and args.knn:
-        raise ValueError("choose --episodes (few-shot) or --knn (k-NN), not both")
-    if min(args.way, args.shot, args.queries, args.batch_size) < 1 or min(args.episodes, args.knn) < 0:
-        raise ValueError("--way, --shot, --queries and --batch-size must be >= 1; --episodes and --knn >= 0")
-    return FewShotOptions(
-        episodes=args.episodes, way=args.way, shot=args.shot, queries=args.queries, knn=args.knn,
-        seed=args.episode_seed, explainers=names, maps_episodes=args.maps_episodes,
-        faithfulness_episodes=args.faithfulness_episodes, model=args.model, weights=args.weights,
-        input_size=args.input_size, pooling=args.pooling, precision=args.precision, head=args.head,
-        batch_size=args.batch_size,
-        device=args.device, progress=not args.no_progress,
-    )
-
-
-def run_fewshot_eval(args, cache_dir: Path) -> int:
-    """`famsearch eval DATASET --episodes N | --knn K`: print (and with --out write) the report."""
-    options = options_from(args)
-    run = evaluate_episodes if options.episodes else evaluate_knn
-    report = run(args.dataset, options, cache_dir)
-    table = format_report(report)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.json").write_text(json.dumps(report, indent=1))
-        (args.out / "table.md").write_text(table + "\n")
-    print(json.dumps(report) if args.json else table)
-    return 0
+        raise UsageError(f"--explain in few-shot/k-NN mode takes {', '.join(explainers.EXPLAINERS)}; got {', '.join(unknown)}")
+    return names

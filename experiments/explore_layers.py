@@ -4,10 +4,12 @@ For block outputs of EfficientNet-Lite0 and the last conv map (the one FAM weigh
 clipart-composites with GAP, GAP + gallery PCA-whitening, and an *oracle* that pools only inside the
 true object mask (an upper bound for any background suppression; no method has the mask).
 
-    .venv/bin/python bench/explore_layers.py [--size 224] > bench/results/layers.txt
+    .venv/bin/python experiments/explore_layers.py [--size 224] > bench/results/layers.txt
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import argparse
 
 import numpy as np
@@ -15,8 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bench_heads import COMPOSITES, read_rows  # same folder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench_heads: one feature-map cache
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_heads import COMPOSITES, read_rows
 from retrieval.encoder import load_encoder
+from retrieval.modelspec import ModelSpec
 from retrieval.head import fit_pcaw
 
 TAPS = (8, 11, 13, 15)  # block indices: 8 = end of stage 5 (112 ch, stride 16), 11..14 stage 6, 15 = stage 7
@@ -31,8 +36,8 @@ def recall_at_1(z: np.ndarray, labels: np.ndarray, q: np.ndarray, g: np.ndarray)
 @torch.inference_mode()
 def tapped_maps(size: int) -> dict[str, torch.Tensor]:
     """Every composite through Lite0, keeping the TAPS block outputs and the last conv map."""
-    model = load_encoder(input_size=size).backbone.model
-    preprocess = load_encoder(input_size=size, lazy=True).preprocess
+    model = load_encoder(ModelSpec(input_size=size)).backbone.model
+    preprocess = load_encoder(ModelSpec(input_size=size), lazy=True).preprocess
     taps: dict[str, list] = {**{f"block {k}": [] for k in TAPS}, "last conv map": []}
     rows = read_rows(COMPOSITES)
     for start in range(0, len(rows), 16):

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from retrieval.metrics import box_from_mask
+from evaluation.metrics import box_from_mask
+from retrieval.errors import UsageError
 
 ANNOTATIONS = "annotations.jsonl"
 SPLITS = ("query", "gallery", "train")
@@ -49,16 +50,16 @@ def _parse_line(root: Path, line: str, where: str) -> Item:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not JSON ({error.msg})") from None
+        raise UsageError(f"{where}: not JSON ({error.msg})") from None
     missing = [key for key in ("path", "label", "split") if key not in record]
     if not isinstance(record, dict) or missing:
-        raise ValueError(f"{where}: needs path, label and split (missing {', '.join(missing)})")
+        raise UsageError(f"{where}: needs path, label and split (missing {', '.join(missing)})")
     if record["split"] not in SPLITS:
-        raise ValueError(f"{where}: split must be one of {', '.join(SPLITS)}, got {record['split']!r}")
+        raise UsageError(f"{where}: split must be one of {', '.join(SPLITS)}, got {record['split']!r}")
     bbox = record.get("bbox")
     if bbox is not None:
         if len(bbox) != 4 or not (bbox[2] > bbox[0] and bbox[3] > bbox[1]):
-            raise ValueError(f"{where}: bbox must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {bbox}")
+            raise UsageError(f"{where}: bbox must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {bbox}")
         bbox = tuple(int(round(v)) for v in bbox)
     mask = record.get("mask")
     extra = {k: v for k, v in record.items() if k not in ("path", "label", "split", "bbox", "mask")}
@@ -71,14 +72,14 @@ def read_dataset(root: str | Path) -> Dataset:
     root = Path(root).expanduser().absolute()
     path = root / ANNOTATIONS
     if not path.is_file():
-        raise ValueError(f"{root} is not a dataset: no {ANNOTATIONS} in it (format: DESIGN §6)")
+        raise UsageError(f"{root} is not a dataset: no {ANNOTATIONS} in it (format: DESIGN §6)")
     items = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             items.append(_parse_line(root, line, f"{path}:{number}"))
     missing = [str(item.path) for item in items if not item.path.is_file()]
     if missing:
-        raise ValueError(f"{len(missing)} image(s) listed in {path} do not exist, e.g. {missing[0]}")
+        raise UsageError(f"{len(missing)} image(s) listed in {path} do not exist, e.g. {missing[0]}")
     return Dataset(root, tuple(items))
 
 

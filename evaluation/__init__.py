@@ -1,0 +1,1 @@
+"""Evaluation on labelled data: datasets, metrics, retrieval and localisation eval, episodes, few-shot, the report."""

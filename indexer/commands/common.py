@@ -1,0 +1,161 @@
+"""What every subcommand shares: env-twin flags, the model and box flags, settings, query reading, map files."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retrieval.config import (
+    BACKBONES, DEFAULT_INPUT_SIZE, DEFAULT_POOLING, ENV_PREFIX, PRECISIONS, Settings, default_home, home_has_index,
+)
+from retrieval.errors import ImageError, UsageError
+from retrieval.images import load_image
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+    from retrieval.engine import QueryEngine
+    from retrieval.modelspec import ModelSpec
+    from retrieval.regions import Box
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+EXIT_BUG = 70  # EX_SOFTWARE: an internal error, reported with its traceback
+ENV_TRUE = ("1", "true", "yes", "on")
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, *names: str, **kwargs: Any) -> None:
+    """add_argument whose default comes from FAMSEARCH_<FLAG> when that is set."""
+    env = os.environ.get(env_name(flag))
+    if env is not None:
+        if kwargs.get("action") == "store_true":
+            kwargs["default"] = env.lower() in ENV_TRUE
+        elif kwargs.get("action") == "append":
+            kwargs["default"] = env.split(os.pathsep)
+        else:
+            try:
+                kwargs["default"] = kwargs.get("type", str)(env)
+            except (TypeError, ValueError):
+                raise UsageError(f"{env_name(flag)}={env!r} is not a valid value for {flag}") from None
+    if "help" in kwargs and kwargs.get("action") != "store_true":
+        kwargs["help"] += f" (env {env_name(flag)})"
+    parser.add_argument(flag, *names, **kwargs)
+
+
+def common_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--home", type=Path, default=None,
+             help="where the database, index and head live (default: the user data dir)")
+    add_flag(parser, "--db", default=None, help="SQLAlchemy URL of the metadata DB (default: SQLite in --home)")
+    add_flag(parser, "--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
+def model_flags(parser: argparse.ArgumentParser, pooling: bool = True, from_home: bool = False) -> None:
+    """--model/--weights/--input-size/--precision[/--pooling]: what defines the pooled vectors z. ``from_home``
+    (index): unset flags mean what a --head file was trained with, else what the home was indexed with
+    (`retrieval.modelspec.index_model_spec`)."""
+    kept = " (default: what a --head file was trained with, else what the home was indexed with, else %s)"
+    add_flag(parser, "--model", default=None if from_home else BACKBONES[0], choices=BACKBONES,
+             help="backbone (toy: random convs for tests, no weights)" + (kept % BACKBONES[0] if from_home else ""))
+    add_flag(parser, "--weights", default=None, help="backbone weights file (default: the bundled Lite0 weights)")
+    add_flag(parser, "--input-size", type=int, default=None if from_home else DEFAULT_INPUT_SIZE,
+             help="images are resized whole to this square" + (kept % DEFAULT_INPUT_SIZE if from_home else ""))
+    add_flag(parser, "--precision", default="fp32", choices=PRECISIONS,
+             help="backbone arithmetic: bf16 is ~2x faster on CPUs with native bf16 (AVX512-BF16/AMX) but moved one "
+                  "of 60 top-1 answers on clipart-composites (bench/results/precision.txt); auto = bf16 where native")
+    if pooling:
+        add_flag(parser, "--pooling", default=None if from_home else DEFAULT_POOLING,
+                 help="feature-map pooling: focus (GAP over the cells that stand out in each photo, so photos are "
+                      "compared by their objects rather than their backgrounds; docs/heads.md), gap (the paper's: "
+                      "the whole photo), gem (p=3), sqrt (GAP of square-rooted maps) or attn:FILE (GAP weighted by an "
+                      "objectness probe from `famsearch train --pooling attn`)"
+                      + (kept % DEFAULT_POOLING if from_home else f" (default: {DEFAULT_POOLING})"))
+
+
+def box_flag(parser: argparse.ArgumentParser, verb: str) -> None:
+    add_flag(parser, "--box", default=None, metavar="X1,Y1,X2,Y2|auto",
+             help=f"{verb} this part of each photo (pixels of the photo: left, top, right, bottom); it is pooled "
+                  "over the cells the box covers, so the rest of the photo no longer counts. 'auto': over the "
+                  "10%% of cells that stand out most from the rest of the photo, for a --pooling gap index (no box "
+                  "needed; 2.5-4x Recall@1 there on whole photos of an object in a scene, docs/heads.md); on a focus "
+                  "index (the default) every photo already is")
+
+
+def parse_box_flag(text: str | None) -> Box | str | None:
+    """--box as given -> a box, `AUTO` or None; UsageError naming the flag."""
+    from retrieval.regions import parse_box
+
+    if text is None:
+        return None
+    try:
+        return parse_box(text)
+    except UsageError as error:
+        raise UsageError(f"--box: {error}") from None
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The --model/--weights/--input-size/--pooling/--precision flags as one spec (train has no --pooling here:
+    its own flag, so it is read the same way)."""
+    from retrieval.modelspec import ModelSpec
+
+    return ModelSpec(args.model, args.weights, args.input_size, args.pooling, args.precision)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(home=(args.home or default_home()).expanduser().absolute(), db_url=args.db)
+
+
+def open_engine(args: argparse.Namespace) -> QueryEngine:
+    from retrieval.engine import QueryEngine
+
+    return QueryEngine(settings_from(args), device=args.device)
+
+
+def require_files(paths: list[Path]) -> None:
+    """Fail on a missing file before anything slow (the model) is loaded."""
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+
+
+def read_query(path: Path, engine: QueryEngine | None = None, box: Box | str | None = None
+               ) -> tuple[Image.Image, Box | str | None]:
+    """Decode a query photo and move the box (pixels of the full-size photo) onto the decoded one.
+
+    With an engine the photo is draft-decoded at the model's input size (12 MP costs ~1/8); without one it
+    is decoded full size and the box stays as given, clipped.
+    """
+    from retrieval.regions import clip_box
+
+    require_files([path])
+    try:
+        if engine is None:
+            image = load_image(path)
+            return image, (clip_box(box, image.size) if isinstance(box, tuple) else box)
+        return engine.load_query_box(path, box) if box is not None else (engine.load_query(path), None)
+    except ImageError as error:
+        raise UsageError(f"{path}: not a readable image ({error})") from None
+    except UsageError as error:  # the box misses the photo
+        raise UsageError(f"{path}: --box: {error}") from None
+
+
+def save_map(folder: Path, name: str, heatmap: np.ndarray | None) -> str | None:
+    """Write a raw (h, w) map as float32 .npy; returns its path (None for no map)."""
+    import numpy as np
+
+    if heatmap is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    np.save(path, heatmap.astype(np.float32))
+    return str(path)
+
+
+def require_index(settings: Settings) -> None:
+    if not home_has_index(settings):
+        raise UsageError(f"nothing indexed in {settings.home}; run: famsearch index PHOTO_FOLDER")

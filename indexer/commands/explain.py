@@ -1,0 +1,40 @@
+"""`famsearch explain`: maps and overlays for any two photos, indexed or not."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from indexer.commands.common import EXIT_OK, add_flag, common_flags, open_engine, read_query, save_map
+from retrieval.config import DEFAULT_EXPLAINER
+from retrieval.images import overlay
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="maps for any two photos", description="Explain the similarity of two photos.")
+    p.add_argument("query", type=Path)
+    p.add_argument("match", type=Path)
+    common_flags(p)
+    add_flag(p, "--explain", default=DEFAULT_EXPLAINER, choices=("fam", "fam-exact", "gradcam"), help="explainer")
+    add_flag(p, "--out", type=Path, default=Path("explain-out"), help="folder for .npy maps and PNG overlays")
+    add_flag(p, "--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    (query, _), (match, _) = read_query(args.query), read_query(args.match)
+    engine = open_engine(args)
+    try:
+        result = engine.explain_pair(query, match, args.explain)
+    finally:
+        engine.close()
+    out = args.out
+    files = {"query_map": save_map(out, "query_map.npy", result["query_map"]),
+             "match_map": save_map(out, "match_map.npy", result["match_map"])}
+    overlay(query, result["query_map"]).save(out / "query_overlay.png")
+    overlay(match, result["match_map"]).save(out / "match_overlay.png")
+    if args.json:
+        print(json.dumps({"score": result["score"], "explainer": args.explain, **files, "offset": result["offset"]}))
+    else:
+        print(f"score {result['score']:.4f} ({args.explain}); maps and overlays in {out}/")
+    return EXIT_OK

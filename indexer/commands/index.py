@@ -1,0 +1,108 @@
+"""`famsearch index`: embed photo folders into the index, incrementally (only new or changed files are embedded)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from indexer.commands.common import (
+    EXIT_OK, EXIT_PARTIAL, add_flag, common_flags, model_flags, settings_from,
+)
+from indexer.scan import DEFAULT_EXCLUDES
+from retrieval.config import default_device
+from retrieval.errors import UsageError
+from retrieval.images import SUPPORTED_SUFFIXES
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="embed photo folders into the index (incremental)",
+                       description="Embed every image under the folders; re-runs only embed new or changed files.")
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="photo folders or files")
+    common_flags(p)
+    add_flag(p, "--demo", action="store_true", help="index a bundled demo gallery (no PATH needed)")
+    model_flags(p, from_home=True)
+    add_flag(p, "--head", default=None, help="none, pcaw (PCA-whitening fitted on the gallery) or a head file "
+                                             "from `famsearch train` (default: keep the last choice, else none)")
+    add_flag(p, "--full", action="store_true", help="re-embed everything")
+    add_flag(p, "--dry-run", action="store_true", help="print what would change, change nothing")
+    add_flag(p, "--exclude", action="append", default=[], metavar="GLOB",
+             help=f"skip files/folders matching GLOB (repeatable; always skipped: {' '.join(DEFAULT_EXCLUDES)})")
+    add_flag(p, "--batch-size", type=int, default=4, help="images per forward pass (and per DB commit)")
+    add_flag(p, "--workers", type=int, default=2, help="decoding processes (0: decode in the main process)")
+    add_flag(p, "--max-megapixels", type=float, default=150.0, help="refuse larger images (decompression bombs)")
+    add_flag(p, "--no-progress", action="store_true", help="no progress bar (for cron)")
+    add_flag(p, "--no-map-cache", action="store_true",
+             help="do not keep feature maps for fast match maps (saves ~123 KiB per image; maps then re-run the model)")
+    add_flag(p, "--labels-from", default=None, choices=("folders",),
+             help="folders: put each photo in the album named by its first sub-folder under PATH")
+    add_flag(p, "--labels", type=Path, default=None, metavar="FILE",
+             help="albums from a CSV path,label or JSONL file")
+    add_flag(p, "--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=run)
+
+
+def _roots(args: argparse.Namespace, home: Path) -> list[Path]:
+    """The folders to index, checked; --demo writes the demo gallery into the home first."""
+    from indexer.demo import make_demo_gallery
+
+    roots = [p.expanduser() for p in args.paths]
+    if args.demo:
+        roots.append(home / "demo-gallery")
+        make_demo_gallery(roots[-1])
+    if not roots:
+        raise UsageError("give at least one photo folder (or --demo for the bundled demo gallery)")
+    for root in roots:
+        if not root.exists():
+            raise UsageError(f"{root}: no such file or folder")
+    return roots
+
+
+def run(args: argparse.Namespace) -> int:
+    from indexer.labels import label_gallery
+    from indexer.sync import IndexOptions, sync
+    from retrieval.encoder import load_encoder
+    from retrieval.modelspec import check_head_model, index_model_spec, trained_head_meta
+    from retrieval.store import open_store
+
+    settings = settings_from(args)
+    roots = _roots(args, settings.home)
+    if args.batch_size < 1 or args.workers < 0:
+        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+    settings.home.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings.database_url)
+    try:
+        trained = trained_head_meta(args.head)
+        asked = {"backbone": args.model, "weights": args.weights, "input_size": args.input_size,
+                 "pooling": args.pooling, "precision": args.precision}  # None: not given
+        spec = index_model_spec(asked, args.head, trained, store.get_meta("model"))
+        encoder = load_encoder(spec, default_device(args.device), lazy=True)
+        check_head_model(args.head, trained, encoder.identity)
+        options = IndexOptions(
+            batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
+            full=args.full, dry_run=args.dry_run, head=args.head,
+            excludes=DEFAULT_EXCLUDES + tuple(args.exclude), progress=not args.no_progress,
+            map_cache=not args.no_map_cache,
+        )
+        summary = sync(store, settings, encoder, roots, options)
+        if (args.labels_from or args.labels) and not args.dry_run:
+            summary["labels"] = label_gallery(store, args.labels_from, args.labels, roots)
+    finally:
+        store.close()
+    _report(args, summary, roots, settings.home)
+    return EXIT_PARTIAL if summary["failed"] else EXIT_OK
+
+
+def _report(args: argparse.Namespace, summary: dict, roots: list[Path], home: Path) -> None:
+    if not any(summary[k] for k in ("added", "updated", "moved", "unchanged")):
+        print(f"no images found under {' '.join(map(str, roots))} (looked for: {' '.join(sorted(SUPPORTED_SUFFIXES))})",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary))
+        return
+    verb = "would change" if args.dry_run else "indexed"
+    print(f"{verb}: {summary['added']} added, {summary['updated']} updated, {summary['moved']} moved, "
+          f"{summary['deleted']} deleted, {summary['unchanged']} unchanged, {summary['failed']} failed "
+          f"in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} images/s); home {home}")
+    if summary["failed"]:
+        print("see the failures with: famsearch info --failures", file=sys.stderr)

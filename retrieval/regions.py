@@ -1,0 +1,127 @@
+"""Regions of a photo to pool over: cell weights (h, w) of mean 1 that restrict pooling to part of the photo.
+
+A region is either a box a person draws (`parse_box`, `box_weights`) or the cells that stand out in the photo
+(`focus_weights`, the ``auto`` focus that `focus` pooling applies to every photo). z is then the spatial mean of
+region·A, so every explainer weights exactly what was compared.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from retrieval.backbone import Backbone
+from retrieval.errors import UsageError
+
+FOCUS_SHARE = 0.1  # share of the cells `focus_weights` keeps (chosen on clipart-train, docs/heads.md)
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the photo, x2 / y2 exclusive
+AUTO = "auto"  # in place of a box: let `focus_weights` pick the part of the photo
+BOX_FORMAT = "X1,Y1,X2,Y2 (pixels of the photo: left, top, right, bottom) or auto"
+
+
+def parse_box(text: str) -> Box | str:
+    """'x1,y1,x2,y2' -> a box, 'auto' -> `AUTO`; ValueError naming the format on anything else."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not (values[2] > values[0] and values[3] > values[1]):
+        raise UsageError(f"a box is {BOX_FORMAT} with X2 > X1 and Y2 > Y1; got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def box_json(box: Box | str) -> list | str:
+    """A parsed box as `--json` echoes it: `AUTO` as is, whole pixel values as ints."""
+    return box if box == AUTO else [int(v) if float(v).is_integer() else v for v in box]
+
+
+def clip_box(box: Box, size: tuple[int, int]) -> Box:
+    """The box cut to a (width, height) photo; ValueError if nothing of it is left. `AUTO` stays."""
+    if box == AUTO:
+        return box
+    width, height = size
+    x1, y1, x2, y2 = max(box[0], 0), max(box[1], 0), min(box[2], width), min(box[3], height)
+    if not (x2 > x1 and y2 > y1):
+        raise UsageError(f"the box {','.join(f'{v:g}' for v in box)} lies outside the {width}x{height} photo")
+    return x1, y1, x2, y2
+
+
+def fit_box(box: Box, photo_size: tuple[int, int], image_size: tuple[int, int]) -> Box:
+    """A box in pixels of the full-size photo -> clipped, in pixels of its decoded image (JPEG
+    draft decoding shrinks the photo by 1/2^k; the box shrinks with it). `AUTO` stays."""
+    if box == AUTO:
+        return box
+    x1, y1, x2, y2 = clip_box(box, photo_size)
+    sx, sy = image_size[0] / photo_size[0], image_size[1] / photo_size[1]
+    return x1 * sx, y1 * sy, x2 * sx, y2 * sy
+
+
+def box_weights(box: Box, image_size: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+    """Cell weights (h, w) that restrict pooling to a box: the cells whose centre lies in it, scaled
+    so the weights average 1 (GAP of weights·A is then the mean of A over those cells). A box
+    smaller than a cell keeps the cell holding its centre. The preprocessing keeps the whole photo,
+    so cell (i, j) covers the same fraction of the photo whatever its size."""
+    width, height = image_size
+    h, w = grid
+    x1, y1, x2, y2 = clip_box(box, image_size)
+    centres_x = (torch.arange(w, dtype=torch.float64) + 0.5) * width / w
+    centres_y = (torch.arange(h, dtype=torch.float64) + 0.5) * height / h
+    inside = ((centres_y >= y1) & (centres_y < y2))[:, None] & ((centres_x >= x1) & (centres_x < x2))[None, :]
+    if not inside.any():
+        inside[min(int((y1 + y2) / 2 * h / height), h - 1), min(int((x1 + x2) / 2 * w / width), w - 1)] = True
+    weights = inside.float()
+    return weights * (h * w) / weights.sum()
+
+
+def focus_weights(mid_maps: Tensor, grid: tuple[int, int], share: float = FOCUS_SHARE) -> Tensor:
+    """Cell weights (B, h, w) that restrict pooling to the photo's most salient cells, with no box,
+    no training and no gallery: the `AUTO` focus. From a mid-level map (B, C, h', w') of the same
+    forward pass (the backbone's ``focus_layer``: Lite0's block 11, whose features inside an object
+    mask identify the instance best, docs/heads.md), each cell scores
+
+        d² · ‖a‖ / mean ‖a‖,   d = 1 − cos(a, mean direction of the photo's cells)
+
+    — unlike the rest of the photo (mostly the background that fills it) and strongly activated. The
+    outer ring of cells scores 0: those cells see the convolutions' zero padding, which alone makes
+    them look unlike the rest (on a uniform texture the corners stood out). The scores are smoothed
+    3×3 (edges repeated), so a ring cell next to a salient one can still be picked, resampled to the
+    pooling grid (h, w), and the top ``share`` of cells (at least one; ties kept) get equal weight,
+    scaled so the weights average 1 as `box_weights` do. The choices (score, ring, smoothing, share)
+    were made on clipart-train, never on the evaluation sets (experiments/explore_focus.py).
+    """
+    cells = mid_maps.float().clamp_min(0).flatten(2).transpose(1, 2)  # (B, h'w', C)
+    norms = cells.norm(dim=2)  # (B, h'w')
+    unit = cells / norms.clamp_min(1e-6).unsqueeze(2)
+    mean = F.normalize(unit.mean(dim=1, keepdim=True), dim=2)
+    distinct = (1.0 - (unit * mean).sum(dim=2)).clamp_min(1e-6)
+    score = distinct ** 2 * norms / norms.mean(dim=1, keepdim=True).clamp_min(1e-12)
+    score = score.reshape(len(score), 1, *mid_maps.shape[-2:])
+    if min(score.shape[-2:]) > 2:  # the padding ring; a map of 1-2 cells across is all ring: keep it
+        inner = torch.zeros_like(score)
+        inner[..., 1:-1, 1:-1] = 1.0
+        score = score * inner
+    score = F.avg_pool2d(F.pad(score, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    if tuple(score.shape[-2:]) != tuple(grid):
+        score = F.interpolate(score, size=grid, mode="bilinear", align_corners=False)
+    score = score.flatten(1)  # (B, hw)
+    kth = score.topk(max(1, int(share * score.shape[1])), dim=1).values[:, -1:]
+    inside = (score >= kth).float()
+    return (inside * (score.shape[1] / inside.sum(dim=1, keepdim=True))).reshape(len(score), *grid)
+
+
+@contextlib.contextmanager
+def focus_layer_outputs(backbone: Backbone) -> Iterator[list[Tensor]]:
+    """While open, every forward pass of ``backbone`` appends its ``focus_layer`` output (the map
+    `focus_weights` reads) to the yielded list; the hook is removed on exit."""
+    caught: list[Tensor] = []
+    layer = backbone.model.get_submodule(backbone.focus_layer)
+    handle = layer.register_forward_hook(lambda _module, _inputs, output: caught.append(output))
+    try:
+        yield caught
+    finally:
+        handle.remove()

@@ -1,0 +1,110 @@
+"""Training data: labelled images of a dataset, their pooled vectors (memoised on disk) and object masks.
+
+    read_labelled(DATASET)            -> paths, labels   (annotations.jsonl `train` split, or sub-folders)
+    embed_pooled(encoder, paths)      -> z (M, N)        (cached as .npy under --cache-dir)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from evaluation.dataset import read_dataset
+from retrieval.encoder import Encoder
+from retrieval.errors import UsageError
+from retrieval.images import is_image_path, load_image
+
+
+def read_labelled(dataset: Path, split: str = "train") -> tuple[list[Path], list[str]]:
+    """Image paths and labels of a dataset: DESIGN §6 `annotations.jsonl` rows of `split`, or
+    else labelled sub-folders (folder name = label, images anywhere below it)."""
+    dataset = Path(dataset)
+    annotations = dataset / "annotations.jsonl"
+    if annotations.is_file():
+        items = read_dataset(dataset).split(split)
+        paths, labels = [item.path for item in items], [item.label for item in items]
+    elif dataset.is_dir():
+        pairs = [(p, folder.name) for folder in sorted(d for d in dataset.iterdir() if d.is_dir())
+                 for p in sorted(folder.rglob("*")) if p.is_file() and is_image_path(p)]
+        paths, labels = [p for p, _ in pairs], [label for _, label in pairs]
+    else:
+        raise UsageError(f"{dataset}: no such dataset folder")
+    if not paths:
+        raise UsageError(f"{dataset}: no labelled images (no '{split}' rows in annotations.jsonl, no sub-folders)")
+    counts = {label: labels.count(label) for label in set(labels)}
+    if sum(c >= 2 for c in counts.values()) < 4:
+        raise UsageError(f"{dataset}: need at least 4 labels with 2+ images each to learn similarities")
+    return paths, labels
+
+
+def embed_pooled(
+    encoder: Encoder, paths: list[Path], batch_size: int = 32, progress: bool = True, flip: bool = False,
+    maps: bool = False,
+) -> Tensor:
+    """Pooled vectors z of images (optionally mirrored): -> (M, N) float32 on the CPU;
+    with maps=True the raw feature maps (M, N, h, w) in float16 instead."""
+    chunks = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="embedding", unit="batch", disable=not progress):
+        images = [load_image(p) for p in paths[start:start + batch_size]]
+        if flip:
+            images = [im.transpose(0) for im in images]  # PIL FLIP_LEFT_RIGHT
+        if maps:
+            batch = torch.stack([encoder.preprocess(im) for im in images])
+            chunks.append(encoder.forward_features(batch).cpu().half())
+        else:
+            chunks.append(encoder.encode(images)[1].cpu())
+    return torch.cat(chunks)
+
+
+def cached_pooled(
+    encoder: Encoder, paths: list[Path], cache_dir: Path | None, flip: bool = False, progress: bool = True,
+    maps: bool = False,
+) -> Tensor:
+    """`embed_pooled`, memoised on disk by (model identity, file list, sizes, mtimes)."""
+    return memoised(encoder, paths, cache_dir, [flip, maps],
+                    lambda: embed_pooled(encoder, paths, progress=progress, flip=flip, maps=maps))
+
+
+def memoised(
+    encoder: Encoder, paths: list[Path], cache_dir: Path | None, tags: list, compute: Callable[[], Tensor],
+) -> Tensor:
+    """compute() cached as .npy under cache_dir, keyed by (model identity, tags, file list, sizes, mtimes)."""
+    if cache_dir is None:
+        return compute()
+    key = hashlib.sha256(json.dumps([encoder.identity, *tags]).encode())
+    for p in paths:
+        stat = p.stat()
+        key.update(f"{p.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    file = Path(cache_dir) / f"pooled-{key.hexdigest()[:20]}.npy"
+    if file.is_file():
+        return torch.from_numpy(np.load(file))
+    result = compute()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    np.save(file, result.numpy())
+    return result
+
+
+def read_masks(dataset: Path, split: str = "train") -> list[Path]:
+    """Object mask files of the `split` rows, in `read_labelled` order (for the objectness probe)."""
+    if not (Path(dataset) / "annotations.jsonl").is_file():
+        raise UsageError(f"{dataset}: attn pooling needs object masks (annotations.jsonl with 'mask' fields)")
+    items = read_dataset(dataset).split(split)
+    if any(item.mask is None for item in items):
+        raise UsageError(f"{dataset}: attn pooling needs a 'mask' for every {split} image")
+    return [item.mask for item in items]
+
+
+def mask_grid(mask_path: Path, size: tuple[int, int]) -> Tensor:
+    """Share of object pixels in each feature-map cell: a mask file -> (h, w) in [0, 1]."""
+    from PIL import Image
+
+    h, w = size
+    with Image.open(mask_path) as mask:
+        small = mask.convert("L").resize((w, h), Image.BOX)
+    return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)
