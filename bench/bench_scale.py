@@ -276,7 +276,7 @@ def main() -> None:
     result = json.loads(out.splitlines()[-1])
     per_vector = index_path.stat().st_size / args.n
     for run in result["runs"]:
-        recall = S.recall_at_k(np.array(run["found"]), truth)
+        recall = S.neighbour_recall(np.array(run["found"]), truth)
         label = f"{result['type']} nprobe {run['nprobe']}" + (" (tuned)" if run["nprobe"] == result["tuned"] else "")
         print(f"{label:<42} {run['p50']:8.2f} {run['p95']:8.2f} {run['cpu_p50']:8.2f} {run['cpu_p95']:8.2f} "
               f"{recall:10.3f} {per_vector:9.0f}")

@@ -61,8 +61,9 @@ class EvalOptions:
 
 
 @dataclass
-class Embedded:
-    """A batch of images through the model: A (B, N, h, w), e (B, J), sizes (W, H) per image."""
+class EmbeddedItems:
+    """Dataset items through the model: A (B, N, h, w), e (B, J), sizes (W, H) per image (no z: the report
+    needs none; cf. retrieval.engine.Embedded, the engine's photos with their z)."""
 
     feature_maps: torch.Tensor
     embs: torch.Tensor
@@ -131,7 +132,7 @@ def index_gallery(settings: Settings, gallery: list[Item], options: EvalOptions)
 
 
 def embed_items(engine: QueryEngine, items: list[Item], options: EvalOptions, desc: str,
-                boxes: list | None = None) -> Embedded:
+                boxes: list | None = None) -> EmbeddedItems:
     """The maps the explainers weight and the embeddings of dataset images, in batches, with a
     progress bar; with ``boxes`` (one per item), each pooled over its box alone."""
     maps, embs, sizes = [], [], []
@@ -144,7 +145,7 @@ def embed_items(engine: QueryEngine, items: list[Item], options: EvalOptions, de
             embs.append(engine.head(pooled))
             sizes += [image.size for image in images]
             bar.update(len(images))
-    return Embedded(torch.cat(maps), torch.cat(embs), sizes)
+    return EmbeddedItems(torch.cat(maps), torch.cat(embs), sizes)
 
 
 def rank_gallery(engine: QueryEngine, query_embs: torch.Tensor, gallery: list[Item]) -> np.ndarray:
@@ -164,7 +165,7 @@ def rank_gallery(engine: QueryEngine, query_embs: torch.Tensor, gallery: list[It
 
 
 def ground_truth_pairs(queries: list[Item], gallery: list[Item], ranking: np.ndarray,
-                       query: Embedded, matches: Embedded) -> Pairs:
+                       query: EmbeddedItems, matches: EmbeddedItems) -> Pairs:
     """Every (query, gallery) pair sharing a label, in ranked order per query."""
     labels = np.array([item.label for item in gallery])
     rows: list[tuple[int, int, bool, bool]] = []
@@ -180,7 +181,7 @@ def ground_truth_pairs(queries: list[Item], gallery: list[Item], ranking: np.nda
 
 
 # ---------------------------------------------------------------------------- maps
-def _closed_form_maps(name: str, engine: QueryEngine, query: Embedded, matches: Embedded, pairs: Pairs) -> Maps:
+def _closed_form_maps(name: str, engine: QueryEngine, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs) -> Maps:
     """fam / fam-exact / gradcam for all pairs in two batched calls (query side, match side).
 
     The time per map is taken apart, one map per call as a search explains a match, so it
@@ -203,7 +204,7 @@ def _closed_form_maps(name: str, engine: QueryEngine, query: Embedded, matches: 
     return Maps(on_query, on_match, single, batched)
 
 
-def _autograd_maps(engine: QueryEngine, query: Embedded, matches: Embedded, pairs: Pairs, progress: bool) -> Maps:
+def _autograd_maps(engine: QueryEngine, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs, progress: bool) -> Maps:
     """Grad-CAM of the cosine by one real backward pass per map (the peer method)."""
     embed = engine.head  # pooled (N,) -> e (J,); GAP is inside gradcam_autograd
     on_query, on_match = [], []
@@ -227,7 +228,7 @@ def _baseline_maps(name: str, shape: tuple[int, int], count: int) -> Maps:
     return Maps(maps, maps, ms)
 
 
-def explainer_maps(name: str, engine: QueryEngine, query: Embedded, matches: Embedded, pairs: Pairs,
+def explainer_maps(name: str, engine: QueryEngine, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs,
                    progress: bool = False) -> Maps:
     """Raw maps of one explainer for every pair, on both sides, timed."""
     if name in explainers.EXPLAINERS:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-Box = tuple[int, int, int, int]
+PixelBox = tuple[int, int, int, int]  # x1, y1, x2, y2 in whole pixels, x2 / y2 exclusive (cf. retrieval.regions.Box)
 IOU_THRESHOLD = 0.2  # Eq. 20: binarise at 0.2 * max
 CENTRE_SIGMA = 0.25  # centre prior: Gaussian, sigma = a quarter of each side (fixed, not fitted)
 
@@ -79,7 +79,7 @@ def uniform_map(height: int, width: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- localisation
-def _check_box(box: Box, shape: tuple[int, int]) -> Box:
+def _check_box(box: PixelBox, shape: tuple[int, int]) -> PixelBox:
     x0, y0, x1, y1 = (int(v) for v in box)
     height, width = shape
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
@@ -88,7 +88,7 @@ def _check_box(box: Box, shape: tuple[int, int]) -> Box:
     return x0, y0, x1, y1
 
 
-def proportion(saliency: np.ndarray, box: Box) -> float:
+def proportion(saliency: np.ndarray, box: PixelBox) -> float:
     """Eq. 19: share of the saliency's mass inside the box: (H, W) in [0, 1], box -> [0, 1]."""
     x0, y0, x1, y1 = _check_box(box, saliency.shape)
     total = float(saliency.sum())
@@ -97,7 +97,7 @@ def proportion(saliency: np.ndarray, box: Box) -> float:
     return float(saliency[y0:y1, x0:x1].sum()) / total
 
 
-def localise(saliency: np.ndarray, box: Box | None) -> tuple[float, float]:
+def localise(saliency: np.ndarray, box: PixelBox | None) -> tuple[float, float]:
     """(Proportion Eq. 19, IoU Eq. 20) of an image-size saliency against a box; NaNs without a box."""
     if box is None:
         return float("nan"), float("nan")
@@ -109,12 +109,12 @@ def masked_image(image: np.ndarray, saliency: np.ndarray) -> np.ndarray:
     return np.rint(image * saliency[..., None]).astype(np.uint8)
 
 
-def box_area(box: Box) -> int:
+def box_area(box: PixelBox) -> int:
     x0, y0, x1, y1 = box
     return max(x1 - x0, 0) * max(y1 - y0, 0)
 
 
-def box_iou(first: Box, second: Box) -> float:
+def box_iou(first: PixelBox, second: PixelBox) -> float:
     """Intersection over union of two boxes with exclusive ends."""
     inter = box_area((max(first[0], second[0]), max(first[1], second[1]),
                       min(first[2], second[2]), min(first[3], second[3])))
@@ -122,7 +122,7 @@ def box_iou(first: Box, second: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def largest_component_box(binary: np.ndarray) -> Box | None:
+def largest_component_box(binary: np.ndarray) -> PixelBox | None:
     """Box (exclusive ends) around the largest 8-connected component of an (H, W) bool mask; None if empty."""
     labels, count = ndimage.label(binary, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
@@ -132,7 +132,7 @@ def largest_component_box(binary: np.ndarray) -> Box | None:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def localisation_iou(saliency: np.ndarray, box: Box, threshold: float = IOU_THRESHOLD) -> float:
+def localisation_iou(saliency: np.ndarray, box: PixelBox, threshold: float = IOU_THRESHOLD) -> float:
     """Eq. 20: binarise at threshold * max, box the largest connected component, IoU with the truth."""
     predicted = largest_component_box(saliency >= threshold * saliency.max())
     if predicted is None:
@@ -140,7 +140,7 @@ def localisation_iou(saliency: np.ndarray, box: Box, threshold: float = IOU_THRE
     return box_iou(predicted, _check_box(box, saliency.shape))
 
 
-def box_from_mask(mask: np.ndarray) -> Box:
+def box_from_mask(mask: np.ndarray) -> PixelBox:
     """Tight box (exclusive ends) around a non-empty (H, W) bool mask."""
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:

@@ -35,7 +35,8 @@ GROUP_CHOICES = ("none", "topk")
 
 @dataclass
 class Embedded:
-    """One image through the model: A (N, h, w), z (N,), e (J,)."""
+    """Photos through the model: A (..., N, h, w), z (..., N), e (..., J): one photo, or rows of the gallery
+    along a leading axis (`embed_gallery`)."""
 
     feature_map: torch.Tensor
     pooled: torch.Tensor
@@ -303,15 +304,6 @@ class QueryEngine:
             return self._explain(explainer, query, gallery.emb)[0]  # K = top-k (Eq. 11, 15)
         return None
 
-    def explain_pair(self, first: Image.Image, second: Image.Image, explainer: str = DEFAULT_EXPLAINER) -> dict:
-        """Maps for any two photos, indexed or not: score, both maps, both offsets."""
-        a, b = self.embed(first), self.embed(second)
-        score = float(explainers.cosine(a.emb, b.emb[None])[0])
-        map_a, offset_a = self._explain(explainer, a, b.emb[None])
-        map_b, offset_b = self._explain(explainer, b, a.emb[None])
-        return {"score": score, "query_map": map_a, "match_map": map_b,
-                "offset": {"query": float(offset_a), "match": float(offset_b)}}
-
     def classify(self, image: Image.Image, rule: str = "mean", k: int = 20, explainer: str = "fam",
                  box: Box | None = None) -> Classification:
         """Rank the albums for a photo (Eq. 11 or k-NN votes) and explain the winner and the runner-up.
@@ -346,7 +338,8 @@ class QueryEngine:
                               maps.get(decision.runner_up), timing)
 
     def compare(self, first: Image.Image, second: Image.Image, explainer: str = DEFAULT_EXPLAINER) -> PairReport:
-        """One forward pass of both photos: score, both maps, channel shares, activation maps."""
+        """Any two photos, indexed or not, in one forward pass: score, both maps, channel shares, activation maps.
+        The one two-photo comparison (`famsearch explain`, the UI's Why? via `compare_indexed`)."""
         feature_maps, pooled = self.encoder.encode([first, second])  # (2, N, h, w), (2, N)
         embs = self.head(pooled)  # (2, N) -> (2, J)
         a, b = (Embedded(feature_maps[i], pooled[i], embs[i]) for i in (0, 1))

@@ -32,8 +32,9 @@ EXPLAINERS = ("fam", "fam-exact", "gradcam")
 _EPS = 1e-12
 
 
-def fam(feature_map: Tensor, weights: Tensor) -> Tensor:
-    """Weighted sum of activation maps (Eq. 13): (..., N, h, w), (..., N) -> (..., h, w)."""
+def weighted_map(feature_map: Tensor, weights: Tensor) -> Tensor:
+    """Weighted sum of activation maps (Eq. 13), the last step of every explainer (the paper's FAM, fam-exact,
+    Grad-CAM): (..., N, h, w), (..., N) -> (..., h, w). "fam" names only the paper's whole method (`explain`)."""
     if feature_map.shape[:-2] != weights.shape:
         raise ValueError(
             f"feature_map {tuple(feature_map.shape)} and weights {tuple(weights.shape)} disagree on (..., N)"
@@ -138,13 +139,13 @@ def explain(
     spatial_size = feature_map.shape[-1] * feature_map.shape[-2]
     zero = emb.new_zeros(emb.shape[:-1])
     if explainer == "fam":
-        return fam(feature_map, fam_weights(emb, partner_embs, head_weight)), zero
+        return weighted_map(feature_map, fam_weights(emb, partner_embs, head_weight)), zero
     if explainer == "fam-exact":
         weights = fam_exact_weights(emb, partner_embs, head_weight, spatial_size)
-        return fam(feature_map, weights), bias_offset(emb, partner_embs, head_bias)
+        return weighted_map(feature_map, weights), bias_offset(emb, partner_embs, head_bias)
     if explainer == "gradcam":
         weights = gradcam_weights(emb, partner_embs, head_weight, spatial_size)
-        return torch.relu(fam(feature_map, weights)), zero
+        return torch.relu(weighted_map(feature_map, weights)), zero
     raise ValueError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAINERS)}")
 
 
@@ -165,4 +166,4 @@ def gradcam_autograd(
     score = cosine(emb, partner_embs).mean()
     (grads,) = torch.autograd.grad(score, activations)  # (N, h, w)
     alphas = grads.mean(dim=(-2, -1))  # (N, h, w) -> (N,)
-    return torch.relu(fam(activations.detach(), alphas))
+    return torch.relu(weighted_map(activations.detach(), alphas))

@@ -162,8 +162,10 @@ def exact_top_k(embs: np.ndarray, queries: np.ndarray, k: int, chunk: int = ADD_
     return best_rows
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Share of the true top-k ids among the found ones, averaged over queries: (Q, k), (Q, k)."""
+def neighbour_recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """How much of the exact top-k an approximate index found: share of the true top-k ids among the found
+    ones, over all queries, (Q, k), (Q, k) -> [0, 1]. (Recall@k of retrieval, a query's hit in its top k,
+    is `evaluation.metrics.recall_at_k`.)"""
     hits = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth))
     return hits / truth.size
 
@@ -193,7 +195,7 @@ def calibrate(index: faiss.Index, embs: np.ndarray, target_recall: float, k: int
     while True:
         set_search_param(index, value)
         _, found_ids = index.search(queries, k + 1)  # (Q, k + 1)
-        recall = recall_at_k(_drop_own(found_ids, own_ids, k), truth)
+        recall = neighbour_recall(_drop_own(found_ids, own_ids, k), truth)
         if recall >= target_recall or value >= limit:
             break
         value *= 2

@@ -163,8 +163,8 @@ def test_with_one_image_album_the_group_map_equals_the_pair_map(albums_home):
         assert len(green.image_ids) == 1
         forced = engine.classify(query, "knn", k=1, explainer="fam")  # one voter: K = 1
         voter_path = engine.store.images_by_ids(forced.winner.image_ids)[0].path
-        pair = engine.explain_pair(query, load_image(voter_path), "fam")
-        np.testing.assert_allclose(forced.winner_map, pair["query_map"], rtol=1e-5, atol=1e-6)
+        pair = engine.compare(query, load_image(voter_path), "fam")
+        np.testing.assert_allclose(forced.winner_map, pair.first_map, rtol=1e-5, atol=1e-6)
         assert forced.runner_up_map is None  # a single voter leaves the runner-up without evidence
         assert [a.score for a in result.ranking] == sorted((a.score for a in result.ranking), reverse=True)
     finally:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from retrieval.fam import (
     cosine_contributions,
     explain,
-    fam,
+    weighted_map,
     fam_weights,
     gradcam_autograd,
     minmax,
@@ -140,7 +140,7 @@ def test_minmax_maps_to_unit_interval_and_constant_to_zero():
 
 def test_fam_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="disagree"):
-        fam(torch.zeros(3, 2, 2), torch.zeros(4))
+        weighted_map(torch.zeros(3, 2, 2), torch.zeros(4))
 
 
 def test_unknown_explainer_is_a_clear_error():

@@ -25,16 +25,17 @@ def run(args: argparse.Namespace) -> int:
     (query, _), (match, _) = read_query(args.query), read_query(args.match)
     engine = open_engine(args)
     try:
-        result = engine.explain_pair(query, match, args.explain)
+        report = engine.compare(query, match, args.explain)
     finally:
         engine.close()
     out = args.out
-    files = {"query_map": save_map(out, "query_map.npy", result["query_map"]),
-             "match_map": save_map(out, "match_map.npy", result["match_map"])}
-    overlay(query, result["query_map"]).save(out / "query_overlay.png")
-    overlay(match, result["match_map"]).save(out / "match_overlay.png")
+    files = {"query_map": save_map(out, "query_map.npy", report.first_map),
+             "match_map": save_map(out, "match_map.npy", report.second_map)}
+    overlay(query, report.first_map).save(out / "query_overlay.png")
+    overlay(match, report.second_map).save(out / "match_overlay.png")
     if args.json:
-        print(json.dumps({"score": result["score"], "explainer": args.explain, **files, "offset": result["offset"]}))
+        offset = {"query": report.offsets["first"], "match": report.offsets["second"]}
+        print(json.dumps({"score": report.score, "explainer": args.explain, **files, "offset": offset}))
     else:
-        print(f"score {result['score']:.4f} ({args.explain}); maps and overlays in {out}/")
+        print(f"score {report.score:.4f} ({args.explain}); maps and overlays in {out}/")
     return EXIT_OK
