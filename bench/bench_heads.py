@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval import fam as explainers  # noqa: E402
 from retrieval.encoder import load_encoder  # noqa: E402
-from retrieval.modelspec import ModelSpec  # noqa: E402
-from retrieval.pooling import pool_feature_map  # noqa: E402
 from retrieval.head import Head, fit_pcaw, load_head  # noqa: E402
 from retrieval.images import load_image, upsample  # noqa: E402
+from retrieval.modelspec import ModelSpec  # noqa: E402
+from retrieval.pooling import pool_feature_map  # noqa: E402
 
 CACHE = Path(os.environ.get("FAMSEARCH_BENCH_CACHE", "/tmp/famsearch-bench"))
 COMPOSITES = Path("/work/shared/data/clipart-composites")

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.encoder import load_encoder
-from retrieval.modelspec import ModelSpec
 from retrieval.images import load_image
+from retrieval.modelspec import ModelSpec
 
 SOURCES = [Path("/usr/share/backgrounds/mate"), Path("/usr/share/doc/opencv-doc/examples/data")]
 

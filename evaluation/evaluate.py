@@ -24,16 +24,16 @@ import torch
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from retrieval import fam as explainers
 from evaluation import metrics
-from retrieval.config import Settings, default_device
-from retrieval.modelspec import ModelSpec
 from evaluation.dataset import Dataset, Item, item_box, read_dataset
-from retrieval.regions import AUTO
+from retrieval import fam as explainers
+from retrieval.config import Settings, default_device
 from retrieval.engine import QueryEngine
-from retrieval.images import load_image, upsample
-from retrieval.search import search
 from retrieval.errors import UsageError
+from retrieval.images import load_image, upsample
+from retrieval.modelspec import ModelSpec
+from retrieval.regions import AUTO
+from retrieval.search import search
 
 LOGGER = logging.getLogger(__name__)
 BASELINES = ("gradcam-autograd", "centre", "uniform")

@@ -27,19 +27,19 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from evaluation import metrics
+from evaluation.dataset import Item, item_box, read_dataset
+from evaluation.episodes import Episode, episode_scores, mean_ci95, sample_episodes
 from evaluation.evaluate import IC_TOLERANCE, embed_items, saliency  # one metric code for both tables
 from evaluation.report import pct
 from retrieval import fam as explainers
-from evaluation import metrics
 from retrieval.classify import vote_shares
 from retrieval.config import default_device
-from evaluation.dataset import Item, item_box, read_dataset
 from retrieval.encoder import load_encoder
-from evaluation.episodes import Episode, episode_scores, mean_ci95, sample_episodes
+from retrieval.errors import UsageError
 from retrieval.head import Head, head_from_choice
 from retrieval.images import load_image
 from retrieval.modelspec import ModelSpec
-from retrieval.errors import UsageError
 
 LOGGER = logging.getLogger(__name__)
 FEWSHOT_EXPLAINERS = (*explainers.EXPLAINERS, "centre")

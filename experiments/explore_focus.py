@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench_
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_heads import CACHE, COMPOSITES, TRAIN, read_rows
 from explore_recurrence import labelled_maps
+
 from retrieval.encoder import load_encoder
-from retrieval.modelspec import ModelSpec
-from retrieval.regions import focus_layer_outputs
 from retrieval.head import fit_pcaw
 from retrieval.images import load_image
+from retrieval.modelspec import ModelSpec
+from retrieval.regions import focus_layer_outputs
 
 
 def block11_maps(dataset: Path, size: int) -> np.ndarray:

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_heads import COMPOSITES, TRAIN
 from explore_focus import _cells, block11_maps
 from explore_recurrence import labelled_maps
-from retrieval.regions import FOCUS_SHARE, focus_weights
+
 from retrieval.head import fit_pcaw
+from retrieval.regions import FOCUS_SHARE, focus_weights
 
 WHOLE = ("whole", 0.0)
 MODES = [WHOLE, ("top", 0.1), ("top", 0.2), ("top", 0.3), ("soft", 1.0), ("soft", 2.0), ("soft", 4.0)]

@@ -8,9 +8,9 @@ true object mask (an upper bound for any background suppression; no method has t
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-import argparse
 
 import numpy as np
 import torch
@@ -20,9 +20,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench_heads: one feature-map cache
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_heads import COMPOSITES, read_rows
+
 from retrieval.encoder import load_encoder
-from retrieval.modelspec import ModelSpec
 from retrieval.head import fit_pcaw
+from retrieval.modelspec import ModelSpec
 
 TAPS = (8, 11, 13, 15)  # block indices: 8 = end of stage 5 (112 ch, stride 16), 11..14 stage 6, 15 = stage 7
 

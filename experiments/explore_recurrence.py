@@ -15,8 +15,8 @@ cells; see docs/heads.md.
 """
 from __future__ import annotations
 
-import sys
 import argparse
+import sys
 from itertools import product
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench_heads: one feature-map cache
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_heads import COMPOSITES, TRAIN, feature_maps, read_rows
+
 from retrieval.head import fit_pcaw
 
 TAU = 0.5  # cosine at which two cells count as the same content (chosen on clipart-train)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from PIL import Image, ImageEnhance, ImageOps
 import skimage
+from PIL import Image, ImageEnhance, ImageOps
 
 # Photos shipped inside the scikit-image wheel, read as files (skimage.data may fetch others).
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"

@@ -5,9 +5,9 @@ import fnmatch
 import hashlib
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from retrieval.images import is_image_path
 

@@ -16,9 +16,9 @@ from pathlib import Path, PurePath
 import numpy as np
 from sqlalchemy import delete, func, select
 
+from retrieval.errors import UsageError
 from retrieval.schema import LABEL_SOURCES, STATUS_OK, Album, AlbumImage, Image
 from retrieval.store import Store, bytes_to_embedding
-from retrieval.errors import UsageError
 
 
 def labels_from_folders(paths: Iterable[str], roots: Iterable[str | Path]) -> dict[str, str]:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from retrieval.fam import cosine
 from retrieval.errors import UsageError
+from retrieval.fam import cosine
 
 RULES = ("mean", "knn")
 DEFAULT_TEMPERATURE = 0.07

@@ -27,11 +27,10 @@ from torch import Tensor
 
 from retrieval.backbone import Backbone, describe_backbone, load_backbone
 from retrieval.config import DEFAULT_INPUT_SIZE, DEFAULT_POOLING, PRECISIONS
+from retrieval.errors import UsageError
 from retrieval.modelspec import ModelSpec
 from retrieval.pooling import POOLINGS, Objectness, explained_feature_map, load_objectness, pool_feature_map
 from retrieval.regions import AUTO, Box, box_weights, focus_layer_outputs, focus_weights
-from retrieval.errors import UsageError
-
 
 
 def native_bf16() -> bool:

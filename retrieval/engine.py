@@ -17,15 +17,15 @@ from sqlalchemy import select
 from retrieval import fam as explainers
 from retrieval.config import DEFAULT_EXPLAINER, Settings, default_device, home_has_index, index_generation
 from retrieval.encoder import Encoder, load_encoder
-from retrieval.modelspec import stored_model_spec
-from retrieval.regions import Box, fit_box
 from retrieval.errors import IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
 from retrieval.featcache import FeatureCache
 from retrieval.head import Head, load_head
 from retrieval.images import is_image_path, load_image, load_image_sized
-from retrieval.search import build_index, index_type_of, load_index, search, to_gpu_if_available
+from retrieval.modelspec import stored_model_spec
+from retrieval.regions import Box, fit_box
 from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
+from retrieval.search import build_index, index_type_of, load_index, search, to_gpu_if_available
 from retrieval.store import Store, bytes_to_embedding, open_store
 
 LOGGER = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ The head's bias b is kept out of every map: it shifts e but lives at no location
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -74,7 +74,7 @@ class FeatureCache:
             self.clear()
 
     @classmethod
-    def open(cls, home: Path, identity: dict) -> "FeatureCache | None":
+    def open(cls, home: Path, identity: dict) -> FeatureCache | None:
         """The home's cache for reading, or None when there is none or it belongs to another model."""
         folder = cache_folder(home)
         if not (folder / "slots.db").exists():

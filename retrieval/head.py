@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
 from retrieval.errors import UsageError
 
 HEAD_KINDS = ("none", "pcaw")
@@ -47,7 +48,7 @@ class Head:
         dim = None if self.weight is None else int(self.weight.shape[1])
         return {"head": self.kind, "head_sha256": self.digest, "dim": dim}
 
-    def to(self, device: torch.device | str) -> "Head":
+    def to(self, device: torch.device | str) -> Head:
         move = (lambda t: None if t is None else t.to(device))
         return Head(self.kind, move(self.weight), move(self.bias))
 

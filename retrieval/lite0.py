@@ -22,6 +22,7 @@ from itertools import islice
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
 from retrieval.errors import UsageError
 
 BN_EPS = 1e-3
@@ -120,7 +121,7 @@ class EfficientNetLite0(nn.Module):
         """The last block, the 1x1 conv head and its ReLU6 (what --finetune trains): -> (B, 1280, h, w)."""
         return F.relu6(self._bn1(self._conv_head(self._blocks[-1](x))), inplace=True)
 
-    def fuse_batchnorm_(self) -> "EfficientNetLite0":
+    def fuse_batchnorm_(self) -> EfficientNetLite0:
         """Inference only: fold every BN into its conv (running statistics frozen), which takes a
         third of the ops off each block; outputs equal the unfused model's to float rounding.
         The state dict loses its BN entries, so load weights before fusing."""

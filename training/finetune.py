@@ -21,21 +21,21 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from training.metric import History, LinearHead, TrainOptions, fit_metric, initial_head, seed_everything, split_labels
 from retrieval.encoder import Encoder
-from retrieval.regions import focus_layer_outputs, focus_weights
-from retrieval.pooling import Objectness, pool_feature_map
+from retrieval.errors import UsageError
 from retrieval.head import Head
 from retrieval.images import load_image
 from retrieval.lite0 import BN_EPS, EfficientNetLite0
-from retrieval.errors import UsageError
+from retrieval.pooling import Objectness, pool_feature_map
+from retrieval.regions import focus_layer_outputs, focus_weights
+from training.metric import History, LinearHead, TrainOptions, fit_metric, initial_head, seed_everything, split_labels
 
 LOGGER = logging.getLogger(__name__)
 FINETUNE_BACKBONES = ("efficientnet_lite0",)

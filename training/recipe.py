@@ -4,8 +4,8 @@ and the objectness probe), write the head file; see training.metric for the loop
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from indexer.commands.common import (
-    EXIT_OK, add_flag, box_flag, common_flags, open_engine, parse_box_flag, read_query, save_map,
+    EXIT_OK,
+    add_flag,
+    box_flag,
+    common_flags,
+    open_engine,
+    parse_box_flag,
+    read_query,
+    save_map,
 )
 from retrieval.errors import UsageError
 

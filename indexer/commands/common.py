@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retrieval.config import (
-    BACKBONES, DEFAULT_INPUT_SIZE, DEFAULT_POOLING, ENV_PREFIX, PRECISIONS, Settings, default_home, home_has_index,
+    BACKBONES,
+    DEFAULT_INPUT_SIZE,
+    DEFAULT_POOLING,
+    ENV_PREFIX,
+    PRECISIONS,
+    Settings,
+    default_home,
+    home_has_index,
 )
 from retrieval.errors import ImageError, UsageError
 from retrieval.images import load_image

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_fewshot(args: argparse.Namespace) -> int:
     """`famsearch eval DATASET --episodes N | --knn K`: print (and with --out write) the report."""
-    from evaluation.fewshot import evaluate_episodes, evaluate_knn, fewshot_explainers, format_report, FewShotOptions
+    from evaluation.fewshot import FewShotOptions, evaluate_episodes, evaluate_knn, fewshot_explainers, format_report
 
     if args.episodes and args.knn:
         raise UsageError("choose --episodes (few-shot) or --knn (k-NN), not both")

@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 
 from indexer.commands.common import (
-    EXIT_OK, EXIT_PARTIAL, add_flag, common_flags, model_flags, settings_from,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    add_flag,
+    common_flags,
+    model_flags,
+    settings_from,
 )
 from indexer.scan import DEFAULT_EXCLUDES
 from retrieval.config import default_device

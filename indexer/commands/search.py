@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from indexer.commands.common import (
-    EXIT_OK, add_flag, box_flag, common_flags, open_engine, parse_box_flag, read_query, require_files, save_map,
+    EXIT_OK,
+    add_flag,
+    box_flag,
+    common_flags,
+    open_engine,
+    parse_box_flag,
+    read_query,
+    require_files,
+    save_map,
 )
 from retrieval.config import DEFAULT_EXPLAINER
 from retrieval.errors import UsageError
