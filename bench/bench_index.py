@@ -167,7 +167,8 @@ def famsearch_index(folder: Path, home: Path, *flags: str, threads: int | None =
 
 # ------------------------------------------------------------------------------------------ report
 def load_average() -> str:
-    return "load average %.2f %.2f %.2f (%d CPUs)" % (*os.getloadavg(), os.cpu_count())
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count():d} CPUs)"
 
 
 def row(name: str, images_per_s: float, naive: float, note: str = "") -> str:

@@ -159,7 +159,9 @@ def explainer_costs(engine, query: Path, repeats: int) -> dict[str, tuple[float,
     subject = engine.embed(image)
     partners = torch.randn(1, subject.emb.shape[-1]).to(subject.emb.device)
     weight, bias = engine.head.weight, engine.head.bias
-    embed = (lambda z: engine.head(z))
+
+    def embed(z):
+        return engine.head(z)
 
     sync = torch.cuda.synchronize if engine.encoder.device.type == "cuda" else (lambda: None)
 

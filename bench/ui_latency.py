@@ -39,9 +39,10 @@ def record(name: str, samples_ms: list[float]) -> None:
     ROWS.append((name, samples_ms))
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
+    """fn(*args, **kwargs) and its wall time in ms; arguments, not a closure, so loop variables are bound."""
     start = time.perf_counter()
-    value = fn()
+    value = fn(*args, **kwargs)
     return value, (time.perf_counter() - start) * 1000
 
 
@@ -50,28 +51,29 @@ def engine_section(home: Path, photos: list[Path]) -> None:
     record("engine: load model + index + warm-up (once)", [load_ms])
     grid, decode, group, compare = [], [], [], {e: [] for e in EXPLAINERS}
     for path in photos:
-        photo, ms = timed(lambda: queries.read_indexed(path, engine.encoder.input_size))
+        photo, ms = timed(queries.read_indexed, path, engine.encoder.input_size)
         decode.append(ms)
-        result, ms = timed(lambda: engine.query(photo.image, **queries.grid_request(10, "fam", False)))
+        result, ms = timed(engine.query, photo.image, **queries.grid_request(10, "fam", False))
         grid.append(ms)
         match_id = result.matches[1].image_id
         for explainer in EXPLAINERS:
-            compare[explainer].append(timed(lambda: engine.compare_indexed(photo.image, match_id, explainer))[1])
-        group.append(timed(lambda: engine.query(photo.image, **queries.grid_request(10, "fam", True)))[1])
+            compare[explainer].append(timed(engine.compare_indexed, photo.image, match_id, explainer)[1])
+        group.append(timed(engine.query, photo.image, **queries.grid_request(10, "fam", True))[1])
     record("engine: decode the query photo", decode)
     record(f"engine: grid query (embed + search, k=10), {torch.get_num_threads()} torch threads", grid)
     # Side by side: the same call from a worker thread (as Streamlit runs scripts) and with one torch thread.
     in_worker, one_thread = [], []
     for path in photos:
         image = queries.read_indexed(path, engine.encoder.input_size).image
-        worker = threading.Thread(target=lambda: in_worker.append(timed(lambda: engine.query(image, 10, "none"))[1]))
+        worker = threading.Thread(target=lambda image: in_worker.append(timed(engine.query, image, 10, "none")[1]),
+                                  args=(image,))
         worker.start()
         worker.join()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     for path in photos:
         image = queries.read_indexed(path, engine.encoder.input_size).image
-        one_thread.append(timed(lambda: engine.query(image, 10, "none"))[1])
+        one_thread.append(timed(engine.query, image, 10, "none")[1])
     torch.set_num_threads(threads)
     record("engine: grid query, called from a worker thread", in_worker)
     record("engine: grid query, 1 torch thread (main thread)", one_thread)
@@ -91,7 +93,7 @@ def script_section(home: Path, photos: list[Path]) -> None:
     record("script: first page (loads the engine)", [first_ms])
     grid, why, switch = [], [], []
     for path in photos:
-        grid.append(timed(lambda: at.selectbox(key="pick").set_value(str(path)).run())[1])
+        grid.append(timed(lambda path=path: at.selectbox(key="pick").set_value(str(path)).run())[1])
         why.append(timed(lambda: at.button(key="why_2").click().run())[1])
         switch.append(timed(lambda: at.selectbox(key="explainer").set_value("gradcam").run())[1])
         at.selectbox(key="explainer").set_value("fam").run()
@@ -181,8 +183,9 @@ def main() -> None:
         script_section(args.home, photos)
     if "browser" not in skip:
         browser_section(args.home, photos, args.screenshots)
-    print("load average (1, 5, 15 min) at the end: %.1f %.1f %.1f on %d cores (shared machine)"
-          % (*os.getloadavg(), os.cpu_count()))
+    one, five, fifteen = os.getloadavg()
+    print(f"load average (1, 5, 15 min) at the end: {one:.1f} {five:.1f} {fifteen:.1f} on {os.cpu_count():d} cores"
+          " (shared machine)")
     print(f"{'step':<58} {'n':>3} {'median ms':>10} {'max ms':>9}")
     for name, samples in ROWS:
         print(f"{name:<58} {len(samples):>3} {statistics.median(samples):>10.0f} {max(samples):>9.0f}")

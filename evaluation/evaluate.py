@@ -216,7 +216,10 @@ def _autograd_maps(engine: QueryEngine, query: EmbeddedItems, matches: EmbeddedI
             on_query.append(explainers.gradcam_autograd(query.feature_maps[qi].clone(), g_emb[None], embed))
             on_match.append(explainers.gradcam_autograd(matches.feature_maps[gi].clone(), q_emb[None], embed))
     ms = (time.perf_counter() - start) * 1000 / max(2 * len(pairs), 1)
-    stack = (lambda maps: torch.stack(maps).cpu().numpy() if maps else np.zeros((0, *query.feature_maps.shape[-2:])))
+
+    def stack(maps: list[torch.Tensor]) -> np.ndarray:  # P x (h, w) -> (P, h, w); no pairs -> (0, h, w)
+        return torch.stack(maps).cpu().numpy() if maps else np.zeros((0, *query.feature_maps.shape[-2:]))
+
     return Maps(stack(on_query), stack(on_match), ms)
 
 

@@ -87,6 +87,12 @@ def name(mode: tuple[str, float]) -> str:
     return {"whole": "whole", "top": f"top {mode[1]:g} of cells", "soft": f"soft, p = {mode[1]:g}"}[mode[0]]
 
 
+def _recall(photos: Photos, z: np.ndarray) -> float:
+    """Recall@1 (%) of the photos' queries among their gallery, by the dot product of rows of z (one per photo)."""
+    best = photos.g[(z[photos.q] @ z[photos.g].T).argmax(1)]
+    return 100.0 * float(np.mean(photos.labels[best] == photos.labels[photos.q]))
+
+
 def multi_scale(sizes: tuple[int, ...] = (224, 320)) -> str:
     """Issue 6's multi-scale embedding under focus pooling: each size's focus-pooled z (unit length), summed."""
     cells = []
@@ -95,13 +101,8 @@ def multi_scale(sizes: tuple[int, ...] = (224, 320)) -> str:
         one = photos[sizes[0]]
         unit = {size: p.pooled(np.arange(len(one.labels)), ("top", FOCUS_SHARE)) for size, p in photos.items()}
         unit = {size: z / np.linalg.norm(z, axis=1, keepdims=True) for size, z in unit.items()}
-
-        def recall(z: np.ndarray) -> float:
-            best = one.g[(z[one.q] @ z[one.g].T).argmax(1)]
-            return 100.0 * float(np.mean(one.labels[best] == one.labels[one.q]))
-
-        cells.append(f"{dataset.name}: " + ", ".join(f"{size} px {recall(z):.1f}" for size, z in unit.items())
-                     + f", {' + '.join(map(str, sizes))} px {recall(sum(unit.values())):.1f}")
+        cells.append(f"{dataset.name}: " + ", ".join(f"{size} px {_recall(one, z):.1f}" for size, z in unit.items())
+                     + f", {' + '.join(map(str, sizes))} px {_recall(one, sum(unit.values())):.1f}")
     return "multi-scale, focus on both sides, no pcaw, Recall@1: " + "; ".join(cells)
 
 

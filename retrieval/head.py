@@ -49,7 +49,9 @@ class Head:
         return {"head": self.kind, "head_sha256": self.digest, "dim": dim}
 
     def to(self, device: torch.device | str) -> Head:
-        move = (lambda t: None if t is None else t.to(device))
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
         return Head(self.kind, move(self.weight), move(self.bias))
 
     def save(self, path: Path, meta: dict | None = None) -> None:
