@@ -78,6 +78,26 @@ def box_weights(box: Box, image_size: tuple[int, int], grid: tuple[int, int]) ->
     return weights * (h * w) / weights.sum()
 
 
+def focus_scores(mid_maps: Tensor, grid: tuple[int, int]) -> Tensor:
+    """How much each cell stands out in its photo, (B, C, h', w') -> (B, h, w) >= 0: the score `focus_weights`
+    ranks cells by (the formula and its choice are described there), smoothed and resampled to ``grid``."""
+    cells = mid_maps.float().clamp_min(0).flatten(2).transpose(1, 2)  # (B, h'w', C)
+    norms = cells.norm(dim=2)  # (B, h'w')
+    unit = cells / norms.clamp_min(1e-6).unsqueeze(2)
+    mean = F.normalize(unit.mean(dim=1, keepdim=True), dim=2)
+    distinct = (1.0 - (unit * mean).sum(dim=2)).clamp_min(1e-6)
+    score = distinct**2 * norms / norms.mean(dim=1, keepdim=True).clamp_min(1e-12)
+    score = score.reshape(len(score), 1, *mid_maps.shape[-2:])
+    if min(score.shape[-2:]) > 2:  # the padding ring; a map of 1-2 cells across is all ring: keep it
+        inner = torch.zeros_like(score)
+        inner[..., 1:-1, 1:-1] = 1.0
+        score = score * inner
+    score = F.avg_pool2d(F.pad(score, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    if tuple(score.shape[-2:]) != tuple(grid):
+        score = F.interpolate(score, size=grid, mode="bilinear", align_corners=False)
+    return score[:, 0]  # (B, 1, h, w) -> (B, h, w)
+
+
 def focus_weights(mid_maps: Tensor, grid: tuple[int, int], share: float = FOCUS_SHARE) -> Tensor:
     """Cell weights (B, h, w) that restrict pooling to the photo's most salient cells, with no box,
     no training and no gallery: the `AUTO` focus. From a mid-level map (B, C, h', w') of the same
@@ -94,21 +114,7 @@ def focus_weights(mid_maps: Tensor, grid: tuple[int, int], share: float = FOCUS_
     scaled so the weights average 1 as `box_weights` do. The choices (score, ring, smoothing, share)
     were made on clipart-train, never on the evaluation sets (experiments/explore_focus.py).
     """
-    cells = mid_maps.float().clamp_min(0).flatten(2).transpose(1, 2)  # (B, h'w', C)
-    norms = cells.norm(dim=2)  # (B, h'w')
-    unit = cells / norms.clamp_min(1e-6).unsqueeze(2)
-    mean = F.normalize(unit.mean(dim=1, keepdim=True), dim=2)
-    distinct = (1.0 - (unit * mean).sum(dim=2)).clamp_min(1e-6)
-    score = distinct ** 2 * norms / norms.mean(dim=1, keepdim=True).clamp_min(1e-12)
-    score = score.reshape(len(score), 1, *mid_maps.shape[-2:])
-    if min(score.shape[-2:]) > 2:  # the padding ring; a map of 1-2 cells across is all ring: keep it
-        inner = torch.zeros_like(score)
-        inner[..., 1:-1, 1:-1] = 1.0
-        score = score * inner
-    score = F.avg_pool2d(F.pad(score, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    if tuple(score.shape[-2:]) != tuple(grid):
-        score = F.interpolate(score, size=grid, mode="bilinear", align_corners=False)
-    score = score.flatten(1)  # (B, hw)
+    score = focus_scores(mid_maps, grid).flatten(1)  # (B, hw)
     kth = score.topk(max(1, int(share * score.shape[1])), dim=1).values[:, -1:]
     inside = (score >= kth).float()
     return (inside * (score.shape[1] / inside.sum(dim=1, keepdim=True))).reshape(len(score), *grid)
