@@ -8,7 +8,7 @@ Embeds each dataset once per input size and caches the last conv feature maps A 
     .venv/bin/python bench/bench_heads.py --trained head.pt     # add a trained head (from famsearch train)
     .venv/bin/python bench/bench_heads.py --other /tmp/composites-other
 
-Localisation (Proportion, IoU; DESIGN §7, protocol (a): query side of correct top-1
+Localisation (Proportion, IoU; docs/DESIGN.md §7, protocol (a): query side of correct top-1
 retrievals) is computed with the explainers in retrieval.fam on the feature map the pooled
 vector comes from. The untrained `pcaw` head is fitted on the gallery split only (never on
 the queries: that would be transductive).

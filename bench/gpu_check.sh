@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for issue 7: GPU FAISS and the encoder on CUDA. Run on a machine with a GPU:
+# GPU checks (docs/DESIGN.md §8, §13): GPU FAISS and the encoder on CUDA. Run on a machine with a GPU:
 #     bash bench/gpu_check.sh [--quick]      (from the repository root; writes bench/results/gpu.txt)
 # --quick skips the 10k-gallery query benchmark (which indexes 10,000 images on first use).
 # Exits 3 when no GPU is visible, so a CPU-only run says so instead of "passing".

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's targets through the product's own commands: train the objectness probe + Multi-Similarity
+# The trained-retrieval target (docs/DESIGN.md §13) through the product's own commands: train the objectness probe + Multi-Similarity
 # head on clipart-train at SIZE px, then `famsearch eval` it on clipart-composites and on composites
 # of object styles it never saw (made with make_composites.py, as in bench/bench_heads.py), next to
 # the untrained default (every default; GAP, no head, 224 px when the recorded results were made).

@@ -1,4 +1,4 @@
-"""Labelled datasets for `eval` and `train` (DESIGN §6): a folder with ``annotations.jsonl``.
+"""Labelled datasets for `eval` and `train` (docs/DESIGN.md §6): a folder with ``annotations.jsonl``.
 
 One image a line: ``{"path": "images/o003_v1.jpg", "label": "o003", "split": "query"|"gallery"|"train",
 "bbox": [x0, y0, x1, y1], "mask": "masks/o003_v1.png"}`` — paths relative to the folder, boxes in
@@ -72,7 +72,7 @@ def read_dataset(root: str | Path) -> Dataset:
     root = Path(root).expanduser().absolute()
     path = root / ANNOTATIONS
     if not path.is_file():
-        raise UsageError(f"{root} is not a dataset: no {ANNOTATIONS} in it (format: DESIGN §6)")
+        raise UsageError(f"{root} is not a dataset: no {ANNOTATIONS} in it (format: docs/DESIGN.md §6)")
     items = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():

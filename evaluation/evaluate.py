@@ -1,4 +1,4 @@
-"""`famsearch eval`: the paper's tables for a model on a labelled dataset (DESIGN §6-7).
+"""`famsearch eval`: the paper's tables for a model on a labelled dataset (docs/DESIGN.md §6-7).
 
 dataset -> index the gallery split (a temp home, or --home) -> rank the whole gallery for every
 query through the real FAISS index -> feature maps of queries and gallery -> the maps of every

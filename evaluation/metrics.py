@@ -1,8 +1,8 @@
-"""Retrieval, localisation and faithfulness metrics of DESIGN §7 (paper Eq. 19-22): arrays in, numbers out.
+"""Retrieval, localisation and faithfulness metrics of docs/DESIGN.md §7 (paper Eq. 19-22): arrays in, numbers out.
 
 Pure maths, numpy only (no files, no model). A *saliency* here is a map already at the image's
 size and min-maxed to [0, 1] (see ``saliency``); a *box* is ``(x0, y0, x1, y1)`` in pixels with
-x1/y1 exclusive, as in the dataset format (DESIGN §6).
+x1/y1 exclusive, as in the dataset format (docs/DESIGN.md §6).
 
 Conventions this module fixes (and the tests pin):
 

@@ -94,7 +94,7 @@ def _recall(photos: Photos, z: np.ndarray) -> float:
 
 
 def multi_scale(sizes: tuple[int, ...] = (224, 320)) -> str:
-    """Issue 6's multi-scale embedding under focus pooling: each size's focus-pooled z (unit length), summed."""
+    """Multi-scale embedding (docs/DESIGN.md §13) under focus pooling: each size's focus-pooled z (unit length), summed."""
     cells = []
     for dataset in (TRAIN, COMPOSITES):
         photos = {size: Photos(dataset, size) for size in sizes}

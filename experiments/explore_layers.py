@@ -1,4 +1,4 @@
-"""Exploration for issue 6 (not shipped): how instance-discriminative is each depth of Lite0?
+"""Exploration for the targets in docs/DESIGN.md §13 (not shipped): how instance-discriminative is each depth of Lite0?
 
 For block outputs of EfficientNet-Lite0 and the last conv map (the one FAM weights), Recall@1 on
 clipart-composites with GAP, GAP + gallery PCA-whitening, and an *oracle* that pools only inside the

@@ -1,4 +1,4 @@
-"""Exploration for issue 6's untrained target (not shipped): background suppression without training.
+"""Exploration for the untrained target of docs/DESIGN.md §13 (not shipped): background suppression without training.
 
 A cell of the last conv map weighs less the more *other gallery images* contain a similar cell
 (cosine >= tau): backgrounds recur across a photo collection (here: the same source photos behind

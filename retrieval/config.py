@@ -12,7 +12,7 @@ ENV_PREFIX = "FAMSEARCH_"
 BACKBONES = ("efficientnet_lite0", "resnet50", "toy")
 # Backbone arithmetic: fp32 (default), bf16, or auto = bf16 on CPUs with native bf16 (AVX512-BF16/AMX).
 # bf16 halves the forward time there but moved one of 60 top-1 answers on clipart-composites
-# (Recall@1 11.7 -> 10.0, bench/results/precision.txt), more than issue 3's 1-point allowance.
+# (Recall@1 11.7 -> 10.0, bench/results/precision.txt), more than the 1-point allowance of docs/DESIGN.md §13.
 PRECISIONS = ("fp32", "bf16", "auto")
 # How photos are pooled unless asked otherwise: focus (GAP over the cells the automatic focus picks, on every
 # photo) found the object rather than the background on clipart-composites, Recall@1 51.7% vs 11.7% for GAP at

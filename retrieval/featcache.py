@@ -1,6 +1,6 @@
 """The map cache: each indexed image's feature map A (N, h, w) in float16, on disk, memory-mapped.
 
-Every explainer is a function of (A, z, e = head(z), W, partner embeddings) (DESIGN §4), and z
+Every explainer is a function of (A, z, e = head(z), W, partner embeddings) (docs/DESIGN.md §4), and z
 is already in the DB row, so with A at hand the match-side maps of a query need no decode and
 no backbone pass. Why A and not the smaller WᵀA (J, h, w) + ΣₙAⁿ: A does not depend on the
 head, and the `pcaw` head is refitted on every re-index that changes the gallery, which would

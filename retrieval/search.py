@@ -32,7 +32,7 @@ import numpy as np
 LOGGER = logging.getLogger(__name__)
 INDEX_TYPES = ("auto", "flat", "ivf", "ivf-sq8", "hnsw")
 # An exact scan reads n·d float32 per query. Measured (bench/results/scale.txt, one query,
-# d = 1280): 12.8M floats 3-5 ms, 32M floats 13-20 ms; the 10 ms p50 budget of issue 7 falls
+# d = 1280): 12.8M floats 3-5 ms, 32M floats 13-20 ms; the 10 ms p50 search budget (docs/DESIGN.md §13) falls
 # near 20M floats (15,600 vectors of 1280, 39,000 of 512).
 FLAT_MAX_FLOATS = 20_000_000
 # Above this many bytes of float32 vectors, store 8-bit codes (ivf-sq8): 1M x 1280 is 5.1 GB

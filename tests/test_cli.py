@@ -1,4 +1,4 @@
-"""The command line as a user drives it: contracts of DESIGN §5, exit codes, bad input."""
+"""The command line as a user drives it: contracts of docs/DESIGN.md §5, exit codes, bad input."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -22,7 +22,7 @@ from retrieval.images import is_image_path, load_image
 
 
 def read_labelled(dataset: Path, split: str = "train") -> tuple[list[Path], list[str]]:
-    """Image paths and labels of a dataset: DESIGN §6 `annotations.jsonl` rows of `split`, or
+    """Image paths and labels of a dataset: docs/DESIGN.md §6 `annotations.jsonl` rows of `split`, or
     else labelled sub-folders (folder name = label, images anywhere below it)."""
     dataset = Path(dataset)
     annotations = dataset / "annotations.jsonl"

@@ -1,7 +1,7 @@
 """Fit a *linear* embedding head e = W^T z + b with the Multi-Similarity loss (pure: tensors in, head out).
 
 The backbone stays frozen: every training image is embedded once to its pooled vector z (`training.data`),
-then only (W, b) are optimised, so FAM's inversion through the head (docs/DESIGN.md, Eq. 16-18) and the exact
+then only (W, b) are optimised, so FAM's inversion through the head (docs/DESIGN.md §4, Eq. 16-18) and the exact
 fam-exact / closed-form Grad-CAM identities keep holding. W starts random (or, with init="pcaw", at
 PCA-whitening of the training features). Validation is Recall@1 among held-out *labels* (unseen objects,
 the retrieval setting); the best epoch is kept and training stops after `patience` epochs without gain.

@@ -11,9 +11,9 @@ from retrieval.errors import UsageError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="the paper's tables (Recall@k, Proportion, IoU, AD/IC, deletion/insertion)",
-                       description="Index a labelled dataset's gallery split (docs/DESIGN.md, the dataset format), "
+                       description="Index a labelled dataset's gallery split (docs/DESIGN.md §6, the dataset format), "
                                    "run every query and measure retrieval, localisation and faithfulness of each "
-                                   "explainer (docs/DESIGN.md, the metrics).")
+                                   "explainer (docs/DESIGN.md §7, the metrics).")
     p.add_argument("dataset", type=Path, metavar="DATASET", help="a folder with annotations.jsonl")
     common_flags(p)
     add_flag(p, "--explain", default="fam,fam-exact,gradcam",
