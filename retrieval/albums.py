@@ -12,9 +12,10 @@ import csv
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePath
+from typing import cast
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import CursorResult, delete, func, select
 
 from retrieval.errors import UsageError
 from retrieval.schema import LABEL_SOURCES, STATUS_OK, Album, AlbumImage, Image
@@ -26,10 +27,10 @@ def labels_from_folders(paths: Iterable[str], roots: Iterable[str | Path]) -> di
 
     ``roots/birds/2023/a.jpg`` -> ``birds``; files directly in a root get no label.
     """
-    roots = [PurePath(root) for root in roots]
+    root_paths = [PurePath(root) for root in roots]
     labels = {}
     for path in paths:
-        for root in roots:
+        for root in root_paths:
             try:
                 parts = PurePath(path).relative_to(root).parts
             except ValueError:
@@ -131,7 +132,9 @@ def add_to_album(store: Store, name: str, image_ids: Iterable[int], source: str 
 def delete_album(store: Store, name: str) -> bool:
     """Drop an album and its memberships (the images stay indexed); False if there was none."""
     with store.session() as session:
-        return session.execute(delete(Album).where(Album.name == name)).rowcount > 0
+        # A DELETE's result is a CursorResult, which the stubs type as a plain Result (sqlalchemy#9185).
+        result = cast(CursorResult, session.execute(delete(Album).where(Album.name == name)))
+        return result.rowcount > 0
 
 
 def list_albums(store: Store) -> list[tuple[str, int]]:
@@ -164,9 +167,10 @@ def labelled_gallery(store: Store) -> tuple[list[str], np.ndarray, np.ndarray, n
     names = sorted({name for _, _, name in rows})
     column = {name: c for c, name in enumerate(names)}
     rows_of: dict[int, int] = {}
-    vectors = []
+    vectors: list[np.ndarray] = []
     for image_id, blob, _ in rows:
         if image_id not in rows_of:
+            assert blob is not None  # the query keeps rows with an embedding only
             rows_of[image_id] = len(vectors)
             vectors.append(bytes_to_embedding(blob))
     memberships = np.zeros((len(vectors), len(names)), dtype=bool)

@@ -17,12 +17,16 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from retrieval.config import BACKBONES  # re-exported: the names live with the settings
 from retrieval.errors import UsageError
+
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
 
 # EfficientNet-Lite was trained on (pixel - 127) / 128 (tensorflow/tpu, efficientnet/lite),
 # i.e. this mean/std on RGB in [0, 1]. Checked on the converted weights: the stem BN's
@@ -32,6 +36,21 @@ _LITE_MEAN = (127.0 / 255.0,) * 3
 _LITE_STD = (128.0 / 255.0,) * 3
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FeatureNet(nn.Module):
+    """What every backbone network offers on top of nn.Module (Lite0, the ResNet split, the toy net)."""
+
+    num_features: int  # N, channels of the last conv map
+    focus_layer: str  # name of the submodule whose output `retrieval.regions.focus_weights` reads
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, N, h, w), the last conv map, post-activation."""
+        raise NotImplementedError
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """(B, N, h, w) -> (B, 1000) ImageNet logits."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -50,7 +69,7 @@ class Backbone:
             reads to pick the salient part of a query (``--box auto``).
     """
 
-    model: nn.Module
+    model: FeatureNet
     num_features: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -58,10 +77,10 @@ class Backbone:
     focus_layer: str
 
 
-class _ResNetFeatures(nn.Module):
+class _ResNetFeatures(FeatureNet):
     """torchvision ResNet split at layer4 so it offers forward_features/forward_head like Lite0."""
 
-    def __init__(self, net: nn.Module) -> None:  # a torchvision.models.ResNet
+    def __init__(self, net: ResNet) -> None:
         super().__init__()
         self.net = net
         self.num_features = net.fc.in_features
@@ -82,7 +101,7 @@ class _ResNetFeatures(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-class _ToyNet(nn.Module):
+class _ToyNet(FeatureNet):
     """Two seeded random convs, N = 16 channels at stride 8: fast fixtures for tests, no weights.
 
     Random convs still respond to colour and edges, so a gallery of drawn shapes retrieves
@@ -143,6 +162,7 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
         ValueError: unknown name, resnet50 without weights, or weights that do not fit.
     """
     mean, std, identity = describe_backbone(name, weights)
+    model: FeatureNet
     if name == "efficientnet_lite0":
         from retrieval.lite0 import EfficientNetLite0, load_lite0_state
 
@@ -153,6 +173,7 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
     elif name == "resnet50":
         import torchvision
 
+        assert weights is not None  # describe_backbone refused resnet50 without weights
         path = Path(weights)
         model = _ResNetFeatures(torchvision.models.resnet50(weights=None))
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

@@ -30,7 +30,7 @@ from retrieval.config import DEFAULT_INPUT_SIZE, DEFAULT_POOLING, PRECISIONS
 from retrieval.errors import UsageError
 from retrieval.modelspec import ModelSpec
 from retrieval.pooling import POOLINGS, Objectness, explained_feature_map, load_objectness, pool_feature_map
-from retrieval.regions import AUTO, Box, box_weights, focus_layer_outputs, focus_weights
+from retrieval.regions import AUTO, Auto, Box, box_weights, focus_layer_outputs, focus_weights
 
 
 def native_bf16() -> bool:
@@ -62,7 +62,7 @@ class Preprocess:
     std: tuple[float, float, float]
 
     def __call__(self, image: Image.Image) -> Tensor:
-        resized = image.convert("RGB").resize((self.input_size, self.input_size), Image.BILINEAR)
+        resized = image.convert("RGB").resize((self.input_size, self.input_size), Image.Resampling.BILINEAR)
         pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)  # (S, S, 3)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
@@ -133,7 +133,8 @@ class Encoder:
         pass: the backbone's ``focus_layer`` output is caught on the way."""
         with focus_layer_outputs(self.backbone) as caught:
             feature_maps = self.forward_features(batch)
-        return feature_maps, focus_weights(caught[0], tuple(feature_maps.shape[-2:])).to(feature_maps)
+        h, w = feature_maps.shape[-2:]
+        return feature_maps, focus_weights(caught[0], (h, w)).to(feature_maps)
 
     def pool(self, feature_maps: Tensor, region: Tensor | None = None) -> Tensor:
         """(B, N, h, w) -> (B, N) with this encoder's pooling (over a box's cells with ``region``)."""
@@ -143,7 +144,7 @@ class Encoder:
         """Preprocessed images (B, 3, S, S) -> pooled vectors z (B, N) on the encoder's device."""
         return self.embed_batch(batch)[1]
 
-    def embed_batch(self, batch: Tensor, boxes: list[Box | str | None] | None = None,
+    def embed_batch(self, batch: Tensor, boxes: list[Box | Auto | None] | None = None,
                     sizes: list[tuple[int, int]] | None = None) -> tuple[Tensor, Tensor]:
         """Preprocessed images (B, 3, S, S) -> the maps the explainers weight (B, N, h, w) and z (B, N).
 
@@ -157,15 +158,22 @@ class Encoder:
             feature_maps, focus = self.forward_features(batch), None
         region = None
         if any(box is not None for box in boxes):
-            grid = tuple(feature_maps.shape[-2:])
-            region = torch.stack([
-                torch.ones(grid).to(feature_maps) if box is None else focus[i] if box == AUTO
-                else box_weights(box, sizes[i], grid).to(feature_maps)
-                for i, box in enumerate(boxes)])
+            h, w = feature_maps.shape[-2:]
+
+            def cell_weights(i: int, box: Box | Auto | None) -> Tensor:  # photo i's region (h, w)
+                if box is None:
+                    return torch.ones((h, w)).to(feature_maps)
+                if box == AUTO:
+                    assert focus is not None  # computed above: a box is AUTO
+                    return focus[i]
+                assert sizes is not None, "a box in pixels needs the sizes of the photos"
+                return box_weights(box, sizes[i], (h, w)).to(feature_maps)
+
+            region = torch.stack([cell_weights(i, box) for i, box in enumerate(boxes)])
         return (explained_feature_map(feature_maps, self.pooling, self.objectness, region),
                 self.pool(feature_maps, region))
 
-    def encode(self, images: list[Image.Image], boxes: list[Box | str | None] | None = None) -> tuple[Tensor, Tensor]:
+    def encode(self, images: list[Image.Image], boxes: list[Box | Auto | None] | None = None) -> tuple[Tensor, Tensor]:
         """Photos -> the feature maps the explainers weight (B, N, h, w) and pooled vectors (B, N).
 
         ``boxes``: per photo a box in its pixels (or None) to pool over that part of it alone, or

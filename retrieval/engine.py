@@ -22,7 +22,7 @@ from retrieval.featcache import FeatureCache
 from retrieval.head import Head, load_head
 from retrieval.images import is_image_path, load_image, load_image_sized
 from retrieval.modelspec import stored_model_spec
-from retrieval.regions import Box, fit_box
+from retrieval.regions import Auto, Box, fit_box
 from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
 from retrieval.search import build_index, index_type_of, load_index, search, to_gpu_if_available
@@ -140,6 +140,12 @@ def index_from_store(store: Store, head: Head, index_type: str = "auto"):
     return build_index(np.concatenate(emb_batches), np.concatenate(id_batches), index_type)
 
 
+def _stored_pooled(row: ImageRow) -> np.ndarray:
+    """An indexed row's z (N,); every id the engine asks for came from its index, whose rows have one."""
+    assert row.embedding is not None, f"image {row.id} has no stored vector (re-indexed meanwhile?)"
+    return bytes_to_embedding(row.embedding)
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
@@ -199,7 +205,7 @@ class QueryEngine:
     def index_type(self) -> str:
         return index_type_of(self.index)
 
-    def embed(self, image: Image.Image, box: Box | str | None = None) -> Embedded:
+    def embed(self, image: Image.Image, box: Box | Auto | None = None) -> Embedded:
         """One photo through the model; with a box (its pixels, or ``AUTO``), pooled over that part alone."""
         feature_maps, pooled = self.encoder.encode([image], boxes=[box])
         return Embedded(feature_maps[0], pooled[0], self.head(pooled)[0])
@@ -214,14 +220,14 @@ class QueryEngine:
         (draft mode: a 12 MP file decodes ~8x smaller, the whole image kept)."""
         return load_image(path, draft_size=self.encoder.input_size)
 
-    def load_query_box(self, path: str | Path, box: Box) -> tuple[Image.Image, Box]:
+    def load_query_box(self, path: str | Path, box: Box | Auto) -> tuple[Image.Image, Box | Auto]:
         """`load_query` and a box given in pixels of the full-size photo, clipped to it and moved to
         the pixels of the decoded image. ValueError if the box misses the photo."""
         image, size = load_image_sized(path, draft_size=self.encoder.input_size)
         return image, fit_box(box, size, image.size)
 
     def query_path(self, path: str | Path, k: int = 10, explainer: str = DEFAULT_EXPLAINER, group: str = "none",
-                   box: Box | None = None) -> QueryResult:
+                   box: Box | Auto | None = None) -> QueryResult:
         """`query` on a photo file (box in pixels of the full-size photo); the decode counts in `embed` and `total`."""
         start = time.perf_counter()
         image, box = self.load_query_box(path, box) if box is not None else (self.load_query(path), None)
@@ -238,10 +244,10 @@ class QueryEngine:
         holds a verified entry, else from decoding the file and a backbone pass.
         """
         rows = self.store.images_by_ids(image_ids)
-        pooled = np.stack([bytes_to_embedding(row.embedding) for row in rows])  # (K, N)
-        cached = self.feature_cache.get([row.id for row in rows], pooled) if self.feature_cache else {}
-        missing = [i for i, row in enumerate(rows) if row.id not in cached]
-        maps = [torch.from_numpy(cached[row.id]) if row.id in cached else None for row in rows]
+        stored = np.stack([_stored_pooled(row) for row in rows])  # (K, N)
+        cached = self.feature_cache.get([row.id for row in rows], stored) if self.feature_cache else {}
+        maps = {i: torch.from_numpy(cached[row.id]) for i, row in enumerate(rows) if row.id in cached}
+        missing = [i for i in range(len(rows)) if i not in maps]
         if missing:
             computed, _ = self.encoder.encode(
                 [load_image(rows[i].path, draft_size=self.encoder.input_size) for i in missing]
@@ -249,8 +255,8 @@ class QueryEngine:
             for i, feature_map in zip(missing, computed):
                 maps[i] = feature_map
         device = self.encoder.device
-        feature_maps = torch.stack([m.to(device, torch.float32) for m in maps])  # K x (N, h, w) -> (K, N, h, w)
-        pooled = torch.from_numpy(pooled).to(device)
+        feature_maps = torch.stack([maps[i].to(device, torch.float32) for i in range(len(rows))])  # (K, N, h, w)
+        pooled = torch.from_numpy(stored).to(device)
         return Embedded(feature_maps, pooled, self.head(pooled)), [row.path for row in rows]
 
     def _explain(self, explainer: str, subject: Embedded, partner_embs: torch.Tensor):
@@ -260,7 +266,7 @@ class QueryEngine:
         return heat.float().cpu().numpy(), offset.float().cpu().numpy()
 
     def query(self, image: Image.Image, k: int = 10, explainer: str = DEFAULT_EXPLAINER, group: str = "none",
-              box: Box | str | None = None) -> QueryResult:
+              box: Box | Auto | None = None) -> QueryResult:
         """Top-k matches of one photo, with query- and match-side maps unless explainer == 'none'.
 
         ``box`` (x1, y1, x2, y2 in the image's pixels): search for that part of the photo; the
@@ -294,7 +300,8 @@ class QueryEngine:
     def _explain_matches(self, query: Embedded, matches: list[Match], explainer: str, group: str):
         gallery, _ = self.embed_gallery([m.image_id for m in matches])
         n = len(matches)
-        query_side = Embedded(query.feature_map.expand(n, *query.feature_map.shape), None, query.emb.expand(n, -1))
+        query_side = Embedded(query.feature_map.expand(n, *query.feature_map.shape), query.pooled.expand(n, -1),
+                              query.emb.expand(n, -1))
         query_maps, query_offsets = self._explain(explainer, query_side, gallery.emb[:, None])  # K = 1 each
         match_maps, match_offsets = self._explain(explainer, gallery, query.emb.expand(n, -1)[:, None])
         for i, match in enumerate(matches):
@@ -305,7 +312,7 @@ class QueryEngine:
         return None
 
     def classify(self, image: Image.Image, rule: str = "mean", k: int = 20, explainer: str = "fam",
-                 box: Box | None = None) -> Classification:
+                 box: Box | Auto | None = None) -> Classification:
         """Rank the albums for a photo (Eq. 11 or k-NN votes) and explain the winner and the runner-up.
 
         Each map is the query-side map against that album's K images (Eq. 15): the whole album
@@ -334,8 +341,8 @@ class QueryEngine:
                 for c in explained if c is not None and len(decision.evidence[c])}
         timing["explain"] = _ms(tick)
         timing["total"] = _ms(start)
-        return Classification(rule, explainer, ranking, maps.get(decision.winner),
-                              maps.get(decision.runner_up), timing)
+        runner_up_map = None if decision.runner_up is None else maps.get(decision.runner_up)
+        return Classification(rule, explainer, ranking, maps.get(decision.winner), runner_up_map, timing)
 
     def compare(self, first: Image.Image, second: Image.Image, explainer: str = DEFAULT_EXPLAINER) -> PairReport:
         """Any two photos, indexed or not, in one forward pass: score, both maps, channel shares, activation maps.

@@ -30,6 +30,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,8 @@ class FeatureCache:
 
     def __init__(self, folder: Path, identity: dict, writable: bool = False):
         self.folder = Path(folder)
-        self.identity = {key: identity.get(key) for key in ("backbone", "weights_sha256", "pooling", "input_size")}
+        self.identity: dict[str, Any] = {key: identity.get(key)
+                                         for key in ("backbone", "weights_sha256", "pooling", "input_size")}
         self.writable = writable
         if writable:
             self.folder.mkdir(parents=True, exist_ok=True)

@@ -106,8 +106,7 @@ def decode_image(
                 image.draft("RGB", (draft_size, draft_size))
             image.seek(0)  # first frame of animations
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image), size
+            return _to_rgb(ImageOps.exif_transpose(image)), size
     except ImageError:
         raise
     except Image.UnidentifiedImageError:

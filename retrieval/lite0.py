@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from retrieval.backbone import FeatureNet
 from retrieval.errors import UsageError
 
 BN_EPS = 1e-3
@@ -86,7 +87,7 @@ class MBConv(nn.Module):
             _fold(self, conv, bn)
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite0(FeatureNet):
     """The network; ``num_features`` = 1280 channels in the last conv map."""
 
     num_features = HEAD
@@ -130,6 +131,7 @@ class EfficientNetLite0(nn.Module):
         _fold(self, "_conv_stem", "_bn0")
         _fold(self, "_conv_head", "_bn1")
         for block in self._blocks:
+            assert isinstance(block, MBConv)  # iterating a ModuleList gives nn.Module
             block.fuse_batchnorm_()
         return self
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Final, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +19,12 @@ from retrieval.errors import UsageError
 
 FOCUS_SHARE = 0.1  # share of the cells `focus_weights` keeps (chosen on clipart-train, docs/heads.md)
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the photo, x2 / y2 exclusive
-AUTO = "auto"  # in place of a box: let `focus_weights` pick the part of the photo
+Auto = Literal["auto"]  # the type of AUTO: after `box == AUTO` fails, a type checker knows box is a Box
+AUTO: Final[Auto] = "auto"  # in place of a box: let `focus_weights` pick the part of the photo
 BOX_FORMAT = "X1,Y1,X2,Y2 (pixels of the photo: left, top, right, bottom) or auto"
 
 
-def parse_box(text: str) -> Box | str:
+def parse_box(text: str) -> Box | Auto:
     """'x1,y1,x2,y2' -> a box, 'auto' -> `AUTO`; ValueError naming the format on anything else."""
     if text.strip().lower() == AUTO:
         return AUTO
@@ -32,10 +34,10 @@ def parse_box(text: str) -> Box | str:
         values = ()
     if len(values) != 4 or not (values[2] > values[0] and values[3] > values[1]):
         raise UsageError(f"a box is {BOX_FORMAT} with X2 > X1 and Y2 > Y1; got {text!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
-def box_json(box: Box | str) -> list | str:
+def box_json(box: Box | Auto) -> list | str:
     """A parsed box as `--json` echoes it: `AUTO` as is, whole pixel values as ints."""
     return box if box == AUTO else [int(v) if float(v).is_integer() else v for v in box]
 
@@ -51,7 +53,7 @@ def clip_box(box: Box, size: tuple[int, int]) -> Box:
     return x1, y1, x2, y2
 
 
-def fit_box(box: Box, photo_size: tuple[int, int], image_size: tuple[int, int]) -> Box:
+def fit_box(box: Box | Auto, photo_size: tuple[int, int], image_size: tuple[int, int]) -> Box | Auto:
     """A box in pixels of the full-size photo -> clipped, in pixels of its decoded image (JPEG
     draft decoding shrinks the photo by 1/2^k; the box shrinks with it). `AUTO` stays."""
     if box == AUTO:

@@ -118,13 +118,14 @@ def build_index_with_report(
     if index_type == "auto":
         index_type = choose_index_type(n_vectors, dim)
     inner = _empty_index(index_type, n_vectors, dim)
-    report = BuildReport(index_type, n_vectors, dim, nlist=getattr(faiss.try_extract_index_ivf(inner), "nlist", None))
-    if index_type.startswith("ivf"):
-        if n_vectors < report.nlist:
-            raise ValueError(f"{index_type} with {report.nlist} cells needs at least that many vectors, got {n_vectors}")
+    ivf = faiss.try_extract_index_ivf(inner)  # ivf and ivf-sq8; None for flat and hnsw
+    report = BuildReport(index_type, n_vectors, dim, nlist=None if ivf is None else ivf.nlist)
+    if ivf is not None:
+        if n_vectors < ivf.nlist:
+            raise ValueError(f"{index_type} with {ivf.nlist} cells needs at least that many vectors, got {n_vectors}")
         start = time.perf_counter()
-        faiss.extract_index_ivf(inner).cp.niter = KMEANS_ITERATIONS
-        inner.train(_sample_rows(embs, min(n_vectors, TRAIN_POINTS_PER_CELL * report.nlist)))
+        ivf.cp.niter = KMEANS_ITERATIONS
+        inner.train(_sample_rows(embs, min(n_vectors, TRAIN_POINTS_PER_CELL * ivf.nlist)))
         report.train_s = time.perf_counter() - start
     index = faiss.IndexIDMap2(inner)
     start = time.perf_counter()
@@ -179,7 +180,7 @@ def set_search_param(index: faiss.Index, value: int) -> None:
         faiss.extract_index_ivf(inner).nprobe = value
 
 
-def calibrate(index: faiss.Index, embs: np.ndarray, target_recall: float, k: int = 10) -> tuple[int, float]:
+def calibrate(index: faiss.IndexIDMap, embs: np.ndarray, target_recall: float, k: int = 10) -> tuple[int, float]:
     """Smallest nprobe/efSearch (powers of two) whose recall@k against exact reaches the target.
 
     Queries are database vectors (`CALIBRATION_QUERIES` sampled), each one's own id left out
@@ -274,6 +275,6 @@ def load_index(path: Path) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
-def index_ids(index: faiss.Index) -> np.ndarray:
+def index_ids(index: faiss.IndexIDMap) -> np.ndarray:
     """The int64 ids held by an IndexIDMap, (ntotal,)."""
     return faiss.vector_to_array(index.id_map).astype(np.int64)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from retrieval.engine import Classification, QueryEngine
-    from retrieval.regions import Box
+    from retrieval.regions import Auto, Box
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _classify_one(args: argparse.Namespace, engine: QueryEngine, path: Path, image: Image.Image,
-                  image_box: Box | str | None, folder: Path | None, box: Box | str | None) -> None:
+                  image_box: Box | Auto | None, folder: Path | None, box: Box | Auto | None) -> None:
     """Classify one photo and print a sentence (or a JSON line) for it."""
     from retrieval.regions import box_json
 
@@ -86,8 +86,8 @@ def save_maps(folder: Path, image: Image.Image, result: Classification) -> dict:
 
     files = {}
     for name, heatmap in (("winner", result.winner_map), ("runner_up", result.runner_up_map)):
-        file = save_map(folder, f"{name}_map.npy", heatmap)
-        if file is not None:
+        if heatmap is not None:  # save_map writes nothing for no map
+            file = save_map(folder, f"{name}_map.npy", heatmap)
             overlay(image, heatmap).save(folder / f"{name}_overlay.png")
             files[name] = file
     return files

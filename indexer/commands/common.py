@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from retrieval.engine import QueryEngine
     from retrieval.modelspec import ModelSpec
-    from retrieval.regions import Box
+    from retrieval.regions import Auto, Box
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 EXIT_BUG = 70  # EX_SOFTWARE: an internal error, reported with its traceback
@@ -93,7 +93,7 @@ def box_flag(parser: argparse.ArgumentParser, verb: str) -> None:
                   "index (the default) every photo already is")
 
 
-def parse_box_flag(text: str | None) -> Box | str | None:
+def parse_box_flag(text: str | None) -> Box | Auto | None:
     """--box as given -> a box, `AUTO` or None; UsageError naming the flag."""
     from retrieval.regions import parse_box
 
@@ -130,8 +130,8 @@ def require_files(paths: list[Path]) -> None:
             raise UsageError(f"{path}: no such file")
 
 
-def read_query(path: Path, engine: QueryEngine | None = None, box: Box | str | None = None
-               ) -> tuple[Image.Image, Box | str | None]:
+def read_query(path: Path, engine: QueryEngine | None = None, box: Box | Auto | None = None
+               ) -> tuple[Image.Image, Box | Auto | None]:
     """Decode a query photo and move the box (pixels of the full-size photo) onto the decoded one.
 
     With an engine the photo is draft-decoded at the model's input size (12 MP costs ~1/8); without one it

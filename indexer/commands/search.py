@@ -22,7 +22,7 @@ from retrieval.errors import UsageError
 
 if TYPE_CHECKING:
     from retrieval.engine import QueryResult
-    from retrieval.regions import Box
+    from retrieval.regions import Auto, Box
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -82,7 +82,7 @@ def _rows(result: QueryResult, folder: Path | None) -> list[dict]:
     return rows
 
 
-def _print_table(path: Path, result: QueryResult, rows: list[dict], box: Box | str | None = None) -> None:
+def _print_table(path: Path, result: QueryResult, rows: list[dict], box: Box | Auto | None = None) -> None:
     t = result.timing_ms
     where = "" if box is None else f" [box {box if isinstance(box, str) else ','.join(f'{v:g}' for v in box)}]"
     print(f"{path}{where}  ({len(rows)} matches; embed {t['embed']:.0f} ms, search {t['search']:.0f} ms, "
