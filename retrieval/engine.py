@@ -353,10 +353,11 @@ class QueryEngine:
         return self._pair_report(a, b, explainer)
 
     def compare_indexed(self, first: Image.Image, image_id: int, explainer: str = DEFAULT_EXPLAINER,
-                        box: Box | None = None) -> PairReport:
+                        box: Box | Auto | None = None) -> PairReport:
         """`compare` against an indexed photo: its z as stored, its A from the map cache when there;
         ``box``: the first photo pooled over that part of it, as `query` does."""
-        if not self.store.images_by_ids([image_id]):
+        rows = self.store.images_by_ids([image_id])
+        if not rows or rows[0].status != STATUS_OK:  # a file that failed to index has no z to compare
             raise UsageError(f"no indexed image has id {image_id}")
         gallery, _ = self.embed_gallery([image_id])
         second = Embedded(gallery.feature_map[0], gallery.pooled[0], gallery.emb[0])
