@@ -28,7 +28,8 @@ def _variants(image: Image.Image, rng: random.Random) -> dict[str, Image.Image]:
         "crop": image.crop((x, y, x + cw, y + ch)),
         "mirror": ImageOps.mirror(image),
         "recolour": ImageEnhance.Color(ImageEnhance.Brightness(image).enhance(1.25)).enhance(0.4),
-        "rotated": image.rotate(rng.choice([-12, 12]), resample=Image.BICUBIC, expand=False, fillcolor=(0, 0, 0)),
+        "rotated": image.rotate(rng.choice([-12, 12]), resample=Image.Resampling.BICUBIC, expand=False,
+                                fillcolor=(0, 0, 0)),
     }
 
 

@@ -50,6 +50,7 @@ def scan(
 
     for root in roots:
         root = Path(root).absolute()
+        walk: Iterable[tuple[str, list[str], list[str]]]
         if root.is_file():
             walk = [(str(root.parent), [], [root.name])]
         else:

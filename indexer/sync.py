@@ -238,6 +238,7 @@ def _write_batch(store: Store, batch: list[Decoded], pooled: dict[int, np.ndarra
                     session.delete(row)
             elif item.same_content:
                 outcomes["same"] += 1
+                assert row is not None  # same_content: the file of a stored row, read again with the same bytes
                 row.size, row.mtime_ns = item.stat.size, item.stat.mtime_ns
             else:
                 outcomes["failed"] += item.error is not None
@@ -309,6 +310,7 @@ def apply_moves_and_deletes(store: Store, plan: Plan) -> None:
     with store.session() as session:
         for row_id, stat in plan.moved:
             row = session.get(Image, row_id)
+            assert row is not None  # the plan moved a row it had just read
             row.path, row.size, row.mtime_ns = stat.path, stat.size, stat.mtime_ns
         for row_id in plan.deleted:
             session.delete(session.get(Image, row_id))
@@ -317,14 +319,14 @@ def apply_moves_and_deletes(store: Store, plan: Plan) -> None:
 def resolve_head(store: Store, choice: str | None) -> Head:
     """The head for this run: 'none', 'pcaw' (refitted on the current gallery) or a head file."""
     choice = choice or store.get_meta("head_choice") or "none"
-    pooled = None
+    gallery_pooled = None
     if choice == "pcaw":
-        pooled = np.concatenate([vectors for _, vectors in store.ok_embeddings()] or [np.zeros((0, 1), np.float32)])
-        if len(pooled) < 3:
+        stored = np.concatenate([vectors for _, vectors in store.ok_embeddings()] or [np.zeros((0, 1), np.float32)])
+        if len(stored) < 3:
             LOGGER.warning("pcaw needs at least 3 images; using no head until there are more")
             return Head()
-        pooled = torch.from_numpy(pooled)
-    return head_from_choice(choice, pooled)
+        gallery_pooled = torch.from_numpy(stored)
+    return head_from_choice(choice, gallery_pooled)
 
 
 def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choice: str | None) -> Head:
@@ -347,9 +349,10 @@ def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choic
         tmp = settings.head_file(generation).with_suffix(".tmp")
         head.save(tmp)
         os.replace(tmp, settings.head_file(generation))
-    meta = {"model": {**model_identity(encoder, head), "weights_path": encoder.weights},
-            "index": {"dirty": False, "generation": generation, "vectors": int(index.ntotal),
-                      "type": type(index.index).__name__, "built_at": datetime.now(timezone.utc).isoformat()}}
+    meta: dict[str, object] = {
+        "model": {**model_identity(encoder, head), "weights_path": encoder.weights},
+        "index": {"dirty": False, "generation": generation, "vectors": int(index.ntotal),
+                  "type": type(index.index).__name__, "built_at": datetime.now(timezone.utc).isoformat()}}
     if head_choice:
         meta["head_choice"] = head_choice if head_choice in ("none", "pcaw") else str(Path(head_choice).resolve())
     _set_metas(store, meta)
@@ -393,8 +396,8 @@ def sync(
     rows = load_rows(store, root_names)
     unlisted: list[str] = []
     plan = plan_sync(rows, scan(roots, options.excludes, unlisted), full, unlisted)
-    summary = {"added": plan.added, "updated": plan.updated, "moved": len(plan.moved),
-               "deleted": len(plan.deleted), "unchanged": plan.unchanged, "failed": 0}
+    summary: dict[str, int | float] = {"added": plan.added, "updated": plan.updated, "moved": len(plan.moved),
+                                       "deleted": len(plan.deleted), "unchanged": plan.unchanged, "failed": 0}
     if options.dry_run:
         return {**summary, "dry_run": True, "seconds": round(time.perf_counter() - start, 3), "images_per_s": 0.0}
     changed = bool(plan.embed or plan.moved or plan.deleted)
