@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
@@ -53,7 +54,7 @@ def embed_pooled(
     for start in tqdm(range(0, len(paths), batch_size), desc="embedding", unit="batch", disable=not progress):
         images = [load_image(p) for p in paths[start:start + batch_size]]
         if flip:
-            images = [im.transpose(0) for im in images]  # PIL FLIP_LEFT_RIGHT
+            images = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
         if maps:
             batch = torch.stack([encoder.preprocess(im) for im in images])
             chunks.append(encoder.forward_features(batch).cpu().half())
@@ -95,16 +96,15 @@ def read_masks(dataset: Path, split: str = "train") -> list[Path]:
     if not (Path(dataset) / "annotations.jsonl").is_file():
         raise UsageError(f"{dataset}: attn pooling needs object masks (annotations.jsonl with 'mask' fields)")
     items = read_dataset(dataset).split(split)
-    if any(item.mask is None for item in items):
+    masks = [item.mask for item in items if item.mask is not None]
+    if len(masks) != len(items):
         raise UsageError(f"{dataset}: attn pooling needs a 'mask' for every {split} image")
-    return [item.mask for item in items]
+    return masks
 
 
 def mask_grid(mask_path: Path, size: tuple[int, int]) -> Tensor:
     """Share of object pixels in each feature-map cell: a mask file -> (h, w) in [0, 1]."""
-    from PIL import Image
-
     h, w = size
     with Image.open(mask_path) as mask:
-        small = mask.convert("L").resize((w, h), Image.BOX)
+        small = mask.convert("L").resize((w, h), Image.Resampling.BOX)
     return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)

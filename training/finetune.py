@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -32,7 +33,7 @@ from retrieval.encoder import Encoder
 from retrieval.errors import UsageError
 from retrieval.head import Head
 from retrieval.images import load_image
-from retrieval.lite0 import BN_EPS, EfficientNetLite0
+from retrieval.lite0 import BN_EPS, EfficientNetLite0, MBConv
 from retrieval.pooling import Objectness, pool_feature_map
 from retrieval.regions import focus_layer_outputs, focus_weights
 from training.metric import History, LinearHead, TrainOptions, fit_metric, initial_head, seed_everything, split_labels
@@ -47,6 +48,13 @@ def check_finetunable(encoder: Encoder) -> None:
         raise UsageError(f"--finetune is implemented for {', '.join(FINETUNE_BACKBONES)}, not {encoder.backbone_name}")
 
 
+def lite0_model(encoder: Encoder) -> EfficientNetLite0:
+    """The encoder's backbone network, which `check_finetunable` has found to be Lite0."""
+    model = encoder.backbone.model
+    assert isinstance(model, EfficientNetLite0), "check_finetunable first"
+    return model
+
+
 @torch.inference_mode()
 def trunk_features(
     encoder: Encoder, paths: list[Path], batch_size: int = 16, progress: bool = True, flip: bool = False,
@@ -57,18 +65,19 @@ def trunk_features(
     ``focus``: for `focus` pooling, each photo's `focus_weights` ride along as one more channel,
     (M, 193, h, w). They come from the backbone's focus_layer (block 11), which lies in the frozen
     trunk, so tuning the tail cannot move them; `split_focus` takes them off again."""
-    model = encoder.backbone.model
+    model = lite0_model(encoder)
     chunks = []
     with focus_layer_outputs(encoder.backbone) as caught:
         for start in tqdm(range(0, len(paths), batch_size), desc="embedding (trunk)", unit="batch", disable=not progress):
             images = [load_image(p) for p in paths[start:start + batch_size]]
             if flip:
-                images = [im.transpose(0) for im in images]  # PIL FLIP_LEFT_RIGHT
+                images = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
             batch = torch.stack([encoder.preprocess(im) for im in images])
             trunk = model.forward_trunk(batch.to(encoder.device))
             mid = caught.pop()  # block 11's output, caught on the way through the trunk
             if focus:
-                weights = focus_weights(mid, tuple(trunk.shape[-2:])).to(trunk)
+                h, w = trunk.shape[-2:]
+                weights = focus_weights(mid, (h, w)).to(trunk)
                 trunk = torch.cat([trunk, weights.unsqueeze(1)], dim=1)
             chunks.append(trunk.cpu().half())
     return torch.cat(chunks)
@@ -89,8 +98,10 @@ def untuned_maps(model: EfficientNetLite0, features: Tensor, batch_size: int = 1
 
 def tail_pairs(model: EfficientNetLite0) -> list[tuple[str, str]]:
     """(conv, BN) state-dict prefixes of every convolution the tail trains, input to output."""
+    last_block = model._blocks[-1]
+    assert isinstance(last_block, MBConv)  # indexing a ModuleList gives nn.Module
     last = f"_blocks.{len(model._blocks) - 1}"
-    return [(f"{last}.{conv}", f"{last}.{bn}") for conv, bn in model._blocks[-1].conv_bn_pairs()] + \
+    return [(f"{last}.{conv}", f"{last}.{bn}") for conv, bn in last_block.conv_bn_pairs()] + \
         [("_conv_head", "_bn1")]
 
 
@@ -104,7 +115,7 @@ class Tail(nn.Module):
         self.tail_prefixes = tuple(f"{conv}." for conv, _ in tail_pairs(model))
         for name, parameter in self.net.named_parameters():  # BN folding leaves the new biases frozen
             parameter.requires_grad_(name.startswith(self.tail_prefixes))
-        self.head = LinearHead(head.weight, head.bias)
+        self.head = LinearHead.from_head(head)
         self.pooling, self.objectness = pooling, objectness
 
     def tail_parameters(self) -> list[nn.Parameter]:
@@ -151,5 +162,6 @@ def finetune(
                               region=None if region is None else region.float())
     start = initial_head(pooled, min(options.dim, pooled.shape[1]), options.init, options.shrinkage, generator)
     tail = Tail(model, start, pooling, objectness)
-    groups = [{"params": tail.head.parameters()}, {"params": tail.tail_parameters(), "lr": options.lr * TAIL_LR_SCALE}]
+    groups: list[dict] = [{"params": tail.head.parameters()},
+                          {"params": tail.tail_parameters(), "lr": options.lr * TAIL_LR_SCALE}]
     return fit_metric(tail, features, labels, options, groups, tail.snapshot, log=log)

@@ -15,6 +15,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from retrieval.errors import UsageError
 from retrieval.head import Head, fit_pcaw
 
 LOGGER = logging.getLogger(__name__)
+Snapshot = TypeVar("Snapshot")  # what `fit_metric` keeps of the best epoch
 
 
 def split_labels(labels: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -88,6 +90,13 @@ class LinearHead(torch.nn.Module):
     def forward(self, pooled: Tensor) -> Tensor:
         return pooled @ self.weight + self.bias  # (B, N) -> (B, J)
 
+    @classmethod
+    def from_head(cls, head: Head) -> LinearHead:
+        """The trainable twin of a head that has a weight and a bias."""
+        if head.weight is None or head.bias is None:
+            raise ValueError(f"a {head.kind!r} head has no weight and bias to train")
+        return cls(head.weight, head.bias)
+
     def frozen(self) -> Head:
         return Head("linear", self.weight.detach().clone().cpu(), self.bias.detach().clone().cpu())
 
@@ -131,14 +140,14 @@ def train_head(
     train_idx, _ = split_labels(labels, options.val_fraction, options.seed)
     pooled = pooled.float()
     start = initial_head(pooled[train_idx], min(options.dim, pooled.shape[1]), options.init, options.shrinkage, generator)
-    model = LinearHead(start.weight, start.bias)
+    model = LinearHead.from_head(start)
     return fit_metric(model, pooled, labels, options, [{"params": model.parameters()}], model.frozen, log=log)
 
 
 def fit_metric(
     model: torch.nn.Module, inputs: Tensor, labels: list[str], options: TrainOptions, param_groups: list[dict],
-    snapshot: Callable[[], object], log: Callable[[str], None] = LOGGER.info, val_batch: int = 256,
-) -> tuple[object, History]:
+    snapshot: Callable[[], Snapshot], log: Callable[[str], None] = LOGGER.info, val_batch: int = 256,
+) -> tuple[Snapshot, History]:
     """The Multi-Similarity training loop shared by `train_head` and last-stage fine-tuning.
 
     `model` maps rows of `inputs` (pooled vectors, or cached backbone activations) to embeddings;

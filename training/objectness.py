@@ -43,7 +43,8 @@ def fit_objectness(feature_maps: Tensor, masks: Tensor, l2: float = 1e-3, sharpn
 def fit_probe(dataset: Path, out: Path, feature_maps: Tensor, log: Callable[[str], None] = LOGGER.info):
     """Fit the objectness probe on (M, N, h, w) maps and the dataset's masks; write it next to the
     head as OUT.objectness.pt. Returns (probe, the pooling string 'attn:FILE')."""
-    masks = torch.stack([mask_grid(m, feature_maps.shape[-2:]) for m in read_masks(dataset)])  # (M, h, w)
+    h, w = feature_maps.shape[-2:]
+    masks = torch.stack([mask_grid(m, (h, w)) for m in read_masks(dataset)])  # (M, h, w)
     objectness = fit_objectness(feature_maps, masks)
     file = Path(out).with_suffix(".objectness.pt")
     file.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ def run_training(
 
 def _write_head(head: Head, history: History, out: Path, encoder: Encoder, dataset: Path, options: TrainOptions,
                 paths: list[Path], labels: list[str], **extra) -> dict:
+    assert head.weight is not None  # training gives a linear head
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     head.save(Path(out), meta={**encoder.identity, "trained_on": str(Path(dataset).resolve()),
                                "loss": options.loss, "best_epoch": history.best_epoch})
@@ -74,7 +75,7 @@ def _run_finetune(dataset: Path, out: Path, options: TrainOptions, paths: list[P
         mirrored = memoised(plain, paths, cache_dir, [tag + "-flip"],
                             lambda: ft.trunk_features(plain, paths, progress=options.progress, flip=True, focus=focus))
         features, labels = torch.cat([features, mirrored]), labels + labels
-    backbone = plain.backbone.model
+    backbone = ft.lite0_model(plain)
     objectness, pooling = None, spec.pooling
     if pooling == "attn":
         frozen_maps = ft.untuned_maps(backbone, features[:len(paths)])
