@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,8 +29,10 @@ from evaluation import metrics
 from evaluation.dataset import Dataset, Item, item_box, read_dataset
 from retrieval import fam as explainers
 from retrieval.config import Settings, default_device
+from retrieval.encoder import Encoder
 from retrieval.engine import QueryEngine
 from retrieval.errors import UsageError
+from retrieval.head import Head
 from retrieval.images import load_image, upsample
 from retrieval.modelspec import ModelSpec
 from retrieval.regions import AUTO
@@ -131,7 +134,27 @@ def index_gallery(settings: Settings, gallery: list[Item], options: EvalOptions)
         store.close()
 
 
-def embed_items(engine: QueryEngine, items: list[Item], options: EvalOptions, desc: str,
+class EncoderAndHead(Protocol):
+    """What `embed_items` reads of a model: a QueryEngine, or few-shot's encoder with its head."""
+
+    @property
+    def encoder(self) -> Encoder: ...
+
+    @property
+    def head(self) -> Head: ...
+
+
+class BatchOptions(Protocol):
+    """What `embed_items` reads of the options: EvalOptions or few-shot's."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def progress(self) -> bool: ...
+
+
+def embed_items(engine: EncoderAndHead, items: list[Item], options: BatchOptions, desc: str,
                 boxes: list | None = None) -> EmbeddedItems:
     """The maps the explainers weight and the embeddings of dataset images, in batches, with a
     progress bar; with ``boxes`` (one per item), each pooled over its box alone."""
@@ -171,8 +194,8 @@ def ground_truth_pairs(queries: list[Item], gallery: list[Item], ranking: np.nda
     rows: list[tuple[int, int, bool, bool]] = []
     for qi, item in enumerate(queries):
         true = [int(gi) for gi in ranking[qi] if labels[gi] == item.label]
-        top1 = int(ranking[qi][0]) if ranking.shape[1] else -1
-        rows += [(qi, gi, gi == top1, rank == 0) for rank, gi in enumerate(true)]
+        first = int(ranking[qi][0]) if ranking.shape[1] else -1
+        rows += [(qi, gi, gi == first, rank == 0) for rank, gi in enumerate(true)]
     q, g, top1, curve = (np.array(column) for column in zip(*rows)) if rows else (np.zeros(0, int),) * 4
     q_index, g_index = torch.as_tensor(q, dtype=torch.long), torch.as_tensor(g, dtype=torch.long)
     scores = explainers.cosine(query.embs[q_index], matches.embs[g_index][:, None])[:, 0]  # (P, J), (P, 1, J) -> (P,)
@@ -194,14 +217,14 @@ def _closed_form_maps(name: str, engine: QueryEngine, query: EmbeddedItems, matc
     start = time.perf_counter()
     on_query, _ = explainers.explain(name, q_maps, q_embs, g_embs[:, None], weight, bias)
     on_match, _ = explainers.explain(name, g_maps, g_embs, q_embs[:, None], weight, bias)
-    on_query, on_match = on_query.cpu().numpy(), on_match.cpu().numpy()
+    query_maps, match_maps = on_query.cpu().numpy(), on_match.cpu().numpy()
     batched = (time.perf_counter() - start) * 1000 / max(2 * len(pairs), 1)
     start = time.perf_counter()
     for qi, gi in zip(pairs.query, pairs.gallery):
         explainers.explain(name, query.feature_maps[qi], query.embs[qi], matches.embs[gi][None], weight, bias)[0].cpu().numpy()
         explainers.explain(name, matches.feature_maps[gi], matches.embs[gi], query.embs[qi][None], weight, bias)[0].cpu().numpy()
     single = (time.perf_counter() - start) * 1000 / max(2 * len(pairs), 1)
-    return Maps(on_query, on_match, single, batched)
+    return Maps(query_maps, match_maps, single, batched)
 
 
 def _autograd_maps(engine: QueryEngine, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs, progress: bool) -> Maps:
@@ -239,7 +262,8 @@ def explainer_maps(name: str, engine: QueryEngine, query: EmbeddedItems, matches
     if name == "gradcam-autograd":
         return _autograd_maps(engine, query, matches, pairs, progress)
     if name in ("centre", "uniform"):
-        return _baseline_maps(name, tuple(query.feature_maps.shape[-2:]), len(pairs))
+        h, w = query.feature_maps.shape[-2:]
+        return _baseline_maps(name, (h, w), len(pairs))
     raise ValueError(f"unknown explainer {name!r}; choose one of {', '.join(EVAL_EXPLAINERS)}")
 
 
@@ -285,7 +309,8 @@ def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, ima
                pool_boxes: list | None = None) -> dict[str, QuerySide]:
     """Proportion and IoU of every explainer's query-side maps (against the annotated ``boxes``), and s'
     of the saliency-masked query, pooled as the query was (``pool_boxes``: one per query, or None)."""
-    found = {name: ([], [], []) for name in names}  # proportions, IoUs, s'
+    # per explainer: proportions, IoUs, s'
+    found: dict[str, tuple[list[float], list[float], list[float]]] = {name: ([], [], []) for name in names}
     with tqdm(total=len(pairs), unit="pair", desc="query-side maps, AD/IC", disable=not options.progress) as bar:
         for start in range(0, len(pairs), max(options.batch_size // len(names), 1)):
             chunk = range(start, min(start + max(options.batch_size // len(names), 1), len(pairs)))
@@ -341,7 +366,7 @@ def deletion_insertion(names: list[str], maps: dict[str, Maps], engine: QueryEng
     """
     steps = options.steps
     chosen = [p for p in np.flatnonzero(pairs.curve)[: options.curve_pairs or None] if pairs.scores[p] > 0]
-    curves = {name: {"deletion": [], "insertion": []} for name in names}
+    curves: dict[str, dict[str, list[np.ndarray]]] = {name: {"deletion": [], "insertion": []} for name in names}
     for p in tqdm(chosen, unit="pair", desc="deletion/insertion", disable=not options.progress):
         qi, s = pairs.query[p], float(pairs.scores[p])
         image = images[qi]
