@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -384,7 +384,6 @@ def _settle(summary: dict, outcomes: Counter) -> dict:
 
 def sync(
     store: Store, settings: Settings, encoder: Encoder, roots: list[Path], options: IndexOptions,
-    log: Callable[[str], None] = print,
 ) -> dict:
     """Bring the DB and the index in line with the folders. Returns the run summary."""
     start = time.perf_counter()
