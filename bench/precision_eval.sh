@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Does bf16 (the default on CPUs with native bf16) retrieve and localise like fp32? docs/DESIGN.md §13 allows a
+# Does bf16 (`--precision bf16`, or `auto` on CPUs with native bf16; fp32 is the default) retrieve and localise like fp32? docs/DESIGN.md §13 allows a
 # faster arithmetic only if Recall on clipart-composites stays within 1 point. Runs `famsearch eval`
 # once per precision in fresh homes and prints both reports.
 #   bash bench/precision_eval.sh [DATASET] > bench/results/precision.txt

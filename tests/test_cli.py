@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import numpy as np
 import pytest
 
@@ -133,6 +135,7 @@ def test_an_empty_folder_indexes_nothing_and_says_so(capsys, tmp_path, home):
     assert code == 0 and "no images found" in err
 
 
+@pytest.mark.slow  # hashes the packaged Lite0 weights for the identity it compares
 def test_an_index_built_by_another_model_is_refused_without_full(capsys, indexed, gallery):
     # `indexed` used the toy backbone (a plain re-run keeps it: tests/test_train.py); asked for Lite0:
     code, _, err = run_cli(capsys, "index", gallery, "--home", indexed, "--no-progress", "--workers", "0",
@@ -145,3 +148,29 @@ def test_env_twins_set_flag_defaults(capsys, indexed, gallery, monkeypatch):
     monkeypatch.setenv("FAMSEARCH_K", "2")
     code, result = run_json(capsys, "search", gallery / "pic0.jpg", "--explain", "none")
     assert code == 0 and len(result["results"]) == 2
+
+
+def test_a_list_flags_env_twin_takes_several_paths(capsys, indexed, gallery, monkeypatch):
+    # FAMSEARCH_FROM_FOLDERS is --from-folders ROOT...: PATH-like, split on os.pathsep
+    _, by_flag = run_json(capsys, "albums", "--home", indexed, "--from-folders", gallery, gallery)
+    monkeypatch.setenv("FAMSEARCH_FROM_FOLDERS", os.pathsep.join([str(gallery), str(gallery)]))
+    code, by_env = run_json(capsys, "albums", "--home", indexed)
+    assert code == 0 and by_env == by_flag and by_env["albums"] == [{"album": "sub", "images": 1}]
+
+
+def test_a_bad_env_twin_is_a_one_line_usage_error(capsys, monkeypatch):
+    monkeypatch.setenv("FAMSEARCH_K", "abc")
+    code, _, err = run_cli(capsys, "search", "x.jpg")
+    assert code == 2 and err.strip() == "famsearch: FAMSEARCH_K='abc' is not a valid value for -k"
+
+
+def test_an_internal_error_keeps_its_traceback_and_exits_70(capsys, indexed, gallery, monkeypatch, caplog):
+    from retrieval.engine import QueryEngine
+
+    def broken(*_args, **_kwargs):
+        raise ValueError("an internal shape error")  # a bug, not a user's mistake
+
+    monkeypatch.setattr(QueryEngine, "query", broken)
+    code, _, err = run_cli(capsys, "search", gallery / "pic0.jpg", "--home", indexed)
+    assert code == 70
+    assert "an internal shape error" in caplog.text and "Traceback" in caplog.text

@@ -42,8 +42,8 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, *names: str, **kwargs: 
     if env is not None:
         if kwargs.get("action") == "store_true":
             kwargs["default"] = env.lower() in ENV_TRUE
-        elif kwargs.get("action") == "append":
-            kwargs["default"] = env.split(os.pathsep)
+        elif kwargs.get("action") == "append" or kwargs.get("nargs") in ("+", "*"):  # a list: PATH-like
+            kwargs["default"] = [kwargs.get("type", str)(part) for part in env.split(os.pathsep)]
         else:
             try:
                 kwargs["default"] = kwargs.get("type", str)(env)
