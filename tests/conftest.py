@@ -1,9 +1,18 @@
-"""Shared fixtures: tiny drawn galleries and a migrated temp home, all offline."""
+"""Shared fixtures: tiny drawn galleries and a migrated temp home, all offline.
+
+Indexing through the CLI is the slow part of a fixture, so each indexed gallery is built once per session
+(a *template*) and every test gets a private copy of the gallery and its home, the rows pointed at the copy.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import random
+import shutil
+import sqlite3
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from PIL import Image, ImageDraw
@@ -12,6 +21,7 @@ from indexer.cli import main
 
 SHAPES = ("ellipse", "rectangle", "triangle")
 COLOURS = ((220, 40, 40), (40, 180, 60), (40, 70, 220), (230, 200, 30))
+TOY_INDEX = ("--model", "toy", "--input-size", "64", "--workers", "0", "--no-progress")
 
 
 def draw_picture(seed: int, size: int = 64) -> Image.Image:
@@ -31,22 +41,6 @@ def draw_picture(seed: int, size: int = 64) -> Image.Image:
     return image
 
 
-@pytest.fixture
-def gallery(tmp_path: Path) -> Path:
-    """Eight distinct 64x64 PNG/JPEG pictures in a folder (one in a sub-folder)."""
-    folder = tmp_path / "photos"
-    (folder / "sub").mkdir(parents=True)
-    for i in range(8):
-        target = folder / "sub" if i == 7 else folder
-        draw_picture(i).save(target / f"pic{i}.{'png' if i % 2 else 'jpg'}", quality=95)
-    return folder
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
-
-
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """Call famsearch's main() in-process; returns (exit code, stdout, stderr)."""
     code = main([str(a) for a in argv])
@@ -61,19 +55,89 @@ def run_json(capsys, *argv: str):
     return code, (lines[0] if len(lines) == 1 else lines)
 
 
-@pytest.fixture
-def indexed(capsys, gallery: Path, home: Path) -> Path:
-    """The drawn gallery indexed with the toy backbone into a temp home (default pooling: focus)."""
-    code, _ = run_json(capsys, "index", gallery, "--home", home, "--model", "toy", "--input-size", "64", "--workers", "0", "--no-progress")
-    assert code == 0
+def index_quietly(folder: Path, home: Path, *flags: str) -> dict:
+    """`famsearch index FOLDER --home HOME --json` outside any test's capsys (session fixtures); returns the
+    summary, asserting the run succeeded. Only stdout is taken: stderr stays with pytest, which shows it on a
+    failure (and the CLI's logging handler, if it makes one, never holds a stream that goes away)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([str(a) for a in ("index", folder, "--home", home, *flags, "--json")])
+    assert code == 0, f"famsearch index {folder} exited {code}"
+    return json.loads(out.getvalue())
+
+
+def copy_home(template_home: Path, template_folder: Path, folder: Path, home: Path) -> Path:
+    """Copy an indexed home to `home` and point it at `folder`, a copy of `template_folder`: what indexing
+    `folder` would have stored.
+
+    The rows are keyed by absolute path and `last_run` names the roots: both are rewritten from the template's
+    folder to `folder`. copytree keeps each file's size and mtime, so a re-sync finds every photo unchanged.
+    """
+    shutil.copytree(template_home, home)
+    old, new = str(template_folder.absolute()), str(folder.absolute())
+    with contextlib.closing(sqlite3.connect(home / "famsearch.db")) as db, db:  # closed, and committed
+        (outside,) = db.execute("SELECT count(*) FROM images WHERE substr(path, 1, ?) != ?", (len(old), old)).fetchone()
+        assert outside == 0, f"{outside} rows of {template_home} lie outside {old}"
+        db.execute("UPDATE images SET path = ? || substr(path, ?)", (new, len(old) + 1))
+        (last_run,) = db.execute("SELECT value FROM meta WHERE key = 'last_run'").fetchone()
+        last_run = json.loads(last_run)
+        last_run["roots"] = [new if root == old else root for root in last_run["roots"]]
+        db.execute("UPDATE meta SET value = ? WHERE key = 'last_run'", (json.dumps(last_run),))
     return home
 
 
+def draw_gallery(folder: Path) -> Path:
+    """Eight distinct 64x64 PNG/JPEG pictures in a folder (one in a sub-folder)."""
+    (folder / "sub").mkdir(parents=True)
+    for i in range(8):
+        target = folder / "sub" if i == 7 else folder
+        draw_picture(i).save(target / f"pic{i}.{'png' if i % 2 else 'jpg'}", quality=95)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gallery_template(tmp_path_factory) -> Path:
+    """The drawn gallery of this session; tests get copies (`gallery`), never this folder."""
+    return draw_gallery(tmp_path_factory.mktemp("template") / "photos")
+
+
+@pytest.fixture(scope="session")
+def index_template(tmp_path_factory) -> Callable[..., tuple[Path, dict]]:
+    """`index_template(folder, *flags)`: (home, run summary) of `folder` indexed with the toy backbone and
+    `flags`, indexed on the session's first call with those arguments and shared after: copy it (`copy_home`)."""
+    built: dict[tuple, tuple[Path, dict]] = {}
+
+    def template(folder: Path, *flags: str) -> tuple[Path, dict]:
+        if (folder, flags) not in built:
+            home = tmp_path_factory.mktemp("template-home") / "home"
+            built[folder, flags] = home, index_quietly(folder, home, *TOY_INDEX, *flags)
+        return built[folder, flags]
+
+    return template
+
+
 @pytest.fixture
-def gap_indexed(capsys, gallery: Path, home: Path) -> Path:
+def gallery(tmp_path: Path, gallery_template: Path) -> Path:
+    """Eight distinct 64x64 PNG/JPEG pictures in a folder (one in a sub-folder): this test's copy of the
+    session's drawing, free to change."""
+    return shutil.copytree(gallery_template, tmp_path / "photos")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def indexed(gallery: Path, home: Path, gallery_template: Path, index_template) -> Path:
+    """The drawn gallery indexed with the toy backbone into a temp home (default pooling: focus)."""
+    template_home, _ = index_template(gallery_template)
+    return copy_home(template_home, gallery_template, gallery, home)
+
+
+@pytest.fixture
+def gap_indexed(gallery: Path, home: Path, gallery_template: Path, index_template) -> Path:
     """`indexed` under GAP: every photo pooled whole, for tests of searching for part of a photo (a box, or
     `auto`) against whole-photo pooling."""
-    code, _ = run_json(capsys, "index", gallery, "--home", home, "--model", "toy", "--input-size", "64", "--workers", "0",
-                       "--no-progress", "--pooling", "gap")
-    assert code == 0
-    return home
+    template_home, _ = index_template(gallery_template, "--pooling", "gap")
+    return copy_home(template_home, gallery_template, gallery, home)

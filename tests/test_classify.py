@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sqlalchemy import select
 
-from conftest import draw_picture, run_cli, run_json
+from conftest import copy_home, draw_picture, run_cli, run_json
 from indexer.cli import main
 from retrieval.albums import labelled_gallery, labels_from_folders, read_labels_file, set_labels
 from retrieval.classify import album_scores, decide, knn_votes
@@ -127,30 +128,35 @@ def test_relabelling_replaces_one_sources_labels_and_deleted_images_leave_their_
 
 
 # ---------------------------------------------------------------------------- engine and CLI
-def _albums_home(capsys, tmp_path, *flags: str):
-    """Six drawn photos in three album folders plus one unlabelled, indexed with folder labels."""
-    root = tmp_path / "albums"
+@pytest.fixture(scope="session")
+def albums_template(tmp_path_factory) -> Path:
+    """Six drawn photos in three album folders plus one unlabelled (drawn once; tests index copies)."""
+    root = tmp_path_factory.mktemp("template") / "albums"
     for album, seeds in {"red": (0, 1, 2), "blue": (3, 4), "green": (5,)}.items():
         (root / album).mkdir(parents=True)
         for seed in seeds:
             draw_picture(seed).save(root / album / f"p{seed}.png")
     draw_picture(9).save(root / "loose.png")
-    home = tmp_path / "home"
-    code, summary = run_json(capsys, "index", root, "--home", home, "--model", "toy", "--input-size", "64",
-                             "--workers", "0", "--no-progress", "--labels-from", "folders", *flags)
-    assert code == 0 and summary["labels"]["folders"] == {"labelled": 6, "albums": 3, "unknown": 0}
-    return home, root
+    return root
+
+
+def _albums_home(tmp_path, albums_template, index_template, *flags: str):
+    """This test's copy of the album folders, indexed with folder labels (a copy of the session's template)."""
+    template_home, summary = index_template(albums_template, "--labels-from", "folders", *flags)
+    assert summary["labels"]["folders"] == {"labelled": 6, "albums": 3, "unknown": 0}
+    root = shutil.copytree(albums_template, tmp_path / "albums")
+    return copy_home(template_home, albums_template, root, tmp_path / "home"), root
 
 
 @pytest.fixture
-def albums_home(capsys, tmp_path):
-    return _albums_home(capsys, tmp_path)
+def albums_home(tmp_path, albums_template, index_template):
+    return _albums_home(tmp_path, albums_template, index_template)
 
 
 @pytest.fixture
-def gap_albums_home(capsys, tmp_path):
+def gap_albums_home(tmp_path, albums_template, index_template):
     """`albums_home` under GAP (photos pooled whole), for deciding on part of a photo against whole photos."""
-    return _albums_home(capsys, tmp_path, "--pooling", "gap")
+    return _albums_home(tmp_path, albums_template, index_template, "--pooling", "gap")
 
 
 def test_with_one_image_album_the_group_map_equals_the_pair_map(albums_home):

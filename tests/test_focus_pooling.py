@@ -14,9 +14,7 @@ from retrieval.encoder import load_encoder
 from retrieval.modelspec import ModelSpec
 from retrieval.regions import AUTO
 from retrieval.pooling import explained_feature_map, pool_feature_map
-from tests.conftest import draw_picture, run_json
-
-TOY = ("--model", "toy", "--input-size", "64", "--workers", "0", "--no-progress")
+from tests.conftest import copy_home, draw_picture, run_json
 
 
 def test_focus_pooling_is_the_mean_of_the_map_over_the_focus_cells():
@@ -54,10 +52,10 @@ def test_focus_pooling_needs_the_focus_weights_of_the_same_pass():
 
 
 @pytest.fixture
-def focus_home(capsys, gallery, home):
-    code, _ = run_json(capsys, "index", gallery, "--home", home, "--pooling", "focus", *TOY)
-    assert code == 0
-    return home
+def focus_home(gallery, home, gallery_template, index_template):
+    """The drawn gallery indexed with `--pooling focus` (a copy of the session's template)."""
+    template_home, _ = index_template(gallery_template, "--pooling", "focus")
+    return copy_home(template_home, gallery_template, gallery, home)
 
 
 def test_every_indexed_photo_finds_itself_first_at_score_one(capsys, gallery, focus_home):
