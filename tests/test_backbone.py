@@ -180,7 +180,10 @@ def test_resnet50_loads_a_local_file_and_gives_layer4_maps(tmp_path):
     torch.testing.assert_close(logits, reference)  # the split reassembles torchvision's forward
 
 
-@pytest.mark.parametrize("name, size, mid_grid", [("efficientnet_lite0", (224, 224), (7, 7)), ("toy", (224, 128), (56, 32))])
+@pytest.mark.parametrize("name, size, mid_grid", [
+    pytest.param("efficientnet_lite0", (224, 224), (7, 7), marks=pytest.mark.slow),
+    ("toy", (224, 128), (56, 32)),
+])
 def test_every_backbone_names_a_focus_layer_that_its_forward_pass_goes_through(name, size, mid_grid):
     """`--box auto` hooks this layer; a name that is not a submodule, or one the forward pass skips,
     would fail only on a user's first automatic query."""

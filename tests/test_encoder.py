@@ -50,6 +50,7 @@ def test_lite0_in_bf16_keeps_its_embeddings_and_its_imagenet_answers():
     assert torch.equal(classes16, classes32)
 
 
+@pytest.mark.slow  # the last line loads Lite0 to compare identities
 def test_identity_and_preprocessing_need_no_model():
     encoder = load_encoder(lazy=True)
     assert not encoder.loaded
@@ -60,6 +61,7 @@ def test_identity_and_preprocessing_need_no_model():
     assert encoder.identity == {**load_encoder().identity}
 
 
+@pytest.mark.slow
 def test_indexing_and_searching_with_lite0_import_neither_timm_nor_torchvision():
     """Both cost seconds at every cold start (timm pulls torch.fx and dynamo)."""
     code = ("import sys, indexer.cli, indexer.sync, retrieval.engine, retrieval.encoder as e; e.load_encoder(); "

@@ -38,6 +38,7 @@ def _perturbed_tail(model, seed: int = 0) -> Tail:
     return tail
 
 
+@pytest.mark.slow
 def test_saved_tuned_weights_reload_to_exactly_the_trained_tail(lite0, packaged, tmp_path):
     tail = _perturbed_tail(lite0)
     state, _ = tail.snapshot()
@@ -51,6 +52,7 @@ def test_saved_tuned_weights_reload_to_exactly_the_trained_tail(lite0, packaged,
         assert (reloaded.forward_features(x) - lite0.forward_features(x)).abs().max() > 1e-2  # and the tail moved
 
 
+@pytest.mark.slow
 def test_an_untrained_tail_saves_the_packaged_model(lite0, packaged, tmp_path):
     state, _ = Tail(lite0, Head("linear", torch.zeros(1280, 4), torch.zeros(4)), "gap", None).snapshot()
     torch.save(tuned_state(packaged, state, tail_pairs(lite0)), tmp_path / "same.pth")
@@ -61,6 +63,7 @@ def test_an_untrained_tail_saves_the_packaged_model(lite0, packaged, tmp_path):
         torch.testing.assert_close(untuned_maps(lite0, lite0.forward_trunk(x)), lite0.forward_features(x))
 
 
+@pytest.mark.slow
 def test_finetuning_learns_the_training_labels_and_keeps_its_best_validation_epoch(lite0):
     """Trunk features where the label lives in a few channels under shared noise: the tuned tail and
     head separate the training labels far better than the starting ones; the kept snapshot is the
@@ -86,6 +89,7 @@ def test_finetuning_learns_the_training_labels_and_keeps_its_best_validation_epo
     assert head.kind == "linear" and head.weight.shape == (1280, 16)
 
 
+@pytest.mark.slow
 def test_under_focus_pooling_the_tail_embeds_what_the_index_will_embed(tmp_path):
     """Oracle: trunk features with their focus weights (channel 193) through the tail and head give the
     embedding `encode` gives the photo under focus pooling, so training optimises what search compares."""
@@ -107,6 +111,7 @@ def test_under_focus_pooling_the_tail_embeds_what_the_index_will_embed(tmp_path)
     torch.testing.assert_close(tuned_side, index_side, rtol=2e-2, atol=2e-2 * index_side.abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["attn", "focus"])
 def test_finetune_writes_weights_that_index_and_explain_use(capsys, tmp_path, gallery, home, pooling):
     out = tmp_path / "head.pt"
@@ -138,6 +143,7 @@ def test_finetune_of_a_backbone_without_a_last_stage_split_is_a_clear_error(caps
     assert not (tmp_path / "h.pt").exists()
 
 
+@pytest.mark.slow
 def test_every_tuned_tensor_of_the_tail_is_trained_and_nothing_else(lite0):
     """Weights and biases of each tail convolution (the bias carries the folded BN shift), none of the trunk."""
     tail = Tail(lite0, Head("linear", torch.zeros(1280, 4), torch.zeros(4)), "gap", None)
