@@ -123,14 +123,19 @@ def test_batched_explanations_equal_looped_ones(explainer):
 
 def test_the_bias_never_enters_the_fam_weights():
     feature_map, weight, bias, partner_embs = _random_case(0)
+    other_bias = torch.randn(bias.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     emb = _embed(feature_map, weight, bias)
-    # Same e, same W: whatever b produced e, the weights are the same.
-    torch.testing.assert_close(
-        fam_weights(emb, partner_embs, weight), fam_weights(emb, partner_embs, weight)
-    )
+    # Same e, same W: whatever b produced e, the map is the one the weights of e and W give, for either bias or none.
     heat_a, _ = explain("fam", feature_map, emb, partner_embs, weight, bias)
-    heat_b, _ = explain("fam", feature_map, emb, partner_embs, weight, None)
+    heat_b, _ = explain("fam", feature_map, emb, partner_embs, weight, other_bias)
+    heat_none, _ = explain("fam", feature_map, emb, partner_embs, weight, None)
+    torch.testing.assert_close(heat_a, weighted_map(feature_map, fam_weights(emb, partner_embs, weight)))
     torch.testing.assert_close(heat_a, heat_b)
+    torch.testing.assert_close(heat_a, heat_none)
+    # The two biases differ where an explainer that uses b sees them: fam-exact's offset moves.
+    _, offset_a = explain("fam-exact", feature_map, emb, partner_embs, weight, bias)
+    _, offset_b = explain("fam-exact", feature_map, emb, partner_embs, weight, other_bias)
+    assert abs(float(offset_a - offset_b)) > 1e-3
 
 
 def test_minmax_maps_to_unit_interval_and_constant_to_zero():
