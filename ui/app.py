@@ -10,17 +10,16 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from retrieval.config import Settings
-from retrieval.engine import IndexMissingError, QueryEngine
-from retrieval.config import DEFAULT_EXPLAINER
+from retrieval.config import DEFAULT_EXPLAINER, Settings
+from retrieval.engine import QueryEngine
+from retrieval.errors import FamsearchError, IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
 from retrieval.fam import EXPLAINERS
 from retrieval.images import load_image
 from ui import pictures, queries
+from ui.state import memo
 
 PICK, UPLOAD, TYPE = "Pick an indexed photo", "Upload a photo", "Type a path"
 GRID_COLUMNS = 5
-
-st.set_page_config(page_title="famsearch", page_icon="🔎", layout="wide")
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model and the index…")
@@ -78,7 +77,7 @@ def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
             return queries.read_upload(uploaded.name, uploaded.getvalue(), engine.encoder.input_size) if uploaded else None
         text = st.text_input("Absolute path of a photo inside the indexed folders", key="typed")
         return queries.read_indexed(engine.resolve_user_path(text), engine.encoder.input_size) if text.strip() else None
-    except (ValueError, OSError) as error:  # ImageError is a ValueError
+    except (FamsearchError, OSError) as error:  # ImageError: not a photo; UsageError: a path outside the index
         st.error(str(error))
         return None
 
@@ -123,10 +122,7 @@ def match_framer(engine: QueryEngine, match, stamp: int | None):
 def lit_cells(engine: QueryEngine, name: str, key: tuple, image):
     """image -> image with the focus cells of the photo ``image()`` lit: the cells are computed once per
     ``key`` and kept in session state under ``name``."""
-    if st.session_state.get(name + "_key") != key:
-        st.session_state[name] = engine.focus_cells(image())
-        st.session_state[name + "_key"] = key
-    cells = st.session_state[name]
+    cells = memo(name, key, lambda: engine.focus_cells(image()))
     return lambda picture: pictures.spotlight(picture, cells)
 
 
@@ -169,12 +165,9 @@ def show_overlay(column, title: str, image, heatmap, opacity: float, filename: s
 
 def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | None, region, frame) -> None:
     explainer = settings["explainer"]
-    key = (photo.digest, match.image_id, explainer, stamp, region)
-    if st.session_state.get("report_key") != key:
-        st.session_state.report = engine.compare_indexed(photo.image, match.image_id, explainer,
-                                                         queries.box_on(region, photo.image.size))
-        st.session_state.report_key = key
-    report = st.session_state.report
+    report = memo("report", (photo.digest, match.image_id, explainer, stamp, region),
+                  lambda: engine.compare_indexed(photo.image, match.image_id, explainer,
+                                                 queries.box_on(region, photo.image.size)))
     st.button("← All results", on_click=select, args=(None,), key="back")
     st.subheader(f"Why #{match.rank} matched: score {match.score:.4f}")
     st.caption(f"{explainer}: {queries.EXPLAINER_HELP[explainer]}. {match.path}")
@@ -210,15 +203,14 @@ def show_album_decision(engine: QueryEngine, photo: queries.QueryPhoto, settings
                         region, frame) -> None:
     """Which album the query (or its framed part) would go to (Eq. 11) rather than the runner-up, with the
     winner's group map (Eq. 15)."""
-    key = (photo.digest, settings["explainer"], stamp, region)
-    if st.session_state.get("album_key") != key:
+    def decide():
         try:
-            st.session_state.album_decision = engine.classify(photo.image, "mean", explainer=settings["explainer"],
-                                                              box=queries.box_on(region, photo.image.size))
-        except ValueError:  # no albums yet
-            st.session_state.album_decision = None
-        st.session_state.album_key = key
-    decision = st.session_state.album_decision
+            return engine.classify(photo.image, "mean", explainer=settings["explainer"],
+                                   box=queries.box_on(region, photo.image.size))
+        except NoAlbumsError:
+            return None
+
+    decision = memo("album_decision", (photo.digest, settings["explainer"], stamp, region), decide)
     if decision is None:
         st.caption("Label albums (`famsearch albums --from-folders PHOTO_FOLDER`) to see which one this photo would go to.")
         return
@@ -243,17 +235,15 @@ def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
     focus_index = engine.encoder.pooling == "focus"
     try:
         region = query_region(focus_index)
-    except ValueError as error:
+    except UsageError as error:  # a part with no width or height
         st.warning(str(error))
         return
     request = queries.grid_request(settings["k"], settings["explainer"], settings["group"])
     key = (photo.digest, region, stamp, *request.values())
-    if st.session_state.get("result_key") != key:
-        if st.session_state.get("result_key", (None,))[:2] != key[:2]:  # another photo or part: back to the grid
-            st.session_state.selected = None
-        st.session_state.result = engine.query(photo.image, **request, box=queries.box_on(region, photo.image.size))
-        st.session_state.result_key = key
-    result = st.session_state.result
+    if st.session_state.get("result_key", (None,))[:2] != key[:2]:  # another photo or part: back to the grid
+        st.session_state.selected = None
+    result = memo("result", key,
+                  lambda: engine.query(photo.image, **request, box=queries.box_on(region, photo.image.size)))
     if not result.matches:
         st.warning("The index holds no photos to compare with.")
         return
@@ -295,6 +285,7 @@ def status_page(engine: QueryEngine) -> None:
 
 
 def main() -> None:
+    st.set_page_config(page_title="famsearch", page_icon="🔎", layout="wide")
     settings = sidebar()
     env = queries.settings_from_env()
     stamp = queries.index_stamp(env)
@@ -303,7 +294,7 @@ def main() -> None:
     except IndexMissingError as error:
         show_no_index(env, str(error))
         return
-    except ValueError as error:  # ModelMismatchError, an unreadable head file
+    except (ModelMismatchError, UsageError) as error:  # another model's index, an unreadable head file
         st.error(f"The index cannot be opened: {error}")
         return
     if settings["page"] == "Index status":
@@ -312,4 +303,5 @@ def main() -> None:
         search_page(engine, settings, stamp)
 
 
-main()
+if __name__ == "__main__":  # `streamlit run` and AppTest run the script as __main__; importing it draws nothing
+    main()

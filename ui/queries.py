@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from retrieval.config import ENV_PREFIX, Settings, default_home, home_has_index, index_generation
 from retrieval.regions import AUTO  # re-exported: in place of a region, the automatic focus (`search --box auto`)
 from retrieval.engine import QueryEngine
+from retrieval.errors import UsageError
 from retrieval.images import ImageError, decode_image, load_image
 from retrieval.store import open_store
 from ui.pictures import fit_within
@@ -107,10 +108,10 @@ Region = tuple[float, float, float, float]  # x1, y1, x2, y2 as fractions of the
 
 def region_from_percent(x_range: tuple[int, int], y_range: tuple[int, int]) -> Region | None:
     """Two slider ranges (percent of the width, of the height) -> the part of the photo to search
-    for, as fractions; None for the whole photo. ValueError for a part with no width or height."""
+    for, as fractions; None for the whole photo. UsageError for a part with no width or height."""
     (left, right), (top, bottom) = x_range, y_range
     if right <= left or bottom <= top:
-        raise ValueError("The part of the photo to search for needs a width and a height: widen the sliders.")
+        raise UsageError("The part of the photo to search for needs a width and a height: widen the sliders.")
     if (left, right, top, bottom) == (0, 100, 0, 100):
         return None
     return left / 100, top / 100, right / 100, bottom / 100
