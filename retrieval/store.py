@@ -1,7 +1,8 @@
 """The metadata store: an SQLAlchemy engine over the Alembic-migrated schema of ``schema.py``.
 
 SQLite by default (WAL, busy timeout), any SQLAlchemy URL allowed. The schema is made only
-by the migrations; ``open_store`` upgrades to head every time it opens a database.
+by the migrations; ``open_store`` upgrades to head every time it opens a database, ``read_meta``
+reads one value and never migrates or writes.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, create_engine, event, func, inspect, select
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -75,6 +77,26 @@ def open_store(url: str) -> Store:
         engine.dispose()
         raise
     return Store(engine)
+
+
+def read_meta(url: str, key: str, default: Any = None) -> Any:
+    """The meta value under ``key``, read without migrating or writing anything.
+
+    ``open_store`` upgrades first, which takes SQLite's write lock: too much for a reader that
+    wants one value on every UI rerun. SQLite files are opened read-only. ``default`` when the
+    database, its meta table (not migrated yet) or the row is not there.
+    """
+    reader = _create_reader(url)
+    if reader is None:
+        return default
+    try:
+        with reader.connect() as conn:
+            if not inspect(conn).has_table(Meta.__tablename__):
+                return default
+            value = conn.scalar(select(Meta.value).where(Meta.key == key))
+    finally:
+        reader.dispose()
+    return default if value is None else json.loads(value)
 
 
 class Store:
@@ -179,6 +201,22 @@ def _create_engine(url: str) -> Engine:
     event.listen(engine, "connect", _on_sqlite_connect)
     event.listen(engine, "begin", _on_sqlite_begin)
     return engine
+
+
+def _create_reader(url: str) -> Engine | None:
+    """An engine that reads ``url`` as it is: a SQLite file opened with ``mode=ro`` (no WAL switch, no
+    folder made), None for a SQLite file that does not exist or an in-memory database (nothing in it)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url)
+    database = parsed.database
+    if database and database.startswith("file:"):  # already a SQLite URI: taken as given
+        return create_engine(url)
+    if not database or database == ":memory:" or not Path(database).expanduser().is_file():
+        return None
+    path = quote(str(Path(database).expanduser().resolve()))  # URI filename: '%', '?', '#' escaped
+    read_only = URL.create("sqlite", database=f"file:{path}", query={"mode": "ro", "uri": "true"})
+    return create_engine(read_only, connect_args={"timeout": _BUSY_TIMEOUT_S})
 
 
 def _on_sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:

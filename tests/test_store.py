@@ -17,6 +17,7 @@ from retrieval.store import (
     embedding_to_bytes,
     migrate,
     open_store,
+    read_meta,
     sqlite_url,
 )
 
@@ -188,6 +189,32 @@ def test_sqlite_url_survives_odd_characters_in_the_path(tmp_path):
     with open_store(sqlite_url(path)) as store:
         store.set_meta("k", 1)
     assert path.is_file()
+
+
+def _refuse_to_migrate(*args, **kwargs):
+    raise AssertionError("read_meta ran a migration")
+
+
+def test_read_meta_reads_a_committed_value_without_migrating_or_writing(tmp_path, monkeypatch):
+    path = tmp_path / "50% off #1?" / "famsearch.db"  # the read-only URI escapes these
+    with open_store(sqlite_url(path)) as store:
+        store.set_meta("index", {"generation": 3})
+    before = path.read_bytes(), path.stat().st_mtime_ns
+    monkeypatch.setattr(command, "upgrade", _refuse_to_migrate)
+    assert read_meta(sqlite_url(path), "index") == {"generation": 3}
+    assert read_meta(sqlite_url(path), "model", default={}) == {}
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+
+def test_read_meta_of_a_database_not_made_or_not_migrated_yet_is_the_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(command, "upgrade", _refuse_to_migrate)
+    missing = tmp_path / "nothing" / "famsearch.db"
+    assert read_meta(sqlite_url(missing), "index") is None
+    assert not missing.parent.exists()  # neither the file nor its folder is made
+    empty = tmp_path / "famsearch.db"
+    empty.touch()  # a file with no tables yet
+    assert read_meta(sqlite_url(empty), "index", default=0) == 0
+    assert empty.stat().st_size == 0
 
 
 def test_a_second_open_of_the_same_file_sees_the_rows(url):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import alembic.command
 import numpy as np
 import pytest
 import torch
@@ -366,6 +367,22 @@ def test_the_engine_cache_key_is_the_committed_generation_not_the_files_on_disk(
     assert queries.index_stamp(settings) == committed + 1
     empty = tmp_path / "empty-home"
     assert queries.index_stamp(Settings(home=empty)) is None and not empty.exists()  # nothing created
+
+
+def test_the_index_stamp_reads_the_generation_without_migrating_or_writing(indexed, tmp_path, monkeypatch):
+    def refuse_to_migrate(*args, **kwargs):
+        raise AssertionError("index_stamp ran a migration")
+
+    monkeypatch.setattr(alembic.command, "upgrade", refuse_to_migrate)
+    db = indexed / "famsearch.db"
+    before = db.read_bytes(), db.stat().st_mtime_ns
+    assert queries.index_stamp(Settings(home=indexed)) == 1  # the first build commits generation 1
+    assert (db.read_bytes(), db.stat().st_mtime_ns) == before
+    not_migrated = tmp_path / "not-migrated"
+    not_migrated.mkdir()
+    (not_migrated / "famsearch.db").touch()  # a home whose database has no tables yet
+    assert queries.index_stamp(Settings(home=not_migrated)) == 0
+    assert (not_migrated / "famsearch.db").stat().st_size == 0
 
 
 # ---------------------------------------------------------------------------- part of the photo

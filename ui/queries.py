@@ -19,7 +19,7 @@ from retrieval.regions import AUTO  # re-exported: in place of a region, the aut
 from retrieval.engine import QueryEngine
 from retrieval.errors import UsageError
 from retrieval.images import ImageError, decode_image, load_image
-from retrieval.store import open_store
+from retrieval.store import read_meta
 from ui.pictures import fit_within
 
 MAX_UPLOAD_MB = 20  # uploads over this are refused before decoding
@@ -66,11 +66,11 @@ def settings_from_env() -> Settings:
 def index_stamp(settings: Settings) -> int | None:
     """The committed index generation (what a new QueryEngine opens; each rebuild commits the next),
     so a re-index loads a fresh engine. Read from the DB, not from the files on disk: a re-index
-    writes its files before it commits them. None when nothing was indexed (nothing is created)."""
+    writes its files before it commits them. None when nothing was indexed (nothing is created).
+    Read without migrating: this runs on every rerun, and a migration takes SQLite's write lock."""
     if not home_has_index(settings):
         return None
-    with open_store(settings.database_url) as store:
-        return index_generation(store.get_meta("index"))
+    return index_generation(read_meta(settings.database_url, "index"))
 
 
 def digest(data: bytes) -> str:
