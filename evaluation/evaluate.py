@@ -18,7 +18,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from types import SimpleNamespace
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from evaluation import metrics
 from evaluation.dataset import Dataset, Item, item_box, read_dataset
 from retrieval import fam as explainers
-from retrieval.config import Settings, default_device
+from retrieval.config import DEFAULT_EXPLAINER, Settings, default_device
 from retrieval.encoder import Encoder
 from retrieval.engine import QueryEngine
 from retrieval.errors import UsageError
@@ -204,7 +205,7 @@ def ground_truth_pairs(queries: list[Item], gallery: list[Item], ranking: np.nda
 
 
 # ---------------------------------------------------------------------------- maps
-def _closed_form_maps(name: str, engine: QueryEngine, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs) -> Maps:
+def _closed_form_maps(name: str, engine: EncoderAndHead, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs) -> Maps:
     """fam / fam-exact / gradcam for all pairs in two batched calls (query side, match side).
 
     The time per map is taken apart, one map per call as a search explains a match, so it
@@ -227,7 +228,7 @@ def _closed_form_maps(name: str, engine: QueryEngine, query: EmbeddedItems, matc
     return Maps(query_maps, match_maps, single, batched)
 
 
-def _autograd_maps(engine: QueryEngine, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs, progress: bool) -> Maps:
+def _autograd_maps(engine: EncoderAndHead, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs, progress: bool) -> Maps:
     """Grad-CAM of the cosine by one real backward pass per map (the peer method)."""
     embed = engine.head  # pooled (N,) -> e (J,); GAP is inside gradcam_autograd
     on_query, on_match = [], []
@@ -254,7 +255,7 @@ def _baseline_maps(name: str, shape: tuple[int, int], count: int) -> Maps:
     return Maps(maps, maps, ms)
 
 
-def explainer_maps(name: str, engine: QueryEngine, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs,
+def explainer_maps(name: str, engine: EncoderAndHead, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs,
                    progress: bool = False) -> Maps:
     """Raw maps of one explainer for every pair, on both sides, timed."""
     if name in explainers.EXPLAINERS:
@@ -302,15 +303,17 @@ class QuerySide:
     proportion: np.ndarray  # (P,)
     iou: np.ndarray  # (P,)
     masked_scores: np.ndarray  # (P,) s' for AD / IC
+    pointing: np.ndarray  # (P,) 1.0 where the map's maximum lies in the box
 
 
 def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, images: list[np.ndarray], boxes: list,
                pairs: Pairs, match_embs: torch.Tensor, options: EvalOptions,
                pool_boxes: list | None = None) -> dict[str, QuerySide]:
-    """Proportion and IoU of every explainer's query-side maps (against the annotated ``boxes``), and s'
-    of the saliency-masked query, pooled as the query was (``pool_boxes``: one per query, or None)."""
-    # per explainer: proportions, IoUs, s'
-    found: dict[str, tuple[list[float], list[float], list[float]]] = {name: ([], [], []) for name in names}
+    """Proportion, IoU and the pointing game of every explainer's query-side maps (against the annotated
+    ``boxes``), and s' of the saliency-masked query, pooled as the query was (``pool_boxes``: one per query, or
+    None)."""
+    # per explainer: proportions, IoUs, s', pointing hits
+    found: dict[str, tuple[list[float], ...]] = {name: ([], [], [], []) for name in names}
     with tqdm(total=len(pairs), unit="pair", desc="query-side maps, AD/IC", disable=not options.progress) as bar:
         for start in range(0, len(pairs), max(options.batch_size // len(names), 1)):
             chunk = range(start, min(start + max(options.batch_size // len(names), 1), len(pairs)))
@@ -322,6 +325,7 @@ def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, ima
                     prop, iou = metrics.localise(heat, boxes[qi])
                     found[name][0].append(prop)
                     found[name][1].append(iou)
+                    found[name][3].append(metrics.pointing_hit(heat, boxes[qi]))
                     masked.append(metrics.masked_image(images[qi], heat))
                     partners.append(match_embs[int(pairs.gallery[p])])
                     masked_boxes.append(pool_boxes[qi] if pool_boxes else None)
@@ -333,11 +337,40 @@ def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, ima
     return {name: QuerySide(*(np.array(values, dtype=np.float64) for values in found[name])) for name in names}
 
 
-def match_side(maps: Maps, sizes: list[tuple[int, int]], boxes: list, pairs: Pairs) -> tuple[np.ndarray, np.ndarray]:
-    """Proportion and IoU of the match-side maps: (P,), (P,)."""
-    results = [metrics.localise(saliency(maps.match[p], sizes[gi]), boxes[gi]) for p, gi in enumerate(pairs.gallery)]
-    props, ious = zip(*results) if results else ((), ())
-    return np.array(props, dtype=np.float64), np.array(ious, dtype=np.float64)
+def match_side(maps: Maps, sizes: list[tuple[int, int]], boxes: list, pairs: Pairs
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Proportion, IoU and pointing hits of the match-side maps: (P,), (P,), (P,)."""
+    results = []
+    for p, gi in enumerate(pairs.gallery):
+        heat = saliency(maps.match[p], sizes[gi])
+        results.append((*metrics.localise(heat, boxes[gi]), metrics.pointing_hit(heat, boxes[gi])))
+    columns = zip(*results) if results else ((), (), ())
+    props, ious, hits = (np.array(column, dtype=np.float64) for column in columns)
+    return props, ious, hits
+
+
+def randomisation(names: list[str], maps: dict[str, Maps], engine: QueryEngine, queries: list[Item],
+                  gallery: list[Item], pairs: Pairs, options: EvalOptions,
+                  pool_boxes: list | None = None) -> dict[str, dict[str, float | None]]:
+    """The model-randomisation sanity check (Adebayo et al. 2018): every explainer's maps again under the model
+    with its last blocks re-initialised (`Encoder.randomised`; queries and gallery re-embedded by it), and the
+    mean Spearman correlation, pair by pair, with the trained model's maps: {name: {"query", "match"}}.
+    A map that explains the model changes with it (a low value); a map that would look the same whatever the
+    model learnt does not (the centre prior: 1)."""
+    randomised = SimpleNamespace(encoder=engine.encoder.randomised(options.seed), head=engine.head)
+    query = embed_items(randomised, queries, options, "embedding queries (randomised model)", pool_boxes)
+    matches = embed_items(randomised, gallery, options, "embedding gallery (randomised model)")
+    rows: dict[str, dict[str, float | None]] = {}
+    for name in names:
+        again = explainer_maps(name, randomised, query, matches, pairs)
+        rows[name] = {side: _mean_correlation(getattr(maps[name], side), getattr(again, side))
+                      for side in ("query", "match")}
+    return rows
+
+
+def _mean_correlation(maps: np.ndarray, others: np.ndarray) -> float | None:
+    """Mean rank correlation of two stacks of maps, pair by pair (constant maps left out); None if none is left."""
+    return _mean(np.array([metrics.rank_correlation(a, b) for a, b in zip(maps, others)], dtype=np.float64))[0]
 
 
 # ---------------------------------------------------------------------------- deletion / insertion
@@ -395,9 +428,9 @@ def _mean(values: np.ndarray, keep: np.ndarray | None = None) -> tuple[float | N
     return (float(values.mean()) if len(values) else None), int(len(values))
 
 
-def _side(props: np.ndarray, ious: np.ndarray, keep: np.ndarray | None) -> dict:
+def _side(props: np.ndarray, ious: np.ndarray, hits: np.ndarray, keep: np.ndarray | None) -> dict:
     proportion, n = _mean(props, keep)
-    return {"proportion": proportion, "iou": _mean(ious, keep)[0], "n": n}
+    return {"proportion": proportion, "iou": _mean(ious, keep)[0], "pointing": _mean(hits, keep)[0], "n": n}
 
 
 def _finite(value: float) -> float | None:
@@ -446,26 +479,31 @@ def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine
     names = list(dict.fromkeys([*options.explainers, *BASELINES]))
     maps = {name: explainer_maps(name, engine, query, matches, pairs, options.progress) for name in names}
     images = [np.asarray(load_image(item.path)) for item in queries]
-    rows, per_pair = {}, {"query": pairs.query, "gallery": pairs.gallery, "top1": pairs.top1, "scores": pairs.scores}
+    rows: dict[str, dict[str, Any]] = {}
+    per_pair = {"query": pairs.query, "gallery": pairs.gallery, "top1": pairs.top1, "scores": pairs.scores}
     sides = query_side(names, maps, engine, images, query_boxes, pairs, matches.embs, options, pool_boxes)
     for name in names:
         side = sides[name]
-        match_props, match_ious = match_side(maps[name], matches.sizes, gallery_boxes, pairs)
+        match_props, match_ious, match_hits = match_side(maps[name], matches.sizes, gallery_boxes, pairs)
         drop = metrics.average_drop(pairs.scores, side.masked_scores)
         rise = metrics.increase_in_confidence(pairs.scores, side.masked_scores, IC_TOLERANCE)
         per_pair.update({f"{name}/query_proportion": side.proportion, f"{name}/query_iou": side.iou,
-                         f"{name}/match_proportion": match_props, f"{name}/match_iou": match_ious,
+                         f"{name}/query_pointing": side.pointing, f"{name}/match_proportion": match_props,
+                         f"{name}/match_iou": match_ious, f"{name}/match_pointing": match_hits,
                          f"{name}/masked_scores": side.masked_scores})
         rows[name] = {
-            "a": {"query": _side(side.proportion, side.iou, pairs.top1), "match": _side(match_props, match_ious, pairs.top1)},
-            "b": {"query": _side(side.proportion, side.iou, None), "match": _side(match_props, match_ious, None)},
+            "a": {"query": _side(side.proportion, side.iou, side.pointing, pairs.top1),
+                  "match": _side(match_props, match_ious, match_hits, pairs.top1)},
+            "b": {"query": _side(side.proportion, side.iou, side.pointing, None),
+                  "match": _side(match_props, match_ious, match_hits, None)},
             "ad": _finite(drop.value), "ic": _finite(rise.value), "faithfulness_n": drop.n, "faithfulness_excluded": drop.excluded,
             "ms_per_map": maps[name].ms_per_map, "ms_per_map_batched": maps[name].ms_per_map_batched,
         }
     curves = deletion_insertion(names, maps, engine, images, pairs, matches.embs, options, pool_boxes)
+    sanity = randomisation(names, maps, engine, queries, gallery, pairs, options, pool_boxes)
     for name in names:
         rows[name].update(
-            deletion_auc=_auc(curves[name]["deletion"]), insertion_auc=_auc(curves[name]["insertion"]),
+            randomisation=sanity[name], deletion_auc=_auc(curves[name]["deletion"]), insertion_auc=_auc(curves[name]["insertion"]),
             curve_n=len(curves[name]["deletion"]),
             deletion_curve=curves[name]["deletion"].mean(axis=0).tolist() if len(curves[name]["deletion"]) else None,
             insertion_curve=curves[name]["insertion"].mean(axis=0).tolist() if len(curves[name]["insertion"]) else None,
@@ -479,7 +517,7 @@ def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine
         "recall": {str(k): v for k, v in recall.items()},
         "map": metrics.mean_average_precision(hits),
         "n_queries": len(queries), "query_box": options.query_box,
-        "explainers": rows,
+        "explainers": rows, "default_explainer": DEFAULT_EXPLAINER,
         "dataset": str(dataset.root), "n_gallery": int(ranking.shape[1]), "model": engine.model,
         "pairs": {"a": int(pairs.top1.sum()), "b": len(pairs),
                   "curves": len(np.flatnonzero(pairs.curve)[: options.curve_pairs or None])},

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import rankdata
 
 PixelBox = tuple[int, int, int, int]  # x1, y1, x2, y2 in whole pixels, x2 / y2 exclusive (cf. retrieval.regions.Box)
 IOU_THRESHOLD = 0.2  # Eq. 20: binarise at 0.2 * max
@@ -102,6 +103,31 @@ def localise(saliency: np.ndarray, box: PixelBox | None) -> tuple[float, float]:
     if box is None:
         return float("nan"), float("nan")
     return proportion(saliency, box), localisation_iou(saliency, box)
+
+
+def pointing_hit(saliency: np.ndarray, box: PixelBox | None) -> float:
+    """The pointing game (Zhang et al. 2016): 1.0 if the map's maximum lies inside the box, else 0.0; NaN without
+    a box. The maximum is the first one in raster order; a constant map points nowhere (a miss)."""
+    if box is None:
+        return float("nan")
+    if not saliency.max() > saliency.min():
+        return 0.0
+    y, x = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
+    x1, y1, x2, y2 = _check_box(box, saliency.shape)
+    return float(x1 <= x < x2 and y1 <= y < y2)
+
+
+def rank_correlation(first: np.ndarray, second: np.ndarray) -> float:
+    """Spearman's rank correlation of two maps of one shape (ties share their mean rank); NaN if either is
+    constant. The model-randomisation check (Adebayo et al. 2018) compares a map with the map of the same pair
+    under a model whose last blocks were re-initialised: a map that explains the model changes, so a low value."""
+    a, b = np.asarray(first, dtype=np.float64).ravel(), np.asarray(second, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"maps of {first.shape} and {second.shape} cannot be compared cell by cell")
+    if not (a.max() > a.min() and b.max() > b.min()):
+        return float("nan")
+    ra, rb = rankdata(a), rankdata(b)
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def masked_image(image: np.ndarray, saliency: np.ndarray) -> np.ndarray:

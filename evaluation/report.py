@@ -34,30 +34,37 @@ def format_tables(report: dict) -> str:
         "|---:|---:|---:|---:|",
         f"| {pct(recall['1'])} | {pct(recall['5'])} | {pct(recall['10'])} | {pct(report['map'])} |",
         "",
-        f"Localisation, % (Proportion Eq. 19 / IoU at 0.2·max Eq. 20): (a) correct top-1 retrievals, "
-        f"{pairs['a']} pairs; (b) every ground-truth pair, {pairs['b']} pairs; maps on the query and on the match.",
+        f"Localisation, % (Proportion Eq. 19 / IoU at 0.2·max Eq. 20 / pointing game: the map's maximum in the "
+        f"box): (a) correct top-1 retrievals, {pairs['a']} pairs; (b) every ground-truth pair, {pairs['b']} pairs; "
+        f"maps on the query and on the match. Default explainer: {report.get('default_explainer')}.",
         "",
-        "| explainer | (a) query Prop | (a) query IoU | (a) match Prop | (a) match IoU "
-        "| (b) query Prop | (b) query IoU | (b) match Prop | (b) match IoU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| explainer | (a) query Prop / IoU / point | (a) match Prop / IoU / point "
+        "| (b) query Prop / IoU / point | (b) match Prop / IoU / point |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, row in report["explainers"].items():
-        cells = [pct(row[p][s][m]) for p in ("a", "b") for s in ("query", "match") for m in ("proportion", "iou")]
+        cells = [" / ".join(pct(row[p][s].get(m)) for m in ("proportion", "iou", "pointing"))
+                 for p in ("a", "b") for s in ("query", "match")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     first = next(iter(report["explainers"].values()))
     lines += [
         "",
         f"Faithfulness, % (query side; AD↓ / IC↑ Eq. 21-22 on {first['faithfulness_n']} pairs with s > 0, "
         f"{first['faithfulness_excluded']} with s ≤ 0 left out; similarity deletion↓ / insertion↑ AUC on "
-        f"{first['curve_n']} pairs, {report['steps']} steps), and time per map.",
+        f"{first['curve_n']} pairs, {report['steps']} steps); model randomisation↓: Spearman correlation of each "
+        f"map with the same pair's map once the backbone's last blocks are re-initialised (query / match side); "
+        f"and time per map.",
         "",
-        "| explainer | AD | IC | deletion AUC | insertion AUC | ms/map (one per call) | ms/map (batched) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| explainer | AD | IC | deletion AUC | insertion AUC | randomisation ρ | ms/map (one per call) "
+        "| ms/map (batched) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in report["explainers"].items():
         batched = "—" if row.get("ms_per_map_batched") is None else f"{row['ms_per_map_batched']:.3f}"
+        rho = row.get("randomisation") or {}
+        rhos = " / ".join("—" if rho.get(side) is None else f"{rho[side]:.2f}" for side in ("query", "match"))
         lines.append(f"| {name} | {pct(row['ad'])} | {pct(row['ic'])} | {pct(row['deletion_auc'])} | "
-                     f"{pct(row['insertion_auc'])} | {row['ms_per_map']:.3f} | {batched} |")
+                     f"{pct(row['insertion_auc'])} | {rhos} | {row['ms_per_map']:.3f} | {batched} |")
     check = report["gradcam_check"]
     lines += ["", f"Grad-CAM closed form vs autograd: max |difference| {check['max_abs_diff']:.2e} "
                   f"(maps up to {check['max_abs_map']:.2e}); {report['seconds']:.0f} s in all."]

@@ -12,9 +12,10 @@ equal to timm's ``tf_efficientnet_lite0``, which is not imported at run time: ~3
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ class FeatureNet(nn.Module):
 
     num_features: int  # N, channels of the last conv map
     focus_layer: str  # name of the submodule whose output `retrieval.regions.focus_weights` reads
+    random_tail: tuple[str, ...]  # the last blocks the model-randomisation check re-initialises (`randomised_tail`)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, N, h, w), the last conv map, post-activation."""
@@ -85,6 +87,7 @@ class _ResNetFeatures(FeatureNet):
         self.net = net
         self.num_features = net.fc.in_features
         self.focus_layer = "net.layer3"  # stride 16, 1024 channels: the mid-level map `--box auto` reads
+        self.random_tail = ("net.layer3", "net.layer4")
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, 2048, H/32, W/32), after layer4's final ReLU."""
@@ -110,6 +113,7 @@ class _ToyNet(FeatureNet):
 
     num_features = 16
     focus_layer = "conv1"
+    random_tail = ("conv2",)
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -219,3 +223,24 @@ def _sha256_16_cached(path: str, size: int, mtime_ns: int) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def randomised_tail(backbone: Backbone, seed: int = 0) -> Backbone:
+    """A copy of a loaded backbone whose last blocks (``model.random_tail``) have fresh random weights (He normal,
+    zero biases, seeded): the model of the randomisation sanity check (Adebayo et al. 2018). The original is
+    left as it was."""
+    model = copy.deepcopy(backbone.model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in model.random_tail:
+            for module in model.get_submodule(name).modules():
+                if isinstance(module, nn.Conv2d):
+                    fan_in = module.weight[0].numel()
+                    fresh = torch.randn(module.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5
+                    module.weight.copy_(fresh)
+                    if module.bias is not None:
+                        module.bias.zero_()
+                elif isinstance(module, nn.BatchNorm2d):
+                    module.reset_parameters()
+                    module.reset_running_stats()
+    return replace(backbone, model=model)

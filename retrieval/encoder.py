@@ -17,7 +17,7 @@ up-sampled to the image's own size lines up with the photo.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from retrieval.backbone import Backbone, describe_backbone, load_backbone
+from retrieval.backbone import Backbone, describe_backbone, load_backbone, randomised_tail
 from retrieval.config import DEFAULT_INPUT_SIZE, DEFAULT_POOLING, PRECISIONS
 from retrieval.errors import UsageError
 from retrieval.modelspec import ModelSpec
@@ -99,6 +99,13 @@ class Encoder:
             loaded.model.to(self.device).eval().to(memory_format=torch.channels_last)
             self._backbone = loaded
         return self._backbone
+
+    def randomised(self, seed: int = 0) -> Encoder:
+        """This encoder over a copy of its backbone whose last blocks are re-initialised (`randomised_tail`): the
+        model of the randomisation sanity check. Same preprocessing, pooling and precision."""
+        encoder = replace(self, _backbone=None)
+        encoder._backbone = randomised_tail(self.backbone, seed)
+        return encoder
 
     @property
     def loaded(self) -> bool:

@@ -211,3 +211,28 @@ def test_toy_backbone_is_seeded_and_post_relu():
     features = first.model.forward_features(x)
     assert features.shape == (2, 16, 8, 8) and features.min() >= 0
     torch.testing.assert_close(features, second.model.forward_features(x))
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_randomised_tail_changes_only_the_last_blocks_and_leaves_the_original(seed):
+    from retrieval.backbone import load_backbone, randomised_tail
+
+    backbone = load_backbone("toy")
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    randomised = randomised_tail(backbone, seed)
+    after = randomised.model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(backbone.model.state_dict()[key], value)  # the original is untouched
+        tail = key.startswith(randomised.model.random_tail)
+        assert torch.equal(after[key], value) != tail or (tail and key.endswith("bias") and not value.any()), key
+    x = torch.rand(2, 3, 64, 64)
+    assert not torch.allclose(randomised.model.forward_features(x), backbone.model.forward_features(x))
+
+
+def test_every_backbone_names_a_random_tail_it_has():
+    from retrieval.backbone import load_backbone
+    from retrieval.lite0 import EfficientNetLite0
+
+    for model in (load_backbone("toy").model, EfficientNetLite0()):
+        for name in model.random_tail:
+            model.get_submodule(name)  # raises if the name is wrong

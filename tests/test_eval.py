@@ -82,13 +82,17 @@ def test_eval_json_follows_the_contract_with_fractions_in_range(capsys, shapes_d
         for protocol in ("a", "b"):
             for side in ("query", "match"):
                 cell = row[protocol][side]
-                assert set(cell) >= {"proportion", "iou", "n"}
+                assert set(cell) >= {"proportion", "iou", "pointing", "n"}
                 assert cell["n"] == report["pairs"][protocol]
                 if cell["n"]:
-                    assert _in_unit_interval(cell["proportion"]) and _in_unit_interval(cell["iou"]), (name, cell)
+                    assert all(_in_unit_interval(cell[key]) for key in ("proportion", "iou", "pointing")), (name, cell)
         for key in ("ad", "ic", "deletion_auc", "insertion_auc"):
             assert _in_unit_interval(row[key]), (name, key, row[key])
         assert row["ms_per_map"] >= 0
+        for side in ("query", "match"):
+            rho = row["randomisation"][side]
+            assert (rho is None and name == "uniform") or -1.0 <= rho <= 1.0, (name, side, rho)
+    assert report["default_explainer"] == "fam"
     assert report["gradcam_check"]["max_abs_diff"] <= 1e-5 * max(report["gradcam_check"]["max_abs_map"], 1e-12) + 1e-7
 
 
@@ -107,6 +111,11 @@ def test_eval_baselines_behave_as_their_definitions_say(capsys, shapes_dataset, 
         with Image.open(item.path) as image:
             shares += [(x1 - x0) * (y1 - y0) / (image.width * image.height)] * 2  # two pairs per query
     assert uniform["b"]["query"]["proportion"] == pytest.approx(np.mean(shares), rel=1e-6)
+    assert uniform["b"]["query"]["pointing"] == 0.0  # a constant map points nowhere
+    # The centre prior ignores the model: the randomised model draws the very same map (rank correlation 1).
+    centre = report["explainers"]["centre"]
+    assert centre["randomisation"] == {"query": pytest.approx(1.0), "match": pytest.approx(1.0)}
+    assert uniform["randomisation"] == {"query": None, "match": None}
     assert "fam-exact" not in report["explainers"]
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from evaluation import metrics
 from evaluation.metrics import (
     average_drop,
     average_precision,
@@ -179,3 +180,26 @@ def test_masking_by_a_saliency_of_ones_keeps_the_image_and_of_zeros_blacks_it_ou
     assert not masked_image(image, np.zeros((6, 7))).any()
     half = masked_image(image, np.full((6, 7), 0.5))
     assert half.dtype == np.uint8 and np.abs(half.astype(int) - image / 2).max() <= 0.5
+
+
+def test_pointing_game_hits_when_the_maximum_is_inside_the_box():
+    saliency = np.zeros((10, 10))
+    saliency[2, 7] = 1.0  # row 2, column 7: x = 7, y = 2
+    assert metrics.pointing_hit(saliency, (6, 1, 9, 4)) == 1.0
+    assert metrics.pointing_hit(saliency, (0, 0, 7, 10)) == 0.0  # x2 = 7 is exclusive
+    assert metrics.pointing_hit(np.full((10, 10), 0.5), (0, 0, 10, 10)) == 0.0  # a constant map points nowhere
+    assert np.isnan(metrics.pointing_hit(saliency, None))
+
+
+def test_rank_correlation_is_spearmans_rho():
+    rng = np.random.default_rng(0)
+    first = rng.random((7, 7))
+    assert metrics.rank_correlation(first, first**3) == pytest.approx(1.0)  # same order
+    assert metrics.rank_correlation(first, -first) == pytest.approx(-1.0)
+    second = rng.random((7, 7))
+    from scipy.stats import spearmanr  # the oracle
+
+    assert metrics.rank_correlation(first, second) == pytest.approx(spearmanr(first.ravel(), second.ravel())[0])
+    assert np.isnan(metrics.rank_correlation(first, np.ones((7, 7))))
+    with pytest.raises(ValueError, match="cannot be compared"):
+        metrics.rank_correlation(first, np.ones((14, 14)))
