@@ -16,7 +16,7 @@ import hashlib
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Protocol
@@ -33,6 +33,7 @@ from retrieval.config import DEFAULT_EXPLAINER, Settings, default_device
 from retrieval.encoder import Encoder
 from retrieval.engine import QueryEngine
 from retrieval.errors import UsageError
+from retrieval.fam import FineInputs
 from retrieval.head import Head
 from retrieval.images import load_image, upsample
 from retrieval.modelspec import ModelSpec
@@ -42,7 +43,7 @@ from retrieval.search import search
 LOGGER = logging.getLogger(__name__)
 BASELINES = ("gradcam-autograd", "centre", "uniform")
 EVAL_EXPLAINERS = (*explainers.EXPLAINERS, *BASELINES)
-DEFAULT_EXPLAIN = ("fam", "fam-exact", "gradcam")
+DEFAULT_EXPLAIN = explainers.EXPLAINERS
 RISE_BLUR_SIGMA = 5.0  # insertion starts from a blur of sigma 5 px at the model's input size (RISE)
 IC_TOLERANCE = 1e-5  # a rise of s' over s smaller than this (float32 batch noise) is no rise
 
@@ -72,6 +73,7 @@ class EmbeddedItems:
     feature_maps: torch.Tensor
     embs: torch.Tensor
     sizes: list[tuple[int, int]]
+    fine: FineInputs  # what fam-fine reads (whole maps, emphasis, guide features)
 
 
 @dataclass
@@ -159,17 +161,19 @@ def embed_items(engine: EncoderAndHead, items: list[Item], options: BatchOptions
                 boxes: list | None = None) -> EmbeddedItems:
     """The maps the explainers weight and the embeddings of dataset images, in batches, with a
     progress bar; with ``boxes`` (one per item), each pooled over its box alone."""
-    maps, embs, sizes = [], [], []
+    maps, embs, sizes, fine = [], [], [], []
     with tqdm(total=len(items), unit="img", desc=desc, disable=not options.progress) as bar:
         for start in range(0, len(items), options.batch_size):
             images = [load_image(item.path) for item in items[start:start + options.batch_size]]
             chunk_boxes = boxes[start:start + options.batch_size] if boxes is not None else None
-            feature_maps, pooled = engine.encoder.encode(images, chunk_boxes)  # (B, N, h, w), (B, N)
-            maps.append(feature_maps)
-            embs.append(engine.head(pooled))
+            encoded = engine.encoder.encode_full(images, chunk_boxes)
+            maps.append(encoded.explained_maps)  # (B, N, h, w)
+            embs.append(engine.head(encoded.pooled))  # (B, N) -> (B, J)
+            fine.append(encoded.fine())
             sizes += [image.size for image in images]
             bar.update(len(images))
-    return EmbeddedItems(torch.cat(maps), torch.cat(embs), sizes)
+    joined = FineInputs(*(torch.cat([getattr(part, f.name) for part in fine]) for f in fields(FineInputs)))
+    return EmbeddedItems(torch.cat(maps), torch.cat(embs), sizes, joined)
 
 
 def rank_gallery(engine: QueryEngine, query_embs: torch.Tensor, gallery: list[Item]) -> np.ndarray:
@@ -189,7 +193,7 @@ def rank_gallery(engine: QueryEngine, query_embs: torch.Tensor, gallery: list[It
 
 
 def ground_truth_pairs(queries: list[Item], gallery: list[Item], ranking: np.ndarray,
-                       query: EmbeddedItems, matches: EmbeddedItems) -> Pairs:
+                       query_embs: torch.Tensor, gallery_embs: torch.Tensor) -> Pairs:
     """Every (query, gallery) pair sharing a label, in ranked order per query."""
     labels = np.array([item.label for item in gallery])
     rows: list[tuple[int, int, bool, bool]] = []
@@ -199,7 +203,7 @@ def ground_truth_pairs(queries: list[Item], gallery: list[Item], ranking: np.nda
         rows += [(qi, gi, gi == first, rank == 0) for rank, gi in enumerate(true)]
     q, g, top1, curve = (np.array(column) for column in zip(*rows)) if rows else (np.zeros(0, int),) * 4
     q_index, g_index = torch.as_tensor(q, dtype=torch.long), torch.as_tensor(g, dtype=torch.long)
-    scores = explainers.cosine(query.embs[q_index], matches.embs[g_index][:, None])[:, 0]  # (P, J), (P, 1, J) -> (P,)
+    scores = explainers.cosine(query_embs[q_index], gallery_embs[g_index][:, None])[:, 0]  # (P, J), (P, 1, J) -> (P,)
     return Pairs(q.astype(np.int64), g.astype(np.int64), top1.astype(bool), curve.astype(bool),
                  scores.float().cpu().numpy())
 
@@ -216,14 +220,17 @@ def _closed_form_maps(name: str, engine: EncoderAndHead, query: EmbeddedItems, m
     q_maps, q_embs = query.feature_maps[q_index], query.embs[q_index]  # (P, N, h, w), (P, J)
     g_maps, g_embs = matches.feature_maps[g_index], matches.embs[g_index]
     start = time.perf_counter()
-    on_query, _ = explainers.explain(name, q_maps, q_embs, g_embs[:, None], weight, bias)
-    on_match, _ = explainers.explain(name, g_maps, g_embs, q_embs[:, None], weight, bias)
+    q_fine, g_fine = query.fine[q_index], matches.fine[g_index]
+    on_query, _ = explainers.explain(name, q_maps, q_embs, g_embs[:, None], weight, bias, q_fine)
+    on_match, _ = explainers.explain(name, g_maps, g_embs, q_embs[:, None], weight, bias, g_fine)
     query_maps, match_maps = on_query.cpu().numpy(), on_match.cpu().numpy()
     batched = (time.perf_counter() - start) * 1000 / max(2 * len(pairs), 1)
     start = time.perf_counter()
     for qi, gi in zip(pairs.query, pairs.gallery):
-        explainers.explain(name, query.feature_maps[qi], query.embs[qi], matches.embs[gi][None], weight, bias)[0].cpu().numpy()
-        explainers.explain(name, matches.feature_maps[gi], matches.embs[gi], query.embs[qi][None], weight, bias)[0].cpu().numpy()
+        explainers.explain(name, query.feature_maps[qi], query.embs[qi], matches.embs[gi][None], weight, bias,
+                           query.fine[int(qi)])[0].cpu().numpy()
+        explainers.explain(name, matches.feature_maps[gi], matches.embs[gi], query.embs[qi][None], weight, bias,
+                           matches.fine[int(gi)])[0].cpu().numpy()
     single = (time.perf_counter() - start) * 1000 / max(2 * len(pairs), 1)
     return Maps(query_maps, match_maps, single, batched)
 
@@ -475,7 +482,7 @@ def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine
     ranking = rank_gallery(engine, query.embs, gallery)
     hits = metrics.relevance(np.array([gallery[i].label for i in ranking.ravel()]).reshape(ranking.shape),
                              np.array([item.label for item in queries]))
-    pairs = ground_truth_pairs(queries, gallery, ranking, query, matches)
+    pairs = ground_truth_pairs(queries, gallery, ranking, query.embs, matches.embs)
     names = list(dict.fromkeys([*options.explainers, *BASELINES]))
     maps = {name: explainer_maps(name, engine, query, matches, pairs, options.progress) for name in names}
     images = [np.asarray(load_image(item.path)) for item in queries]

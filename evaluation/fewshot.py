@@ -42,7 +42,7 @@ from retrieval.images import load_image
 from retrieval.modelspec import ModelSpec
 
 LOGGER = logging.getLogger(__name__)
-FEWSHOT_EXPLAINERS = (*explainers.EXPLAINERS, "centre")
+FEWSHOT_EXPLAINERS = (*explainers.PAPER_EXPLAINERS, "centre")  # fam-fine is a retrieval map (FineInputs)
 
 
 @dataclass(frozen=True)
@@ -345,8 +345,10 @@ def format_report(report: dict) -> str:
 def fewshot_explainers(text: str) -> tuple[str, ...]:
     """`--explain` in few-shot/k-NN mode: the named explainers (baselines dropped) and the centre prior."""
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    names = tuple(n for n in names if n not in ("centre", "uniform", "gradcam-autograd")) + ("centre",)
+    names = tuple(n for n in names if n not in ("centre", "uniform", "gradcam-autograd", explainers.FINE_EXPLAINER))
+    names += ("centre",)
     unknown = [n for n in names if n not in FEWSHOT_EXPLAINERS]
     if unknown:
-        raise UsageError(f"--explain in few-shot/k-NN mode takes {', '.join(explainers.EXPLAINERS)}; got {', '.join(unknown)}")
+        raise UsageError(f"--explain in few-shot/k-NN mode takes {', '.join(explainers.PAPER_EXPLAINERS)}; "
+                         f"got {', '.join(unknown)}")
     return names

@@ -297,11 +297,11 @@ def embed_files(
             good = [i for i, item in enumerate(batch) if item.tensor is not None]
             pooled: dict[int, np.ndarray] = {}
             if good:
-                explained, vectors = encoder.embed_batch(torch.stack([batch[i].tensor for i in good]))
-                pooled = dict(zip(good, vectors.cpu().numpy()))  # (B, N) rows
+                encoded = encoder.encode_batch(torch.stack([batch[i].tensor for i in good]))
+                pooled = dict(zip(good, encoded.pooled.cpu().numpy()))  # (B, N) rows
             outcomes += _write_batch(store, batch + same, pooled)
-            if cache is not None:  # map cache hook: the maps the explainers weight, keyed by the ids just committed
-                cache_batch(cache, store, [item.stat.path for item in batch], good, explained if good else None)
+            if cache is not None:  # map cache hook: what the explainers read, keyed by the ids just committed
+                cache_batch(cache, store, [item.stat.path for item in batch], good, encoded.pack() if good else None)
             bar.update(len(batch) + len(same))
     return outcomes
 

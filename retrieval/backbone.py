@@ -45,6 +45,7 @@ class FeatureNet(nn.Module):
     num_features: int  # N, channels of the last conv map
     focus_layer: str  # name of the submodule whose output `retrieval.regions.focus_weights` reads
     random_tail: tuple[str, ...]  # the last blocks the model-randomisation check re-initialises (`randomised_tail`)
+    guide_layer: str  # a finer map (stride 16) whose features up-sample the graded maps (`fam.fine_fam`)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, N, h, w), the last conv map, post-activation."""
@@ -77,6 +78,7 @@ class Backbone:
     std: tuple[float, float, float]
     identity: dict
     focus_layer: str
+    guide_layer: str
 
 
 class _ResNetFeatures(FeatureNet):
@@ -88,6 +90,7 @@ class _ResNetFeatures(FeatureNet):
         self.num_features = net.fc.in_features
         self.focus_layer = "net.layer3"  # stride 16, 1024 channels: the mid-level map `--box auto` reads
         self.random_tail = ("net.layer3", "net.layer4")
+        self.guide_layer = "net.layer3"
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, 2048, H/32, W/32), after layer4's final ReLU."""
@@ -114,6 +117,7 @@ class _ToyNet(FeatureNet):
     num_features = 16
     focus_layer = "conv1"
     random_tail = ("conv2",)
+    guide_layer = "conv1"
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -189,7 +193,7 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
         model = _ToyNet()
     model.eval()
     return Backbone(model=model, num_features=int(model.num_features), mean=mean, std=std, identity=identity,
-                    focus_layer=model.focus_layer)
+                    focus_layer=model.focus_layer, guide_layer=model.guide_layer)
 
 
 def classify(backbone: Backbone, x: Tensor) -> Tensor:

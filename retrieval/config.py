@@ -24,6 +24,8 @@ DEFAULT_POOLING = "focus"
 # vs 26.1; bench/results/pooling.txt, docs/eval.md). Under GAP Grad-CAM localised better (55.9 vs 36.6):
 # `--explain gradcam` for a gap index.
 DEFAULT_EXPLAINER = "fam"
+# Names only (the maths lives in retrieval.fam): the CLI lists them without importing torch.
+EXPLAINER_NAMES = ("fam-fine", "fam", "fam-exact", "gradcam")
 DEFAULT_INPUT_SIZE = 224  # the square side photos are resized to; 320 measured better at 2x the cost (README)
 
 

@@ -22,15 +22,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from retrieval.backbone import Backbone, describe_backbone, load_backbone, randomised_tail
 from retrieval.config import DEFAULT_INPUT_SIZE, DEFAULT_POOLING, PRECISIONS
 from retrieval.errors import UsageError
+from retrieval.fam import FineInputs
 from retrieval.modelspec import ModelSpec
 from retrieval.pooling import POOLINGS, Objectness, explained_feature_map, load_objectness, pool_feature_map
-from retrieval.regions import AUTO, Auto, Box, box_weights, focus_layer_outputs, focus_weights
+from retrieval.regions import (
+    AUTO,
+    Auto,
+    Box,
+    box_weights,
+    focus_layer_outputs,
+    focus_scores,
+    focus_weights,
+    layer_outputs,
+    top_cells,
+)
 
 
 def native_bf16() -> bool:
@@ -67,6 +79,47 @@ class Preprocess:
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (pixels.permute(2, 0, 1) - mean) / std  # (S, S, 3) -> (3, S, S)
+
+
+@dataclass
+class Encoded:
+    """Photos through the encoder: z and what every explainer reads, on the encoder's device.
+
+    whole_maps (B, N, h, w): the map z pools, over the whole photo (A; √A under sqrt; s·A under attn)
+    regions (B, h, w): the cell weights of mean 1 z was pooled over (the focus cells, a box's cells; ones: all)
+    emphasis (B, h, w), fine_emphasis (B, 2h, 2w): graded in [0, 1], how much each cell counts (`FineInputs`)
+    guides (B, C, 2h, 2w): the backbone's guide layer output, on twice the grid of the maps
+    pooled (B, N): z
+    """
+
+    whole_maps: Tensor
+    regions: Tensor
+    emphasis: Tensor
+    fine_emphasis: Tensor
+    guides: Tensor
+    pooled: Tensor
+
+    @property
+    def explained_maps(self) -> Tensor:
+        """The map z is the spatial mean of, which the paper's explainers weight: (B, N, h, w)."""
+        return self.whole_maps * self.regions.unsqueeze(-3)
+
+    def fine(self, index: int | slice | Tensor = slice(None)) -> FineInputs:
+        return FineInputs(self.whole_maps[index], self.emphasis[index], self.fine_emphasis[index], self.guides[index])
+
+    def pack(self) -> Tensor:
+        """One (B, N + 6 + 4C, h, w) tensor (what the map cache stores): the whole map, the region, the emphasis,
+        and the fine emphasis and guide folded 2x2 into channels (pixel unshuffle)."""
+        fine = torch.cat([self.fine_emphasis.unsqueeze(1), self.guides], dim=1)  # (B, 1 + C, 2h, 2w)
+        return torch.cat([self.whole_maps, self.regions.unsqueeze(1), self.emphasis.unsqueeze(1),
+                          F.pixel_unshuffle(fine, 2)], dim=1)
+
+    @staticmethod
+    def unpack(packed: Tensor, num_features: int, pooled: Tensor) -> Encoded:
+        """`pack` undone, for maps of ``num_features`` channels and their z: (B, N + 6 + 4C, h, w) -> Encoded."""
+        n = num_features
+        fine = F.pixel_shuffle(packed[:, n + 2 :], 2)  # (B, 4 + 4C, h, w) -> (B, 1 + C, 2h, 2w)
+        return Encoded(packed[:, :n], packed[:, n], packed[:, n + 1], fine[:, 0], fine[:, 1:], pooled)
 
 
 @dataclass
@@ -151,34 +204,57 @@ class Encoder:
         """Preprocessed images (B, 3, S, S) -> pooled vectors z (B, N) on the encoder's device."""
         return self.embed_batch(batch)[1]
 
-    def embed_batch(self, batch: Tensor, boxes: list[Box | Auto | None] | None = None,
-                    sizes: list[tuple[int, int]] | None = None) -> tuple[Tensor, Tensor]:
-        """Preprocessed images (B, 3, S, S) -> the maps the explainers weight (B, N, h, w) and z (B, N).
+    def encode_batch(self, batch: Tensor, boxes: list[Box | Auto | None] | None = None,
+                     sizes: list[tuple[int, int]] | None = None) -> Encoded:
+        """Preprocessed images (B, 3, S, S) -> z and what every explainer reads (`Encoded`), one forward pass.
 
         ``boxes`` as in `encode`, each in the pixels of a (width, height) in ``sizes``. Under `focus`
         pooling a photo without a box is pooled over its own focus cells, as `AUTO` pools a query."""
         boxes = [AUTO if box is None and self.pooling == "focus" else box
                  for box in (boxes if boxes is not None else [None] * len(batch))]
+        backbone = self.backbone
+        with layer_outputs(backbone, (backbone.focus_layer, backbone.guide_layer)) as caught:
+            feature_maps = self.forward_features(batch)
+        h, w = feature_maps.shape[-2:]
+        guides = F.interpolate(caught[backbone.guide_layer][0].float(), size=(2 * h, 2 * w), mode="bilinear",
+                               align_corners=False) if caught[backbone.guide_layer][0].shape[-2:] != (2 * h, 2 * w) \
+            else caught[backbone.guide_layer][0].float()
+        scores = fine_scores = None
         if AUTO in boxes:
-            feature_maps, focus = self.forward_features_and_focus(batch)
-        else:
-            feature_maps, focus = self.forward_features(batch), None
-        region = None
-        if any(box is not None for box in boxes):
-            h, w = feature_maps.shape[-2:]
-
-            def cell_weights(i: int, box: Box | Auto | None) -> Tensor:  # photo i's region (h, w)
-                if box is None:
-                    return torch.ones((h, w)).to(feature_maps)
-                if box == AUTO:
-                    assert focus is not None  # computed above: a box is AUTO
-                    return focus[i]
+            scores = focus_scores(caught[backbone.focus_layer][0], (h, w)).to(feature_maps)
+            fine_scores = focus_scores(guides, (2 * h, 2 * w)).to(feature_maps)
+        regions, emphasis, fine_emphasis = [], [], []
+        for i, box in enumerate(boxes):  # each photo's region (h, w) and its graded emphasis at both grids
+            if box is None:
+                regions.append(torch.ones((h, w)).to(feature_maps))
+                emphasis.append(regions[-1])
+                fine_emphasis.append(torch.ones((2 * h, 2 * w)).to(feature_maps))
+            elif box == AUTO:
+                assert scores is not None and fine_scores is not None  # computed above: a box is AUTO
+                regions.append(top_cells(scores[i : i + 1])[0])
+                emphasis.append(scores[i] / scores[i].max().clamp_min(1e-12))
+                fine_emphasis.append(fine_scores[i] / fine_scores[i].max().clamp_min(1e-12))
+            else:
                 assert sizes is not None, "a box in pixels needs the sizes of the photos"
-                return box_weights(box, sizes[i], (h, w)).to(feature_maps)
+                regions.append(box_weights(box, sizes[i], (h, w)).to(feature_maps))
+                emphasis.append((regions[-1] > 0).to(feature_maps))
+                fine_emphasis.append((box_weights(box, sizes[i], (2 * h, 2 * w)) > 0).to(feature_maps))
+        region = torch.stack(regions) if any(box is not None for box in boxes) else None
+        whole = explained_feature_map(feature_maps, "gap" if self.pooling == "focus" else self.pooling,
+                                      self.objectness)
+        return Encoded(whole, torch.stack(regions), torch.stack(emphasis), torch.stack(fine_emphasis), guides,
+                       self.pool(feature_maps, region))
 
-            region = torch.stack([cell_weights(i, box) for i, box in enumerate(boxes)])
-        return (explained_feature_map(feature_maps, self.pooling, self.objectness, region),
-                self.pool(feature_maps, region))
+    def embed_batch(self, batch: Tensor, boxes: list[Box | Auto | None] | None = None,
+                    sizes: list[tuple[int, int]] | None = None) -> tuple[Tensor, Tensor]:
+        """`encode_batch`'s maps the paper's explainers weight (B, N, h, w) and z (B, N)."""
+        encoded = self.encode_batch(batch, boxes, sizes)
+        return encoded.explained_maps, encoded.pooled
+
+    def encode_full(self, images: list[Image.Image], boxes: list[Box | Auto | None] | None = None) -> Encoded:
+        """Photos -> `Encoded` (z and what every explainer reads); ``boxes`` as in `encode`."""
+        batch = torch.stack([self.preprocess(im) for im in images])
+        return self.encode_batch(batch, boxes, [im.size for im in images])
 
     def encode(self, images: list[Image.Image], boxes: list[Box | Auto | None] | None = None) -> tuple[Tensor, Tensor]:
         """Photos -> the feature maps the explainers weight (B, N, h, w) and pooled vectors (B, N).

@@ -16,8 +16,9 @@ from sqlalchemy import select
 
 from retrieval import fam as explainers
 from retrieval.config import DEFAULT_EXPLAINER, Settings, default_device, home_has_index, index_generation
-from retrieval.encoder import Encoder, load_encoder
+from retrieval.encoder import Encoded, Encoder, load_encoder
 from retrieval.errors import IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
+from retrieval.fam import FineInputs
 from retrieval.featcache import FeatureCache
 from retrieval.head import Head, load_head
 from retrieval.images import is_image_path, load_image, load_image_sized
@@ -35,12 +36,26 @@ GROUP_CHOICES = ("none", "topk")
 
 @dataclass
 class Embedded:
-    """Photos through the model: A (..., N, h, w), z (..., N), e (..., J): one photo, or rows of the gallery
-    along a leading axis (`embed_gallery`)."""
+    """Photos through the model: A (..., N, h, w), z (..., N), e (..., J) and what the default map reads
+    (`FineInputs`): one photo, or rows of the gallery along a leading axis (`embed_gallery`)."""
 
     feature_map: torch.Tensor
     pooled: torch.Tensor
     emb: torch.Tensor
+    fine: FineInputs
+
+    @classmethod
+    def of(cls, encoded: Encoded, embs: torch.Tensor) -> Embedded:
+        return cls(encoded.explained_maps, encoded.pooled, embs, encoded.fine())
+
+    def __getitem__(self, index: int) -> Embedded:
+        """One photo of a batch."""
+        return Embedded(self.feature_map[index], self.pooled[index], self.emb[index], self.fine[index])
+
+    def repeated(self, n: int) -> Embedded:
+        """One photo as a batch of n views of it (no copy)."""
+        return Embedded(self.feature_map.expand(n, *self.feature_map.shape), self.pooled.expand(n, -1),
+                        self.emb.expand(n, -1), self.fine.repeated(n))
 
 
 @dataclass
@@ -207,8 +222,8 @@ class QueryEngine:
 
     def embed(self, image: Image.Image, box: Box | Auto | None = None) -> Embedded:
         """One photo through the model; with a box (its pixels, or ``AUTO``), pooled over that part alone."""
-        feature_maps, pooled = self.encoder.encode([image], boxes=[box])
-        return Embedded(feature_maps[0], pooled[0], self.head(pooled)[0])
+        encoded = self.encoder.encode_full([image], boxes=[box])
+        return Embedded.of(encoded, self.head(encoded.pooled))[0]
 
     def focus_cells(self, image: Image.Image) -> np.ndarray:
         """The cells (h, w) bool that `box` ``auto`` pools a photo over (`retrieval.regions.focus_weights`)."""
@@ -238,30 +253,31 @@ class QueryEngine:
         return result
 
     def embed_gallery(self, image_ids: list[int]) -> tuple[Embedded, list[str]]:
-        """Feature maps of indexed images, batched: A (K, N, h, w), z (K, N), e (K, J).
+        """Indexed images, batched: A (K, N, h, w), z (K, N), e (K, J) and their `FineInputs`.
 
-        z is the stored row vector (what FAISS scored); A comes from the map cache where it
+        z is the stored row vector (what FAISS scored); the rest comes from the map cache where it
         holds a verified entry, else from decoding the file and a backbone pass.
         """
         rows = self.store.images_by_ids(image_ids)
         stored = np.stack([_stored_pooled(row) for row in rows])  # (K, N)
         cached = self.feature_cache.get([row.id for row in rows], stored) if self.feature_cache else {}
-        maps = {i: torch.from_numpy(cached[row.id]) for i, row in enumerate(rows) if row.id in cached}
-        missing = [i for i in range(len(rows)) if i not in maps]
+        packed = {i: torch.from_numpy(cached[row.id]) for i, row in enumerate(rows) if row.id in cached}
+        missing = [i for i in range(len(rows)) if i not in packed]
         if missing:
-            computed, _ = self.encoder.encode(
+            computed = self.encoder.encode_full(
                 [load_image(rows[i].path, draft_size=self.encoder.input_size) for i in missing]
-            )
-            for i, feature_map in zip(missing, computed):
-                maps[i] = feature_map
+            ).pack()
+            for i, entry in zip(missing, computed):
+                packed[i] = entry
         device = self.encoder.device
-        feature_maps = torch.stack([maps[i].to(device, torch.float32) for i in range(len(rows))])  # (K, N, h, w)
         pooled = torch.from_numpy(stored).to(device)
-        return Embedded(feature_maps, pooled, self.head(pooled)), [row.path for row in rows]
+        entries = torch.stack([packed[i].to(device, torch.float32) for i in range(len(rows))])  # (K, N + 6 + 4C, h, w)
+        encoded = Encoded.unpack(entries, pooled.shape[1], pooled)
+        return Embedded.of(encoded, self.head(pooled)), [row.path for row in rows]
 
     def _explain(self, explainer: str, subject: Embedded, partner_embs: torch.Tensor):
         heat, offset = explainers.explain(
-            explainer, subject.feature_map, subject.emb, partner_embs, self.head.weight, self.head.bias
+            explainer, subject.feature_map, subject.emb, partner_embs, self.head.weight, self.head.bias, subject.fine
         )
         return heat.float().cpu().numpy(), offset.float().cpu().numpy()
 
@@ -300,8 +316,7 @@ class QueryEngine:
     def _explain_matches(self, query: Embedded, matches: list[Match], explainer: str, group: str):
         gallery, _ = self.embed_gallery([m.image_id for m in matches])
         n = len(matches)
-        query_side = Embedded(query.feature_map.expand(n, *query.feature_map.shape), query.pooled.expand(n, -1),
-                              query.emb.expand(n, -1))
+        query_side = query.repeated(n)
         query_maps, query_offsets = self._explain(explainer, query_side, gallery.emb[:, None])  # K = 1 each
         match_maps, match_offsets = self._explain(explainer, gallery, query.emb.expand(n, -1)[:, None])
         for i, match in enumerate(matches):
@@ -347,10 +362,9 @@ class QueryEngine:
     def compare(self, first: Image.Image, second: Image.Image, explainer: str = DEFAULT_EXPLAINER) -> PairReport:
         """Any two photos, indexed or not, in one forward pass: score, both maps, channel shares, activation maps.
         The one two-photo comparison (`famsearch explain`, the UI's Why? via `compare_indexed`)."""
-        feature_maps, pooled = self.encoder.encode([first, second])  # (2, N, h, w), (2, N)
-        embs = self.head(pooled)  # (2, N) -> (2, J)
-        a, b = (Embedded(feature_maps[i], pooled[i], embs[i]) for i in (0, 1))
-        return self._pair_report(a, b, explainer)
+        encoded = self.encoder.encode_full([first, second])  # two photos, one batch
+        both = Embedded.of(encoded, self.head(encoded.pooled))  # (2, N) -> (2, J)
+        return self._pair_report(both[0], both[1], explainer)
 
     def compare_indexed(self, first: Image.Image, image_id: int, explainer: str = DEFAULT_EXPLAINER,
                         box: Box | Auto | None = None) -> PairReport:
@@ -360,8 +374,7 @@ class QueryEngine:
         if not rows or rows[0].status != STATUS_OK:  # a file that failed to index has no z to compare
             raise UsageError(f"no indexed image has id {image_id}")
         gallery, _ = self.embed_gallery([image_id])
-        second = Embedded(gallery.feature_map[0], gallery.pooled[0], gallery.emb[0])
-        return self._pair_report(self.embed(first, box), second, explainer)
+        return self._pair_report(self.embed(first, box), gallery[0], explainer)
 
     def _pair_report(self, a: Embedded, b: Embedded, explainer: str) -> PairReport:
         first_map, first_offset = self._explain(explainer, a, b.emb[None])

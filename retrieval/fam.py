@@ -17,6 +17,8 @@ differ in the weights:
                  exactly to the cosine, minus the head bias' share (returned as ``offset``).
 * ``gradcam``    Grad-CAM of the cosine in closed form: dS/dA^n = W (ê_k - S ê)_n / (‖e‖ hw),
                  uniform over space under GAP, so no backward pass is needed; ReLU'd map.
+* ``fam-fine``   the default: the paper's FAM weights on the whole photo's map, graded by how much each cell
+                 counts in the pooling, at twice the resolution (`fine_fam`; docs/eval.md says why).
 
 The head's bias b is kept out of every map: it shifts e but lives at no location. For
 ``fam-exact`` its share b·ē_k/‖e‖ of the score is returned separately as the offset.
@@ -24,11 +26,19 @@ The head's bias b is kept out of every map: it shifts e but lives at no location
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-EXPLAINERS = ("fam", "fam-exact", "gradcam")
+from retrieval.config import EXPLAINER_NAMES
+
+EXPLAINERS = EXPLAINER_NAMES  # the default first
+PAPER_EXPLAINERS = ("fam", "fam-exact", "gradcam")  # maps of the map z is the mean of, at its resolution
+FINE_EXPLAINER = "fam-fine"
+COARSE_EMPHASIS_POWER = 2.0  # emphasis e_c^2 on the coarse map, e_f on the fine one: chosen with
+# experiments/explore_fine_maps.py (bench/results/fine-maps.txt) among floors 0-0.2 and powers 0.5-3
 _EPS = 1e-12
 
 
@@ -123,6 +133,65 @@ def bias_offset(emb: Tensor, partner_embs: Tensor, head_bias: Tensor | None) -> 
     return torch.einsum("j,...j->...", head_bias, _mean_partner_unit(emb, partner_embs))
 
 
+@dataclass(frozen=True)
+class FineInputs:
+    """What `fine_fam` reads of a photo besides its embedding (`retrieval.encoder.Encoded` holds them):
+
+    whole_map (..., N, h, w): the map z pools, over the whole photo (not only the cells it was pooled over)
+    emphasis (..., h, w) in [0, 1]: how much each cell counts in the pooling, graded (the focus score over its
+        maximum where the photo was pooled over its focus cells; 1 inside a box, 0 outside; 1 everywhere under GAP)
+    fine_emphasis (..., H, W): the same on the guide's grid
+    guide (..., C, H, W): features of the backbone's guide layer (stride 16: H, W = 2h, 2w)
+    """
+
+    whole_map: Tensor
+    emphasis: Tensor
+    fine_emphasis: Tensor
+    guide: Tensor
+
+    def __getitem__(self, index: int | slice | Tensor) -> FineInputs:
+        """The same photos' inputs, indexed along the leading axis."""
+        return FineInputs(self.whole_map[index], self.emphasis[index], self.fine_emphasis[index], self.guide[index])
+
+    def repeated(self, n: int) -> FineInputs:
+        """One photo's inputs as n views of them (no copy)."""
+        return FineInputs(*(t.expand(n, *t.shape) for t in (self.whole_map, self.emphasis, self.fine_emphasis,
+                                                             self.guide)))
+
+
+def joint_bilateral_upsample(coarse: Tensor, guide: Tensor, reach: float = 0.75, sigma: float = 0.2) -> Tensor:
+    """Up-sample a map in the model's own finer features (joint bilateral up-sampling, Kopf et al. 2007):
+    (..., h, w), (..., C, H, W) -> (..., H, W). Each fine cell averages the coarse cells near it (Gaussian of
+    ``reach`` coarse cells) weighted by exp((cos - 1) / sigma), the cosine between its guide feature and the
+    coarse cell's mean guide feature, so a value spreads along the object it was found on, not across its edge."""
+    h, w = coarse.shape[-2:]
+    fine_h, fine_w = guide.shape[-2:]
+    unit = F.normalize(guide, dim=-3)  # (..., C, H, W)
+    coarse_unit = F.normalize(F.adaptive_avg_pool2d(guide.flatten(0, -4) if guide.dim() > 4 else guide, (h, w))
+                              .reshape(*guide.shape[:-2], h, w), dim=-3)  # (..., C, h, w)
+    similarity = torch.einsum("...cij,...ckl->...ijkl", unit, coarse_unit)  # (..., H, W, h, w)
+    fine_y = (torch.arange(fine_h, device=guide.device) + 0.5) * h / fine_h
+    fine_x = (torch.arange(fine_w, device=guide.device) + 0.5) * w / fine_w
+    centre_y = torch.arange(h, device=guide.device) + 0.5
+    centre_x = torch.arange(w, device=guide.device) + 0.5
+    distance2 = ((fine_y[:, None, None, None] - centre_y[None, None, :, None]) ** 2
+                 + (fine_x[None, :, None, None] - centre_x[None, None, None, :]) ** 2)  # (H, W, h, w)
+    weights = torch.exp(-distance2 / (2 * reach**2)).to(guide) * torch.exp((similarity - 1) / sigma)
+    return torch.einsum("...ijkl,...kl->...ij", weights, coarse) / weights.sum(dim=(-2, -1)).clamp_min(_EPS)
+
+
+def fine_fam(inputs: FineInputs, emb: Tensor, partner_embs: Tensor, head_weight: Tensor | None = None) -> Tensor:
+    """The default map: the paper's FAM weights c̄ (Eq. 15, 18, 12) on the whole photo's map, emphasised where the
+    photo was pooled, up-sampled in the guide features: (..., J), (..., K, J) -> (..., H, W), >= 0.
+
+        coarse = Σ_n c̄_n A_n · e_c²          (h, w)  graded everywhere, the compared cells first
+        fine   = JBU(coarse; guide) · e_f    (H, W)  twice as fine, along the object's own features
+    """
+    coarse = weighted_map(inputs.whole_map, fam_weights(emb, partner_embs, head_weight))
+    coarse = coarse * inputs.emphasis.to(coarse) ** COARSE_EMPHASIS_POWER
+    return joint_bilateral_upsample(coarse, inputs.guide.to(coarse)) * inputs.fine_emphasis.to(coarse)
+
+
 def explain(
     explainer: str,
     feature_map: Tensor,
@@ -130,14 +199,20 @@ def explain(
     partner_embs: Tensor,
     head_weight: Tensor | None = None,
     head_bias: Tensor | None = None,
+    fine: FineInputs | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Raw map and offset of one explainer: (..., N, h, w), (..., J), (..., K, J) -> (..., h, w), (...).
+    """Raw map and offset of one explainer: (..., N, h, w), (..., J), (..., K, J) -> (..., h, w), (...);
+    ``fam-fine`` reads ``fine`` instead of ``feature_map`` and gives (..., H, W).
 
     The offset is the part of the mean cosine that no location carries (non-zero only for
     ``fam-exact`` with a biased head): ``map.sum((-2, -1)) + offset == mean cosine`` there.
     """
     spatial_size = feature_map.shape[-1] * feature_map.shape[-2]
     zero = emb.new_zeros(emb.shape[:-1])
+    if explainer == FINE_EXPLAINER:
+        if fine is None:
+            raise ValueError("fam-fine needs the whole map, the emphasis and the guide features (FineInputs)")
+        return fine_fam(fine, emb, partner_embs, head_weight), zero
     if explainer == "fam":
         return weighted_map(feature_map, fam_weights(emb, partner_embs, head_weight)), zero
     if explainer == "fam-exact":

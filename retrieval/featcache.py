@@ -1,11 +1,15 @@
-"""The map cache: each indexed image's feature map A (N, h, w) in float16, on disk, memory-mapped.
+"""The map cache: what the explainers read of each indexed image, in float16, on disk, memory-mapped.
+
+An entry is `retrieval.encoder.Encoded.pack` of the image: its whole feature map A (N, h, w), the cells it was
+pooled over, their graded emphasis, and the guide features the default map is up-sampled in, folded into
+(N + 6 + 4C, h, w) (Lite0 at 224 px: 1730 channels of 7 x 7).
 
 Every explainer is a function of (A, z, e = head(z), W, partner embeddings) (docs/DESIGN.md §4), and z
 is already in the DB row, so with A at hand the match-side maps of a query need no decode and
 no backbone pass. Why A and not the smaller WᵀA (J, h, w) + ΣₙAⁿ: A does not depend on the
 head, and the `pcaw` head is refitted on every re-index that changes the gallery, which would
 invalidate a WᵀA cache whole; A stays valid until its own image changes. The price is disk:
-N·h·w·2 bytes an image (Lite0 at 224 px: 1280·7·7·2 = 125,440 B ≈ 123 KiB).
+(N + 6 + 4C)·h·w·2 bytes an image (Lite0 at 224 px: 1730·7·7·2 = 169,540 B ≈ 166 KiB; A alone is 123 KiB).
 
 Layout (one folder per home, ``HOME/featcache``):
 
@@ -41,7 +45,7 @@ _OPEN_FILES = 64  # memory maps kept open between queries
 # z (float32, from the DB) vs the spatial mean of float16 A: float16 rounds each cell by at
 # most 2^-11 relatively; a changed image or model moves z by orders of magnitude more.
 _VERIFY_RTOL = 4e-3
-
+LAYOUT = 2  # 1: the map z is the mean of (N, h, w); 2: Encoded.pack
 
 def cache_folder(home: Path) -> Path:
     return Path(home) / FOLDER_NAME
@@ -58,6 +62,7 @@ class FeatureCache:
         self.folder = Path(folder)
         self.identity: dict[str, Any] = {key: identity.get(key)
                                          for key in ("backbone", "weights_sha256", "pooling", "input_size")}
+        self.identity["layout"] = LAYOUT  # entries of another layout are another cache
         self.writable = writable
         if writable:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -212,15 +217,17 @@ class FeatureCache:
         self._db.close()
 
 
-def _matches_pooled(feature_map: np.ndarray, pooled: np.ndarray, pooling: str) -> bool:
-    """Does the (N, h, w) map pool to the (N,) stored vector, within float16 rounding?
+def _matches_pooled(packed: np.ndarray, pooled: np.ndarray, pooling: str) -> bool:
+    """Does the packed entry (N + 6 + 4C, h, w) pool to the (N,) stored vector, within float16 rounding?
 
-    The cached map is the one the explainers weight: A for gap/gem, √A for sqrt, s·A for attn, A
-    on the focus cells (zero elsewhere) for focus, so z is its spatial mean, or its GeM under gem.
+    Its first N channels times its region (channel N) are the map the paper's explainers weight: A for gap/gem,
+    √A for sqrt, s·A for attn, A on the focus cells (zero elsewhere) for focus, so z is its spatial mean, or its
+    GeM under gem.
     """
-    if feature_map.shape[0] != pooled.shape[0]:
+    n = pooled.shape[0]
+    if packed.shape[0] < n + 6 or (packed.shape[0] - n - 6) % 4:
         return False
-    values = feature_map.astype(np.float32)
+    values = packed[:n].astype(np.float32) * packed[n].astype(np.float32)
     if pooling == "gem":
         from retrieval.pooling import GEM_P
 
@@ -246,14 +253,14 @@ def open_for_indexing(home: Path, identity: dict, enabled: bool = True) -> Featu
     return cache
 
 
-def cache_batch(cache: FeatureCache, store, paths: list[str], good: list[int], explained) -> None:
+def cache_batch(cache: FeatureCache, store, paths: list[str], good: list[int], packed) -> None:
     """The indexer's hook, after a batch's rows are committed: keep the maps of the embedded
     files, forget the entries of files that now failed. Rows are found by path (new rows got
     their ids in that commit).
 
     Args:
         paths: the batch's file paths; good: positions of those that were embedded.
-        explained: (len(good), N, h, w) the maps the explainers weight (`Encoder.embed_batch`) of the
+        packed: (len(good), N + 6 + 4C, h, w) `Encoded.pack` of the
             good ones, None if none.
     """
     from sqlalchemy import select
@@ -265,6 +272,6 @@ def cache_batch(cache: FeatureCache, store, paths: list[str], good: list[int], e
     failed = [ids[p] for i, p in enumerate(paths) if i not in set(good) and p in ids]
     cache.delete(failed)
     if good:
-        explained = explained.float().cpu().numpy()  # (G, N, h, w)
+        packed = packed.float().cpu().numpy()  # (G, N + 6 + 4C, h, w)
         keep = [j for j, i in enumerate(good) if paths[i] in ids]
-        cache.put([ids[paths[good[j]]] for j in keep], explained[keep])
+        cache.put([ids[paths[good[j]]] for j in keep], packed[keep])

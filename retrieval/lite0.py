@@ -92,6 +92,7 @@ class EfficientNetLite0(FeatureNet):
 
     num_features = HEAD
     focus_layer = "_blocks.11"  # stage 6's first block (192 ch, stride 32): the mid-level map `--box auto` reads
+    guide_layer = "_blocks.10"  # stage 5's last block (112 ch, stride 16): what up-samples the graded maps
     random_tail = ("_blocks.11", "_blocks.12", "_blocks.13", "_blocks.14", "_blocks.15", "_conv_head")  # stages 6-7
 
     def __init__(self, num_classes: int = 1000) -> None:

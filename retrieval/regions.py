@@ -116,20 +116,34 @@ def focus_weights(mid_maps: Tensor, grid: tuple[int, int], share: float = FOCUS_
     scaled so the weights average 1 as `box_weights` do. The choices (score, ring, smoothing, share)
     were made on clipart-train, never on the evaluation sets (experiments/explore_focus.py).
     """
-    score = focus_scores(mid_maps, grid).flatten(1)  # (B, hw)
-    kth = score.topk(max(1, int(share * score.shape[1])), dim=1).values[:, -1:]
-    inside = (score >= kth).float()
-    return (inside * (score.shape[1] / inside.sum(dim=1, keepdim=True))).reshape(len(score), *grid)
+    return top_cells(focus_scores(mid_maps, grid), share)
+
+
+def top_cells(scores: Tensor, share: float = FOCUS_SHARE) -> Tensor:
+    """The top ``share`` of cells by score (at least one; ties kept), equal weights of mean 1: (B, h, w) -> same."""
+    flat = scores.flatten(1)  # (B, hw)
+    kth = flat.topk(max(1, int(share * flat.shape[1])), dim=1).values[:, -1:]
+    inside = (flat >= kth).float()
+    return (inside * (flat.shape[1] / inside.sum(dim=1, keepdim=True))).reshape(scores.shape)
+
+
+@contextlib.contextmanager
+def layer_outputs(backbone: Backbone, names: tuple[str, ...]) -> Iterator[dict[str, list[Tensor]]]:
+    """While open, every forward pass of ``backbone`` appends the output of each named submodule to its list in the
+    yielded {name: outputs}; the hooks are removed on exit."""
+    caught: dict[str, list[Tensor]] = {name: [] for name in names}
+    handles = [backbone.model.get_submodule(name).register_forward_hook(
+        lambda _module, _inputs, output, into=caught[name]: into.append(output)) for name in dict.fromkeys(names)]
+    try:
+        yield caught
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
 def focus_layer_outputs(backbone: Backbone) -> Iterator[list[Tensor]]:
     """While open, every forward pass of ``backbone`` appends its ``focus_layer`` output (the map
     `focus_weights` reads) to the yielded list; the hook is removed on exit."""
-    caught: list[Tensor] = []
-    layer = backbone.model.get_submodule(backbone.focus_layer)
-    handle = layer.register_forward_hook(lambda _module, _inputs, output: caught.append(output))
-    try:
-        yield caught
-    finally:
-        handle.remove()
+    with layer_outputs(backbone, (backbone.focus_layer,)) as caught:
+        yield caught[backbone.focus_layer]

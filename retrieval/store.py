@@ -23,8 +23,8 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
-from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
 from retrieval.errors import UsageError
+from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
 
 _EMBEDDING_DTYPE = np.dtype("<f4")  # float32 little-endian, whatever the host
 _BUSY_TIMEOUT_S = 30.0  # how long a connection waits for another's lock (busy_timeout, the WAL switch)

@@ -13,7 +13,7 @@ from evaluation.dataset import item_box, load_mask, read_dataset
 from tests.conftest import run_cli
 
 OBJECTS = (("ellipse", (220, 40, 40)), ("rectangle", (40, 180, 60)), ("triangle", (40, 70, 220)), ("ellipse", (230, 200, 30)))
-NAMES = ("fam", "fam-exact", "gradcam", "gradcam-autograd", "centre", "uniform")
+NAMES = ("fam-fine", "fam", "fam-exact", "gradcam", "gradcam-autograd", "centre", "uniform")
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, shape: str, box: list[int], fill) -> None:

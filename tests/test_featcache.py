@@ -14,14 +14,23 @@ IDENTITY = {"backbone": "toy", "weights_sha256": "abc", "pooling": "gap", "input
 
 
 def maps(seed: int, n: int = 3, channels: int = 6) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, channels, 4, 5)).astype(np.float32)  # (B, N, h, w) >= 0
+    """Entries as `Encoded.pack` lays them out: (B, N + 6 + 4C, h, w) >= 0, here N = channels, C = 2, whole-photo
+    regions (ones), so z is the mean of the first N channels (`pooled_of`)."""
+    rng = np.random.default_rng(seed)
+    whole, rest = rng.random((n, channels, 4, 5)), rng.random((n, 1 + 4 + 4 * 2, 4, 5))
+    return np.concatenate([whole, np.ones((n, 1, 4, 5)), rest], axis=1).astype(np.float32)
+
+
+def pooled_of(entries: np.ndarray, channels: int = 6) -> np.ndarray:
+    """z of packed entries: (B, N + 6 + 4C, h, w) -> (B, N), the mean of the whole map times the region."""
+    return (entries[:, :channels] * entries[:, channels : channels + 1]).mean(axis=(2, 3))
 
 
 def test_an_entry_comes_back_as_the_float16_map_it_was_given(tmp_path):
     cache = FeatureCache(tmp_path / "fc", IDENTITY, writable=True)
     feature_maps = maps(0)
     cache.put([5, 9, 2], feature_maps)
-    got = cache.get([2, 5, 9], feature_maps[[2, 0, 1]].mean(axis=(2, 3)))
+    got = cache.get([2, 5, 9], pooled_of(feature_maps[[2, 0, 1]]))
     assert sorted(got) == [2, 5, 9]
     for image_id, row in ((5, 0), (9, 1), (2, 2)):
         assert got[image_id].dtype == np.float16
@@ -32,7 +41,7 @@ def test_an_entry_whose_pooled_vector_changed_is_not_served(tmp_path):
     cache = FeatureCache(tmp_path / "fc", IDENTITY, writable=True)
     feature_maps = maps(1)
     cache.put([1, 2, 3], feature_maps)
-    pooled = feature_maps.mean(axis=(2, 3))
+    pooled = pooled_of(feature_maps)
     pooled[1] += 0.05  # the image was re-embedded (edited) after the entry was written
     assert sorted(cache.get([1, 2, 3], pooled)) == [1, 3]
 
@@ -52,7 +61,7 @@ def test_replacing_an_entry_serves_the_new_map(tmp_path):
     old, new = maps(4, n=1), maps(5, n=1)
     cache.put([7], old)
     cache.put([7], new)
-    got = cache.get([7], new.mean(axis=(2, 3)))
+    got = cache.get([7], pooled_of(new))
     np.testing.assert_array_equal(got[7], new[0].astype(np.float16))
     assert cache.stats()["files"] == 1  # the old batch file had no live entry left
 
@@ -64,7 +73,7 @@ def test_a_truncated_batch_file_falls_back_without_an_error(tmp_path):
     (batch,) = (tmp_path / "fc").glob("batch-*.npy")
     batch.write_bytes(batch.read_bytes()[:200])  # a crash mid-write, or a damaged disk
     reader = FeatureCache(tmp_path / "fc", IDENTITY)  # a fresh reader, no open memory maps
-    assert reader.get([1, 2, 3], feature_maps.mean(axis=(2, 3))) == {}
+    assert reader.get([1, 2, 3], pooled_of(feature_maps)) == {}
 
 
 def test_a_cache_of_another_model_is_ignored_by_readers_and_wiped_by_the_indexer(tmp_path):
@@ -82,7 +91,7 @@ def test_sweep_removes_files_a_killed_run_left_without_entries(tmp_path):
     np.save(tmp_path / "fc" / "batch-orphan.npy", maps(9))
     (tmp_path / "fc" / "batch-half.npy.tmp").write_bytes(b"\x93NUMPY")
     assert cache.sweep() == 2
-    assert cache.get([1], maps(8, n=1).mean(axis=(2, 3))).keys() == {1}
+    assert cache.get([1], pooled_of(maps(8, n=1))).keys() == {1}
 
 
 def test_maps_that_would_overflow_float16_are_left_to_recompute(tmp_path):
@@ -90,7 +99,7 @@ def test_maps_that_would_overflow_float16_are_left_to_recompute(tmp_path):
     feature_maps = maps(10, n=2)
     feature_maps[1, 0, 0, 0] = 1e6
     cache.put([1, 2], feature_maps)
-    assert cache.get([1, 2], feature_maps.mean(axis=(2, 3))).keys() == {1}
+    assert cache.get([1, 2], pooled_of(feature_maps)).keys() == {1}
 
 
 # ----------------------------------------------------------------------------- through the engine
@@ -99,8 +108,8 @@ def _query_both_ways(home, picture, explainer):
     try:
         assert engine.feature_cache is not None
         calls = []
-        encode = engine.encoder.encode
-        engine.encoder.encode = lambda images, boxes=None: calls.append(len(images)) or encode(images, boxes)
+        encode = engine.encoder.encode_full
+        engine.encoder.encode_full = lambda images, boxes=None: calls.append(len(images)) or encode(images, boxes)
         cached = engine.query_path(picture, 5, explainer)
         assert calls == [1], "with the cache only the query goes through the backbone"
         engine.feature_cache = None
@@ -121,7 +130,7 @@ def _assert_same_maps(cached, recomputed):
 
 
 @pytest.mark.parametrize("head", ["none", "pcaw"])
-@pytest.mark.parametrize("explainer", ["fam", "fam-exact", "gradcam"])
+@pytest.mark.parametrize("explainer", ["fam-fine", "fam", "fam-exact", "gradcam"])
 def test_maps_served_from_the_cache_equal_recomputed_ones(capsys, gallery, home, head, explainer):
     """Under GAP (focus pooling: the next test). With focus pooling, the toy backbone and pcaw fitted on eight
     photos, Grad-CAM's channel sum cancels to ~1/20 of its terms on some cells, where the float16 map's rounding
@@ -136,6 +145,7 @@ def test_the_cache_holds_the_map_each_pooling_explains(capsys, gallery, home, po
     code, _ = run_json(capsys, "index", gallery, "--home", home, "--pooling", pooling, *TOY)
     assert code == 0
     _assert_same_maps(*_query_both_ways(home, gallery / "pic2.jpg", "fam-exact"))
+    _assert_same_maps(*_query_both_ways(home, gallery / "pic2.jpg", "fam-fine"))
 
 
 def test_a_lost_batch_file_falls_back_to_the_backbone_with_the_same_maps(capsys, indexed, gallery):

@@ -62,8 +62,10 @@ def test_compare_gives_each_photos_explainer_map_against_the_other(engine, galle
     a, b = engine.embed(first), engine.embed(second)  # each photo through the model alone: the oracle
     for explainer in fam.EXPLAINERS:
         report = engine.compare(first, second, explainer)
-        first_map, _ = fam.explain(explainer, a.feature_map, a.emb, b.emb[None], engine.head.weight, engine.head.bias)
-        second_map, _ = fam.explain(explainer, b.feature_map, b.emb, a.emb[None], engine.head.weight, engine.head.bias)
+        first_map, _ = fam.explain(explainer, a.feature_map, a.emb, b.emb[None], engine.head.weight, engine.head.bias,
+                                   a.fine)
+        second_map, _ = fam.explain(explainer, b.feature_map, b.emb, a.emb[None], engine.head.weight, engine.head.bias,
+                                    b.fine)
         np.testing.assert_allclose(report.first_map, first_map.numpy(), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(report.second_map, second_map.numpy(), rtol=1e-4, atol=1e-6)
         assert report.score == pytest.approx(float(fam.cosine(a.emb, b.emb[None])[0]), abs=1e-5)

@@ -16,6 +16,7 @@ from indexer.commands.common import (
     read_query,
     save_map,
 )
+from retrieval.config import EXPLAINER_NAMES
 from retrieval.errors import UsageError
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--rule", default="mean", choices=("mean", "knn"),
              help="mean: mean cosine to the album's photos; knn: weighted votes of the top-k neighbours")
     add_flag(p, "-k", "--k", type=int, default=20, help="neighbours that vote (rule knn)")
-    add_flag(p, "--explain", default="fam", choices=("fam", "fam-exact", "gradcam", "none"),
+    add_flag(p, "--explain", default="fam", choices=(*EXPLAINER_NAMES, "none"),
              help="explainer of the decision (the paper's K-averaged FAM by default)")
     add_flag(p, "--out", type=Path, default=None, help="write winner/runner-up maps (.npy) and PNG overlays here")
     box_flag(p, "classify")

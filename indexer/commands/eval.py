@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from indexer.commands.common import EXIT_OK, add_flag, common_flags, model_flags, model_spec, settings_from
+from retrieval.config import EXPLAINER_NAMES
 from retrieval.errors import UsageError
 
 
@@ -16,8 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "explainer (docs/DESIGN.md §7, the metrics).")
     p.add_argument("dataset", type=Path, metavar="DATASET", help="a folder with annotations.jsonl")
     common_flags(p)
-    add_flag(p, "--explain", default="fam,fam-exact,gradcam",
-             help="comma list of fam, fam-exact, gradcam (gradcam-autograd, centre and uniform always run)")
+    add_flag(p, "--explain", default=",".join(EXPLAINER_NAMES),
+             help=f"comma list of {', '.join(EXPLAINER_NAMES)} (gradcam-autograd, centre and uniform always run; "
+                  "few-shot/k-NN modes run the paper's three)")
     add_flag(p, "--head", default=None, help="none, pcaw or a head file (default: the home's last choice, else none)")
     model_flags(p)
     add_flag(p, "--batch-size", type=int, default=32, help="images per forward pass")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from indexer.commands.common import EXIT_OK, add_flag, common_flags, open_engine, read_query, save_map
-from retrieval.config import DEFAULT_EXPLAINER
+from retrieval.config import DEFAULT_EXPLAINER, EXPLAINER_NAMES
 from retrieval.images import overlay
 
 
@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("query", type=Path)
     p.add_argument("match", type=Path)
     common_flags(p)
-    add_flag(p, "--explain", default=DEFAULT_EXPLAINER, choices=("fam", "fam-exact", "gradcam"), help="explainer")
+    add_flag(p, "--explain", default=DEFAULT_EXPLAINER, choices=EXPLAINER_NAMES, help="explainer")
     add_flag(p, "--out", type=Path, default=Path("explain-out"), help="folder for .npy maps and PNG overlays")
     add_flag(p, "--json", action="store_true", help="print JSON")
     p.set_defaults(run=run)
@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     overlay(match, report.second_map).save(out / "match_overlay.png")
     if args.json:
         offset = {"query": report.offsets["first"], "match": report.offsets["second"]}
-        print(json.dumps({"score": report.score, "explainer": args.explain, **files, "offset": offset}))
+        print(json.dumps({"score": report.score, "explainer": args.explain, **files, "offset": offset,
+                          "map_shape": {"query": list(report.first_map.shape), "match": list(report.second_map.shape)}}))
     else:
         print(f"score {report.score:.4f} ({args.explain}); maps and overlays in {out}/")
     return EXIT_OK

@@ -17,7 +17,7 @@ from indexer.commands.common import (
     require_files,
     save_map,
 )
-from retrieval.config import DEFAULT_EXPLAINER
+from retrieval.config import DEFAULT_EXPLAINER, EXPLAINER_NAMES
 from retrieval.errors import UsageError
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     common_flags(p)
     add_flag(p, "-k", "--k", type=int, default=10, help="matches per query")
-    add_flag(p, "--explain", default=DEFAULT_EXPLAINER, choices=("fam", "fam-exact", "gradcam", "none"),
+    add_flag(p, "--explain", default=DEFAULT_EXPLAINER, choices=(*EXPLAINER_NAMES, "none"),
              help="explainer")
     add_flag(p, "--group", default="none", choices=("none", "topk"),
              help="topk: the query map explains the whole top-k at once (Eq. 11/15)")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             rows = _rows(result, folder)
             if args.json:
                 record = {"query": str(path), "model": engine.model, "explainer": args.explain,
-                          "timing_ms": result.timing_ms, "results": rows}
+                          "map_shape": _map_shape(result), "timing_ms": result.timing_ms, "results": rows}
                 if box is not None:
                     record["box"] = box_json(box)
                 print(json.dumps(record), flush=True)
@@ -80,6 +80,12 @@ def _rows(result: QueryResult, folder: Path | None) -> list[dict]:
             "match_map": save_map(folder, f"rank{m.rank:02d}_match.npy", m.match_map) if folder else None,
         })
     return rows
+
+
+def _map_shape(result: QueryResult) -> list[int] | None:
+    """[h, w] of this query's maps (every map of one explainer has one shape), None without maps."""
+    shapes = [m.match_map.shape for m in result.matches if m.match_map is not None]
+    return list(shapes[0]) if shapes else None
 
 
 def _print_table(path: Path, result: QueryResult, rows: list[dict], box: Box | Auto | None = None) -> None:
