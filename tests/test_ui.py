@@ -205,6 +205,14 @@ def test_the_map_range_is_taken_after_upsampling():
     assert 0.0 <= low < 0.25 and 0.75 < high <= 1.0
 
 
+def test_the_colour_scale_reads_shares_of_the_score_per_cell():
+    heat = np.array([[1.0, 3.0], [0.0, 4.0]], dtype=np.float32)  # cells add up to 8
+    low, high = pictures.score_shares(heat, (2, 2), total=8.0)  # drawn at the map's own size: the cells
+    assert (low, high) == (0.0, 0.5)  # the strongest cell carries half of the score
+    signed = np.array([[-0.1, 0.3], [0.2, 0.1]], dtype=np.float32)  # fam-exact: cells add up to score - offset
+    assert pictures.score_shares(signed, (2, 2), total=0.6) == pytest.approx((-0.1 / 0.6, 0.3 / 0.6))
+
+
 def test_png_bytes_round_trip():
     image = draw_picture(2)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(pictures.png_bytes(image)))), np.asarray(image))

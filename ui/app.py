@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -137,7 +138,9 @@ def show_query(photo: queries.QueryPhoto, result, opacity: float, region, frame,
         return
     drawn = frame(pictures.heat_overlay(photo.display, result.group_map, opacity, 512))
     st.image(drawn, caption="Group map: what all these matches have in common with it", width="stretch")
-    st.image(pictures.colour_scale(*pictures.map_range(result.group_map, drawn.size)))
+    total = float(np.mean([m.score for m in result.matches])) if result.explainer == "fam-exact" \
+        else float(result.group_map.sum())
+    st.image(pictures.colour_scale(*pictures.score_shares(result.group_map, drawn.size, total)))
     st.download_button("Download group map (PNG)", lambda: pictures.png_bytes(drawn), "group_map.png",
                        "image/png", on_click="ignore", key="dl_group")
 
@@ -153,12 +156,14 @@ def show_grid(result, stamp: int | None) -> None:
                 st.button("Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,), width="stretch")
 
 
-def show_overlay(column, title: str, image, heatmap, opacity: float, filename: str, frame=None) -> None:
+def show_overlay(column, title: str, image, heatmap, opacity: float, filename: str, total: float,
+                 frame=None) -> None:
+    """One photo's map over it, its colour scale (shares of the score, `total` as for `score_shares`), a download."""
     drawn = pictures.heat_overlay(image, heatmap, opacity)
     drawn = frame(drawn) if frame else drawn
     with column:
         st.image(drawn, caption=title, width="stretch")
-        st.image(pictures.colour_scale(*pictures.map_range(heatmap, drawn.size)))
+        st.image(pictures.colour_scale(*pictures.score_shares(heatmap, drawn.size, total)))
         st.download_button(f"Download {filename}", lambda: pictures.png_bytes(drawn), filename, "image/png",
                            on_click="ignore", key=f"dl_{filename}")
 
@@ -176,10 +181,13 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
                    f"match {report.offsets['second']:+.4f}; from the head's bias).")
     photo_of_match = match_photo(match.path, stamp)
     left, right = st.columns(2)
+    additive = explainer == "fam-exact"  # its cells carry the score itself; the other maps apportion it
     show_overlay(left, "Query: where it resembles the match", photo.display, report.first_map,
-                 settings["opacity"], f"query_rank{match.rank}_{explainer}.png", frame)
+                 settings["opacity"], f"query_rank{match.rank}_{explainer}.png",
+                 report.score if additive else float(report.first_map.sum()), frame)
     show_overlay(right, f"Match #{match.rank}: where it resembles the query", photo_of_match, report.second_map,
-                 settings["opacity"], f"match_rank{match.rank}_{explainer}.png", match_framer(engine, match, stamp))
+                 settings["opacity"], f"match_rank{match.rank}_{explainer}.png",
+                 report.score if additive else float(report.second_map.sum()), match_framer(engine, match, stamp))
     st.markdown("#### Channels that carried the score")
     rows = queries.channel_rows(report.shares, 15)
     st.bar_chart(pd.DataFrame(rows), x="channel", y="share of the score", horizontal=True,

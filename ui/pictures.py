@@ -21,7 +21,7 @@ def fit_within(image: Image.Image, max_side: int) -> Image.Image:
     if scale >= 1:
         return image
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.LANCZOS)
+    return image.resize(size, Image.Resampling.LANCZOS)
 
 
 def heat_overlay(image: Image.Image, heatmap: np.ndarray, opacity: float, max_side: int = 768) -> Image.Image:
@@ -46,7 +46,7 @@ def outline(image: Image.Image, region: tuple[float, float, float, float]) -> Im
 def spotlight(image: Image.Image, cells: np.ndarray) -> Image.Image:
     """A copy with the feature cells (h, w) bool left as they are and every other cell dimmed to a third,
     so the part the automatic focus picked stands out."""
-    lit = Image.fromarray(cells.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)
+    lit = Image.fromarray(cells.astype(np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)
     return Image.composite(image.convert("RGB"), Image.eval(image.convert("RGB"), lambda v: v // 3), lit)
 
 
@@ -62,8 +62,18 @@ def map_range(heatmap: np.ndarray, size: tuple[int, int]) -> tuple[float, float]
     return float(up.min()), float(up.max())
 
 
+def score_shares(heatmap: np.ndarray, size: tuple[int, int], total: float) -> tuple[float, float]:
+    """The ends of the map as drawn (`map_range`), in shares of the similarity per map cell: the map scaled so its
+    cells add up to ``total`` and divided by the score. Pass the score for fam-exact (its cells add up to the score
+    minus its offset: each cell's value is what it carries of the score) and the map's own sum for the others
+    (the score apportioned to the cells in proportion to the map): -> (low, high) fractions."""
+    low, high = map_range(heatmap, size)
+    return (low / total, high / total) if total else (0.0, 0.0)
+
+
 def colour_scale(low: float, high: float, width: int = 420, height: int = 48) -> Image.Image:
-    """A legend strip: the colour scale with its two ends labelled by raw values, and 0 if inside.
+    """A legend strip: the colour scale with its two ends labelled as shares of the score per cell
+    (`score_shares`), and 0 if inside.
 
     Overlays are min-maxed, so the left end of the strip is the map's smallest value and the
     right end its largest; a signed map (fam-exact) gets a tick where the value is zero.
@@ -75,8 +85,8 @@ def colour_scale(low: float, high: float, width: int = 420, height: int = 48) ->
     legend.paste(Image.fromarray(np.ascontiguousarray(strip)), (pad, 0))
     draw = ImageDraw.Draw(legend)
     font = ImageFont.load_default(size=13)
-    draw.text((pad, strip_h + 4), f"{low:.3g} (least)", fill=(40, 40, 40), font=font)
-    right = f"(most) {high:.3g}"
+    draw.text((pad, strip_h + 4), f"{100 * low:.1f} % (least)", fill=(40, 40, 40), font=font)
+    right = f"(most) {100 * high:.1f} % of the score per cell"
     draw.text((width - pad - draw.textlength(right, font=font), strip_h + 4), right, fill=(40, 40, 40), font=font)
     if low < 0.0 < high:
         x = pad + round((0.0 - low) / (high - low) * (width - 2 * pad - 1))

@@ -26,6 +26,8 @@ MAX_UPLOAD_MB = 20  # uploads over this are refused before decoding
 MAX_UPLOAD_MEGAPIXELS = 60.0  # a small file can still decode to a huge bitmap (decompression bomb)
 UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "heic", "heif")
 EXPLAINER_HELP = {
+    "fam-fine": "the default: paper FAM's channel weights on the whole photo, graded by how much each part counts "
+                "in the comparison, at twice the resolution (up-sampled along the photo's own features)",
     "fam": "paper FAM (Eq. 11-18): cosine contributions mapped back through the head, min-maxed",
     "fam-exact": "signed map that sums to the score (minus the head bias' share)",
     "gradcam": "Grad-CAM of the cosine, in closed form (no backward pass)",
@@ -142,7 +144,7 @@ def padded_thumbnail(path: str, box: tuple[int, int] = (320, 240)) -> Image.Imag
     JPEGs are decoded at a reduced scale (libjpeg draft), so big photos stay quick.
     """
     image = load_image(path, draft_size=max(box))
-    return ImageOps.pad(image, box, Image.LANCZOS, color=(240, 242, 246))
+    return ImageOps.pad(image, box, Image.Resampling.LANCZOS, color=(240, 242, 246))
 
 
 def key_value_rows(record: dict | None) -> list[dict]:
