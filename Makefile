@@ -1,6 +1,6 @@
 # famsearch — the two commands of the README.
 #   make run [PHOTOS=~/Pictures] [PORT=8501]   set up .venv, index (a demo gallery by default), open the UI
-#   make test                                   set up .venv with the test tools, run the whole test suite
+#   make test                                   set up .venv with the test tools; lint (ruff), types (mypy), the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,6 +16,9 @@ run: $(VENV)/.installed
 	$(BIN)/famsearch ui --port $(PORT) $(HOME_FLAG)
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 setup: $(VENV)/.installed

@@ -111,7 +111,8 @@ class Encoded:
         """One (B, N + 6 + 4C, h, w) tensor (what the map cache stores): the whole map, the region, the emphasis,
         and the fine emphasis and guide folded 2x2 into channels (pixel unshuffle)."""
         fine = torch.cat([self.fine_emphasis.unsqueeze(1), self.guides], dim=1)  # (B, 1 + C, 2h, 2w)
-        return torch.cat([self.whole_maps, self.regions.unsqueeze(1), self.emphasis.unsqueeze(1),
+        inside = (self.regions > 0).to(self.whole_maps)  # a region weighs its cells equally: 0/1 is exact in float16
+        return torch.cat([self.whole_maps, inside.unsqueeze(1), self.emphasis.unsqueeze(1),
                           F.pixel_unshuffle(fine, 2)], dim=1)
 
     @staticmethod
@@ -119,7 +120,9 @@ class Encoded:
         """`pack` undone, for maps of ``num_features`` channels and their z: (B, N + 6 + 4C, h, w) -> Encoded."""
         n = num_features
         fine = F.pixel_shuffle(packed[:, n + 2 :], 2)  # (B, 4 + 4C, h, w) -> (B, 1 + C, 2h, 2w)
-        return Encoded(packed[:, :n], packed[:, n], packed[:, n + 1], fine[:, 0], fine[:, 1:], pooled)
+        inside = packed[:, n]  # (B, h, w) 0/1 -> weights of mean 1, as `box_weights` / `top_cells` give them
+        regions = inside * (inside[0].numel() / inside.sum(dim=(-2, -1), keepdim=True).clamp_min(1))
+        return Encoded(packed[:, :n], regions, packed[:, n + 1], fine[:, 0], fine[:, 1:], pooled)
 
 
 @dataclass

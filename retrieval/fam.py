@@ -165,19 +165,27 @@ def joint_bilateral_upsample(coarse: Tensor, guide: Tensor, reach: float = 0.75,
     ``reach`` coarse cells) weighted by exp((cos - 1) / sigma), the cosine between its guide feature and the
     coarse cell's mean guide feature, so a value spreads along the object it was found on, not across its edge."""
     h, w = coarse.shape[-2:]
-    fine_h, fine_w = guide.shape[-2:]
-    unit = F.normalize(guide, dim=-3)  # (..., C, H, W)
-    coarse_unit = F.normalize(F.adaptive_avg_pool2d(guide.flatten(0, -4) if guide.dim() > 4 else guide, (h, w))
-                              .reshape(*guide.shape[:-2], h, w), dim=-3)  # (..., C, h, w)
-    similarity = torch.einsum("...cij,...ckl->...ijkl", unit, coarse_unit)  # (..., H, W, h, w)
-    fine_y = (torch.arange(fine_h, device=guide.device) + 0.5) * h / fine_h
-    fine_x = (torch.arange(fine_w, device=guide.device) + 0.5) * w / fine_w
-    centre_y = torch.arange(h, device=guide.device) + 0.5
-    centre_x = torch.arange(w, device=guide.device) + 0.5
+    channels, fine_h, fine_w = guide.shape[-3:]
+    lead = guide.shape[:-3]
+    flat = guide.reshape(-1, channels, fine_h, fine_w)  # (B, C, H, W)
+    unit = F.normalize(flat, dim=1).flatten(2)  # (B, C, HW)
+    coarse_unit = F.normalize(F.adaptive_avg_pool2d(flat, (h, w)), dim=1).flatten(2)  # (B, C, hw)
+    similarity = unit.transpose(1, 2) @ coarse_unit  # (B, HW, C) @ (B, C, hw) -> (B, HW, hw)
+    weights = _spatial_kernel((h, w), (fine_h, fine_w), reach, guide) * torch.exp((similarity - 1) / sigma)
+    values = weights @ coarse.reshape(-1, h * w, 1)  # (B, HW, hw) @ (B, hw, 1) -> (B, HW, 1)
+    return (values[..., 0] / weights.sum(dim=-1).clamp_min(_EPS)).reshape(*lead, fine_h, fine_w)
+
+
+def _spatial_kernel(coarse: tuple[int, int], fine: tuple[int, int], reach: float, like: Tensor) -> Tensor:
+    """exp(-d² / 2 reach²) between fine and coarse cell centres, in coarse cells: -> (HW, hw)."""
+    (h, w), (fine_h, fine_w) = coarse, fine
+    fine_y = (torch.arange(fine_h, dtype=like.dtype, device=like.device) + 0.5) * h / fine_h
+    fine_x = (torch.arange(fine_w, dtype=like.dtype, device=like.device) + 0.5) * w / fine_w
+    centre_y = torch.arange(h, dtype=like.dtype, device=like.device) + 0.5
+    centre_x = torch.arange(w, dtype=like.dtype, device=like.device) + 0.5
     distance2 = ((fine_y[:, None, None, None] - centre_y[None, None, :, None]) ** 2
                  + (fine_x[None, :, None, None] - centre_x[None, None, None, :]) ** 2)  # (H, W, h, w)
-    weights = torch.exp(-distance2 / (2 * reach**2)).to(guide) * torch.exp((similarity - 1) / sigma)
-    return torch.einsum("...ijkl,...kl->...ij", weights, coarse) / weights.sum(dim=(-2, -1)).clamp_min(_EPS)
+    return torch.exp(-distance2 / (2 * reach**2)).reshape(fine_h * fine_w, h * w)
 
 
 def fine_fam(inputs: FineInputs, emb: Tensor, partner_embs: Tensor, head_weight: Tensor | None = None) -> Tensor:

@@ -227,7 +227,8 @@ def _matches_pooled(packed: np.ndarray, pooled: np.ndarray, pooling: str) -> boo
     n = pooled.shape[0]
     if packed.shape[0] < n + 6 or (packed.shape[0] - n - 6) % 4:
         return False
-    values = packed[:n].astype(np.float32) * packed[n].astype(np.float32)
+    inside = packed[n].astype(np.float32)  # the region's cells, 0/1 (`Encoded.pack`)
+    values = packed[:n].astype(np.float32) * (inside * inside.size / max(float(inside.sum()), 1.0))
     if pooling == "gem":
         from retrieval.pooling import GEM_P
 
