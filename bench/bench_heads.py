@@ -21,6 +21,7 @@ The "other" composites (object styles no head was trained on) were made with:
                       '/usr/share/doc/opencv-doc/examples/data/*.png' '/usr/share/backgrounds/mate/nature/*.jpg' \
         --distractors 120 --seed 7 --out /tmp/composites-other
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,7 @@ def feature_maps(dataset: Path, size: int, model: str = "efficientnet_lite0", fl
     paths = [dataset / r["path"] for r in read_rows(dataset)]
     chunks = []
     for start in range(0, len(paths), 32):
-        images = [load_image(p) for p in paths[start:start + 32]]
+        images = [load_image(p) for p in paths[start : start + 32]]
         if flip:
             images = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in images]
         chunks.append(encoder.encode(images)[0].cpu().half().numpy())
@@ -73,8 +74,9 @@ def feature_maps(dataset: Path, size: int, model: str = "efficientnet_lite0", fl
     return np.load(file, mmap_mode="r")
 
 
-def retrieval_metrics(query_embs: torch.Tensor, gallery_embs: torch.Tensor, query_labels: list[str],
-                      gallery_labels: list[str]) -> dict:
+def retrieval_metrics(
+    query_embs: torch.Tensor, gallery_embs: torch.Tensor, query_labels: list[str], gallery_labels: list[str]
+) -> dict:
     """Recall@1/5/10 and mAP by cosine: (Q, J), (G, J)."""
     q = torch.nn.functional.normalize(query_embs.double(), dim=1)
     g = torch.nn.functional.normalize(gallery_embs.double(), dim=1)
@@ -122,8 +124,10 @@ class Bench:
         return transformed(torch.from_numpy(np.asarray(self.maps[idx], dtype=np.float32)), pooling)
 
     def pooled(self, pooling: str) -> torch.Tensor:
-        chunks = [pool_feature_map(torch.from_numpy(np.asarray(self.maps[s:s + 64], dtype=np.float32)), pooling)
-                  for s in range(0, len(self.rows), 64)]
+        chunks = [
+            pool_feature_map(torch.from_numpy(np.asarray(self.maps[s : s + 64], dtype=np.float32)), pooling)
+            for s in range(0, len(self.rows), 64)
+        ]
         return torch.cat(chunks)
 
 
@@ -137,8 +141,11 @@ def transformed(maps: torch.Tensor, pooling: str) -> torch.Tensor:
 def localisation(bench: Bench, pooling: str, head: Head, embs: torch.Tensor, top1: np.ndarray) -> dict:
     """Mean query-side Proportion/IoU per explainer over correct top-1 retrievals (protocol a)."""
     out = {}
-    correct = [(qi, bench.gallery[top1[n]]) for n, qi in enumerate(bench.query)
-               if bench.labels[bench.gallery[top1[n]]] == bench.labels[qi]]
+    correct = [
+        (qi, bench.gallery[top1[n]])
+        for n, qi in enumerate(bench.query)
+        if bench.labels[bench.gallery[top1[n]]] == bench.labels[qi]
+    ]
     if not correct:
         return {name: (float("nan"), float("nan"), 0) for name in ("fam", "fam-exact", "gradcam")}
     q_idx = [q for q, _ in correct]
@@ -146,7 +153,9 @@ def localisation(bench: Bench, pooling: str, head: Head, embs: torch.Tensor, top
     q_embs, g_embs = embs[q_idx], embs[[g for _, g in correct]]
     for name in ("fam", "fam-exact", "gradcam"):
         heat, _ = explainers.explain(name, q_maps, q_embs, g_embs[:, None], head.weight, head.bias)
-        scores = [proportion_and_iou(heat[n].numpy(), bench.sizes[q], bench.rows[q]["bbox"]) for n, q in enumerate(q_idx)]
+        scores = [
+            proportion_and_iou(heat[n].numpy(), bench.sizes[q], bench.rows[q]["bbox"]) for n, q in enumerate(q_idx)
+        ]
         out[name] = (float(np.mean([s[0] for s in scores])), float(np.mean([s[1] for s in scores])), len(scores))
     return out
 
@@ -155,8 +164,12 @@ def evaluate(bench: Bench, pooling: str, head_spec: str, pooled_cache: dict, loc
     pooled = pooled_cache.setdefault(pooling, bench.pooled(pooling))
     head = make_head(head_spec, pooled[bench.gallery])
     embs = head(pooled)
-    metrics = retrieval_metrics(embs[bench.query], embs[bench.gallery],
-                                [bench.labels[i] for i in bench.query], [bench.labels[i] for i in bench.gallery])
+    metrics = retrieval_metrics(
+        embs[bench.query],
+        embs[bench.gallery],
+        [bench.labels[i] for i in bench.query],
+        [bench.labels[i] for i in bench.gallery],
+    )
     if locate:
         metrics["loc"] = localisation(bench, pooling, head, embs, metrics["top1"])
     return metrics
@@ -179,11 +192,11 @@ def short(pooling: str) -> str:
 
 
 def row_text(name: str, m: dict) -> str:
-    text = f"{name:<42} {m['R@1']*100:6.1f} {m['R@5']*100:6.1f} {m['R@10']*100:6.1f} {m['mAP']*100:6.1f}"
+    text = f"{name:<42} {m['R@1'] * 100:6.1f} {m['R@5'] * 100:6.1f} {m['R@10'] * 100:6.1f} {m['mAP'] * 100:6.1f}"
     for explainer in ("fam", "fam-exact", "gradcam"):
         if "loc" in m:
             p, i, _ = m["loc"][explainer]
-            text += f"   {p*100:5.1f}/{i*100:5.1f}"
+            text += f"   {p * 100:5.1f}/{i * 100:5.1f}"
     return text
 
 
@@ -199,12 +212,32 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", type=Path, default=COMPOSITES)
     ap.add_argument("--other", type=Path, default=None, help="a second composites set (unseen object styles)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 288, 320, 384])
-    ap.add_argument("--poolings", nargs="+", default=["gap", "gem", "sqrt"],
-                    help="gap, gem, sqrt or attn:FILE (an objectness probe from famsearch train --pooling attn)")
-    ap.add_argument("--heads", nargs="+", default=["none", "pcaw:512:0.1", "pcaw:256:0.1", "pcaw:128:0.1",
-                                                  "pcaw:128:0.3", "pcaw:64:0.1", "pcaw:64:0.3", "pcaw:32:0.3"])
-    ap.add_argument("--trained", nargs="*", default=[],
-                    help="head files from famsearch train, as POOLING:SIZE:FILE (POOLING may be attn:PROBE)")
+    ap.add_argument(
+        "--poolings",
+        nargs="+",
+        default=["gap", "gem", "sqrt"],
+        help="gap, gem, sqrt or attn:FILE (an objectness probe from famsearch train --pooling attn)",
+    )
+    ap.add_argument(
+        "--heads",
+        nargs="+",
+        default=[
+            "none",
+            "pcaw:512:0.1",
+            "pcaw:256:0.1",
+            "pcaw:128:0.1",
+            "pcaw:128:0.3",
+            "pcaw:64:0.1",
+            "pcaw:64:0.3",
+            "pcaw:32:0.3",
+        ],
+    )
+    ap.add_argument(
+        "--trained",
+        nargs="*",
+        default=[],
+        help="head files from famsearch train, as POOLING:SIZE:FILE (POOLING may be attn:PROBE)",
+    )
     ap.add_argument("--locate", action="store_true", help="also Proportion/IoU per explainer (slower)")
     args = ap.parse_args(argv)
     start = time.perf_counter()

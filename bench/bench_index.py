@@ -12,6 +12,7 @@
 3. A re-run with nothing changed on --tiny tiny files (wall time of the whole command).
 Peak RSS is the largest sum over the famsearch process and its decoding workers, sampled.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,7 +105,7 @@ def naive_images_per_s(paths: list[Path], batch_size: int = 32) -> float:
     preprocess = Preprocess(224, backbone.mean, backbone.std)
     start = time.perf_counter()
     for i in range(0, len(paths), batch_size):
-        images = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in paths[i:i + batch_size]]
+        images = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in paths[i : i + batch_size]]
         batch = torch.stack([preprocess(image) for image in images])  # (B, 3, 224, 224), NCHW
         with torch.no_grad():
             backbone.model.forward_features(batch).mean(dim=(-2, -1))  # (B, N, 7, 7) -> (B, N)
@@ -191,8 +192,12 @@ def speed_table(photos: list[Path], sweep: bool, repeats: int) -> list[str]:
     famsearch_index(folder, home)  # builds the home and warms the page cache for both pipelines
     famsearch_index(folder, gap_home, "--pooling", "gap")
     lines = Lines()
-    for line in (f"{len(photos)} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} (q92), {load_average()} at the start", "",
-                 f"| {'pipeline':<52} | {'images/s':>8} | {'ratio':>6} | notes", f"|{'-' * 54}|{'-' * 10}|{'-' * 8}|---"):
+    for line in (
+        f"{len(photos)} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} (q92), {load_average()} at the start",
+        "",
+        f"| {'pipeline':<52} | {'images/s':>8} | {'ratio':>6} | notes",
+        f"|{'-' * 54}|{'-' * 10}|{'-' * 8}|---",
+    ):
         lines.append(line)
     naive_runs, default_runs, gap_runs = [], [], []
     for _ in range(repeats):
@@ -202,22 +207,47 @@ def speed_table(photos: list[Path], sweep: bool, repeats: int) -> list[str]:
     speeds = [run["images_per_s"] for run in default_runs]
     naive = statistics.median(naive_runs)
     pairs = ", ".join(f"{d / n:.1f}x" for d, n in zip(speeds, naive_runs))
-    lines.append(row("naive (full decode, NCHW fp32, batch 32, 0 workers)", naive, naive,
-                     f"median of {repeats}: {', '.join(f'{n:.1f}' for n in naive_runs)}; in-process, no DB"))
-    lines.append(row("famsearch index --full (defaults)", statistics.median(speeds), naive,
-                     f"median of {repeats}: {', '.join(f'{v:.1f}' for v in speeds)}; pairwise {pairs}; "
-                     f"wall {statistics.median(r['wall_s'] for r in default_runs):.1f} s incl. start-up; "
-                     f"peak PSS {max(r['peak_pss_mib'] for r in default_runs):.0f} MiB"))
+    lines.append(
+        row(
+            "naive (full decode, NCHW fp32, batch 32, 0 workers)",
+            naive,
+            naive,
+            f"median of {repeats}: {', '.join(f'{n:.1f}' for n in naive_runs)}; in-process, no DB",
+        )
+    )
+    lines.append(
+        row(
+            "famsearch index --full (defaults)",
+            statistics.median(speeds),
+            naive,
+            f"median of {repeats}: {', '.join(f'{v:.1f}' for v in speeds)}; pairwise {pairs}; "
+            f"wall {statistics.median(r['wall_s'] for r in default_runs):.1f} s incl. start-up; "
+            f"peak PSS {max(r['peak_pss_mib'] for r in default_runs):.0f} MiB",
+        )
+    )
     gap_speeds = [run["images_per_s"] for run in gap_runs]
-    lines.append(row("famsearch index --full --pooling gap", statistics.median(gap_speeds), naive,
-                     f"median of {repeats}: {', '.join(f'{v:.1f}' for v in gap_speeds)}; default ({DEFAULT_POOLING}) / gap "
-                     f"pairwise {', '.join(f'{d / g:.2f}x' for d, g in zip(speeds, gap_speeds))}"))
+    lines.append(
+        row(
+            "famsearch index --full --pooling gap",
+            statistics.median(gap_speeds),
+            naive,
+            f"median of {repeats}: {', '.join(f'{v:.1f}' for v in gap_speeds)}; default ({DEFAULT_POOLING}) / gap "
+            f"pairwise {', '.join(f'{d / g:.2f}x' for d, g in zip(speeds, gap_speeds))}",
+        )
+    )
     if sweep:
         for workers, batch, threads in SWEEP:
-            run = famsearch_index(folder, home, "--full", "--workers", str(workers), "--batch-size", str(batch),
-                                  threads=threads)
-            lines.append(row(f"  --workers {workers} --batch-size {batch} threads {threads}", run["images_per_s"],
-                             naive, f"peak PSS {run['peak_pss_mib']:.0f} MiB"))
+            run = famsearch_index(
+                folder, home, "--full", "--workers", str(workers), "--batch-size", str(batch), threads=threads
+            )
+            lines.append(
+                row(
+                    f"  --workers {workers} --batch-size {batch} threads {threads}",
+                    run["images_per_s"],
+                    naive,
+                    f"peak PSS {run['peak_pss_mib']:.0f} MiB",
+                )
+            )
     lines.append(f"{load_average()} at the end")
     return lines
 
@@ -237,12 +267,16 @@ def noop_table(count: int) -> list[str]:
     runs = [famsearch_index(folder, home, *NOOP_FLAGS) for _ in range(3)]
     assert all(r["unchanged"] == count and r["added"] == 0 for r in runs), runs
     walls = sorted(r["wall_s"] for r in runs)
-    built = f"first index: {first['added']} added in {first['wall_s']:.1f} s" if first["added"] else "home built earlier"
+    built = (
+        f"first index: {first['added']} added in {first['wall_s']:.1f} s" if first["added"] else "home built earlier"
+    )
     lines = Lines()
     lines.append("")
     lines.append(f"No-op re-run of `famsearch index` on {count} files (default settings, {built}); {load_average()}:")
-    lines.append(f"  whole command, start-up included: {', '.join(f'{w:.2f}' for w in walls)} s; "
-                 f"inside sync: {min(r['seconds'] for r in runs):.2f} s; peak PSS {max(r['peak_pss_mib'] for r in runs):.0f} MiB")
+    lines.append(
+        f"  whole command, start-up included: {', '.join(f'{w:.2f}' for w in walls)} s; "
+        f"inside sync: {min(r['seconds'] for r in runs):.2f} s; peak PSS {max(r['peak_pss_mib'] for r in runs):.0f} MiB"
+    )
     return lines
 
 

@@ -14,6 +14,7 @@
 5. Explainer cost per map (fam, fam-exact, gradcam closed form) vs one backbone forward pass
    vs autograd Grad-CAM, timed side by side in this process, as ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,11 @@ SIDE = 512
 
 def _sources() -> tuple[list[Path], list[Path]]:
     """(small clipart images used whole, real photos used through random crops)."""
-    clipart = sorted(p for d in ("clipart-composites", "clipart-train", "clipart-fewshot")
-                     for p in (DATA / d / "images").glob("*.jpg"))
+    clipart = sorted(
+        p
+        for d in ("clipart-composites", "clipart-train", "clipart-fewshot")
+        for p in (DATA / d / "images").glob("*.jpg")
+    )
     photos = sorted(p for d in PHOTO_DIRS for p in d.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     photos = [p for p in photos if min(Image.open(p).size) >= 256]
     return clipart, photos
@@ -95,8 +99,19 @@ def make_query(path: Path) -> Path:
 def index_gallery(gallery: Path, home: Path, pooling: str) -> dict | None:
     if (home / "famsearch.db").exists() and any(home.glob("index*.faiss")):
         return None
-    command = [sys.executable, "-m", "indexer.cli", "index", str(gallery), "--home", str(home),
-               "--pooling", pooling, "--no-progress", "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "indexer.cli",
+        "index",
+        str(gallery),
+        "--home",
+        str(home),
+        "--pooling",
+        pooling,
+        "--no-progress",
+        "--json",
+    ]
     out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])
 
@@ -122,8 +137,13 @@ print(json.dumps({"import_s": imported - start, "load_s": loaded - imported, "fi
 
 
 def cold_start(home: Path, query: Path, device: str, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", COLD, str(home), str(query), device, str(threads)], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", COLD, str(home), str(query), device, str(threads)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.splitlines()[-1])
 
 
@@ -140,8 +160,9 @@ def warm_latency(engine, query: Path, explainer: str, repeats: int) -> tuple[lis
         result = engine.query_path(query, 10, explainer)
         totals.append((time.perf_counter() - start) * 1000)
         cpu.append((time.process_time() - start_cpu) * 1000)
-        assert len(result.matches) == 10 and all(m.match_map is not None and m.query_map is not None
-                                                  for m in result.matches)
+        assert len(result.matches) == 10 and all(
+            m.match_map is not None and m.query_map is not None for m in result.matches
+        )
         for key, value in result.timing_ms.items():
             parts.setdefault(key, []).append(value)
     return totals, cpu, {k: statistics.median(v) for k, v in parts.items()}
@@ -178,14 +199,18 @@ def explainer_costs(engine, query: Path, repeats: int) -> dict[str, tuple[float,
             cpu.append((time.process_time() - start_cpu) * 1000)
         return statistics.median(times), statistics.median(cpu)
 
-    costs = {name: timed(lambda name=name: explainers.explain(name, subject.feature_map, subject.emb, partners,
-                                                              weight, bias))
-             for name in explainers.EXPLAINERS}
+    costs = {
+        name: timed(
+            lambda name=name: explainers.explain(name, subject.feature_map, subject.emb, partners, weight, bias)
+        )
+        for name in explainers.EXPLAINERS
+    }
     costs["backbone forward"] = timed(lambda: engine.encoder.forward_features(batch))
     # focus pooling's extra work per photo: the block-11 hook and `focus_weights`, against the plain forward above
     costs["backbone forward + focus (hook, weights)"] = timed(lambda: engine.encoder.forward_features_and_focus(batch))
     costs["gradcam-autograd (map only)"] = timed(
-        lambda: explainers.gradcam_autograd(subject.feature_map, partners, embed))
+        lambda: explainers.gradcam_autograd(subject.feature_map, partners, embed)
+    )
 
     def autograd_full() -> None:  # what a peer implementation pays: forward with grad + backward
         x = batch.clone()
@@ -219,9 +244,11 @@ def main() -> None:
     start = time.perf_counter()
     make_gallery(gallery, args.n)
     query = make_query(args.work / "query_12mp.jpg")
-    print(f"gallery: {len(list(gallery.glob('*.jpg')))} JPEGs (longer side {SIDE}) in {gallery} "
-          f"[{time.perf_counter() - start:.0f} s]; query {query} {Image.open(query).size} "
-          f"{query.stat().st_size / 1e6:.1f} MB")
+    print(
+        f"gallery: {len(list(gallery.glob('*.jpg')))} JPEGs (longer side {SIDE}) in {gallery} "
+        f"[{time.perf_counter() - start:.0f} s]; query {query} {Image.open(query).size} "
+        f"{query.stat().st_size / 1e6:.1f} MB"
+    )
     summary = index_gallery(gallery, home, pooling)
     if summary:
         print(f"indexed once: {summary}")
@@ -229,20 +256,27 @@ def main() -> None:
     cache_bytes = sum(p.stat().st_size for p in cache_dir.glob("*") if p.is_file()) if cache_dir.exists() else 0
 
     cold = cold_start(home, query, args.device, args.threads)
-    print("\ncold start, fresh process (wall ms / CPU ms): "
-          + ", ".join(f"{name} {cold[key + '_s'] * 1000:.0f} / {cold[key + '_cpu_s'] * 1000:.0f}"
-                      for name, key in (("import", "import"), ("load model+index+DB", "load"),
-                                        ("first query", "first_query")))
-          + f"; peak RSS {cold['rss_mb']:.0f} MB")
+    print(
+        "\ncold start, fresh process (wall ms / CPU ms): "
+        + ", ".join(
+            f"{name} {cold[key + '_s'] * 1000:.0f} / {cold[key + '_cpu_s'] * 1000:.0f}"
+            for name, key in (("import", "import"), ("load model+index+DB", "load"), ("first query", "first_query"))
+        )
+        + f"; peak RSS {cold['rss_mb']:.0f} MB"
+    )
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     engine = QueryEngine(Settings(home=home), device=args.device)
     n_images = engine.store.counts()["images"]
-    print(f"engine: {n_images} images, index {engine.index_type}, map cache "
-          f"{'on' if engine.feature_cache is not None else 'off'}: {cache_bytes / 1e9:.2f} GB on disk, "
-          f"{cache_bytes / max(n_images, 1) / 1024:.1f} KiB per image")
-    print(f"\nwarm query: 12 MP JPEG, top-10, query + match maps for all 10, {args.queries} runs each (ms); "
-          f"wall clock and CPU time of this process ({torch.get_num_threads()} torch threads)")
+    print(
+        f"engine: {n_images} images, index {engine.index_type}, map cache "
+        f"{'on' if engine.feature_cache is not None else 'off'}: {cache_bytes / 1e9:.2f} GB on disk, "
+        f"{cache_bytes / max(n_images, 1) / 1024:.1f} KiB per image"
+    )
+    print(
+        f"\nwarm query: 12 MP JPEG, top-10, query + match maps for all 10, {args.queries} runs each (ms); "
+        f"wall clock and CPU time of this process ({torch.get_num_threads()} torch threads)"
+    )
     print(f"{'explainer':<10} {'cache':<6} {'p50':>7} {'p95':>7} {'cpu p50':>8} {'cpu p95':>8}   median parts (wall)")
     cache = engine.feature_cache
     # Without the cache only gradcam: the backbone work it saves is the same whatever the explainer.
@@ -250,9 +284,11 @@ def main() -> None:
         engine.feature_cache = cache if use_cache else None
         runs = args.queries if use_cache else max(5, args.queries // 5)
         totals, cpu, parts = warm_latency(engine, query, explainer, runs)
-        print(f"{explainer:<10} {'on' if use_cache else 'off':<6} {percentile(totals, 50):7.1f} "
-              f"{percentile(totals, 95):7.1f} {percentile(cpu, 50):8.1f} {percentile(cpu, 95):8.1f}   "
-              + " ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+        print(
+            f"{explainer:<10} {'on' if use_cache else 'off':<6} {percentile(totals, 50):7.1f} "
+            f"{percentile(totals, 95):7.1f} {percentile(cpu, 50):8.1f} {percentile(cpu, 95):8.1f}   "
+            + " ".join(f"{k} {v:.1f}" for k, v in parts.items())
+        )
     engine.feature_cache = cache
 
     costs = explainer_costs(engine, query, repeats=15)
@@ -261,9 +297,11 @@ def main() -> None:
     print(f"{'method':<38} {'wall ms':>9} {'x fwd':>8} {'cpu ms':>9} {'x fwd':>8}")
     for name, (wall, cpu) in costs.items():
         print(f"{name:<38} {wall:9.3f} {wall / forward_wall:8.4f} {cpu:9.3f} {cpu / forward_cpu:8.4f}")
-    print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; "
-          f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f} "
-          f"(2 cores shared with other jobs)")
+    print(
+        f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; "
+        f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f} "
+        f"(2 cores shared with other jobs)"
+    )
     engine.close()
 
 

@@ -19,6 +19,7 @@ Steps (each cached under --work; delete it to start over):
 5. metadata for the hits: `Store.images_by_ids` on a 1M-row SQLite DB made by the real migrations:
    query plan (primary-key lookups) and time for 10 ids at 10k vs 1M rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,9 @@ class Float16File:
         self.path = path
         with open(path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             self.shape, _, dtype = read_header(handle)
             self.offset = handle.tell()
         assert dtype == np.float16 and len(self.shape) == 2
@@ -94,7 +97,7 @@ def make_vectors(path: Path, n: int, dim: int) -> None:
         return
     out = np.lib.format.open_memmap(str(path) + ".tmp", mode="w+", dtype=np.float16, shape=(n, dim))
     for start in range(0, n, CHUNK):
-        out[start:start + CHUNK] = draw(min(CHUNK, n - start), dim, seed=start + 1)
+        out[start : start + CHUNK] = draw(min(CHUNK, n - start), dim, seed=start + 1)
     out.flush()
     del out
     os.replace(str(path) + ".tmp", path)
@@ -126,7 +129,9 @@ def flat_latency(vectors: Float16File, queries: np.ndarray, sizes: list[int]) ->
             search(index, query[None], 10)
             times.append((time.perf_counter() - start) * 1000)
             cpu.append((time.process_time() - start_cpu) * 1000)
-        rows.append((n, float(np.percentile(times, 50)), float(np.percentile(times, 95)), float(np.percentile(cpu, 50))))
+        rows.append(
+            (n, float(np.percentile(times, 50)), float(np.percentile(times, 95)), float(np.percentile(cpu, 50)))
+        )
         del index
     return rows
 
@@ -190,11 +195,26 @@ def metadata_lookups(work: Path, n_rows: int) -> dict:
         store = open_store(sqlite_url(str(path) + ".tmp"))
         store.close()
         db = sqlite3.connect(str(path) + ".tmp")
-        rows = ((f"/photos/{i // 1000:04d}/img_{i:07d}.jpg", 2_000_000 + i, 1_700_000_000_000_000_000 + i,
-                 f"{i:064x}", 4000, 3000, "ok", None, np.float32(i).tobytes() * 4, "2026-01-01 00:00:00")
-                for i in range(n_rows))
-        db.executemany("INSERT INTO images (path, size, mtime_ns, content_hash, width, height, status, error, "
-                       "embedding, indexed_at) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+        rows = (
+            (
+                f"/photos/{i // 1000:04d}/img_{i:07d}.jpg",
+                2_000_000 + i,
+                1_700_000_000_000_000_000 + i,
+                f"{i:064x}",
+                4000,
+                3000,
+                "ok",
+                None,
+                np.float32(i).tobytes() * 4,
+                "2026-01-01 00:00:00",
+            )
+            for i in range(n_rows)
+        )
+        db.executemany(
+            "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, status, error, "
+            "embedding, indexed_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
         db.commit()
         db.close()
         os.replace(str(path) + ".tmp", path)
@@ -237,30 +257,40 @@ def main() -> None:
     if not queries_path.exists():
         np.save(queries_path, S.normalise_rows(draw(args.queries, args.dim, seed=999_999_999)))
     vectors, queries = Float16File(vectors_path), np.load(queries_path)
-    print(f"data: {args.n:,} clustered synthetic vectors, d = {args.dim} (the default model's embedding, head none), "
-          f"float16 on disk ({vectors_path.stat().st_size / 1e9:.2f} GB); {len(queries)} held-out queries "
-          f"[{time.perf_counter() - start:.0f} s]")
+    print(
+        f"data: {args.n:,} clustered synthetic vectors, d = {args.dim} (the default model's embedding, head none), "
+        f"float16 on disk ({vectors_path.stat().st_size / 1e9:.2f} GB); {len(queries)} held-out queries "
+        f"[{time.perf_counter() - start:.0f} s]"
+    )
 
     if not args.skip_flat:
         print("\n1. exact flat scan, one query, k = 10, by collection size (-> search.FLAT_MAX_FLOATS)")
         print(f"{'vectors':>9} {'floats':>12} {'p50 ms':>8} {'p95 ms':>8} {'cpu p50':>8}")
         for n, p50, p95, cpu50 in flat_latency(vectors, queries, [5_000, 10_000, 25_000, 50_000, 100_000]):
             print(f"{n:>9,} {n * args.dim:>12,} {p50:8.2f} {p95:8.2f} {cpu50:8.2f}")
-        print(f"threshold in search.py: flat up to {S.FLAT_MAX_FLOATS:,} floats = "
-              f"{S.FLAT_MAX_FLOATS // args.dim:,} vectors of d = {args.dim}")
+        print(
+            f"threshold in search.py: flat up to {S.FLAT_MAX_FLOATS:,} floats = "
+            f"{S.FLAT_MAX_FLOATS // args.dim:,} vectors of d = {args.dim}"
+        )
 
     kind = S.choose_index_type(args.n, args.dim)
     print(f"\n2. choose_index_type({args.n:,}, {args.dim}) = {kind!r}")
     if not index_path.exists():
-        out = subprocess.run([sys.executable, "-c", BUILD, str(ROOT), str(vectors_path), str(index_path)],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", BUILD, str(ROOT), str(vectors_path), str(index_path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         (args.work / f"build-{tag}.json").write_text(out.splitlines()[-1])
     build = json.loads((args.work / f"build-{tag}.json").read_text())
-    print(f"built {build['index_type']} (nlist {build['nlist']}): train {build['train_s']:.0f} s, add "
-          f"{build['add_s']:.0f} s, tune {build['calibrate_s']:.0f} s, total {build['build_s']:.0f} s; "
-          f"tuned nprobe/efSearch {build['search_param']} -> recall@10 {build['recall_at_10']:.3f} on "
-          f"{S.CALIBRATION_QUERIES} database queries (self excluded); peak RSS of the build {build['rss_mb']:.0f} MB "
-          f"(ru_maxrss of the child)")
+    print(
+        f"built {build['index_type']} (nlist {build['nlist']}): train {build['train_s']:.0f} s, add "
+        f"{build['add_s']:.0f} s, tune {build['calibrate_s']:.0f} s, total {build['build_s']:.0f} s; "
+        f"tuned nprobe/efSearch {build['search_param']} -> recall@10 {build['recall_at_10']:.3f} on "
+        f"{S.CALIBRATION_QUERIES} database queries (self excluded); peak RSS of the build {build['rss_mb']:.0f} MB "
+        f"(ru_maxrss of the child)"
+    )
 
     if not truth_path.exists():
         start = time.perf_counter()
@@ -268,18 +298,26 @@ def main() -> None:
         print(f"\n3. exact top-10 of {len(queries)} queries by chunked scan: {time.perf_counter() - start:.0f} s")
     truth = np.load(truth_path)
 
-    print(f"\n4. search, fresh process, index loaded from {index_path.stat().st_size / 1e9:.2f} GB file, "
-          f"one query at a time, k = 10")
+    print(
+        f"\n4. search, fresh process, index loaded from {index_path.stat().st_size / 1e9:.2f} GB file, "
+        f"one query at a time, k = 10"
+    )
     print(f"{'type':<42} {'p50 ms':>8} {'p95 ms':>8} {'cpu p50':>8} {'cpu p95':>8} {'recall@10':>10} {'B/vector':>9}")
-    out = subprocess.run([sys.executable, "-c", SEARCH, str(ROOT), str(index_path), str(queries_path)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", SEARCH, str(ROOT), str(index_path), str(queries_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     result = json.loads(out.splitlines()[-1])
     per_vector = index_path.stat().st_size / args.n
     for run in result["runs"]:
         recall = S.neighbour_recall(np.array(run["found"]), truth)
         label = f"{result['type']} nprobe {run['nprobe']}" + (" (tuned)" if run["nprobe"] == result["tuned"] else "")
-        print(f"{label:<42} {run['p50']:8.2f} {run['p95']:8.2f} {run['cpu_p50']:8.2f} {run['cpu_p95']:8.2f} "
-              f"{recall:10.3f} {per_vector:9.0f}")
+        print(
+            f"{label:<42} {run['p50']:8.2f} {run['p95']:8.2f} {run['cpu_p50']:8.2f} {run['cpu_p95']:8.2f} "
+            f"{recall:10.3f} {per_vector:9.0f}"
+        )
     print(f"peak RSS of the search process (VmHWM): {result['rss_mb']:.0f} MB")
     print(f"(B/vector = index file / n: {result['code_size']} B code + 8 B id in the list + 8 B id map)")
 
@@ -287,8 +325,10 @@ def main() -> None:
     for n_rows in (10_000, args.n):
         meta = metadata_lookups(args.work, n_rows)
         print(f"{n_rows:>9,} rows: p50 {meta['p50_ms']:.2f} ms; plan: {' | '.join(meta['plan'])}")
-    print(f"\npeak RSS of this driver {rss_mb():.0f} MB; load average {os.getloadavg()[0]:.1f} on 2 cores "
-          f"(shared with other jobs)")
+    print(
+        f"\npeak RSS of this driver {rss_mb():.0f} MB; load average {os.getloadavg()[0]:.1f} on 2 cores "
+        f"(shared with other jobs)"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Each run is `famsearch eval DATASET ...` with the arguments below; tables are pr
 under bench/results/fewshot_<NAME>.txt (the JSON report next to it). Every run embeds the 800
 images once into HOME/cache (shared by the runs), so run one first when running several in parallel.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,10 +20,34 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT.parent / "shared" / "data" / "clipart-fewshot"
 HOME = Path("/tmp/famsearch-fewshot-home")
 RUNS = {
-    "1shot": ["--episodes", "2000", "--way", "5", "--shot", "1", "--queries", "15",
-              "--maps-episodes", "20", "--faithfulness-episodes", "3"],
-    "5shot": ["--episodes", "2000", "--way", "5", "--shot", "5", "--queries", "15",
-              "--maps-episodes", "20", "--faithfulness-episodes", "3"],
+    "1shot": [
+        "--episodes",
+        "2000",
+        "--way",
+        "5",
+        "--shot",
+        "1",
+        "--queries",
+        "15",
+        "--maps-episodes",
+        "20",
+        "--faithfulness-episodes",
+        "3",
+    ],
+    "5shot": [
+        "--episodes",
+        "2000",
+        "--way",
+        "5",
+        "--shot",
+        "5",
+        "--queries",
+        "15",
+        "--maps-episodes",
+        "20",
+        "--faithfulness-episodes",
+        "3",
+    ],
     "knn200": ["--knn", "200", "--maps-episodes", "11", "--faithfulness-episodes", "4"],
     "knn20": ["--knn", "20", "--maps-episodes", "11", "--faithfulness-episodes", "4"],
 }

@@ -8,6 +8,7 @@ this measures what that costs when a user searches for a whole scene (docs/heads
 
     .venv/bin/python bench/real_photo_crops.py [--area 0.5] [--size 224] > bench/results/real-photo-crops.txt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ def photos() -> list[Path]:
 
 def crop(image, area: float, rng: random.Random):
     width, height = image.size
-    w, h = int(width * area ** 0.5), int(height * area ** 0.5)
+    w, h = int(width * area**0.5), int(height * area**0.5)
     x, y = rng.randint(0, width - w), rng.randint(0, height - h)
     return image.crop((x, y, x + w, y + h))
 
@@ -57,12 +58,18 @@ def main() -> None:
     images = [load_image(p, draft_size=2 * args.size) for p in paths]
     rng = random.Random(args.seed)
     queries = [crop(image, args.area, rng) for image in images]
-    print(f"{len(paths)} photos (mate-backgrounds, opencv-doc), one crop of {args.area:.0%} of each as its query, "
-          f"{args.size} px; Recall@1 / Recall@5 of the source photo")
+    print(
+        f"{len(paths)} photos (mate-backgrounds, opencv-doc), one crop of {args.area:.0%} of each as its query, "
+        f"{args.size} px; Recall@1 / Recall@5 of the source photo"
+    )
     for pooling in ("gap", "focus"):
         encoder = load_encoder(ModelSpec(input_size=args.size, pooling=pooling))
-        gallery = F.normalize(torch.cat([encoder.encode(images[i:i + 16])[1] for i in range(0, len(images), 16)]), dim=1)
-        query = F.normalize(torch.cat([encoder.encode(queries[i:i + 16])[1] for i in range(0, len(queries), 16)]), dim=1)
+        gallery = F.normalize(
+            torch.cat([encoder.encode(images[i : i + 16])[1] for i in range(0, len(images), 16)]), dim=1
+        )
+        query = F.normalize(
+            torch.cat([encoder.encode(queries[i : i + 16])[1] for i in range(0, len(queries), 16)]), dim=1
+        )
         ranks = (query @ gallery.T).argsort(dim=1, descending=True)
         truth = torch.arange(len(paths))[:, None]
         r1, r5 = ((ranks[:, :1] == truth).any(1).float().mean(), (ranks[:, :5] == truth).any(1).float().mean())

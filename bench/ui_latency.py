@@ -8,6 +8,7 @@
 Usage: .venv/bin/python bench/ui_latency.py [--home DIR] [--queries 8] [--screenshots docs/screenshots]
 Prints a table (milliseconds: median and max over the queries).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,9 @@ def engine_section(home: Path, photos: list[Path]) -> None:
     in_worker, one_thread = [], []
     for path in photos:
         image = queries.read_indexed(path, engine.encoder.input_size).image
-        worker = threading.Thread(target=lambda image: in_worker.append(timed(engine.query, image, 10, "none")[1]),
-                                  args=(image,))
+        worker = threading.Thread(
+            target=lambda image: in_worker.append(timed(engine.query, image, 10, "none")[1]), args=(image,)
+        )
         worker.start()
         worker.join()
     threads = torch.get_num_threads()
@@ -80,8 +82,10 @@ def engine_section(home: Path, photos: list[Path]) -> None:
     for explainer, samples in compare.items():
         record(f"engine: why view, {explainer} (pair maps + channels)", samples)
     record("engine: grid with group map (fam, k=10)", group)
-    print(f"index: {engine.info()['vectors']} vectors, {engine.index_type}, model {engine.model['backbone']}",
-          file=sys.stderr)
+    print(
+        f"index: {engine.info()['vectors']} vectors, {engine.index_type}, model {engine.model['backbone']}",
+        file=sys.stderr,
+    )
     engine.close()
 
 
@@ -125,7 +129,9 @@ def browser_section(home: Path, photos: list[Path], screenshots: Path | None) ->
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(120_000)
-        _, first_ms = timed(lambda: (page.goto(url), page.get_by_role("heading", name="Search by example photo").wait_for()))
+        _, first_ms = timed(
+            lambda: (page.goto(url), page.get_by_role("heading", name="Search by example photo").wait_for())
+        )
         record("browser: open the page (first engine load)", [first_ms])
         grid, why, inside = [], [], []
         for i, path in enumerate(photos):
@@ -184,8 +190,10 @@ def main() -> None:
     if "browser" not in skip:
         browser_section(args.home, photos, args.screenshots)
     one, five, fifteen = os.getloadavg()
-    print(f"load average (1, 5, 15 min) at the end: {one:.1f} {five:.1f} {fifteen:.1f} on {os.cpu_count():d} cores"
-          " (shared machine)")
+    print(
+        f"load average (1, 5, 15 min) at the end: {one:.1f} {five:.1f} {fifteen:.1f} on {os.cpu_count():d} cores"
+        " (shared machine)"
+    )
     print(f"{'step':<58} {'n':>3} {'median ms':>10} {'max ms':>9}")
     for name, samples in ROWS:
         print(f"{name:<58} {len(samples):>3} {statistics.median(samples):>10.0f} {max(samples):>9.0f}")

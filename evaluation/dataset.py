@@ -5,6 +5,7 @@ One image a line: ``{"path": "images/o003_v1.jpg", "label": "o003", "split": "qu
 pixels of the upright image with x1/y1 exclusive; bbox and mask optional (a box is derived from
 the mask when only the mask is given). Extra keys are kept in ``extra``.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,14 @@ def _parse_line(root: Path, line: str, where: str) -> Item:
         bbox = tuple(int(round(v)) for v in bbox)
     mask = record.get("mask")
     extra = {k: v for k, v in record.items() if k not in ("path", "label", "split", "bbox", "mask")}
-    return Item((root / record["path"]).absolute(), str(record["label"]), record["split"], bbox,
-                (root / mask).absolute() if mask else None, extra)
+    return Item(
+        (root / record["path"]).absolute(),
+        str(record["label"]),
+        record["split"],
+        bbox,
+        (root / mask).absolute() if mask else None,
+        extra,
+    )
 
 
 def read_dataset(root: str | Path) -> Dataset:

@@ -7,6 +7,7 @@ An episode draws ``way`` classes; from each class, ``shot`` support images and `
 query images, all distinct. A query is assigned to the class whose supports are most
 similar on average (Eq. 11).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,9 +43,7 @@ def eligible_classes(labels: np.ndarray, shot: int, queries: int) -> np.ndarray:
     return ids[counts >= shot + queries]
 
 
-def sample_episode(
-    labels: np.ndarray, way: int, shot: int, queries: int, rng: np.random.Generator
-) -> Episode:
+def sample_episode(labels: np.ndarray, way: int, shot: int, queries: int, rng: np.random.Generator) -> Episode:
     """One episode from (M,) integer labels; supports and queries never share an image."""
     if min(way, shot, queries) < 1:
         raise ValueError(f"way, shot and queries must be >= 1, got {way}, {shot}, {queries}")

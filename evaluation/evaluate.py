@@ -10,6 +10,7 @@ The maths lives in ``retrieval.fam`` (explainers) and ``evaluation.metrics`` (me
 only loads, batches, times and reports. Faithfulness is measured on the query side: the match's
 embedding stays fixed while the query image is masked / deleted / inserted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -130,8 +131,9 @@ def index_gallery(settings: Settings, gallery: list[Item], options: EvalOptions)
     store = open_store(settings.database_url)
     try:
         encoder = load_encoder(options.model, default_device(options.device))
-        index_options = IndexOptions(batch_size=options.batch_size, workers=options.workers,
-                                     head=options.head, progress=options.progress)
+        index_options = IndexOptions(
+            batch_size=options.batch_size, workers=options.workers, head=options.head, progress=options.progress
+        )
         return sync(store, settings, encoder, [item.path for item in gallery], index_options)
     finally:
         store.close()
@@ -157,15 +159,16 @@ class BatchOptions(Protocol):
     def progress(self) -> bool: ...
 
 
-def embed_items(engine: EncoderAndHead, items: list[Item], options: BatchOptions, desc: str,
-                boxes: list | None = None) -> EmbeddedItems:
+def embed_items(
+    engine: EncoderAndHead, items: list[Item], options: BatchOptions, desc: str, boxes: list | None = None
+) -> EmbeddedItems:
     """The maps the explainers weight and the embeddings of dataset images, in batches, with a
     progress bar; with ``boxes`` (one per item), each pooled over its box alone."""
     maps, embs, sizes, fine = [], [], [], []
     with tqdm(total=len(items), unit="img", desc=desc, disable=not options.progress) as bar:
         for start in range(0, len(items), options.batch_size):
-            images = [load_image(item.path) for item in items[start:start + options.batch_size]]
-            chunk_boxes = boxes[start:start + options.batch_size] if boxes is not None else None
+            images = [load_image(item.path) for item in items[start : start + options.batch_size]]
+            chunk_boxes = boxes[start : start + options.batch_size] if boxes is not None else None
             encoded = engine.encoder.encode_full(images, chunk_boxes)
             maps.append(encoded.explained_maps)  # (B, N, h, w)
             embs.append(engine.head(encoded.pooled))  # (B, N) -> (B, J)
@@ -192,8 +195,9 @@ def rank_gallery(engine: QueryEngine, query_embs: torch.Tensor, gallery: list[It
     return np.array(ranking, dtype=np.int64).reshape(len(hits), -1)
 
 
-def ground_truth_pairs(queries: list[Item], gallery: list[Item], ranking: np.ndarray,
-                       query_embs: torch.Tensor, gallery_embs: torch.Tensor) -> Pairs:
+def ground_truth_pairs(
+    queries: list[Item], gallery: list[Item], ranking: np.ndarray, query_embs: torch.Tensor, gallery_embs: torch.Tensor
+) -> Pairs:
     """Every (query, gallery) pair sharing a label, in ranked order per query."""
     labels = np.array([item.label for item in gallery])
     rows: list[tuple[int, int, bool, bool]] = []
@@ -204,12 +208,15 @@ def ground_truth_pairs(queries: list[Item], gallery: list[Item], ranking: np.nda
     q, g, top1, curve = (np.array(column) for column in zip(*rows)) if rows else (np.zeros(0, int),) * 4
     q_index, g_index = torch.as_tensor(q, dtype=torch.long), torch.as_tensor(g, dtype=torch.long)
     scores = explainers.cosine(query_embs[q_index], gallery_embs[g_index][:, None])[:, 0]  # (P, J), (P, 1, J) -> (P,)
-    return Pairs(q.astype(np.int64), g.astype(np.int64), top1.astype(bool), curve.astype(bool),
-                 scores.float().cpu().numpy())
+    return Pairs(
+        q.astype(np.int64), g.astype(np.int64), top1.astype(bool), curve.astype(bool), scores.float().cpu().numpy()
+    )
 
 
 # ---------------------------------------------------------------------------- maps
-def _closed_form_maps(name: str, engine: EncoderAndHead, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs) -> Maps:
+def _closed_form_maps(
+    name: str, engine: EncoderAndHead, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs
+) -> Maps:
     """fam / fam-exact / gradcam for all pairs in two batched calls (query side, match side).
 
     The time per map is taken apart, one map per call as a search explains a match, so it
@@ -227,22 +234,31 @@ def _closed_form_maps(name: str, engine: EncoderAndHead, query: EmbeddedItems, m
     batched = (time.perf_counter() - start) * 1000 / max(2 * len(pairs), 1)
     start = time.perf_counter()
     for qi, gi in zip(pairs.query, pairs.gallery):
-        explainers.explain(name, query.feature_maps[qi], query.embs[qi], matches.embs[gi][None], weight, bias,
-                           query.fine[int(qi)])[0].cpu().numpy()
-        explainers.explain(name, matches.feature_maps[gi], matches.embs[gi], query.embs[qi][None], weight, bias,
-                           matches.fine[int(gi)])[0].cpu().numpy()
+        explainers.explain(
+            name, query.feature_maps[qi], query.embs[qi], matches.embs[gi][None], weight, bias, query.fine[int(qi)]
+        )[0].cpu().numpy()
+        explainers.explain(
+            name, matches.feature_maps[gi], matches.embs[gi], query.embs[qi][None], weight, bias, matches.fine[int(gi)]
+        )[0].cpu().numpy()
     single = (time.perf_counter() - start) * 1000 / max(2 * len(pairs), 1)
     return Maps(query_maps, match_maps, single, batched)
 
 
-def _autograd_maps(engine: EncoderAndHead, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs, progress: bool) -> Maps:
+def _autograd_maps(
+    engine: EncoderAndHead, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs, progress: bool
+) -> Maps:
     """Grad-CAM of the cosine by one real backward pass per map (the peer method)."""
     embed = engine.head  # pooled (N,) -> e (J,); GAP is inside gradcam_autograd
     on_query, on_match = [], []
     start = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
-        for qi, gi in tqdm(zip(pairs.query, pairs.gallery), total=len(pairs), desc="grad-cam (autograd)",
-                           unit="pair", disable=not progress):
+        for qi, gi in tqdm(
+            zip(pairs.query, pairs.gallery),
+            total=len(pairs),
+            desc="grad-cam (autograd)",
+            unit="pair",
+            disable=not progress,
+        ):
             q_emb, g_emb = query.embs[qi].clone(), matches.embs[gi].clone()
             on_query.append(explainers.gradcam_autograd(query.feature_maps[qi].clone(), g_emb[None], embed))
             on_match.append(explainers.gradcam_autograd(matches.feature_maps[gi].clone(), q_emb[None], embed))
@@ -262,8 +278,14 @@ def _baseline_maps(name: str, shape: tuple[int, int], count: int) -> Maps:
     return Maps(maps, maps, ms)
 
 
-def explainer_maps(name: str, engine: EncoderAndHead, query: EmbeddedItems, matches: EmbeddedItems, pairs: Pairs,
-                   progress: bool = False) -> Maps:
+def explainer_maps(
+    name: str,
+    engine: EncoderAndHead,
+    query: EmbeddedItems,
+    matches: EmbeddedItems,
+    pairs: Pairs,
+    progress: bool = False,
+) -> Maps:
     """Raw maps of one explainer for every pair, on both sides, timed."""
     if name in explainers.EXPLAINERS:
         return _closed_form_maps(name, engine, query, matches, pairs)
@@ -281,8 +303,9 @@ def saliency(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return metrics.minmax_saliency(upsample(raw, size))
 
 
-def similarities(engine: QueryEngine, images: list[np.ndarray], partners: torch.Tensor, batch_size: int,
-                 boxes: list | None = None) -> np.ndarray:
+def similarities(
+    engine: QueryEngine, images: list[np.ndarray], partners: torch.Tensor, batch_size: int, boxes: list | None = None
+) -> np.ndarray:
     """Cosine of each (perturbed) 8-bit image with its partner embedding: P x (H, W, 3), (P, J) -> (P,).
     ``boxes`` (one per image, or None): pool each image over its box, as its query was.
 
@@ -290,15 +313,18 @@ def similarities(engine: QueryEngine, images: list[np.ndarray], partners: torch.
     the model once: the same input gives the same embedding, so this only saves time.
     """
     boxes = boxes if boxes is not None else [None] * len(images)
-    keys = [hashlib.blake2b(image.tobytes() + repr((image.shape, box)).encode(), digest_size=16).digest()
-            for image, box in zip(images, boxes, strict=True)]
+    keys = [
+        hashlib.blake2b(image.tobytes() + repr((image.shape, box)).encode(), digest_size=16).digest()
+        for image, box in zip(images, boxes, strict=True)
+    ]
     unique = list(dict.fromkeys(keys))
     first = {key: keys.index(key) for key in unique}
     embs = []
     for start in range(0, len(unique), batch_size):
-        chunk = unique[start:start + batch_size]
-        _, pooled = engine.encoder.encode([Image.fromarray(images[first[key]]) for key in chunk],
-                                          [boxes[first[key]] for key in chunk])
+        chunk = unique[start : start + batch_size]
+        _, pooled = engine.encoder.encode(
+            [Image.fromarray(images[first[key]]) for key in chunk], [boxes[first[key]] for key in chunk]
+        )
         embs.append(engine.head(pooled))
     row = {key: i for i, key in enumerate(unique)}
     gathered = torch.cat(embs)[torch.as_tensor([row[key] for key in keys])]  # (P, J)
@@ -313,9 +339,17 @@ class QuerySide:
     pointing: np.ndarray  # (P,) 1.0 where the map's maximum lies in the box
 
 
-def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, images: list[np.ndarray], boxes: list,
-               pairs: Pairs, match_embs: torch.Tensor, options: EvalOptions,
-               pool_boxes: list | None = None) -> dict[str, QuerySide]:
+def query_side(
+    names: list[str],
+    maps: dict[str, Maps],
+    engine: QueryEngine,
+    images: list[np.ndarray],
+    boxes: list,
+    pairs: Pairs,
+    match_embs: torch.Tensor,
+    options: EvalOptions,
+    pool_boxes: list | None = None,
+) -> dict[str, QuerySide]:
     """Proportion, IoU and the pointing game of every explainer's query-side maps (against the annotated
     ``boxes``), and s' of the saliency-masked query, pooled as the query was (``pool_boxes``: one per query, or
     None)."""
@@ -336,16 +370,18 @@ def query_side(names: list[str], maps: dict[str, Maps], engine: QueryEngine, ima
                     masked.append(metrics.masked_image(images[qi], heat))
                     partners.append(match_embs[int(pairs.gallery[p])])
                     masked_boxes.append(pool_boxes[qi] if pool_boxes else None)
-            scores = similarities(engine, masked, torch.stack(partners), options.batch_size,
-                                  masked_boxes).reshape(len(chunk), len(names))
+            scores = similarities(engine, masked, torch.stack(partners), options.batch_size, masked_boxes).reshape(
+                len(chunk), len(names)
+            )
             for i, name in enumerate(names):
                 found[name][2].extend(scores[:, i].tolist())
             bar.update(len(chunk))
     return {name: QuerySide(*(np.array(values, dtype=np.float64) for values in found[name])) for name in names}
 
 
-def match_side(maps: Maps, sizes: list[tuple[int, int]], boxes: list, pairs: Pairs
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def match_side(
+    maps: Maps, sizes: list[tuple[int, int]], boxes: list, pairs: Pairs
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Proportion, IoU and pointing hits of the match-side maps: (P,), (P,), (P,)."""
     results = []
     for p, gi in enumerate(pairs.gallery):
@@ -356,9 +392,16 @@ def match_side(maps: Maps, sizes: list[tuple[int, int]], boxes: list, pairs: Pai
     return props, ious, hits
 
 
-def randomisation(names: list[str], maps: dict[str, Maps], engine: QueryEngine, queries: list[Item],
-                  gallery: list[Item], pairs: Pairs, options: EvalOptions,
-                  pool_boxes: list | None = None) -> dict[str, dict[str, float | None]]:
+def randomisation(
+    names: list[str],
+    maps: dict[str, Maps],
+    engine: QueryEngine,
+    queries: list[Item],
+    gallery: list[Item],
+    pairs: Pairs,
+    options: EvalOptions,
+    pool_boxes: list | None = None,
+) -> dict[str, dict[str, float | None]]:
     """The model-randomisation sanity check (Adebayo et al. 2018): every explainer's maps again under the model
     with its last blocks re-initialised (`Encoder.randomised`; queries and gallery re-embedded by it), and the
     mean Spearman correlation, pair by pair, with the trained model's maps: {name: {"query", "match"}}.
@@ -370,8 +413,9 @@ def randomisation(names: list[str], maps: dict[str, Maps], engine: QueryEngine, 
     rows: dict[str, dict[str, float | None]] = {}
     for name in names:
         again = explainer_maps(name, randomised, query, matches, pairs)
-        rows[name] = {side: _mean_correlation(getattr(maps[name], side), getattr(again, side))
-                      for side in ("query", "match")}
+        rows[name] = {
+            side: _mean_correlation(getattr(maps[name], side), getattr(again, side)) for side in ("query", "match")
+        }
     return rows
 
 
@@ -395,9 +439,16 @@ def _run_images(image: np.ndarray, blurred: np.ndarray, steps_mask: np.ndarray) 
     return [*deleted, *inserted]
 
 
-def deletion_insertion(names: list[str], maps: dict[str, Maps], engine: QueryEngine, images: list[np.ndarray],
-                       pairs: Pairs, match_embs: torch.Tensor, options: EvalOptions,
-                       boxes: list | None = None) -> dict[str, dict[str, np.ndarray]]:
+def deletion_insertion(
+    names: list[str],
+    maps: dict[str, Maps],
+    engine: QueryEngine,
+    images: list[np.ndarray],
+    pairs: Pairs,
+    match_embs: torch.Tensor,
+    options: EvalOptions,
+    boxes: list | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
     """Similarity deletion / insertion curves (SANE / RISE) on each query's best-ranked true match.
 
     Returns {name: {"deletion": (C, T+1), "insertion": (C, T+1)}} as shares of s, clipped to [0, 1],
@@ -424,8 +475,9 @@ def deletion_insertion(names: list[str], maps: dict[str, Maps], engine: QueryEng
             curves[name]["deletion"].append(metrics.similarity_curve(np.array([s, *inner[i, 0], black]), s))
             curves[name]["insertion"].append(metrics.similarity_curve(np.array([blur, *inner[i, 1], s]), s))
     empty = np.zeros((0, steps + 1))
-    return {name: {kind: np.array(rows) if rows else empty for kind, rows in runs.items()}
-            for name, runs in curves.items()}
+    return {
+        name: {kind: np.array(rows) if rows else empty for kind, rows in runs.items()} for name, runs in curves.items()
+    }
 
 
 # ---------------------------------------------------------------------------- the run
@@ -449,16 +501,18 @@ def _auc(rows: np.ndarray) -> float | None:
     return float(np.mean([metrics.curve_auc(row) for row in rows])) if len(rows) else None
 
 
-def evaluate(root: str | Path, options: EvalOptions = EvalOptions(), home: Path | None = None,
-             db_url: str | None = None) -> Evaluation:
+def evaluate(
+    root: str | Path, options: EvalOptions = EvalOptions(), home: Path | None = None, db_url: str | None = None
+) -> Evaluation:
     """Run the whole evaluation; `home=None` indexes into a temporary home removed afterwards."""
     if options.steps < 2:
         raise UsageError("--steps must be at least 2")
     dataset = read_dataset(root)
     queries, gallery = dataset.split("query"), dataset.split("gallery")
     if not queries or not gallery:
-        raise UsageError(f"{dataset.root} needs images of split 'query' and 'gallery' "
-                         f"(has {len(queries)} and {len(gallery)})")
+        raise UsageError(
+            f"{dataset.root} needs images of split 'query' and 'gallery' (has {len(queries)} and {len(gallery)})"
+        )
     with tempfile.TemporaryDirectory(prefix="famsearch-eval-") as scratch:
         settings = Settings(home=(home or Path(scratch)).expanduser().absolute(), db_url=db_url)
         start = time.perf_counter()
@@ -470,18 +524,29 @@ def evaluate(root: str | Path, options: EvalOptions = EvalOptions(), home: Path 
             engine.close()
 
 
-def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine: QueryEngine,
-              options: EvalOptions, summary: dict, start: float) -> Evaluation:
+def _evaluate(
+    dataset: Dataset,
+    queries: list[Item],
+    gallery: list[Item],
+    engine: QueryEngine,
+    options: EvalOptions,
+    summary: dict,
+    start: float,
+) -> Evaluation:
     query_boxes, gallery_boxes = [item_box(item) for item in queries], [item_box(item) for item in gallery]
     if options.query_box == "annotated" and None in query_boxes:
         unboxed = [str(item.path) for item, box in zip(queries, query_boxes) if box is None]
-        raise UsageError(f"--query-box needs a bbox or mask on every query; {len(unboxed)} have none, e.g. {unboxed[0]}")
+        raise UsageError(
+            f"--query-box needs a bbox or mask on every query; {len(unboxed)} have none, e.g. {unboxed[0]}"
+        )
     pool_boxes = {"annotated": query_boxes, "auto": [AUTO] * len(queries), None: None}[options.query_box]
     query = embed_items(engine, queries, options, "embedding queries", pool_boxes)
     matches = embed_items(engine, gallery, options, "embedding gallery")
     ranking = rank_gallery(engine, query.embs, gallery)
-    hits = metrics.relevance(np.array([gallery[i].label for i in ranking.ravel()]).reshape(ranking.shape),
-                             np.array([item.label for item in queries]))
+    hits = metrics.relevance(
+        np.array([gallery[i].label for i in ranking.ravel()]).reshape(ranking.shape),
+        np.array([item.label for item in queries]),
+    )
     pairs = ground_truth_pairs(queries, gallery, ranking, query.embs, matches.embs)
     names = list(dict.fromkeys([*options.explainers, *BASELINES]))
     maps = {name: explainer_maps(name, engine, query, matches, pairs, options.progress) for name in names}
@@ -494,42 +559,69 @@ def _evaluate(dataset: Dataset, queries: list[Item], gallery: list[Item], engine
         match_props, match_ious, match_hits = match_side(maps[name], matches.sizes, gallery_boxes, pairs)
         drop = metrics.average_drop(pairs.scores, side.masked_scores)
         rise = metrics.increase_in_confidence(pairs.scores, side.masked_scores, IC_TOLERANCE)
-        per_pair.update({f"{name}/query_proportion": side.proportion, f"{name}/query_iou": side.iou,
-                         f"{name}/query_pointing": side.pointing, f"{name}/match_proportion": match_props,
-                         f"{name}/match_iou": match_ious, f"{name}/match_pointing": match_hits,
-                         f"{name}/masked_scores": side.masked_scores})
+        per_pair.update(
+            {
+                f"{name}/query_proportion": side.proportion,
+                f"{name}/query_iou": side.iou,
+                f"{name}/query_pointing": side.pointing,
+                f"{name}/match_proportion": match_props,
+                f"{name}/match_iou": match_ious,
+                f"{name}/match_pointing": match_hits,
+                f"{name}/masked_scores": side.masked_scores,
+            }
+        )
         rows[name] = {
-            "a": {"query": _side(side.proportion, side.iou, side.pointing, pairs.top1),
-                  "match": _side(match_props, match_ious, match_hits, pairs.top1)},
-            "b": {"query": _side(side.proportion, side.iou, side.pointing, None),
-                  "match": _side(match_props, match_ious, match_hits, None)},
-            "ad": _finite(drop.value), "ic": _finite(rise.value), "faithfulness_n": drop.n, "faithfulness_excluded": drop.excluded,
-            "ms_per_map": maps[name].ms_per_map, "ms_per_map_batched": maps[name].ms_per_map_batched,
+            "a": {
+                "query": _side(side.proportion, side.iou, side.pointing, pairs.top1),
+                "match": _side(match_props, match_ious, match_hits, pairs.top1),
+            },
+            "b": {
+                "query": _side(side.proportion, side.iou, side.pointing, None),
+                "match": _side(match_props, match_ious, match_hits, None),
+            },
+            "ad": _finite(drop.value),
+            "ic": _finite(rise.value),
+            "faithfulness_n": drop.n,
+            "faithfulness_excluded": drop.excluded,
+            "ms_per_map": maps[name].ms_per_map,
+            "ms_per_map_batched": maps[name].ms_per_map_batched,
         }
     curves = deletion_insertion(names, maps, engine, images, pairs, matches.embs, options, pool_boxes)
     sanity = randomisation(names, maps, engine, queries, gallery, pairs, options, pool_boxes)
     for name in names:
         rows[name].update(
-            randomisation=sanity[name], deletion_auc=_auc(curves[name]["deletion"]), insertion_auc=_auc(curves[name]["insertion"]),
+            randomisation=sanity[name],
+            deletion_auc=_auc(curves[name]["deletion"]),
+            insertion_auc=_auc(curves[name]["insertion"]),
             curve_n=len(curves[name]["deletion"]),
             deletion_curve=curves[name]["deletion"].mean(axis=0).tolist() if len(curves[name]["deletion"]) else None,
             insertion_curve=curves[name]["insertion"].mean(axis=0).tolist() if len(curves[name]["insertion"]) else None,
         )
     check = maps["gradcam-autograd"]
     closed = maps["gradcam"] if "gradcam" in maps else explainer_maps("gradcam", engine, query, matches, pairs)
-    diff = float(max(np.abs(closed.query - check.query).max(initial=0), np.abs(closed.match - check.match).max(initial=0)))
+    diff = float(
+        max(np.abs(closed.query - check.query).max(initial=0), np.abs(closed.match - check.match).max(initial=0))
+    )
     scale = float(max(np.abs(check.query).max(initial=0), np.abs(check.match).max(initial=0)))
     recall = metrics.recall_at_k(hits, (1, 5, 10))
     report = {
         "recall": {str(k): v for k, v in recall.items()},
         "map": metrics.mean_average_precision(hits),
-        "n_queries": len(queries), "query_box": options.query_box,
-        "explainers": rows, "default_explainer": DEFAULT_EXPLAINER,
-        "dataset": str(dataset.root), "n_gallery": int(ranking.shape[1]), "model": engine.model,
-        "pairs": {"a": int(pairs.top1.sum()), "b": len(pairs),
-                  "curves": len(np.flatnonzero(pairs.curve)[: options.curve_pairs or None])},
+        "n_queries": len(queries),
+        "query_box": options.query_box,
+        "explainers": rows,
+        "default_explainer": DEFAULT_EXPLAINER,
+        "dataset": str(dataset.root),
+        "n_gallery": int(ranking.shape[1]),
+        "model": engine.model,
+        "pairs": {
+            "a": int(pairs.top1.sum()),
+            "b": len(pairs),
+            "curves": len(np.flatnonzero(pairs.curve)[: options.curve_pairs or None]),
+        },
         "steps": options.steps,
         "gradcam_check": {"max_abs_diff": diff, "max_abs_map": scale},
-        "index": summary, "seconds": round(time.perf_counter() - start, 1),
+        "index": summary,
+        "seconds": round(time.perf_counter() - start, 1),
     }
     return Evaluation(report, dataset, pairs, maps, curves, per_pair)

@@ -12,6 +12,7 @@ forward pass per map, on the first ``faithfulness_episodes``: the n behind each 
 reported. The maths is in ``retrieval.classify`` / ``evaluation.episodes`` / ``retrieval.fam``;
 per-map metrics reuse ``evaluation.evaluate`` (the retrieval evaluation), so both tables agree.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -103,8 +104,12 @@ def embed_dataset(items: list[Item], options: FewShotOptions, cache_dir: Path | 
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp.npz")
-            np.savez(tmp, feature_maps=feature_maps.half().numpy(), pooled=pooled.numpy(),
-                     sizes=np.array(sizes, dtype=np.int64))
+            np.savez(
+                tmp,
+                feature_maps=feature_maps.half().numpy(),
+                pooled=pooled.numpy(),
+                sizes=np.array(sizes, dtype=np.int64),
+            )
             tmp.replace(cache)
     head = head_from_choice(options.head or "none", pooled)  # pcaw: unsupervised, the dataset's own images
     names = sorted({item.label for item in items})
@@ -138,8 +143,9 @@ def episode_decisions(features: Features, episodes: list[Episode]) -> tuple[np.n
     return np.array(accuracies), Decisions(np.array(group, np.int64), np.array(query, np.int64), partners)
 
 
-def knn_decisions(features: Features, k: int, temperature: float, block: int,
-                  seed: int) -> tuple[np.ndarray, Decisions, np.ndarray]:
+def knn_decisions(
+    features: Features, k: int, temperature: float, block: int, seed: int
+) -> tuple[np.ndarray, Decisions, np.ndarray]:
     """Leave-one-out weighted k-NN over all images; blocks of `block` queries (seeded order) act as episodes.
 
     Returns per-image correctness (M,), the correct decisions (partners: the winning class's
@@ -166,8 +172,9 @@ def knn_decisions(features: Features, k: int, temperature: float, block: int,
 
 
 # ---------------------------------------------------------------------------- maps and metrics
-def decision_maps(name: str, features: Features, decisions: Decisions, rows: np.ndarray,
-                  chunk: int = 256) -> np.ndarray:
+def decision_maps(
+    name: str, features: Features, decisions: Decisions, rows: np.ndarray, chunk: int = 256
+) -> np.ndarray:
     """Raw query-side maps (R, h, w) of the chosen decisions against their K partners (Eq. 15).
 
     Batched over decisions with the same K (k-NN voters vary in number), `chunk` at a time.
@@ -180,11 +187,17 @@ def decision_maps(name: str, features: Features, decisions: Decisions, rows: np.
     sizes = np.array([len(decisions.partners[d]) for d in rows], dtype=np.int64)
     for size in np.unique(sizes):
         for start in range(0, int((sizes == size).sum()), chunk):
-            at = np.flatnonzero(sizes == size)[start:start + chunk]  # positions in rows
+            at = np.flatnonzero(sizes == size)[start : start + chunk]  # positions in rows
             queries = torch.from_numpy(decisions.query[rows[at]])
             partners = torch.from_numpy(np.stack([decisions.partners[d] for d in rows[at]]))  # (B, K)
-            heat, _ = explainers.explain(name, features.feature_maps[queries], features.embs[queries],
-                                         features.embs[partners], head.weight, head.bias)  # (B, h, w)
+            heat, _ = explainers.explain(
+                name,
+                features.feature_maps[queries],
+                features.embs[queries],
+                features.embs[partners],
+                head.weight,
+                head.bias,
+            )  # (B, h, w)
             out[at] = heat.numpy()
     return out
 
@@ -194,24 +207,28 @@ def _masked_input(model: SimpleNamespace, image: np.ndarray, heat: np.ndarray) -
     return model.encoder.preprocess(Image.fromarray(metrics.masked_image(image, heat)))
 
 
-def localisation(maps: np.ndarray, features: Features, decisions: Decisions, rows: np.ndarray,
-                 boxes: list) -> tuple[np.ndarray, np.ndarray]:
+def localisation(
+    maps: np.ndarray, features: Features, decisions: Decisions, rows: np.ndarray, boxes: list
+) -> tuple[np.ndarray, np.ndarray]:
     """Proportion and IoU (Eq. 19, 20) of each map on its query image: (R,), (R,)."""
-    results = [metrics.localise(saliency(heat, features.sizes[decisions.query[d]]), boxes[decisions.query[d]])
-               for heat, d in zip(maps, rows)]
+    results = [
+        metrics.localise(saliency(heat, features.sizes[decisions.query[d]]), boxes[decisions.query[d]])
+        for heat, d in zip(maps, rows)
+    ]
     props, ious = zip(*results) if results else ((), ())
     return np.array(props, np.float64), np.array(ious, np.float64)
 
 
-def faithfulness_scores(maps: np.ndarray, features: Features, decisions: Decisions, rows: np.ndarray,
-                        options: FewShotOptions, desc: str) -> tuple[np.ndarray, np.ndarray]:
+def faithfulness_scores(
+    maps: np.ndarray, features: Features, decisions: Decisions, rows: np.ndarray, options: FewShotOptions, desc: str
+) -> tuple[np.ndarray, np.ndarray]:
     """s (mean cosine to the decision's K images) and s' (the same for the saliency-masked query)."""
     scores, masked = [], []
     with tqdm(total=len(rows), unit="map", desc=desc, disable=not options.progress) as bar:
         for start in range(0, len(rows), options.batch_size):
-            chunk = rows[start:start + options.batch_size]
+            chunk = rows[start : start + options.batch_size]
             tensors = []
-            for heat, d in zip(maps[start:start + options.batch_size], chunk):
+            for heat, d in zip(maps[start : start + options.batch_size], chunk):
                 image = np.asarray(load_image(features.items[decisions.query[d]].path))
                 tensors.append(_masked_input(features.model, image, saliency(heat, (image.shape[1], image.shape[0]))))
             masked_embs = features.model.head(features.model.encoder.pooled(torch.stack(tensors)).cpu())  # (B, J)
@@ -244,8 +261,13 @@ def faithfulness_per_group(scores: np.ndarray, masked: np.ndarray, groups: np.nd
         if drop.n:
             ads.append(drop.value)
             ics.append(rise.value)
-    return {"ad": float(np.mean(ads)) if ads else None, "ic": float(np.mean(ics)) if ics else None,
-            "faithfulness_n": n, "faithfulness_excluded": excluded, "faithfulness_groups": len(ads)}
+    return {
+        "ad": float(np.mean(ads)) if ads else None,
+        "ic": float(np.mean(ics)) if ics else None,
+        "faithfulness_n": n,
+        "faithfulness_excluded": excluded,
+        "faithfulness_groups": len(ads),
+    }
 
 
 def explain_decisions(features: Features, decisions: Decisions, options: FewShotOptions) -> dict:
@@ -261,11 +283,17 @@ def explain_decisions(features: Features, decisions: Decisions, options: FewShot
         props, ious = localisation(maps, features, decisions, located, boxes)
         groups = decisions.group[located]
         proportion, n, n_groups = per_group_mean(props, groups)
-        row = {"proportion": proportion, "iou": per_group_mean(ious, groups)[0], "n": n, "groups": n_groups,
-               "ms_per_map": round(ms, 3)}
+        row = {
+            "proportion": proportion,
+            "iou": per_group_mean(ious, groups)[0],
+            "n": n,
+            "groups": n_groups,
+            "ms_per_map": round(ms, 3),
+        }
         in_faithful = np.isin(located, faithful)
-        scores, masked = faithfulness_scores(maps[in_faithful], features, decisions, located[in_faithful],
-                                             options, f"AD/IC: {name}")
+        scores, masked = faithfulness_scores(
+            maps[in_faithful], features, decisions, located[in_faithful], options, f"AD/IC: {name}"
+        )
         row.update(faithfulness_per_group(scores, masked, groups[in_faithful]))
         rows[name] = row
     return rows
@@ -283,19 +311,29 @@ def evaluate_episodes(root: str | Path, options: FewShotOptions, cache_dir: Path
     start = time.perf_counter()
     features = _load(root, options, cache_dir)
     tick = time.perf_counter()
-    episodes = list(sample_episodes(features.labels, options.episodes, options.way, options.shot,
-                                    options.queries, options.seed))
+    episodes = list(
+        sample_episodes(features.labels, options.episodes, options.way, options.shot, options.queries, options.seed)
+    )
     accuracies, decisions = episode_decisions(features, episodes)
     accuracy, ci95 = mean_ci95(accuracies)
     timing = {"embed": round(tick - start, 1), "episodes": round(time.perf_counter() - tick, 1)}
-    return {"mode": "episodes", "dataset": str(Path(root)), "way": options.way, "shot": options.shot,
-            "queries": options.queries, "episodes": options.episodes, "seed": options.seed,
-            "accuracy": accuracy, "ci95": ci95, "n_images": len(features.items),
-            "maps_episodes": min(options.maps_episodes, options.episodes),
-            "faithfulness_episodes": min(options.faithfulness_episodes, options.episodes),
-            "model": {**features.model.encoder.identity, **features.model.head.identity},
-            "explainers": explain_decisions(features, decisions, options),
-            "seconds": {**timing, "total": round(time.perf_counter() - start, 1)}}
+    return {
+        "mode": "episodes",
+        "dataset": str(Path(root)),
+        "way": options.way,
+        "shot": options.shot,
+        "queries": options.queries,
+        "episodes": options.episodes,
+        "seed": options.seed,
+        "accuracy": accuracy,
+        "ci95": ci95,
+        "n_images": len(features.items),
+        "maps_episodes": min(options.maps_episodes, options.episodes),
+        "faithfulness_episodes": min(options.faithfulness_episodes, options.episodes),
+        "model": {**features.model.encoder.identity, **features.model.head.identity},
+        "explainers": explain_decisions(features, decisions, options),
+        "seconds": {**timing, "total": round(time.perf_counter() - start, 1)},
+    }
 
 
 def evaluate_knn(root: str | Path, options: FewShotOptions, cache_dir: Path | None = None) -> dict:
@@ -311,34 +349,54 @@ def evaluate_knn(root: str | Path, options: FewShotOptions, cache_dir: Path | No
     correct, decisions, order = knn_decisions(features, options.knn, options.temperature, block, options.seed)
     accuracy, ci95 = mean_ci95(correct.astype(np.float64))
     timing = {"embed": round(tick - start, 1), "decisions": round(time.perf_counter() - tick, 1)}
-    return {"mode": "knn", "dataset": str(Path(root)), "k": options.knn, "temperature": options.temperature,
-            "accuracy": accuracy, "ci95": ci95, "n_images": len(features.items), "block": block,
-            "maps_blocks": min(options.maps_episodes, -(-len(order) // block)),
-            "faithfulness_blocks": min(options.faithfulness_episodes, -(-len(order) // block)),
-            "model": {**features.model.encoder.identity, **features.model.head.identity},
-            "explainers": explain_decisions(features, decisions, options),
-            "seconds": {**timing, "total": round(time.perf_counter() - start, 1)}}
+    return {
+        "mode": "knn",
+        "dataset": str(Path(root)),
+        "k": options.knn,
+        "temperature": options.temperature,
+        "accuracy": accuracy,
+        "ci95": ci95,
+        "n_images": len(features.items),
+        "block": block,
+        "maps_blocks": min(options.maps_episodes, -(-len(order) // block)),
+        "faithfulness_blocks": min(options.faithfulness_episodes, -(-len(order) // block)),
+        "model": {**features.model.encoder.identity, **features.model.head.identity},
+        "explainers": explain_decisions(features, decisions, options),
+        "seconds": {**timing, "total": round(time.perf_counter() - start, 1)},
+    }
 
 
 def format_report(report: dict) -> str:
     """Markdown tables in the paper's layout (percentages)."""
     if report["mode"] == "episodes":
-        title = (f"{report['way']}-way {report['shot']}-shot, {report['queries']} queries per class, "
-                 f"{report['episodes']} episodes (seed {report['seed']})")
-        scope = (f"localisation on correct queries of the first {report['maps_episodes']} episodes, "
-                 f"AD/IC on the first {report['faithfulness_episodes']}; per episode, then over episodes")
+        title = (
+            f"{report['way']}-way {report['shot']}-shot, {report['queries']} queries per class, "
+            f"{report['episodes']} episodes (seed {report['seed']})"
+        )
+        scope = (
+            f"localisation on correct queries of the first {report['maps_episodes']} episodes, "
+            f"AD/IC on the first {report['faithfulness_episodes']}; per episode, then over episodes"
+        )
     else:
         title = f"k-NN, k = {report['k']}, τ = {report['temperature']}, leave-one-out over {report['n_images']} images"
-        scope = (f"localisation on correct decisions of the first {report['maps_blocks']} blocks of {report['block']} "
-                 f"queries, AD/IC on the first {report['faithfulness_blocks']}; per block, then over blocks")
+        scope = (
+            f"localisation on correct decisions of the first {report['maps_blocks']} blocks of {report['block']} "
+            f"queries, AD/IC on the first {report['faithfulness_blocks']}; per block, then over blocks"
+        )
     seconds = ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items())
-    lines = [f"{title}: accuracy {pct(report['accuracy'])} ± {pct(report['ci95'])} % (95% CI)", "",
-             f"{scope}; seconds: {seconds}", "",
-             "| explainer | Proportion ↑ | IoU ↑ | n maps | AD ↓ | IC ↑ | n AD/IC | ms/map |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{title}: accuracy {pct(report['accuracy'])} ± {pct(report['ci95'])} % (95% CI)",
+        "",
+        f"{scope}; seconds: {seconds}",
+        "",
+        "| explainer | Proportion ↑ | IoU ↑ | n maps | AD ↓ | IC ↑ | n AD/IC | ms/map |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, row in report["explainers"].items():
-        lines.append(f"| {name} | {pct(row['proportion'])} | {pct(row['iou'])} | {row['n']} | {pct(row['ad'])} | "
-                     f"{pct(row['ic'])} | {row['faithfulness_n']} | {row['ms_per_map']:.2f} |")
+        lines.append(
+            f"| {name} | {pct(row['proportion'])} | {pct(row['iou'])} | {row['n']} | {pct(row['ad'])} | "
+            f"{pct(row['ic'])} | {row['faithfulness_n']} | {row['ms_per_map']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -349,6 +407,7 @@ def fewshot_explainers(text: str) -> tuple[str, ...]:
     names += ("centre",)
     unknown = [n for n in names if n not in FEWSHOT_EXPLAINERS]
     if unknown:
-        raise UsageError(f"--explain in few-shot/k-NN mode takes {', '.join(explainers.PAPER_EXPLAINERS)}; "
-                         f"got {', '.join(unknown)}")
+        raise UsageError(
+            f"--explain in few-shot/k-NN mode takes {', '.join(explainers.PAPER_EXPLAINERS)}; got {', '.join(unknown)}"
+        )
     return names

@@ -14,6 +14,7 @@ Conventions this module fixes (and the tests pin):
   drop below zero counts as a full drop (AD term capped at 1), and a curve is the similarity
   as a share of s, clipped to [0, 1], so every figure stays a fraction.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -142,8 +143,9 @@ def box_area(box: PixelBox) -> int:
 
 def box_iou(first: PixelBox, second: PixelBox) -> float:
     """Intersection over union of two boxes with exclusive ends."""
-    inter = box_area((max(first[0], second[0]), max(first[1], second[1]),
-                      min(first[2], second[2]), min(first[3], second[3])))
+    inter = box_area(
+        (max(first[0], second[0]), max(first[1], second[1]), min(first[2], second[2]), min(first[3], second[3]))
+    )
     union = box_area(first) + box_area(second) - inter
     return inter / union if union > 0 else 0.0
 

@@ -1,4 +1,5 @@
 """The evaluation report for people: the paper-style Markdown tables, report.json, curves and example overlays."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,19 @@ def format_tables(report: dict) -> str:
         f"dataset {report['dataset']}: {report['n_queries']} queries, {report['n_gallery']} gallery images",
         f"model {model.get('backbone')} ({model.get('weights_sha256')}), {model.get('pooling')}, "
         f"{model.get('input_size')} px, head {model.get('head')}",
-        *(["queries pooled inside their annotated box (--query-box): query-side maps are zero outside it, "
-           "so query-side Proportion / IoU say little; read the match side"] if report.get("query_box") == "annotated"
-          else ["queries pooled over the cells the automatic focus picked (--query-auto): query-side maps are "
-                "zero outside them, so query-side Proportion / IoU say how well the focus found the object"]
-          if report.get("query_box") == "auto" else []),
+        *(
+            [
+                "queries pooled inside their annotated box (--query-box): query-side maps are zero outside it, "
+                "so query-side Proportion / IoU say little; read the match side"
+            ]
+            if report.get("query_box") == "annotated"
+            else [
+                "queries pooled over the cells the automatic focus picked (--query-auto): query-side maps are "
+                "zero outside them, so query-side Proportion / IoU say how well the focus found the object"
+            ]
+            if report.get("query_box") == "auto"
+            else []
+        ),
         "",
         "| Recall@1 | Recall@5 | Recall@10 | mAP |",
         "|---:|---:|---:|---:|",
@@ -43,8 +52,11 @@ def format_tables(report: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for name, row in report["explainers"].items():
-        cells = [" / ".join(pct(row[p][s].get(m)) for m in ("proportion", "iou", "pointing"))
-                 for p in ("a", "b") for s in ("query", "match")]
+        cells = [
+            " / ".join(pct(row[p][s].get(m)) for m in ("proportion", "iou", "pointing"))
+            for p in ("a", "b")
+            for s in ("query", "match")
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     first = next(iter(report["explainers"].values()))
     lines += [
@@ -63,11 +75,16 @@ def format_tables(report: dict) -> str:
         batched = "—" if row.get("ms_per_map_batched") is None else f"{row['ms_per_map_batched']:.3f}"
         rho = row.get("randomisation") or {}
         rhos = " / ".join("—" if rho.get(side) is None else f"{rho[side]:.2f}" for side in ("query", "match"))
-        lines.append(f"| {name} | {pct(row['ad'])} | {pct(row['ic'])} | {pct(row['deletion_auc'])} | "
-                     f"{pct(row['insertion_auc'])} | {rhos} | {row['ms_per_map']:.3f} | {batched} |")
+        lines.append(
+            f"| {name} | {pct(row['ad'])} | {pct(row['ic'])} | {pct(row['deletion_auc'])} | "
+            f"{pct(row['insertion_auc'])} | {rhos} | {row['ms_per_map']:.3f} | {batched} |"
+        )
     check = report["gradcam_check"]
-    lines += ["", f"Grad-CAM closed form vs autograd: max |difference| {check['max_abs_diff']:.2e} "
-                  f"(maps up to {check['max_abs_map']:.2e}); {report['seconds']:.0f} s in all."]
+    lines += [
+        "",
+        f"Grad-CAM closed form vs autograd: max |difference| {check['max_abs_diff']:.2e} "
+        f"(maps up to {check['max_abs_map']:.2e}); {report['seconds']:.0f} s in all.",
+    ]
     return "\n".join(lines)
 
 
@@ -124,8 +141,9 @@ def _plot_example(path: Path, evaluation: Evaluation, p: int) -> None:
     names = list(evaluation.maps)
     fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 5.4), squeeze=False)
     for col, name in enumerate(names):
-        for row, (photo, item, heat) in enumerate(zip(photos, (query_item, match_item),
-                                                      (evaluation.maps[name].query[p], evaluation.maps[name].match[p]))):
+        for row, (photo, item, heat) in enumerate(
+            zip(photos, (query_item, match_item), (evaluation.maps[name].query[p], evaluation.maps[name].match[p]))
+        ):
             axis = axes[row][col]
             axis.imshow(overlay(photo, np.asarray(heat)))
             box = item_box(item)

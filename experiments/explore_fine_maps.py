@@ -97,7 +97,14 @@ def features(engine: QueryEngine, items, batch: int = 16) -> Feats:
             pooled = (a * region[:, None]).mean(dim=(-2, -1))
             mids.append(caught10[0].float())
             mids8.append(caught4[0].half())
-            guides.append(torch.stack([torch.from_numpy(np.asarray(im.convert("L").resize((GUIDE, GUIDE)), dtype=np.float32) / 255) for im in images]))
+            guides.append(
+                torch.stack(
+                    [
+                        torch.from_numpy(np.asarray(im.convert("L").resize((GUIDE, GUIDE)), dtype=np.float32) / 255)
+                        for im in images
+                    ]
+                )
+            )
             maps.append(a)
             regions.append(region)
             softs.append(soft)
@@ -107,8 +114,16 @@ def features(engine: QueryEngine, items, batch: int = 16) -> Feats:
     finally:
         hook.remove()
         hook4.remove()
-    feats = Feats(torch.cat(maps), torch.cat(regions), torch.cat(softs), torch.cat(maps16), torch.cat(embs), sizes,
-                  torch.cat(mids), torch.cat(guides))
+    feats = Feats(
+        torch.cat(maps),
+        torch.cat(regions),
+        torch.cat(softs),
+        torch.cat(maps16),
+        torch.cat(embs),
+        sizes,
+        torch.cat(mids),
+        torch.cat(guides),
+    )
     feats.mid8 = torch.cat(mids8)
     return feats
 
@@ -142,7 +157,9 @@ def jbu(coarse: torch.Tensor, mid: torch.Tensor, sigma: float = 0.2, reach: floa
     yf = (torch.arange(hf) + 0.5) * hc / hf
     xf = (torch.arange(wf) + 0.5) * wc / wf
     yc, xc = torch.arange(hc) + 0.5, torch.arange(wc) + 0.5
-    dist2 = (yf[:, None, None, None] - yc[None, None, :, None]) ** 2 + (xf[None, :, None, None] - xc[None, None, None, :]) ** 2
+    dist2 = (yf[:, None, None, None] - yc[None, None, :, None]) ** 2 + (
+        xf[None, :, None, None] - xc[None, None, None, :]
+    ) ** 2
     spatial = torch.exp(-dist2 / (2 * reach**2))  # (hf, wf, hc, wc)
     weight = spatial[None] * torch.exp((sim - 1) / sigma)
     return torch.einsum("pijkl,pkl->pij", weight, coarse) / weight.sum(dim=(-2, -1)).clamp_min(1e-12)
@@ -173,7 +190,9 @@ def candidate_maps(name: str, subject: Feats, idx, partner_embs: torch.Tensor) -
         return explainers.weighted_map(a16, weights)
     if name.startswith("fam16-soft"):
         _, _, floor, power = name.split("-")
-        soft16 = F.interpolate(subject.soft[idx][:, None], size=a16.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        soft16 = F.interpolate(subject.soft[idx][:, None], size=a16.shape[-2:], mode="bilinear", align_corners=False)[
+            :, 0
+        ]
         return explainers.weighted_map(a16, weights) * soft_weight(soft16, float(floor), float(power))
     if name.startswith("jbu-"):  # jbu-<floor>-<power>[-sigma]: the 7x7 soft map up-sampled in block-10 features
         _, floor, power, *sigma = name.split("-")
@@ -252,12 +271,26 @@ def main() -> None:
             s_masked = side[name].masked_scores
             ad = metrics.average_drop(scores, s_masked).value
             ic = metrics.increase_in_confidence(scores, s_masked, 1e-5).value
-            mprop, miou = zip(*[metrics.localise(saliency(m.match[p], g.sizes[j]), g_boxes[j]) for p, j in enumerate(pairs.gallery)])
-            row = [np.mean(side[name].proportion), np.mean(side[name].iou), pointing(m.query, q.sizes, q_boxes, pairs.query).mean(),
-                   np.mean(mprop), np.mean(miou), pointing(m.match, g.sizes, g_boxes, pairs.gallery).mean(), ad, ic,
-                   np.mean([metrics.curve_auc(c) for c in curves[name]["deletion"]]),
-                   np.mean([metrics.curve_auc(c) for c in curves[name]["insertion"]])]
-            print(f"| {name} | {m.query.shape[-2]}x{m.query.shape[-1]} | " + " | ".join(f"{100 * v:.1f}" for v in row) + f" | {m.ms_per_map:.3f} |")
+            mprop, miou = zip(
+                *[metrics.localise(saliency(m.match[p], g.sizes[j]), g_boxes[j]) for p, j in enumerate(pairs.gallery)]
+            )
+            row = [
+                np.mean(side[name].proportion),
+                np.mean(side[name].iou),
+                pointing(m.query, q.sizes, q_boxes, pairs.query).mean(),
+                np.mean(mprop),
+                np.mean(miou),
+                pointing(m.match, g.sizes, g_boxes, pairs.gallery).mean(),
+                ad,
+                ic,
+                np.mean([metrics.curve_auc(c) for c in curves[name]["deletion"]]),
+                np.mean([metrics.curve_auc(c) for c in curves[name]["insertion"]]),
+            ]
+            print(
+                f"| {name} | {m.query.shape[-2]}x{m.query.shape[-1]} | "
+                + " | ".join(f"{100 * v:.1f}" for v in row)
+                + f" | {m.ms_per_map:.3f} |"
+            )
         engine.close()
 
 

@@ -10,6 +10,7 @@ queries (ROC AUC against the masks), next to the gallery-recurrence cue of explo
 
     .venv/bin/python experiments/explore_focus.py [--size 320] > bench/results/focus.txt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,15 @@ def block11_maps(dataset: Path, size: int) -> np.ndarray:
     chunks = []
     with focus_layer_outputs(encoder.backbone) as caught:
         for start in range(0, len(paths), 32):
-            encoder.forward_features(torch.stack([encoder.preprocess(load_image(p)) for p in paths[start:start + 32]]))
+            encoder.forward_features(
+                torch.stack([encoder.preprocess(load_image(p)) for p in paths[start : start + 32]])
+            )
             chunks.append(caught.pop().clamp_min(0).half())
-            print(f"  block 11 of {dataset.name} @{size}: {min(start + 32, len(paths))}/{len(paths)}", file=sys.stderr, end="\r")
+            print(
+                f"  block 11 of {dataset.name} @{size}: {min(start + 32, len(paths))}/{len(paths)}",
+                file=sys.stderr,
+                end="\r",
+            )
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(file, torch.cat(chunks).numpy())
     return np.load(file)
@@ -71,8 +78,10 @@ class Queries:
             norms = np.linalg.norm(cells, axis=2)
             unit = cells / norms.clip(1e-6)[..., None]
             mean = unit.mean(1, keepdims=True)
-            self.cues[layer] = (1.0 - (unit * mean / np.linalg.norm(mean, axis=2, keepdims=True)).sum(2),
-                                norms / norms.mean(1, keepdims=True))
+            self.cues[layer] = (
+                1.0 - (unit * mean / np.linalg.norm(mean, axis=2, keepdims=True)).sum(2),
+                norms / norms.mean(1, keepdims=True),
+            )
         gap = self.last[self.g].mean(1)
         self.whiten = fit_pcaw(torch.from_numpy(gap), dim=256)
         self.gallery = self._unit(gap)
@@ -91,8 +100,9 @@ class Queries:
             score = ndimage.uniform_filter(score.reshape(-1, *self.hw), size=(1, 3, 3)).reshape(len(score), -1)
         return score
 
-    def recall_at_1(self, a: float, b: float, distinct_on: str, norm_on: str, smooth: bool, share: float,
-                    ring: bool = True) -> float:
+    def recall_at_1(
+        self, a: float, b: float, distinct_on: str, norm_on: str, smooth: bool, share: float, ring: bool = True
+    ) -> float:
         weights = self.scores(a, b, distinct_on, norm_on, smooth, ring)
         if share < 1.0:
             kth = np.sort(weights, 1)[:, -max(1, int(share * weights.shape[1]))][:, None]
@@ -121,28 +131,46 @@ def main() -> None:
     args = parser.parse_args()
     train, test = Queries(TRAIN, args.size), Queries(COMPOSITES, args.size)
     layers = ("block 11", "last map")
-    grid = [c for c in product((0.0, 1.0, 2.0, 4.0), (0.0, 1.0, 2.0, 4.0), layers, layers, (False, True),
-                               (1.0, 0.3, 0.15, 0.1), (True, False)) if c[0] or c[1]]
+    grid = [
+        c
+        for c in product(
+            (0.0, 1.0, 2.0, 4.0),
+            (0.0, 1.0, 2.0, 4.0),
+            layers,
+            layers,
+            (False, True),
+            (1.0, 0.3, 0.15, 0.1),
+            (True, False),
+        )
+        if c[0] or c[1]
+    ]
     on_train = {config: train.recall_at_1(*config) for config in grid}
-    print(f"{args.size} px; query pooled over its top cells, gallery whole-image GAP + pcaw; {len(grid)} settings "
-          "scored on clipart-train (200 queries), the 8 best applied once to clipart-composites (60 queries; one "
-          "query = 1.7 points)")
-    print("| a (distinct.) | b (norm) | distinct. on | norm on | 3x3 smooth | share of cells | outer ring | clipart-train R@1 | composites R@1 |")
+    print(
+        f"{args.size} px; query pooled over its top cells, gallery whole-image GAP + pcaw; {len(grid)} settings "
+        "scored on clipart-train (200 queries), the 8 best applied once to clipart-composites (60 queries; one "
+        "query = 1.7 points)"
+    )
+    print(
+        "| a (distinct.) | b (norm) | distinct. on | norm on | 3x3 smooth | share of cells | outer ring | clipart-train R@1 | composites R@1 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for config in sorted(on_train, key=on_train.get, reverse=True)[:8]:
         a, b, distinct_on, norm_on, smooth, share, ring = config
         cells = [f"{a:g}", f"{b:g}", distinct_on, norm_on, str(smooth), f"{share:g}", "kept" if ring else "zeroed"]
-        print("| " + " | ".join(cells)
-              + f" | {on_train[config]:.1f} | {test.recall_at_1(*config):.1f} |")
-    print(f"reference: whole query photo (GAP + pcaw): clipart-train {train.recall_at_1(0, 0, *layers, False, 1.0):.1f}, "
-          f"composites {test.recall_at_1(0, 0, *layers, False, 1.0):.1f}")
+        print("| " + " | ".join(cells) + f" | {on_train[config]:.1f} | {test.recall_at_1(*config):.1f} |")
+    print(
+        f"reference: whole query photo (GAP + pcaw): clipart-train {train.recall_at_1(0, 0, *layers, False, 1.0):.1f}, "
+        f"composites {test.recall_at_1(0, 0, *layers, False, 1.0):.1f}"
+    )
     print("\nobject cells vs background cells of the composites' queries, ROC AUC (0.5 = no cue):")
-    for name, config in (("distinctiveness, block 11", (1, 0, "block 11", "block 11", False)),
-                         ("norm, block 11", (0, 1, "block 11", "block 11", False)),
-                         ("distinctiveness, last map", (1, 0, "last map", "last map", False)),
-                         ("norm, last map", (0, 1, "last map", "last map", False)),
-                         ("first choice: d * norm^2, block 11, 3x3", (1, 2, "block 11", "block 11", True)),
-                         ("shipped: d^2 * norm, block 11, ring zeroed, 3x3", (2, 1, "block 11", "block 11", True, False))):
+    for name, config in (
+        ("distinctiveness, block 11", (1, 0, "block 11", "block 11", False)),
+        ("norm, block 11", (0, 1, "block 11", "block 11", False)),
+        ("distinctiveness, last map", (1, 0, "last map", "last map", False)),
+        ("norm, last map", (0, 1, "last map", "last map", False)),
+        ("first choice: d * norm^2, block 11, 3x3", (1, 2, "block 11", "block 11", True)),
+        ("shipped: d^2 * norm, block 11, ring zeroed, 3x3", (2, 1, "block 11", "block 11", True, False)),
+    ):
         print(f"- {name}: {object_auc(test.scores(*config), COMPOSITES, test.q, test.hw):.3f}")
 
 

@@ -9,6 +9,7 @@ for it. Then the share of cells kept, on train only, and a multi-scale embedding
 
     .venv/bin/python experiments/explore_focus_pooling.py > bench/results/focus-pooling.txt
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,8 +47,10 @@ class Photos:
         distinct = np.maximum(1.0 - (unit * mean / np.linalg.norm(mean, axis=2, keepdims=True)).sum(2), 1e-6)
         inner = np.zeros(hw, np.float32)
         inner[1:-1, 1:-1] = 1.0
-        score = distinct ** 2 * norms / norms.mean(1, keepdims=True) * inner.ravel()
-        self.score = ndimage.uniform_filter(score.reshape(-1, *hw), size=(1, 3, 3), mode="nearest").reshape(len(score), -1)
+        score = distinct**2 * norms / norms.mean(1, keepdims=True) * inner.ravel()
+        self.score = ndimage.uniform_filter(score.reshape(-1, *hw), size=(1, 3, 3), mode="nearest").reshape(
+            len(score), -1
+        )
 
     def pooled(self, rows: np.ndarray, mode: tuple[str, float]) -> np.ndarray:
         kind, value = mode
@@ -80,7 +83,9 @@ def check_against_the_product(dataset: Path, size: int, photos: Photos, count: i
     product_cells = (focus_weights(mid, grid) > 0).flatten(1).numpy()
     kth = np.sort(photos.score[:count], 1)[:, -max(1, int(FOCUS_SHARE * photos.score.shape[1]))][:, None]
     agree = float(np.mean(np.all(product_cells == (photos.score[:count] >= kth), axis=1)))
-    assert agree >= 0.95, f"the bench's focus picks other cells than focus_weights on {100 * (1 - agree):.0f}% of photos"
+    assert agree >= 0.95, (
+        f"the bench's focus picks other cells than focus_weights on {100 * (1 - agree):.0f}% of photos"
+    )
 
 
 def name(mode: tuple[str, float]) -> str:
@@ -101,8 +106,11 @@ def multi_scale(sizes: tuple[int, ...] = (224, 320)) -> str:
         one = photos[sizes[0]]
         unit = {size: p.pooled(np.arange(len(one.labels)), ("top", FOCUS_SHARE)) for size, p in photos.items()}
         unit = {size: z / np.linalg.norm(z, axis=1, keepdims=True) for size, z in unit.items()}
-        cells.append(f"{dataset.name}: " + ", ".join(f"{size} px {_recall(one, z):.1f}" for size, z in unit.items())
-                     + f", {' + '.join(map(str, sizes))} px {_recall(one, sum(unit.values())):.1f}")
+        cells.append(
+            f"{dataset.name}: "
+            + ", ".join(f"{size} px {_recall(one, z):.1f}" for size, z in unit.items())
+            + f", {' + '.join(map(str, sizes))} px {_recall(one, sum(unit.values())):.1f}"
+        )
     return "multi-scale, focus on both sides, no pcaw, Recall@1: " + "; ".join(cells)
 
 
@@ -113,15 +121,21 @@ def main() -> None:
         # the query pooled one way and the gallery whole, or both pooled the same way
         pairs = [(q, WHOLE) for q in MODES] + [(m, m) for m in MODES if m != WHOLE]
         rows = [(q, g, w, train.recall_at_1(q, g, w)) for (q, g), w in product(pairs, (False, True))]
-        print(f"\n## {size} px: sorted by clipart-train Recall@1 (200 queries; composites: 60, one query = 1.7 points)\n")
+        print(
+            f"\n## {size} px: sorted by clipart-train Recall@1 (200 queries; composites: 60, one query = 1.7 points)\n"
+        )
         print("| query pooled | gallery pooled | gallery pcaw | clipart-train R@1 | composites R@1 |")
         print("|---|---|---|---:|---:|")
         for q, g, w, on_train in sorted(rows, key=lambda row: -row[3]):
             print(f"| {name(q)} | {name(g)} | {w} | {on_train:.1f} | {test.recall_at_1(q, g, w):.1f} |")
         shares = (0.03, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2)
-        print(f"\nshare of cells kept on both sides, no pcaw, clipart-train R@1 (shipped: {FOCUS_SHARE}): "
-              + ", ".join(f"{s:g} ({max(1, int(s * train.score.shape[1]))} cells) {train.recall_at_1(('top', s), ('top', s), False):.1f}"
-                          for s in shares))
+        print(
+            f"\nshare of cells kept on both sides, no pcaw, clipart-train R@1 (shipped: {FOCUS_SHARE}): "
+            + ", ".join(
+                f"{s:g} ({max(1, int(s * train.score.shape[1]))} cells) {train.recall_at_1(('top', s), ('top', s), False):.1f}"
+                for s in shares
+            )
+        )
     print("\n" + multi_scale())
 
 

@@ -6,6 +6,7 @@ true object mask (an upper bound for any background suppression; no method has t
 
     .venv/bin/python experiments/explore_layers.py [--size 224] > bench/results/layers.txt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,9 @@ def tapped_maps(size: int) -> dict[str, torch.Tensor]:
     taps: dict[str, list] = {**{f"block {k}": [] for k in TAPS}, "last conv map": []}
     rows = read_rows(COMPOSITES)
     for start in range(0, len(rows), 16):
-        x = torch.stack([preprocess(Image.open(COMPOSITES / r["path"]).convert("RGB")) for r in rows[start:start + 16]])
+        x = torch.stack(
+            [preprocess(Image.open(COMPOSITES / r["path"]).convert("RGB")) for r in rows[start : start + 16]]
+        )
         x = F.relu6(model._bn0(model._conv_stem(x)))
         for k, block in enumerate(model._blocks):
             x = block(x)
@@ -64,9 +67,15 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---:|")
     for name, maps in tapped_maps(args.size).items():
         n, channels, h, w = maps.shape
-        masks = torch.from_numpy(np.stack([
-            np.asarray(Image.open(COMPOSITES / r["mask"]).convert("L").resize((w, h), Image.BOX), np.float32) / 255.0
-            for r in rows]))[:, None]  # (n, 1, h, w): object share of each cell
+        masks = torch.from_numpy(
+            np.stack(
+                [
+                    np.asarray(Image.open(COMPOSITES / r["mask"]).convert("L").resize((w, h), Image.BOX), np.float32)
+                    / 255.0
+                    for r in rows
+                ]
+            )
+        )[:, None]  # (n, 1, h, w): object share of each cell
         gap = maps.mean((2, 3))
         pcaw = fit_pcaw(gap[g], dim=min(256, channels))(gap)
         oracle = (maps * masks).sum((2, 3)) / masks.sum((2, 3)).clamp_min(1e-6)

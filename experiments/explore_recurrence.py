@@ -13,6 +13,7 @@ Why it is not the default: z would depend on the whole gallery (adding photos ch
 photo's weights, so incremental indexing would re-pool everything) and the query needs the gallery's
 cells; see docs/heads.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,9 @@ class Cues:
         owner = np.repeat(self.g, h * w)
         sims, ids = index.search(unit.reshape(-1, channels), 300)  # (n*hw, 300)
         mine = np.repeat(np.arange(n), h * w)
-        self.counts = np.array([len(set(owner[i][(s >= tau) & (owner[i] != m)])) for i, s, m in zip(ids, sims, mine)],
-                               dtype=np.float32).reshape(n, h * w)
+        self.counts = np.array(
+            [len(set(owner[i][(s >= tau) & (owner[i] != m)])) for i, s, m in zip(ids, sims, mine)], dtype=np.float32
+        ).reshape(n, h * w)
         mean = self.cells.mean(1, keepdims=True)
         self.distinct = 1.0 - (unit * (mean / np.linalg.norm(mean, axis=2, keepdims=True))).sum(2)
 
@@ -89,15 +91,21 @@ def main() -> None:
     test = Cues(*labelled_maps(COMPOSITES, args.size))
     grid = list(product((1.0, 2.0, 4.0), (0.0, 1.0, 2.0), (False, True), (1.0, 0.3, 0.15), (False, True)))
     on_train = {config: train.recall_at_1(*config) for config in grid}
-    print(f"{args.size} px, tau {TAU}; {len(grid)} settings scored on clipart-train (200 queries), the 5 best "
-          "applied once to clipart-composites (60 queries; one query = 1.7 points)")
+    print(
+        f"{args.size} px, tau {TAU}; {len(grid)} settings scored on clipart-train (200 queries), the 5 best "
+        "applied once to clipart-composites (60 queries; one query = 1.7 points)"
+    )
     print("| beta | gamma (distinct.) | 3x3 smooth | top cells | gallery pcaw | clipart-train R@1 | composites R@1 |")
     print("|---|---|---|---|---|---|---|")
     for config in sorted(on_train, key=on_train.get, reverse=True)[:5]:
         beta, gamma, smooth, top, whiten = config
-        print(f"| {beta:g} | {gamma:g} | {smooth} | {top:g} | {whiten} | {on_train[config]:.1f} | {test.recall_at_1(*config):.1f} |")
-    print(f"reference on composites: plain GAP {test.recall_at_1(0, 0, False, 1.0, False):.1f}, "
-          f"GAP + pcaw {test.recall_at_1(0, 0, False, 1.0, True):.1f}")
+        print(
+            f"| {beta:g} | {gamma:g} | {smooth} | {top:g} | {whiten} | {on_train[config]:.1f} | {test.recall_at_1(*config):.1f} |"
+        )
+    print(
+        f"reference on composites: plain GAP {test.recall_at_1(0, 0, False, 1.0, False):.1f}, "
+        f"GAP + pcaw {test.recall_at_1(0, 0, False, 1.0, True):.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Every flag has an environment twin FAMSEARCH_<FLAG> (e.g. --batch-size -> FAMSEA
 Exit codes: 0 ok, 1 partial (some files failed), 2 usage error (one line on stderr), 70 internal error
 (a bug: reported with its traceback), 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,8 @@ LOGGER = logging.getLogger("famsearch")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="famsearch", description="Search photos by example image and see why each match came back.",
+        prog="famsearch",
+        description="Search photos by example image and see why each match came back.",
         epilog="Every flag has an environment twin: FAMSEARCH_<FLAG>, e.g. FAMSEARCH_HOME.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

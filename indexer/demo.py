@@ -4,6 +4,7 @@ Every photo appears as the original and as a crop, a mirror, a recolour and a ro
 so a search with any of them finds its siblings first — something to look at on a
 fresh machine with no photos and no internet.
 """
+
 from __future__ import annotations
 
 import random
@@ -14,9 +15,23 @@ from PIL import Image, ImageEnhance, ImageOps
 
 # Photos shipped inside the scikit-image wheel, read as files (skimage.data may fetch others).
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
-SOURCES = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
-           "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "brick.png", "grass.png",
-           "gravel.png", "coins.png", "moon.png", "clock_motion.png")
+SOURCES = (
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "ihc.png",
+    "camera.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+    "coins.png",
+    "moon.png",
+    "clock_motion.png",
+)
 
 
 def _variants(image: Image.Image, rng: random.Random) -> dict[str, Image.Image]:
@@ -28,8 +43,9 @@ def _variants(image: Image.Image, rng: random.Random) -> dict[str, Image.Image]:
         "crop": image.crop((x, y, x + cw, y + ch)),
         "mirror": ImageOps.mirror(image),
         "recolour": ImageEnhance.Color(ImageEnhance.Brightness(image).enhance(1.25)).enhance(0.4),
-        "rotated": image.rotate(rng.choice([-12, 12]), resample=Image.Resampling.BICUBIC, expand=False,
-                                fillcolor=(0, 0, 0)),
+        "rotated": image.rotate(
+            rng.choice([-12, 12]), resample=Image.Resampling.BICUBIC, expand=False, fillcolor=(0, 0, 0)
+        ),
     }
 
 

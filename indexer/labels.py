@@ -1,4 +1,5 @@
 """Albums from the gallery's folders or a labels file, applied after an index run or by `famsearch albums`."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Walking photo folders: one stat per file, hidden/system folders skipped, symlink loops cut."""
+
 from __future__ import annotations
 
 import fnmatch

@@ -7,6 +7,7 @@ killed at any moment leaves committed batches in the DB and the `dirty` mark set
 next run rebuilds the index. A file is stored with the stat it had when it was read, so a
 file that changes under the indexer is embedded again next time, never kept stale.
 """
+
 from __future__ import annotations
 
 import json
@@ -174,7 +175,10 @@ class DecodeDataset(Dataset):
     """Reads, hashes, decodes and preprocesses files (in DataLoader worker processes)."""
 
     def __init__(
-        self, items: list[tuple[int | None, FileStat]], preprocess: Preprocess, max_megapixels: float,
+        self,
+        items: list[tuple[int | None, FileStat]],
+        preprocess: Preprocess,
+        max_megapixels: float,
         known_hashes: dict[int, str] | None = None,
     ):
         self.items, self.preprocess, self.max_megapixels = items, preprocess, max_megapixels
@@ -213,7 +217,9 @@ def _collate(batch: list[Decoded]) -> list[Decoded]:
 
 @dataclass
 class IndexOptions:
-    batch_size: int = 4  # bench/results/index.txt: Lite0 runs ~25% faster per image in batches of 4 than 16 on CPU (cache)
+    batch_size: int = (
+        4  # bench/results/index.txt: Lite0 runs ~25% faster per image in batches of 4 than 16 on CPU (cache)
+    )
     workers: int = 2
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     full: bool = False
@@ -248,10 +254,15 @@ def _write_batch(store: Store, batch: list[Decoded], pooled: dict[int, np.ndarra
 
 def _store_decoded(session, row: Image | None, item: Decoded, pooled: np.ndarray | None, now: datetime) -> None:
     values = dict(
-        path=item.stat.path, size=item.stat.size, mtime_ns=item.stat.mtime_ns,
-        content_hash=item.digest, indexed_at=now,
-        width=item.size[0] if item.size else None, height=item.size[1] if item.size else None,
-        status=STATUS_OK if item.error is None else STATUS_FAILED, error=item.error,
+        path=item.stat.path,
+        size=item.stat.size,
+        mtime_ns=item.stat.mtime_ns,
+        content_hash=item.digest,
+        indexed_at=now,
+        width=item.size[0] if item.size else None,
+        height=item.size[1] if item.size else None,
+        status=STATUS_OK if item.error is None else STATUS_FAILED,
+        error=item.error,
         embedding=embedding_to_bytes(pooled) if pooled is not None else None,
     )
     if row is None:
@@ -276,8 +287,12 @@ def inference_threads(workers: int) -> Iterator[None]:
 
 
 def embed_files(
-    store: Store, encoder: Encoder, items: list[tuple[int | None, FileStat]], options: IndexOptions,
-    cache: FeatureCache | None = None, known_hashes: dict[int, str] | None = None,
+    store: Store,
+    encoder: Encoder,
+    items: list[tuple[int | None, FileStat]],
+    options: IndexOptions,
+    cache: FeatureCache | None = None,
+    known_hashes: dict[int, str] | None = None,
 ) -> Counter:
     """Decode (workers), encode (batches) and commit each batch. Returns the outcome counts
     of `_write_batch` (failed, same, vanished_new, vanished_old)."""
@@ -285,12 +300,18 @@ def embed_files(
         return Counter()
     dataset = DecodeDataset(items, encoder.preprocess, options.max_megapixels, known_hashes)
     loader = DataLoader(
-        dataset, batch_size=options.batch_size, num_workers=options.workers, collate_fn=_collate,
-        prefetch_factor=4 if options.workers else None, persistent_workers=False,
+        dataset,
+        batch_size=options.batch_size,
+        num_workers=options.workers,
+        collate_fn=_collate,
+        prefetch_factor=4 if options.workers else None,
+        persistent_workers=False,
     )
     outcomes: Counter = Counter()
-    with inference_threads(options.workers), \
-            tqdm(total=len(items), unit="img", disable=not options.progress, desc="embedding") as bar:
+    with (
+        inference_threads(options.workers),
+        tqdm(total=len(items), unit="img", disable=not options.progress, desc="embedding") as bar,
+    ):
         for batch in loader:
             same = [item for item in batch if item.same_content]  # only their stat changes: kept out of the hook
             batch = [item for item in batch if not item.same_content]
@@ -351,8 +372,14 @@ def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choic
         os.replace(tmp, settings.head_file(generation))
     meta: dict[str, object] = {
         "model": {**model_identity(encoder, head), "weights_path": encoder.weights},
-        "index": {"dirty": False, "generation": generation, "vectors": int(index.ntotal),
-                  "type": type(index.index).__name__, "built_at": datetime.now(timezone.utc).isoformat()}}
+        "index": {
+            "dirty": False,
+            "generation": generation,
+            "vectors": int(index.ntotal),
+            "type": type(index.index).__name__,
+            "built_at": datetime.now(timezone.utc).isoformat(),
+        },
+    }
     if head_choice:
         meta["head_choice"] = head_choice if head_choice in ("none", "pcaw") else str(Path(head_choice).resolve())
     _set_metas(store, meta)
@@ -383,7 +410,11 @@ def _settle(summary: dict, outcomes: Counter) -> dict:
 
 
 def sync(
-    store: Store, settings: Settings, encoder: Encoder, roots: list[Path], options: IndexOptions,
+    store: Store,
+    settings: Settings,
+    encoder: Encoder,
+    roots: list[Path],
+    options: IndexOptions,
 ) -> dict:
     """Bring the DB and the index in line with the folders. Returns the run summary."""
     start = time.perf_counter()
@@ -395,8 +426,14 @@ def sync(
     rows = load_rows(store, root_names)
     unlisted: list[str] = []
     plan = plan_sync(rows, scan(roots, options.excludes, unlisted), full, unlisted)
-    summary: dict[str, int | float] = {"added": plan.added, "updated": plan.updated, "moved": len(plan.moved),
-                                       "deleted": len(plan.deleted), "unchanged": plan.unchanged, "failed": 0}
+    summary: dict[str, int | float] = {
+        "added": plan.added,
+        "updated": plan.updated,
+        "moved": len(plan.moved),
+        "deleted": len(plan.deleted),
+        "unchanged": plan.unchanged,
+        "failed": 0,
+    }
     if options.dry_run:
         return {**summary, "dry_run": True, "seconds": round(time.perf_counter() - start, 3), "images_per_s": 0.0}
     changed = bool(plan.embed or plan.moved or plan.deleted)

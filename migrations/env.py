@@ -4,6 +4,7 @@ A caller that already holds a connection passes it in ``config.attributes["conne
 (Alembic cookbook: "Sharing a Connection across one or more programmatic migration
 commands"); otherwise an engine is made from ``sqlalchemy.url``.
 """
+
 from __future__ import annotations
 
 from alembic import context
@@ -38,7 +39,9 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run_on(connection)
         return
-    engine = engine_from_config(config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool)
+    engine = engine_from_config(
+        config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
+    )
     with engine.connect() as connection:
         _run_on(connection)
         connection.commit()

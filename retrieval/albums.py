@@ -6,6 +6,7 @@ image may be in several albums. Relabelling from one source replaces only that s
 memberships of the images it names, so hand-made albums survive a re-run of
 ``--labels-from folders``.
 """
+
 from __future__ import annotations
 
 import csv

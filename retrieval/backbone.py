@@ -10,6 +10,7 @@ equal to timm's ``tf_efficientnet_lite0``, which is not imported at run time: ~3
     forward_features  x (B, 3, H, W) -> A (B, N, H/32, W/32)   last conv map, post-activation
     forward_head      A (B, N, h, w) -> logits (B, 1000)       GAP + linear classifier
 """
+
 from __future__ import annotations
 
 import copy
@@ -192,8 +193,15 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
     else:  # toy
         model = _ToyNet()
     model.eval()
-    return Backbone(model=model, num_features=int(model.num_features), mean=mean, std=std, identity=identity,
-                    focus_layer=model.focus_layer, guide_layer=model.guide_layer)
+    return Backbone(
+        model=model,
+        num_features=int(model.num_features),
+        mean=mean,
+        std=std,
+        identity=identity,
+        focus_layer=model.focus_layer,
+        guide_layer=model.guide_layer,
+    )
 
 
 def classify(backbone: Backbone, x: Tensor) -> Tensor:

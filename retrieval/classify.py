@@ -15,6 +15,7 @@ The K images behind a decision (the whole album for ``mean``, the album's voters
     gallery_embs  (M, J)   embeddings of the labelled images (supports / memory bank)
     memberships   (M, C)   bool, image m is in album c (an image may be in several albums)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,7 +64,10 @@ def album_scores(query_embs: Tensor, gallery_embs: Tensor, memberships: Tensor) 
 
 
 def knn_votes(
-    query_embs: Tensor, gallery_embs: Tensor, memberships: Tensor, k: int,
+    query_embs: Tensor,
+    gallery_embs: Tensor,
+    memberships: Tensor,
+    k: int,
     temperature: float = DEFAULT_TEMPERATURE,
 ) -> tuple[Tensor, Tensor]:
     """Weighted k-NN vote shares per album: (Q, J), (M, J), (M, C) -> (Q, C) in [0, 1], (Q, k) ids.
@@ -76,7 +80,9 @@ def knn_votes(
     return vote_shares(scores, memberships, k, temperature)
 
 
-def vote_shares(scores: Tensor, memberships: Tensor, k: int, temperature: float = DEFAULT_TEMPERATURE) -> tuple[Tensor, Tensor]:
+def vote_shares(
+    scores: Tensor, memberships: Tensor, k: int, temperature: float = DEFAULT_TEMPERATURE
+) -> tuple[Tensor, Tensor]:
     """`knn_votes` from given cosines (Q, M); a -inf score (e.g. the query itself) never votes."""
     if k < 1:
         raise UsageError(f"k must be at least 1, got {k}")
@@ -100,7 +106,11 @@ def top_two(scores: Tensor) -> tuple[int, int | None]:
 
 
 def decide(
-    query_emb: Tensor, gallery_embs: Tensor, memberships: Tensor, rule: str = "mean", k: int = 20,
+    query_emb: Tensor,
+    gallery_embs: Tensor,
+    memberships: Tensor,
+    rule: str = "mean",
+    k: int = 20,
     temperature: float = DEFAULT_TEMPERATURE,
 ) -> Decision:
     """Classify one query (J,); name, per album, the gallery images behind its score."""

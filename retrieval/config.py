@@ -1,4 +1,5 @@
 """Where famsearch keeps its state: one frozen settings object, built by the shells."""
+
 from __future__ import annotations
 
 import os

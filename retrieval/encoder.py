@@ -14,6 +14,7 @@ finds itself at score 1 while photos are compared by what stands out in them (do
 Preprocessing resizes the *whole* image to S x S (no centre crop), so an (h, w) map
 up-sampled to the image's own size lines up with the photo.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -112,8 +113,9 @@ class Encoded:
         and the fine emphasis and guide folded 2x2 into channels (pixel unshuffle)."""
         fine = torch.cat([self.fine_emphasis.unsqueeze(1), self.guides], dim=1)  # (B, 1 + C, 2h, 2w)
         inside = (self.regions > 0).to(self.whole_maps)  # a region weighs its cells equally: 0/1 is exact in float16
-        return torch.cat([self.whole_maps, inside.unsqueeze(1), self.emphasis.unsqueeze(1),
-                          F.pixel_unshuffle(fine, 2)], dim=1)
+        return torch.cat(
+            [self.whole_maps, inside.unsqueeze(1), self.emphasis.unsqueeze(1), F.pixel_unshuffle(fine, 2)], dim=1
+        )
 
     @staticmethod
     def unpack(packed: Tensor, num_features: int, pooled: Tensor) -> Encoded:
@@ -174,7 +176,9 @@ class Encoder:
         > 0.995, tests/test_encoder.py), so switching it does not force a re-embed."""
         identity = {**self._backbone_identity, "pooling": self.pooling, "input_size": self.input_size}
         if self.objectness is not None:
-            digest = hashlib.sha256(self.objectness.weight.float().numpy().tobytes() + str(self.objectness.bias).encode())
+            digest = hashlib.sha256(
+                self.objectness.weight.float().numpy().tobytes() + str(self.objectness.bias).encode()
+            )
             identity["objectness_sha256"] = digest.hexdigest()[:16]
         identity["precision"] = self.precision
         return identity
@@ -207,21 +211,28 @@ class Encoder:
         """Preprocessed images (B, 3, S, S) -> pooled vectors z (B, N) on the encoder's device."""
         return self.embed_batch(batch)[1]
 
-    def encode_batch(self, batch: Tensor, boxes: list[Box | Auto | None] | None = None,
-                     sizes: list[tuple[int, int]] | None = None) -> Encoded:
+    def encode_batch(
+        self, batch: Tensor, boxes: list[Box | Auto | None] | None = None, sizes: list[tuple[int, int]] | None = None
+    ) -> Encoded:
         """Preprocessed images (B, 3, S, S) -> z and what every explainer reads (`Encoded`), one forward pass.
 
         ``boxes`` as in `encode`, each in the pixels of a (width, height) in ``sizes``. Under `focus`
         pooling a photo without a box is pooled over its own focus cells, as `AUTO` pools a query."""
-        boxes = [AUTO if box is None and self.pooling == "focus" else box
-                 for box in (boxes if boxes is not None else [None] * len(batch))]
+        boxes = [
+            AUTO if box is None and self.pooling == "focus" else box
+            for box in (boxes if boxes is not None else [None] * len(batch))
+        ]
         backbone = self.backbone
         with layer_outputs(backbone, (backbone.focus_layer, backbone.guide_layer)) as caught:
             feature_maps = self.forward_features(batch)
         h, w = feature_maps.shape[-2:]
-        guides = F.interpolate(caught[backbone.guide_layer][0].float(), size=(2 * h, 2 * w), mode="bilinear",
-                               align_corners=False) if caught[backbone.guide_layer][0].shape[-2:] != (2 * h, 2 * w) \
+        guides = (
+            F.interpolate(
+                caught[backbone.guide_layer][0].float(), size=(2 * h, 2 * w), mode="bilinear", align_corners=False
+            )
+            if caught[backbone.guide_layer][0].shape[-2:] != (2 * h, 2 * w)
             else caught[backbone.guide_layer][0].float()
+        )
         scores = fine_scores = None
         if AUTO in boxes:
             scores = focus_scores(caught[backbone.focus_layer][0], (h, w)).to(feature_maps)
@@ -243,13 +254,19 @@ class Encoder:
                 emphasis.append((regions[-1] > 0).to(feature_maps))
                 fine_emphasis.append((box_weights(box, sizes[i], (2 * h, 2 * w)) > 0).to(feature_maps))
         region = torch.stack(regions) if any(box is not None for box in boxes) else None
-        whole = explained_feature_map(feature_maps, "gap" if self.pooling == "focus" else self.pooling,
-                                      self.objectness)
-        return Encoded(whole, torch.stack(regions), torch.stack(emphasis), torch.stack(fine_emphasis), guides,
-                       self.pool(feature_maps, region))
+        whole = explained_feature_map(feature_maps, "gap" if self.pooling == "focus" else self.pooling, self.objectness)
+        return Encoded(
+            whole,
+            torch.stack(regions),
+            torch.stack(emphasis),
+            torch.stack(fine_emphasis),
+            guides,
+            self.pool(feature_maps, region),
+        )
 
-    def embed_batch(self, batch: Tensor, boxes: list[Box | Auto | None] | None = None,
-                    sizes: list[tuple[int, int]] | None = None) -> tuple[Tensor, Tensor]:
+    def embed_batch(
+        self, batch: Tensor, boxes: list[Box | Auto | None] | None = None, sizes: list[tuple[int, int]] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """`encode_batch`'s maps the paper's explainers weight (B, N, h, w) and z (B, N)."""
         encoded = self.encode_batch(batch, boxes, sizes)
         return encoded.explained_maps, encoded.pooled
@@ -281,8 +298,9 @@ def load_encoder(spec: ModelSpec = ModelSpec(), device: str | torch.device = "cp
     objectness = load_objectness(pooling.split(":", 1)[1]) if pooling.startswith("attn:") else None
     device = torch.device(device)
     weights = None if spec.weights is None else str(Path(spec.weights).resolve())
-    encoder = Encoder(spec.backbone, spec.input_size, pooling, device, weights, objectness,
-                      resolve_precision(spec.precision, device))
+    encoder = Encoder(
+        spec.backbone, spec.input_size, pooling, device, weights, objectness, resolve_precision(spec.precision, device)
+    )
     if not lazy:
         encoder.backbone  # noqa: B018 (loads it)
     return encoder

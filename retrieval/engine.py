@@ -2,6 +2,7 @@
 
 query image -> encoder -> FAISS top-k -> explainers on the query and on every match.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,12 @@ class Embedded:
 
     def repeated(self, n: int) -> Embedded:
         """One photo as a batch of n views of it (no copy)."""
-        return Embedded(self.feature_map.expand(n, *self.feature_map.shape), self.pooled.expand(n, -1),
-                        self.emb.expand(n, -1), self.fine.repeated(n))
+        return Embedded(
+            self.feature_map.expand(n, *self.feature_map.shape),
+            self.pooled.expand(n, -1),
+            self.emb.expand(n, -1),
+            self.fine.repeated(n),
+        )
 
 
 @dataclass
@@ -117,8 +122,9 @@ class PairReport:
     second_activations: np.ndarray  # (N, h, w) of the second
 
 
-def channel_shares(pooled: torch.Tensor, emb: torch.Tensor, partner_emb: torch.Tensor,
-                   head_weight: torch.Tensor | None) -> torch.Tensor:
+def channel_shares(
+    pooled: torch.Tensor, emb: torch.Tensor, partner_emb: torch.Tensor, head_weight: torch.Tensor | None
+) -> torch.Tensor:
     """Each channel's share of cos(e, e_k): z_n (W ê_k)_n / ‖e‖, (..., N), (..., J), (..., J) -> (..., N).
 
     The shares sum to the cosine minus the head bias' part (fam-exact's offset), so they
@@ -136,7 +142,11 @@ def model_identity(encoder: Encoder, head: Head) -> dict:
 def check_identity(stored: dict, current: dict) -> None:
     """Raise if the stored pooled vectors came from another backbone/weights/pooling/input size."""
     keys = ("backbone", "weights_sha256", "pooling", "input_size")
-    diffs = [f"{k}: index has {stored.get(k)!r}, model is {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+    diffs = [
+        f"{k}: index has {stored.get(k)!r}, model is {current.get(k)!r}"
+        for k in keys
+        if stored.get(k) != current.get(k)
+    ]
     if diffs:
         raise ModelMismatchError(
             "the index was built by another model (" + "; ".join(diffs) + "); re-index with --full"
@@ -241,8 +251,14 @@ class QueryEngine:
         image, size = load_image_sized(path, draft_size=self.encoder.input_size)
         return image, fit_box(box, size, image.size)
 
-    def query_path(self, path: str | Path, k: int = 10, explainer: str = DEFAULT_EXPLAINER, group: str = "none",
-                   box: Box | Auto | None = None) -> QueryResult:
+    def query_path(
+        self,
+        path: str | Path,
+        k: int = 10,
+        explainer: str = DEFAULT_EXPLAINER,
+        group: str = "none",
+        box: Box | Auto | None = None,
+    ) -> QueryResult:
         """`query` on a photo file (box in pixels of the full-size photo); the decode counts in `embed` and `total`."""
         start = time.perf_counter()
         image, box = self.load_query_box(path, box) if box is not None else (self.load_query(path), None)
@@ -281,8 +297,14 @@ class QueryEngine:
         )
         return heat.float().cpu().numpy(), offset.float().cpu().numpy()
 
-    def query(self, image: Image.Image, k: int = 10, explainer: str = DEFAULT_EXPLAINER, group: str = "none",
-              box: Box | Auto | None = None) -> QueryResult:
+    def query(
+        self,
+        image: Image.Image,
+        k: int = 10,
+        explainer: str = DEFAULT_EXPLAINER,
+        group: str = "none",
+        box: Box | Auto | None = None,
+    ) -> QueryResult:
         """Top-k matches of one photo, with query- and match-side maps unless explainer == 'none'.
 
         ``box`` (x1, y1, x2, y2 in the image's pixels): search for that part of the photo; the
@@ -326,8 +348,9 @@ class QueryEngine:
             return self._explain(explainer, query, gallery.emb)[0]  # K = top-k (Eq. 11, 15)
         return None
 
-    def classify(self, image: Image.Image, rule: str = "mean", k: int = 20, explainer: str = "fam",
-                 box: Box | Auto | None = None) -> Classification:
+    def classify(
+        self, image: Image.Image, rule: str = "mean", k: int = 20, explainer: str = "fam", box: Box | Auto | None = None
+    ) -> Classification:
         """Rank the albums for a photo (Eq. 11 or k-NN votes) and explain the winner and the runner-up.
 
         Each map is the query-side map against that album's K images (Eq. 15): the whole album
@@ -349,11 +372,16 @@ class QueryEngine:
         timing = {"decide": _ms(start)}
         tick = time.perf_counter()
         order = decision.scores.argsort(descending=True, stable=True).tolist()
-        ranking = [AlbumScore(names[c], float(decision.scores[c]), image_ids[decision.evidence[c].cpu().numpy()].tolist())
-                   for c in order]
+        ranking = [
+            AlbumScore(names[c], float(decision.scores[c]), image_ids[decision.evidence[c].cpu().numpy()].tolist())
+            for c in order
+        ]
         explained = (decision.winner, decision.runner_up) if explainer != "none" else ()
-        maps = {c: self._explain(explainer, query, gallery_embs[decision.evidence[c]])[0]
-                for c in explained if c is not None and len(decision.evidence[c])}
+        maps = {
+            c: self._explain(explainer, query, gallery_embs[decision.evidence[c]])[0]
+            for c in explained
+            if c is not None and len(decision.evidence[c])
+        }
         timing["explain"] = _ms(tick)
         timing["total"] = _ms(start)
         runner_up_map = None if decision.runner_up is None else maps.get(decision.runner_up)
@@ -366,8 +394,9 @@ class QueryEngine:
         both = Embedded.of(encoded, self.head(encoded.pooled))  # (2, N) -> (2, J)
         return self._pair_report(both[0], both[1], explainer)
 
-    def compare_indexed(self, first: Image.Image, image_id: int, explainer: str = DEFAULT_EXPLAINER,
-                        box: Box | Auto | None = None) -> PairReport:
+    def compare_indexed(
+        self, first: Image.Image, image_id: int, explainer: str = DEFAULT_EXPLAINER, box: Box | Auto | None = None
+    ) -> PairReport:
         """`compare` against an indexed photo: its z as stored, its A from the map cache when there;
         ``box``: the first photo pooled over that part of it, as `query` does."""
         rows = self.store.images_by_ids([image_id])
@@ -380,10 +409,15 @@ class QueryEngine:
         first_map, first_offset = self._explain(explainer, a, b.emb[None])
         second_map, second_offset = self._explain(explainer, b, a.emb[None])
         shares = channel_shares(a.pooled, a.emb, b.emb, self.head.weight)
-        return PairReport(float(explainers.cosine(a.emb, b.emb[None])[0]), first_map, second_map,
-                          {"first": float(first_offset), "second": float(second_offset)},
-                          shares.float().cpu().numpy(), a.feature_map.float().cpu().numpy(),
-                          b.feature_map.float().cpu().numpy())
+        return PairReport(
+            float(explainers.cosine(a.emb, b.emb[None])[0]),
+            first_map,
+            second_map,
+            {"first": float(first_offset), "second": float(second_offset)},
+            shares.float().cpu().numpy(),
+            a.feature_map.float().cpu().numpy(),
+            b.feature_map.float().cpu().numpy(),
+        )
 
     def indexed_paths(self, contains: str = "", limit: int = 500) -> list[tuple[int, str]]:
         """(image_id, path) of indexed photos whose path contains the text, by path, at most limit."""
@@ -410,16 +444,27 @@ class QueryEngine:
         real = candidate.resolve()
         if is_image_path(real) and real.is_file() and any(real.is_relative_to(root) for root in roots):
             return real
-        raise UsageError(f"{text}: not an indexed photo; only images inside the indexed folders "
-                         f"({', '.join(map(str, roots)) or 'none recorded'}) can be opened")
+        raise UsageError(
+            f"{text}: not an indexed photo; only images inside the indexed folders "
+            f"({', '.join(map(str, roots)) or 'none recorded'}) can be opened"
+        )
 
     def info(self) -> dict:
-        return {**self.store.counts(), "vectors": int(self.index.ntotal), "model": self.model, "index_type": self.index_type}
+        return {
+            **self.store.counts(),
+            "vectors": int(self.index.ntotal),
+            "model": self.model,
+            "index_type": self.index_type,
+        }
 
     def status(self) -> dict:
         """`info()` plus the last index run and the failed files with their reasons."""
-        return {**self.info(), "last_run": self.store.get_meta("last_run"), "failures": self.store.failures(),
-                "home": str(self.settings.home)}
+        return {
+            **self.info(),
+            "last_run": self.store.get_meta("last_run"),
+            "failures": self.store.failures(),
+            "home": str(self.settings.home),
+        }
 
     def close(self) -> None:
         if self.feature_cache is not None:

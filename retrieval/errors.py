@@ -5,6 +5,7 @@ place. Anything else that reaches a shell is a bug and keeps its traceback (the 
 ``EX_SOFTWARE``). Each kind also subclasses ``ValueError``, so library callers that caught
 ``ValueError`` before these existed still do.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

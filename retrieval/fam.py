@@ -23,6 +23,7 @@ differ in the weights:
 The head's bias b is kept out of every map: it shifts e but lives at no location. For
 ``fam-exact`` its share b·ē_k/‖e‖ of the score is returned separately as the offset.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -97,9 +98,7 @@ def _mean_partner_unit(emb: Tensor, partner_embs: Tensor) -> Tensor:
     return partner_units.mean(dim=-2) / emb.norm(dim=-1, keepdim=True).clamp_min(_EPS)
 
 
-def fam_exact_weights(
-    emb: Tensor, partner_embs: Tensor, head_weight: Tensor | None, spatial_size: int
-) -> Tensor:
+def fam_exact_weights(emb: Tensor, partner_embs: Tensor, head_weight: Tensor | None, spatial_size: int) -> Tensor:
     """Signed weights whose map sums to the mean cosine minus the bias share: -> (..., N).
 
     With z = mean_hw A and e = W^T z + b:  S = 1/K Σ_k ê_k·e/‖e‖ = z·(W ē) + b·ē, with
@@ -109,9 +108,7 @@ def fam_exact_weights(
     return invert_through_head(direction, head_weight) / spatial_size
 
 
-def gradcam_weights(
-    emb: Tensor, partner_embs: Tensor, head_weight: Tensor | None, spatial_size: int
-) -> Tensor:
+def gradcam_weights(emb: Tensor, partner_embs: Tensor, head_weight: Tensor | None, spatial_size: int) -> Tensor:
     """Grad-CAM weights of the mean cosine, in closed form: -> (..., N).
 
     d cos(e, e_k)/de = (ê_k - s_k ê)/‖e‖; through e = W^T z + b and z = mean_hw A the
@@ -155,8 +152,9 @@ class FineInputs:
 
     def repeated(self, n: int) -> FineInputs:
         """One photo's inputs as n views of them (no copy)."""
-        return FineInputs(*(t.expand(n, *t.shape) for t in (self.whole_map, self.emphasis, self.fine_emphasis,
-                                                             self.guide)))
+        return FineInputs(
+            *(t.expand(n, *t.shape) for t in (self.whole_map, self.emphasis, self.fine_emphasis, self.guide))
+        )
 
 
 def joint_bilateral_upsample(coarse: Tensor, guide: Tensor, reach: float = 0.75, sigma: float = 0.2) -> Tensor:
@@ -183,8 +181,9 @@ def _spatial_kernel(coarse: tuple[int, int], fine: tuple[int, int], reach: float
     fine_x = (torch.arange(fine_w, dtype=like.dtype, device=like.device) + 0.5) * w / fine_w
     centre_y = torch.arange(h, dtype=like.dtype, device=like.device) + 0.5
     centre_x = torch.arange(w, dtype=like.dtype, device=like.device) + 0.5
-    distance2 = ((fine_y[:, None, None, None] - centre_y[None, None, :, None]) ** 2
-                 + (fine_x[None, :, None, None] - centre_x[None, None, None, :]) ** 2)  # (H, W, h, w)
+    distance2 = (fine_y[:, None, None, None] - centre_y[None, None, :, None]) ** 2 + (
+        fine_x[None, :, None, None] - centre_x[None, None, None, :]
+    ) ** 2  # (H, W, h, w)
     return torch.exp(-distance2 / (2 * reach**2)).reshape(fine_h * fine_w, h * w)
 
 
@@ -232,9 +231,7 @@ def explain(
     raise ValueError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAINERS)}")
 
 
-def gradcam_autograd(
-    feature_map: Tensor, partner_embs: Tensor, embed: Callable[[Tensor], Tensor]
-) -> Tensor:
+def gradcam_autograd(feature_map: Tensor, partner_embs: Tensor, embed: Callable[[Tensor], Tensor]) -> Tensor:
     """Grad-CAM of the mean cosine by a backward pass (the peer method and the oracle).
 
     Args:

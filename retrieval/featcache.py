@@ -23,6 +23,7 @@ verified: the entry's spatial mean must equal the row's pooled vector z (float16
 so an entry from before a crash, an edit or a model change is never served; whatever
 is missing, stale or unreadable is simply absent from ``get`` and the caller recomputes.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,6 +48,7 @@ _OPEN_FILES = 64  # memory maps kept open between queries
 _VERIFY_RTOL = 4e-3
 LAYOUT = 2  # 1: the map z is the mean of (N, h, w); 2: Encoded.pack
 
+
 def cache_folder(home: Path) -> Path:
     return Path(home) / FOLDER_NAME
 
@@ -60,17 +62,19 @@ class FeatureCache:
 
     def __init__(self, folder: Path, identity: dict, writable: bool = False):
         self.folder = Path(folder)
-        self.identity: dict[str, Any] = {key: identity.get(key)
-                                         for key in ("backbone", "weights_sha256", "pooling", "input_size")}
+        self.identity: dict[str, Any] = {
+            key: identity.get(key) for key in ("backbone", "weights_sha256", "pooling", "input_size")
+        }
         self.identity["layout"] = LAYOUT  # entries of another layout are another cache
         self.writable = writable
         if writable:
             self.folder.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.folder / "slots.db", timeout=30, isolation_level=None,
-                                   check_same_thread=False)
+        self._db = sqlite3.connect(self.folder / "slots.db", timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS entries (image_id INTEGER PRIMARY KEY, file TEXT NOT NULL, "
-                         "row INTEGER NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS entries (image_id INTEGER PRIMARY KEY, file TEXT NOT NULL, "
+            "row INTEGER NOT NULL)"
+        )
         self._db.execute("CREATE INDEX IF NOT EXISTS entries_file ON entries(file)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -133,7 +137,7 @@ class FeatureCache:
     def _files_of(self, ids: list[int]) -> set[str]:
         files: set[str] = set()
         for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+            chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             files.update(f for (f,) in self._db.execute(f"SELECT file FROM entries WHERE image_id IN ({marks})", chunk))
         return files
@@ -160,8 +164,9 @@ class FeatureCache:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM entries")
-            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('identity', ?)",
-                             (json.dumps(self.identity),))
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('identity', ?)", (json.dumps(self.identity),)
+            )
 
     # ------------------------------------------------------------------ reading
     def get(self, image_ids: Sequence[int], pooled: np.ndarray) -> dict[int, np.ndarray]:
@@ -176,8 +181,10 @@ class FeatureCache:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        slots = {i: (f, r) for i, f, r in self._db.execute(
-            f"SELECT image_id, file, row FROM entries WHERE image_id IN ({marks})", ids)}
+        slots = {
+            i: (f, r)
+            for i, f, r in self._db.execute(f"SELECT image_id, file, row FROM entries WHERE image_id IN ({marks})", ids)
+        }
         found: dict[int, np.ndarray] = {}
         for image_id, z in zip(ids, np.asarray(pooled, dtype=np.float32)):
             if image_id not in slots:
@@ -209,8 +216,12 @@ class FeatureCache:
         paths = [p for p in self.folder.iterdir() if p.is_file()]
         total = sum(p.stat().st_size for p in paths)
         files = sum(1 for p in paths if p.name.startswith("batch-"))
-        return {"entries": entries, "files": files, "bytes": total,
-                "bytes_per_image": round(total / entries) if entries else 0}
+        return {
+            "entries": entries,
+            "files": files,
+            "bytes": total,
+            "bytes_per_image": round(total / entries) if entries else 0,
+        }
 
     def close(self) -> None:
         self._maps.clear()

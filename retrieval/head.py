@@ -4,6 +4,7 @@
 a trained head comes from `famsearch train` as a file holding W and b. The bias is kept
 apart from W because no location of the image carries it (see `retrieval.fam`).
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """Reading photos as upright RGB, whatever the file throws at us, and drawing heatmap overlays."""
+
 from __future__ import annotations
 
 import io
@@ -52,10 +53,10 @@ def check_png_crcs(data: bytes) -> None:
     while at + 12 <= len(data):
         (length,) = struct.unpack_from(">I", data, at)
         end = at + 8 + length
-        kind = bytes(view[at + 4:at + 8])
+        kind = bytes(view[at + 4 : at + 8])
         if end + 4 > len(data):
             return  # truncated: left for the decoder to report
-        if kind[:1].isupper() and zlib.crc32(view[at + 4:end]) != struct.unpack_from(">I", data, end)[0]:
+        if kind[:1].isupper() and zlib.crc32(view[at + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
             raise ImageError(f"corrupt PNG: CRC mismatch in the {kind.decode('latin-1')} chunk")
         at = end + 4
 
@@ -99,9 +100,7 @@ def decode_image(
             image = Image.open(io.BytesIO(data))
             size = upright_size(image)
             if size[0] * size[1] > max_megapixels * 1e6:
-                raise ImageError(
-                    f"{size[0]}x{size[1]} is over the {max_megapixels:g} megapixel cap (--max-megapixels)"
-                )
+                raise ImageError(f"{size[0]}x{size[1]} is over the {max_megapixels:g} megapixel cap (--max-megapixels)")
             if draft_size and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
             image.seek(0)  # first frame of animations

@@ -14,6 +14,7 @@ width; TF "same" padding (asymmetric on stride-2 convolutions) and BN epsilon 1e
     forward_features  x (B, 3, H, W) -> A (B, 1280, ceil(H/32), ceil(W/32)), after ReLU6
     forward_head      A -> logits (B, 1000): GAP + linear classifier
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,15 @@ from retrieval.errors import UsageError
 
 BN_EPS = 1e-3
 # (repeats, kernel, stride of the first block, expand ratio, output channels) per stage.
-STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-          (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+STAGES = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
 STEM, HEAD = 32, 1280
 
 
@@ -38,13 +46,18 @@ class SameConv2d(nn.Conv2d):
     the odd pixel of padding on the bottom/right (static symmetric padding when stride is 1)."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
-        super().__init__(cin, cout, kernel, stride, padding=kernel // 2 if stride == 1 else 0, groups=groups, bias=False)
+        super().__init__(
+            cin, cout, kernel, stride, padding=kernel // 2 if stride == 1 else 0, groups=groups, bias=False
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stride[0] == 1:
             return super().forward(x)
         pads = []
-        for size, k, s in ((x.shape[-1], self.kernel_size[1], self.stride[1]), (x.shape[-2], self.kernel_size[0], self.stride[0])):
+        for size, k, s in (
+            (x.shape[-1], self.kernel_size[1], self.stride[1]),
+            (x.shape[-2], self.kernel_size[0], self.stride[0]),
+        ):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
         return super().forward(F.pad(x, pads))  # pads: (left, right, top, bottom)
@@ -162,11 +175,17 @@ def load_lite0_state(model: EfficientNetLite0, checkpoint: dict[str, Tensor], so
     tensors = {k: v for k, v in checkpoint.items() if not k.endswith("num_batches_tracked")}
     expected = {k for k in state if not k.endswith("num_batches_tracked")}
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    wrong = [f"{k} {tuple(v.shape)} (model {tuple(state[k].shape)})" for k, v in tensors.items()
-             if k in state and v.shape != state[k].shape]
+    wrong = [
+        f"{k} {tuple(v.shape)} (model {tuple(state[k].shape)})"
+        for k, v in tensors.items()
+        if k in state and v.shape != state[k].shape
+    ]
     if missing or extra or wrong:
-        problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
-                   ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + ([f"shape {wrong[0]}"] if wrong else [])
+        problems = (
+            ([f"missing {', '.join(missing[:3])}"] if missing else [])
+            + ([f"unexpected {', '.join(extra[:3])}"] if extra else [])
+            + ([f"shape {wrong[0]}"] if wrong else [])
+        )
         raise UsageError(f"{source} is not an EfficientNet-Lite0 state dict: {'; '.join(problems)}")
     state.update(tensors)
     model.load_state_dict(state, strict=True)

@@ -3,6 +3,7 @@ for an index run.
 
 A spec names things only (no torch): `retrieval.encoder.load_encoder(spec, device)` builds the encoder.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -31,8 +32,9 @@ class ModelSpec:
 
 def stored_model_spec(identity: dict, precision: str = "fp32") -> ModelSpec:
     """The spec of a model identity as the DB records it (`Encoder.identity` plus the weights path)."""
-    return ModelSpec(identity["backbone"], identity.get("weights_path"), identity["input_size"], identity["pooling"],
-                     precision)
+    return ModelSpec(
+        identity["backbone"], identity.get("weights_path"), identity["input_size"], identity["pooling"], precision
+    )
 
 
 def trained_head_meta(head: str | None) -> dict:
@@ -63,18 +65,34 @@ def index_model_spec(asked: dict[str, Any], head: str | None, trained: dict, sto
         weights = str(tuned)
     elif weights is None and not trained and asked.get("backbone") is None and stored.get("backbone") == backbone:
         weights = stored.get("weights_path")
-    return ModelSpec(backbone, weights, int(pick("input_size", default.input_size)), pooling,
-                     asked.get("precision") or default.precision)
+    return ModelSpec(
+        backbone,
+        weights,
+        int(pick("input_size", default.input_size)),
+        pooling,
+        asked.get("precision") or default.precision,
+    )
 
 
 def check_head_model(head: str | None, trained: dict, identity: dict) -> None:
     """A --head FILE ``trained`` (its meta) on another model than the index's (the encoder's ``identity``) would
     embed garbage: a usage error saying which flags to give."""
-    flags = {"backbone": "--model", "input_size": "--input-size", "pooling": "--pooling",
-             "weights_sha256": "backbone weights of sha256"}
-    wrong = [f"{flag} {trained[key]} (the index: {identity.get(key)})" for key, flag in flags.items()
-             if key in trained and trained[key] != identity.get(key)]
+    flags = {
+        "backbone": "--model",
+        "input_size": "--input-size",
+        "pooling": "--pooling",
+        "weights_sha256": "backbone weights of sha256",
+    }
+    wrong = [
+        f"{flag} {trained[key]} (the index: {identity.get(key)})"
+        for key, flag in flags.items()
+        if key in trained and trained[key] != identity.get(key)
+    ]
     if wrong:
         hint = Path(str(head)).with_suffix(".backbone.pth")
-        raise UsageError(f"{head} was trained with " + ", ".join(wrong) + "; index with those flags"
-                         + (f" (--weights {hint}: the tuned backbone written next to it)" if hint.is_file() else ""))
+        raise UsageError(
+            f"{head} was trained with "
+            + ", ".join(wrong)
+            + "; index with those flags"
+            + (f" (--weights {hint}: the tuned backbone written next to it)" if hint.is_file() else "")
+        )

@@ -7,6 +7,7 @@ the explainers weight).
     focus  mean of A over the cells `retrieval.regions.focus_weights` picks in each photo (the default)
     attn:FILE  mean of s·A, s a learnt objectness map (`famsearch train --pooling attn`)
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,8 +56,9 @@ def _cached_objectness(path: str) -> Objectness:
     return load_objectness(path)
 
 
-def explained_feature_map(feature_maps: Tensor, pooling: str, objectness: Objectness | None = None,
-                          region: Tensor | None = None) -> Tensor:
+def explained_feature_map(
+    feature_maps: Tensor, pooling: str, objectness: Objectness | None = None, region: Tensor | None = None
+) -> Tensor:
     """The map z is the spatial mean of, which the explainers weight: (..., N, h, w) -> same.
 
     ``region`` (..., h, w), from `box_weights` or `focus_weights`, zeroes the cells outside a query box and scales the
@@ -77,15 +79,20 @@ def explained_feature_map(feature_maps: Tensor, pooling: str, objectness: Object
             raise ValueError("attn pooling needs an objectness probe (attn:FILE, from famsearch train)")
         explained = feature_maps * objectness(feature_maps).unsqueeze(-3)
     elif pooling == "focus" and region is None:
-        raise ValueError("focus pooling needs the focus weights of the same forward pass "
-                         "(Encoder.encode / Encoder.embed_batch), not the feature map alone")
+        raise ValueError(
+            "focus pooling needs the focus weights of the same forward pass "
+            "(Encoder.encode / Encoder.embed_batch), not the feature map alone"
+        )
     else:
         explained = feature_maps
     return explained if region is None else explained * region.unsqueeze(-3)
 
 
 def pool_feature_map(
-    feature_maps: Tensor, pooling: str = "gap", p: float = GEM_P, objectness: Objectness | None = None,
+    feature_maps: Tensor,
+    pooling: str = "gap",
+    p: float = GEM_P,
+    objectness: Objectness | None = None,
     region: Tensor | None = None,
 ) -> Tensor:
     """(..., N, h, w) -> (..., N). GAP; GeM (mean A^p)^(1/p) (p = 1 is GAP); sqrt: GAP of √A;

@@ -4,6 +4,7 @@ A region is either a box a person draws (`parse_box`, `box_weights`) or the cell
 (`focus_weights`, the ``auto`` focus that `focus` pooling applies to every photo). z is then the spatial mean of
 region·A, so every explainer weights exactly what was compared.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -132,8 +133,12 @@ def layer_outputs(backbone: Backbone, names: tuple[str, ...]) -> Iterator[dict[s
     """While open, every forward pass of ``backbone`` appends the output of each named submodule to its list in the
     yielded {name: outputs}; the hooks are removed on exit."""
     caught: dict[str, list[Tensor]] = {name: [] for name in names}
-    handles = [backbone.model.get_submodule(name).register_forward_hook(
-        lambda _module, _inputs, output, into=caught[name]: into.append(output)) for name in dict.fromkeys(names)]
+    handles = [
+        backbone.model.get_submodule(name).register_forward_hook(
+            lambda _module, _inputs, output, into=caught[name]: into.append(output)
+        )
+        for name in dict.fromkeys(names)
+    ]
     try:
         yield caught
     finally:

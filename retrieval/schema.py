@@ -4,6 +4,7 @@ Rows are the source of truth; the FAISS index is rebuilt from ``Image.embedding`
 by ``Image.id``. The schema is created and changed only by the Alembic migrations, which
 import this module (``target_metadata``) and nothing else from the app.
 """
+
 from __future__ import annotations
 
 from datetime import datetime, timezone

@@ -14,6 +14,7 @@ bench/bench_scale.py on the 2-core dev machine):
 Approximate types are tuned at build time: nprobe (IVF) or efSearch (HNSW) grows until the
 measured recall@10 against an exact scan reaches `TARGET_RECALL`; both are saved in the file.
 """
+
 from __future__ import annotations
 
 import logging
@@ -131,7 +132,7 @@ def build_index_with_report(
     start = time.perf_counter()
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     for begin in range(0, n_vectors, ADD_CHUNK):
-        index.add_with_ids(normalise_rows(embs[begin:begin + ADD_CHUNK]), ids[begin:begin + ADD_CHUNK])
+        index.add_with_ids(normalise_rows(embs[begin : begin + ADD_CHUNK]), ids[begin : begin + ADD_CHUNK])
     report.add_s = time.perf_counter() - start
     if index_type != "flat" and n_vectors > 10:
         start = time.perf_counter()
@@ -153,7 +154,7 @@ def exact_top_k(embs: np.ndarray, queries: np.ndarray, k: int, chunk: int = ADD_
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
     best_rows = np.zeros((len(queries), 0), np.int64)
     for begin in range(0, len(embs), chunk):
-        scores = queries @ normalise_rows(embs[begin:begin + chunk]).T  # (Q, d) @ (d, c) -> (Q, c)
+        scores = queries @ normalise_rows(embs[begin : begin + chunk]).T  # (Q, d) @ (d, c) -> (Q, c)
         rows = np.broadcast_to(np.arange(begin, begin + scores.shape[1]), scores.shape)
         best_scores = np.concatenate([best_scores, scores], axis=1)
         best_rows = np.concatenate([best_rows, rows], axis=1)
@@ -222,8 +223,7 @@ def search(index: faiss.Index, query_embs: np.ndarray, k: int) -> list[list[tupl
     with _threads(1 if len(query_embs) < SMALL_BATCH else faiss.omp_get_max_threads()):
         scores, ids = index.search(normalise_rows(query_embs), min(k, index.ntotal))  # (Q, k), (Q, k)
     return [
-        [(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i != -1]
-        for row_ids, row_scores in zip(ids, scores)
+        [(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i != -1] for row_ids, row_scores in zip(ids, scores)
     ]
 
 

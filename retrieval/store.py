@@ -4,6 +4,7 @@ SQLite by default (WAL, busy timeout), any SQLAlchemy URL allowed. The schema is
 by the migrations; ``open_store`` upgrades to head every time it opens a database, ``read_meta``
 reads one value and never migrates or writes.
 """
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@
 Indexing through the CLI is the slow part of a fixture, so each indexed gallery is built once per session
 (a *template*) and every test gets a private copy of the gallery and its home, the rows pointed at the copy.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,8 @@ import json
 import random
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from PIL import Image, ImageDraw

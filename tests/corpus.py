@@ -3,6 +3,7 @@
 Every case is a file a real photo folder can hold; each must either be embedded (as the
 upright RGB picture it shows) or be recorded as failed with a reason containing `error`.
 """
+
 from __future__ import annotations
 
 import io
@@ -42,7 +43,7 @@ def png_chunks(data: bytes) -> list[tuple[int, bytes]]:
     """(offset of the length field, chunk type) of every chunk of a PNG."""
     chunks, at = [], 8
     while at < len(data):
-        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        length, kind = struct.unpack(">I4s", data[at : at + 8])
         chunks.append((at, kind))
         at += 12 + length
     return chunks
@@ -51,9 +52,9 @@ def png_chunks(data: bytes) -> list[tuple[int, bytes]]:
 def with_bad_crc(png: bytes, kind: bytes = b"IDAT") -> bytes:
     """The PNG with the CRC of its first `kind` chunk flipped (the data itself intact)."""
     at = next(offset for offset, k in png_chunks(png) if k == kind)
-    length = struct.unpack(">I", png[at:at + 4])[0]
+    length = struct.unpack(">I", png[at : at + 4])[0]
     crc_at = at + 8 + length
-    return png[:crc_at] + bytes([png[crc_at] ^ 0xFF]) + png[crc_at + 1:]
+    return png[:crc_at] + bytes([png[crc_at] ^ 0xFF]) + png[crc_at + 1 :]
 
 
 def with_text_chunk(png: bytes) -> bytes:
@@ -148,8 +149,9 @@ class Snapshot:
 
 
 def snapshot(home: Path) -> Snapshot:
-    from retrieval.schema import Image as ImageRow
     from sqlalchemy import select
+
+    from retrieval.schema import Image as ImageRow
 
     settings = Settings(home=home)
     store = open_store(settings.database_url)
@@ -162,7 +164,10 @@ def snapshot(home: Path) -> Snapshot:
         store.close()
     index_file = settings.index_file(index_generation(info))
     ids = index_ids(load_index(index_file)).tolist() if index_file.exists() else []
-    rows = {path: (row_id, status, None if blob is None else bytes_to_embedding(blob)) for path, row_id, status, blob in found}
+    rows = {
+        path: (row_id, status, None if blob is None else bytes_to_embedding(blob))
+        for path, row_id, status, blob in found
+    }
     return Snapshot(rows, ids, dirty)
 
 
@@ -174,7 +179,9 @@ def assert_consistent(home: Path, folders: list[Path] | None = None) -> Snapshot
     assert sorted(state.index_ids) == state.ok_ids, "index ids and OK rows disagree"
     assert len(set(state.index_ids)) == len(state.index_ids), "an image has two vectors"
     for path, (_, status, embedding) in state.rows.items():
-        assert (embedding is not None) == (status == STATUS_OK), f"{path}: {status} row with embedding {embedding is not None}"
+        assert (embedding is not None) == (status == STATUS_OK), (
+            f"{path}: {status} row with embedding {embedding is not None}"
+        )
     if folders is not None:
         on_disk = sorted(stat.path for stat in scan(folders))
         assert sorted(state.rows) == on_disk, "rows and files on disk disagree"

@@ -1,4 +1,5 @@
 """Backbones: the Lite0 port classifies real photos right, shapes, identity and error paths."""
+
 import hashlib
 
 import pytest
@@ -98,11 +99,14 @@ def test_lite0_identity_is_the_weights_file_hash_and_weights_override_it(lite0, 
     assert torch.equal(other.model._fc.bias, lite0.model._fc.bias + 1.0)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda state: state.pop("_blocks.3._bn1.running_var"), "missing _blocks.3._bn1.running_var"),
-    (lambda state: state.update({"_blocks.3.extra": torch.zeros(1)}), "unexpected _blocks.3.extra"),
-    (lambda state: state.update({"_conv_head.weight": torch.zeros(1280, 32, 1, 1)}), "shape _conv_head.weight"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda state: state.pop("_blocks.3._bn1.running_var"), "missing _blocks.3._bn1.running_var"),
+        (lambda state: state.update({"_blocks.3.extra": torch.zeros(1)}), "unexpected _blocks.3.extra"),
+        (lambda state: state.update({"_conv_head.weight": torch.zeros(1280, 32, 1, 1)}), "shape _conv_head.weight"),
+    ],
+)
 def test_a_lite0_file_that_does_not_fit_is_refused_naming_the_tensor(tmp_path, damage, message):
     from retrieval.lite0 import EfficientNetLite0
 
@@ -180,10 +184,13 @@ def test_resnet50_loads_a_local_file_and_gives_layer4_maps(tmp_path):
     torch.testing.assert_close(logits, reference)  # the split reassembles torchvision's forward
 
 
-@pytest.mark.parametrize("name, size, mid_grid", [
-    pytest.param("efficientnet_lite0", (224, 224), (7, 7), marks=pytest.mark.slow),
-    ("toy", (224, 128), (56, 32)),
-])
+@pytest.mark.parametrize(
+    "name, size, mid_grid",
+    [
+        pytest.param("efficientnet_lite0", (224, 224), (7, 7), marks=pytest.mark.slow),
+        ("toy", (224, 128), (56, 32)),
+    ],
+)
 def test_every_backbone_names_a_focus_layer_that_its_forward_pass_goes_through(name, size, mid_grid):
     """`--box auto` hooks this layer; a name that is not a submodule, or one the forward pass skips,
     would fail only on a user's first automatic query."""

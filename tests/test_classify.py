@@ -1,4 +1,5 @@
 """Classification by albums: Eq. 11 and k-NN decisions against loops, the maps behind them, the shells."""
+
 from __future__ import annotations
 
 import math
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import copy_home, draw_picture, run_cli, run_json
 from PIL import Image
 from sqlalchemy import select
 
-from conftest import copy_home, draw_picture, run_cli, run_json
 from indexer.cli import main
 from retrieval.albums import labelled_gallery, labels_from_folders, read_labels_file, set_labels
 from retrieval.classify import album_scores, decide, knn_votes
@@ -120,8 +121,24 @@ def test_relabelling_replaces_one_sources_labels_and_deleted_images_leave_their_
         assert names == ["a", "b"] and memberships.sum(axis=0).tolist() == [3, 1]
         assert pooled.shape == (4, pooled.shape[1]) and not memberships.all(axis=1).any()
     Path(paths[0]).unlink()
-    assert main(["index", str(gallery), "--home", str(indexed), "--model", "toy", "--input-size", "64",
-                 "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                str(gallery),
+                "--home",
+                str(indexed),
+                "--model",
+                "toy",
+                "--input-size",
+                "64",
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with open_store(settings.database_url) as store:
         with store.session() as session:
             assert len(session.scalars(select(AlbumImage)).all()) == 3  # FK cascade dropped the deleted file's row

@@ -1,9 +1,9 @@
 """The command line as a user drives it: contracts of docs/DESIGN.md §5, exit codes, bad input."""
+
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,16 +54,37 @@ def test_search_json_has_the_contract_fields_and_writes_maps(capsys, indexed, ga
 
 
 def test_group_topk_gives_every_result_the_same_query_map(capsys, indexed, gallery, tmp_path):
-    code, result = run_json(capsys, "search", gallery / "pic1.png", "--home", indexed, "-k", "3",
-                            "--group", "topk", "--maps-dir", tmp_path / "maps")
+    code, result = run_json(
+        capsys,
+        "search",
+        gallery / "pic1.png",
+        "--home",
+        indexed,
+        "-k",
+        "3",
+        "--group",
+        "topk",
+        "--maps-dir",
+        tmp_path / "maps",
+    )
     assert code == 0
     assert len({r["query_map"] for r in result["results"]}) == 1
 
 
 def test_explain_fam_exact_maps_plus_offsets_sum_to_the_score(capsys, indexed, gallery, tmp_path):
     out = tmp_path / "why"
-    code, result = run_json(capsys, "explain", gallery / "pic0.jpg", gallery / "pic2.jpg",
-                            "--home", indexed, "--explain", "fam-exact", "--out", out)
+    code, result = run_json(
+        capsys,
+        "explain",
+        gallery / "pic0.jpg",
+        gallery / "pic2.jpg",
+        "--home",
+        indexed,
+        "--explain",
+        "fam-exact",
+        "--out",
+        out,
+    )
     assert code == 0
     for side in ("query", "match"):
         total = np.load(result[f"{side}_map"]).sum() + result["offset"][side]
@@ -138,8 +159,9 @@ def test_an_empty_folder_indexes_nothing_and_says_so(capsys, tmp_path, home):
 @pytest.mark.slow  # hashes the packaged Lite0 weights for the identity it compares
 def test_an_index_built_by_another_model_is_refused_without_full(capsys, indexed, gallery):
     # `indexed` used the toy backbone (a plain re-run keeps it: tests/test_train.py); asked for Lite0:
-    code, _, err = run_cli(capsys, "index", gallery, "--home", indexed, "--no-progress", "--workers", "0",
-                           "--model", "efficientnet_lite0")
+    code, _, err = run_cli(
+        capsys, "index", gallery, "--home", indexed, "--no-progress", "--workers", "0", "--model", "efficientnet_lite0"
+    )
     assert code == 2 and "another model" in err and "--full" in err
 
 

@@ -1,5 +1,6 @@
 """Real processes: `famsearch index` killed with SIGKILL mid-run and run again; searches while
 another process indexes; index files swapped under a reader."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,13 @@ SAFETY_TIMEOUT_S = 120  # only so that a hang fails the test instead of the whol
 def famsearch(*args) -> subprocess.Popen:
     """`famsearch ...` in its own process group, so a kill takes its decoding workers too."""
     command = [sys.executable, "-m", "indexer.cli", *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def count_rows(home: Path) -> int:
@@ -47,8 +53,10 @@ def kill_when_rows(process: subprocess.Popen, home: Path, at_least: int) -> int:
             process.wait()
             return rows
         time.sleep(0.005)
-    pytest.fail(f"the run ended (code {process.poll()}) before {at_least} rows were committed: "
-                f"{process.stderr.read().decode()[-2000:] if process.stderr else ''}")
+    pytest.fail(
+        f"the run ended (code {process.poll()}) before {at_least} rows were committed: "
+        f"{process.stderr.read().decode()[-2000:] if process.stderr else ''}"
+    )
 
 
 @pytest.fixture
@@ -85,8 +93,9 @@ def test_searches_keep_working_while_another_process_indexes(capsys, gallery, bi
     searches_during_the_run = 0
     try:
         while writer.poll() is None and searches_during_the_run < 3:
-            code, result = run_json(capsys, "search", gallery / "pic1.png", "--home", home, "-k", "3",
-                                    "--explain", "none")
+            code, result = run_json(
+                capsys, "search", gallery / "pic1.png", "--home", home, "-k", "3", "--explain", "none"
+            )
             assert code == 0
             top = result["results"][0]
             assert top["path"] == str(gallery / "pic1.png") and top["score"] == pytest.approx(1.0, abs=1e-5)
@@ -125,7 +134,9 @@ def test_a_reader_never_sees_a_half_written_index_file(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # no temp files left behind
 
 
-def test_a_reader_that_read_the_model_before_a_pcaw_refit_opens_the_matching_head_and_index(capsys, gallery, home, monkeypatch):
+def test_a_reader_that_read_the_model_before_a_pcaw_refit_opens_the_matching_head_and_index(
+    capsys, gallery, home, monkeypatch
+):
     """The re-index (new photo, so pcaw is refitted) lands between the reader's meta read and its
     file reads: it must still pair the head and the index it read about, not the new files."""
     import retrieval.engine as engine_module
@@ -143,7 +154,9 @@ def test_a_reader_that_read_the_model_before_a_pcaw_refit_opens_the_matching_hea
     monkeypatch.setattr(engine_module, "load_head", reindex_then_load)
     engine = engine_module.QueryEngine(Settings(home=home))  # the old code raised: head.pt is not the head ...
     result = engine.query(engine.load_query(gallery / "pic1.png"), k=1, explainer="none")
-    assert result.matches[0].path == str(gallery / "pic1.png") and result.matches[0].score == pytest.approx(1.0, abs=1e-5)
+    assert result.matches[0].path == str(gallery / "pic1.png") and result.matches[0].score == pytest.approx(
+        1.0, abs=1e-5
+    )
     monkeypatch.undo()
     fresh = engine_module.QueryEngine(Settings(home=home))
     assert fresh.index.ntotal == 9 and fresh.head.digest != engine.head.digest  # pcaw was refitted
@@ -159,10 +172,14 @@ def test_each_rebuild_is_a_new_generation_and_only_the_previous_one_is_kept(caps
     snapshot_ = assert_consistent(home, [gallery])
     assert not snapshot_.dirty
     assert {g: sorted(p.name for p in paths) for g, paths in settings.generation_files().items()} == {
-        3: ["head-3.pt", "index-3.faiss"], 4: ["head-4.pt", "index-4.faiss"]}
+        3: ["head-3.pt", "index-3.faiss"],
+        4: ["head-4.pt", "index-4.faiss"],
+    }
 
 
-def test_a_reader_whose_generation_was_deleted_by_two_later_re_indexes_opens_the_newest(capsys, gallery, home, monkeypatch):
+def test_a_reader_whose_generation_was_deleted_by_two_later_re_indexes_opens_the_newest(
+    capsys, gallery, home, monkeypatch
+):
     import retrieval.engine as engine_module
     from retrieval.config import Settings
 
@@ -183,4 +200,6 @@ def test_a_reader_whose_generation_was_deleted_by_two_later_re_indexes_opens_the
     assert [p.name for p in calls] == ["head-1.pt", "head-3.pt"]  # the first one was gone: snapshot read again
     assert engine.index.ntotal == 10
     result = engine.query(engine.load_query(gallery / "late71.png"), k=1, explainer="none")
-    assert result.matches[0].path == str(gallery / "late71.png") and result.matches[0].score == pytest.approx(1.0, abs=1e-5)
+    assert result.matches[0].path == str(gallery / "late71.png") and result.matches[0].score == pytest.approx(
+        1.0, abs=1e-5
+    )

@@ -1,4 +1,5 @@
 """The encoder's arithmetic (fp32 / bf16) and its lazy backbone."""
+
 from __future__ import annotations
 
 import subprocess
@@ -7,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from skimage import data
 from PIL import Image
+from skimage import data
 
 from retrieval.encoder import load_encoder, resolve_precision
 from retrieval.modelspec import ModelSpec
@@ -64,7 +65,9 @@ def test_identity_and_preprocessing_need_no_model():
 @pytest.mark.slow
 def test_indexing_and_searching_with_lite0_import_neither_timm_nor_torchvision():
     """Both cost seconds at every cold start (timm pulls torch.fx and dynamo)."""
-    code = ("import sys, indexer.cli, indexer.sync, retrieval.engine, retrieval.encoder as e; e.load_encoder(); "
-            "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))")
+    code = (
+        "import sys, indexer.cli, indexer.sync, retrieval.engine, retrieval.encoder as e; e.load_encoder(); "
+        "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

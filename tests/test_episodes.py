@@ -1,4 +1,5 @@
 """Episodes: sampling properties over seeds, Eq. 11 decisions against a loop, the 95% CI by hand."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import draw_picture, run_cli, run_json
 from PIL import Image
 
-from conftest import draw_picture, run_cli, run_json
+from evaluation.episodes import episode_scores, mean_ci95, sample_episode, sample_episodes
 from evaluation.fewshot import Decisions, Features, decision_maps, per_group_mean
 from retrieval.fam import explain
 from retrieval.head import Head
-from evaluation.episodes import episode_scores, mean_ci95, sample_episode, sample_episodes
 
 LABELS = np.repeat(np.arange(8), 6)  # 8 classes x 6 images
 np.random.default_rng(0).shuffle(LABELS)
@@ -90,8 +91,25 @@ TOY = ("--model", "toy", "--input-size", "64", "--no-progress")
 
 def test_episodic_eval_is_reproducible_and_reports_every_explainer(capsys, tmp_path):
     data = _dataset(tmp_path / "data")
-    argv = ("eval", data, "--episodes", "30", "--way", "3", "--shot", "2", "--queries", "2", "--home", tmp_path / "h",
-            "--maps-episodes", "5", "--faithfulness-episodes", "2", *TOY)
+    argv = (
+        "eval",
+        data,
+        "--episodes",
+        "30",
+        "--way",
+        "3",
+        "--shot",
+        "2",
+        "--queries",
+        "2",
+        "--home",
+        tmp_path / "h",
+        "--maps-episodes",
+        "5",
+        "--faithfulness-episodes",
+        "2",
+        *TOY,
+    )
     _, first = run_json(capsys, *argv)
     assert (tmp_path / "h" / "cache").is_dir()  # the second run reads A and z from the cache
     _, again = run_json(capsys, *argv)
@@ -109,8 +127,20 @@ def test_episodic_eval_is_reproducible_and_reports_every_explainer(capsys, tmp_p
 
 def test_knn_eval_accuracy_equals_a_leave_one_out_loop(capsys, tmp_path):
     data = _dataset(tmp_path / "data")
-    _, report = run_json(capsys, "eval", data, "--knn", "3", "--home", tmp_path / "h",
-                         "--maps-episodes", "1", "--faithfulness-episodes", "0", *TOY)
+    _, report = run_json(
+        capsys,
+        "eval",
+        data,
+        "--knn",
+        "3",
+        "--home",
+        tmp_path / "h",
+        "--maps-episodes",
+        "1",
+        "--faithfulness-episodes",
+        "0",
+        *TOY,
+    )
     cached = np.load(next((tmp_path / "h" / "cache").glob("fewshot-*.npz")))
     pooled, labels = torch.from_numpy(cached["pooled"]).double(), np.repeat(np.arange(4), 4)
     unit = F.normalize(pooled, dim=1)
@@ -139,8 +169,9 @@ def test_eval_refuses_both_modes_at_once(capsys, tmp_path):
 def test_batched_decision_maps_equal_one_explain_call_per_decision(name):
     g = torch.Generator().manual_seed(0)
     feature_maps = torch.rand(9, 6, 3, 4, generator=g, dtype=torch.float64)
-    features = Features([], np.zeros(9, np.int64), feature_maps, feature_maps.mean(dim=(-2, -1)), [],
-                        SimpleNamespace(head=Head()))
+    features = Features(
+        [], np.zeros(9, np.int64), feature_maps, feature_maps.mean(dim=(-2, -1)), [], SimpleNamespace(head=Head())
+    )
     partners = [np.array([1, 2]), np.array([3]), np.array([4, 5]), np.array([6, 7, 8])]  # K varies, as k-NN voters do
     decisions = Decisions(np.zeros(4, np.int64), np.array([0, 1, 2, 0]), partners)
     rows = np.array([3, 0, 2, 1])

@@ -1,4 +1,5 @@
 """`famsearch eval` end to end on a tiny drawn dataset (toy backbone), and the dataset reader."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,12 @@ from PIL import Image, ImageDraw
 from evaluation.dataset import item_box, load_mask, read_dataset
 from tests.conftest import run_cli
 
-OBJECTS = (("ellipse", (220, 40, 40)), ("rectangle", (40, 180, 60)), ("triangle", (40, 70, 220)), ("ellipse", (230, 200, 30)))
+OBJECTS = (
+    ("ellipse", (220, 40, 40)),
+    ("rectangle", (40, 180, 60)),
+    ("triangle", (40, 70, 220)),
+    ("ellipse", (230, 200, 30)),
+)
 NAMES = ("fam-fine", "fam", "fam-exact", "gradcam", "gradcam-autograd", "centre", "uniform")
 
 
@@ -23,7 +29,9 @@ def _draw_object(draw: ImageDraw.ImageDraw, shape: str, box: list[int], fill) ->
         getattr(draw, shape)([box[0], box[1], box[2] - 1, box[3] - 1], fill=fill)
 
 
-def _composite(rng: random.Random, shape: str, colour, size: tuple[int, int]) -> tuple[Image.Image, Image.Image, list[int]]:
+def _composite(
+    rng: random.Random, shape: str, colour, size: tuple[int, int]
+) -> tuple[Image.Image, Image.Image, list[int]]:
     """One object drawn at a random place on a noisy background, with its mask and bbox (x1/y1 exclusive)."""
     width, height = size
     noise = np.random.default_rng(rng.randrange(2**32)).integers(60, 200, (height, width, 3), dtype=np.uint8)
@@ -54,8 +62,11 @@ def shapes_dataset(tmp_path: Path) -> Path:
         image.save(root / "images" / f"{name}.png")
         mask.save(root / "masks" / f"{name}.png")
         split = "query" if v == 0 and label.startswith("o") else "gallery"
-        lines.append(json.dumps({"path": f"images/{name}.png", "label": label, "split": split, "bbox": box,
-                                 "mask": f"masks/{name}.png"}))
+        lines.append(
+            json.dumps(
+                {"path": f"images/{name}.png", "label": label, "split": split, "bbox": box, "mask": f"masks/{name}.png"}
+            )
+        )
     (root / "annotations.jsonl").write_text("\n".join(lines) + "\n")
     return root
 

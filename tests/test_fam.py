@@ -1,4 +1,5 @@
 """The explainers' maths: golden hand-derived cases, loop oracles and identities."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,10 +7,10 @@ import torch.nn.functional as F
 from retrieval.fam import (
     cosine_contributions,
     explain,
-    weighted_map,
     fam_weights,
     gradcam_autograd,
     minmax,
+    weighted_map,
 )
 
 
@@ -52,9 +53,7 @@ def test_fam_on_one_active_channel_in_one_cell_is_that_cell():
 def test_contributions_of_identical_vectors_are_their_squared_shares():
     # e = e_k = [3, 4]: s = 1, ‖e‖‖e_k‖ = 25, c = [9, 16] / 25.
     emb = torch.tensor([3.0, 4.0], dtype=torch.float64)
-    torch.testing.assert_close(
-        cosine_contributions(emb, emb[None]), torch.tensor([0.36, 0.64], dtype=torch.float64)
-    )
+    torch.testing.assert_close(cosine_contributions(emb, emb[None]), torch.tensor([0.36, 0.64], dtype=torch.float64))
 
 
 def _fam_by_loops(feature_map, emb, partner_embs, weight):

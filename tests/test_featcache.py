@@ -1,4 +1,5 @@
 """The map cache: maps served from it equal recomputed ones; stale, damaged or missing entries fall back."""
+
 from __future__ import annotations
 
 import numpy as np

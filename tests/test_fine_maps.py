@@ -1,4 +1,5 @@
 """The default map (fam-fine): joint bilateral up-sampling in the model's own features, graded emphasis, packing."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,8 +44,9 @@ def test_joint_bilateral_upsampling_is_batched_like_a_loop_and_keeps_a_constant(
     g = torch.Generator().manual_seed(0)
     coarse, guide = torch.rand(2, 3, 4, 4, generator=g), torch.rand(2, 3, 7, 8, 8, generator=g)
     batched = fam.joint_bilateral_upsample(coarse, guide)  # (2, 3, 8, 8)
-    looped = torch.stack([torch.stack([fam.joint_bilateral_upsample(coarse[a, b], guide[a, b]) for b in range(3)])
-                          for a in range(2)])
+    looped = torch.stack(
+        [torch.stack([fam.joint_bilateral_upsample(coarse[a, b], guide[a, b]) for b in range(3)]) for a in range(2)]
+    )
     torch.testing.assert_close(batched, looped)
     flat = fam.joint_bilateral_upsample(torch.full((4, 4), 0.7), guide[0, 0])  # weights sum to 1 per fine cell
     torch.testing.assert_close(flat, torch.full((8, 8), 0.7))

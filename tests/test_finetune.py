@@ -1,16 +1,17 @@
 """`famsearch train --finetune`: the tuned last stage is saved so that loading it reproduces it
 exactly, the frozen layers stay the packaged ones, training learns, and the product uses the result."""
+
 import numpy as np
 import pytest
 import torch
 
-from training.finetune import Tail, finetune, tail_pairs, tuned_state, untuned_maps
-from training.metric import TrainOptions
 from retrieval.backbone import lite0_weights_path, load_backbone
 from retrieval.head import Head, head_meta, load_head
 from retrieval.images import load_image
 from tests.conftest import draw_picture, run_cli, run_json
 from tests.test_train import _clustered_features, _masked_dataset
+from training.finetune import Tail, finetune, tail_pairs, tuned_state, untuned_maps
+from training.metric import TrainOptions
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,9 @@ def test_saved_tuned_weights_reload_to_exactly_the_trained_tail(lite0, packaged,
     with torch.no_grad():
         expected = tail.feature_maps(lite0.forward_trunk(x))
         torch.testing.assert_close(reloaded.forward_features(x), expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(reloaded.forward_trunk(x), lite0.forward_trunk(x))  # the frozen layers are the packaged ones
+        torch.testing.assert_close(
+            reloaded.forward_trunk(x), lite0.forward_trunk(x)
+        )  # the frozen layers are the packaged ones
         assert (reloaded.forward_features(x) - lite0.forward_features(x)).abs().max() > 1e-2  # and the tail moved
 
 
@@ -93,9 +96,9 @@ def test_finetuning_learns_the_training_labels_and_keeps_its_best_validation_epo
 def test_under_focus_pooling_the_tail_embeds_what_the_index_will_embed(tmp_path):
     """Oracle: trunk features with their focus weights (channel 193) through the tail and head give the
     embedding `encode` gives the photo under focus pooling, so training optimises what search compares."""
-    from training.finetune import trunk_features
     from retrieval.encoder import load_encoder
     from retrieval.modelspec import ModelSpec
+    from training.finetune import trunk_features
 
     encoder = load_encoder(ModelSpec(input_size=96, pooling="focus"))
     paths = []
@@ -115,9 +118,27 @@ def test_under_focus_pooling_the_tail_embeds_what_the_index_will_embed(tmp_path)
 @pytest.mark.parametrize("pooling", ["attn", "focus"])
 def test_finetune_writes_weights_that_index_and_explain_use(capsys, tmp_path, gallery, home, pooling):
     out = tmp_path / "head.pt"
-    code, summary = run_json(capsys, "train", _masked_dataset(tmp_path / "masked"), "--out", out, "--input-size", "64",
-                             "--epochs", "2", "--dim", "8", "--val-fraction", "0.34", "--pooling", pooling,
-                             "--finetune", "--no-progress", "--home", home)
+    code, summary = run_json(
+        capsys,
+        "train",
+        _masked_dataset(tmp_path / "masked"),
+        "--out",
+        out,
+        "--input-size",
+        "64",
+        "--epochs",
+        "2",
+        "--dim",
+        "8",
+        "--val-fraction",
+        "0.34",
+        "--pooling",
+        pooling,
+        "--finetune",
+        "--no-progress",
+        "--home",
+        home,
+    )
     assert code == 0, summary
     weights = tmp_path / "head.backbone.pth"
     assert summary["weights"] == str(weights) and weights.is_file()
@@ -130,15 +151,36 @@ def test_finetune_writes_weights_that_index_and_explain_use(capsys, tmp_path, ga
     assert info["model"]["weights_sha256"] == tuned.identity["weights_sha256"]
     assert info["model"]["head_sha256"] == load_head(out).digest
     pictures = sorted(gallery.glob("*.png"))
-    code, result = run_json(capsys, "explain", pictures[0], pictures[1], "--home", home, "--explain", "fam-exact",
-                            "--out", tmp_path / "maps")
+    code, result = run_json(
+        capsys,
+        "explain",
+        pictures[0],
+        pictures[1],
+        "--home",
+        home,
+        "--explain",
+        "fam-exact",
+        "--out",
+        tmp_path / "maps",
+    )
     query_map = np.load(result["query_map"])
     assert abs(query_map.sum() + result["offset"]["query"] - result["score"]) < 1e-4
 
 
 def test_finetune_of_a_backbone_without_a_last_stage_split_is_a_clear_error(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "train", _masked_dataset(tmp_path / "masked"), "--out", tmp_path / "h.pt",
-                           "--model", "toy", "--input-size", "64", "--finetune", "--no-progress")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        _masked_dataset(tmp_path / "masked"),
+        "--out",
+        tmp_path / "h.pt",
+        "--model",
+        "toy",
+        "--input-size",
+        "64",
+        "--finetune",
+        "--no-progress",
+    )
     assert code == 2 and "--finetune is implemented for efficientnet_lite0" in err
     assert not (tmp_path / "h.pt").exists()
 

@@ -2,6 +2,7 @@
 
 The same pooling on both sides keeps what a whole-photo search promises (an indexed photo finds itself at
 score 1) while comparing the objects that stand out rather than the backgrounds that fill the photos."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,8 @@ from PIL import Image
 
 from retrieval.encoder import load_encoder
 from retrieval.modelspec import ModelSpec
-from retrieval.regions import AUTO
 from retrieval.pooling import explained_feature_map, pool_feature_map
+from retrieval.regions import AUTO
 from tests.conftest import copy_home, draw_picture, run_json
 
 
@@ -84,8 +85,9 @@ def test_with_the_bundled_backbone_a_whole_photo_finds_the_pasted_photo_not_the_
     for pooling in ("gap", "focus"):
         encoder = load_encoder(ModelSpec(input_size=224, pooling=pooling))
         rows = F.normalize(encoder.encode([scene(*pair, (260, 40)) for pair in gallery])[1], dim=1)
-        queries = F.normalize(encoder.encode([scene(photo, textures[i % 3], (40, 250))
-                                              for i, photo in enumerate(photos)])[1], dim=1)
+        queries = F.normalize(
+            encoder.encode([scene(photo, textures[i % 3], (40, 250)) for i, photo in enumerate(photos)])[1], dim=1
+        )
         hits[pooling] = sum(gallery[j][0] == photo for j, photo in zip((queries @ rows.T).argmax(1).tolist(), photos))
     assert hits["focus"] >= 4 and hits["gap"] <= 2, hits
 

@@ -1,9 +1,10 @@
 """Heads and pooling: PCA-whitening, GeM/GAP, head files."""
+
 import pytest
 import torch
 
-from retrieval.pooling import POOLINGS, explained_feature_map, pool_feature_map
 from retrieval.head import Head, fit_pcaw, head_meta, load_head
+from retrieval.pooling import POOLINGS, explained_feature_map, pool_feature_map
 
 
 def _clustered(seed: int, m: int = 200, n: int = 12) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Decoding photos: every file of the bad-file corpus is an upright RGB picture or a clear ImageError."""
+
 from __future__ import annotations
 
 import io
@@ -11,8 +12,16 @@ from PIL import Image
 from retrieval.images import ImageError, decode_image, is_image_path
 from tests.conftest import draw_picture
 from tests.corpus import (
-    animated_gif, bad_cases, cmyk_jpeg, encode, palette_transparent_png, png16, sideways_jpeg, upright_pixels,
-    with_bad_crc, with_text_chunk,
+    animated_gif,
+    bad_cases,
+    cmyk_jpeg,
+    encode,
+    palette_transparent_png,
+    png16,
+    sideways_jpeg,
+    upright_pixels,
+    with_bad_crc,
+    with_text_chunk,
 )
 
 CASES = bad_cases()

@@ -1,4 +1,5 @@
 """The metric maths (docs/DESIGN.md §7): golden cases worked out by hand, plus a few identities."""
+
 import numpy as np
 import pytest
 

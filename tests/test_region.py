@@ -1,4 +1,5 @@
 """Searching for a part of the query photo: a box restricts the query's pooling to the cells it covers."""
+
 from __future__ import annotations
 
 import json
@@ -10,17 +11,20 @@ from PIL import Image
 
 from retrieval.encoder import load_encoder
 from retrieval.modelspec import ModelSpec
-from retrieval.regions import box_weights, parse_box
 from retrieval.pooling import pool_feature_map
+from retrieval.regions import box_weights, parse_box
 from tests.conftest import draw_picture, run_cli, run_json
 
 
-@pytest.mark.parametrize("box, size, grid", [
-    ((10, 5, 40, 30), (64, 48), (8, 8)),
-    ((0, 0, 300, 200), (300, 200), (7, 7)),
-    ((17.5, 3.2, 18.1, 3.9), (64, 64), (8, 8)),  # smaller than a cell
-    ((-50, -50, 20, 500), (100, 80), (7, 5)),  # reaches past the photo: clipped
-])
+@pytest.mark.parametrize(
+    "box, size, grid",
+    [
+        ((10, 5, 40, 30), (64, 48), (8, 8)),
+        ((0, 0, 300, 200), (300, 200), (7, 7)),
+        ((17.5, 3.2, 18.1, 3.9), (64, 64), (8, 8)),  # smaller than a cell
+        ((-50, -50, 20, 500), (100, 80), (7, 5)),  # reaches past the photo: clipped
+    ],
+)
 def test_box_weights_are_the_covered_cells_scaled_to_mean_one(box, size, grid):
     weights = box_weights(box, size, grid)
     h, w = grid
@@ -88,8 +92,9 @@ def _two_pictures(folder, left: int, right: int):
 
 def test_search_with_a_box_finds_the_picture_inside_it(capsys, gap_indexed, tmp_path):
     query = _two_pictures(tmp_path, 2, 5)
-    _, left = run_json(capsys, "search", query, "--home", gap_indexed, "--box", "0,0,64,64", "-k", "1",
-                       "--explain", "fam-exact")
+    _, left = run_json(
+        capsys, "search", query, "--home", gap_indexed, "--box", "0,0,64,64", "-k", "1", "--explain", "fam-exact"
+    )
     _, right = run_json(capsys, "search", query, "--home", gap_indexed, "--box", "64,0,128,64", "-k", "1")
     assert left["results"][0]["path"].endswith("pic2.jpg") and right["results"][0]["path"].endswith("pic5.png")
     assert left["box"] == [0, 0, 64, 64]
@@ -98,10 +103,23 @@ def test_search_with_a_box_finds_the_picture_inside_it(capsys, gap_indexed, tmp_
 def test_fam_exact_on_a_boxed_query_sums_to_the_score_and_stays_inside_the_box(capsys, indexed, tmp_path):
     query = _two_pictures(tmp_path, 2, 5)
     maps = tmp_path / "maps"
-    _, result = run_json(capsys, "search", query, "--home", indexed, "--box", "0,0,64,64", "-k", "3",
-                         "--explain", "fam-exact", "--maps-dir", maps)
-    from retrieval.engine import QueryEngine
+    _, result = run_json(
+        capsys,
+        "search",
+        query,
+        "--home",
+        indexed,
+        "--box",
+        "0,0,64,64",
+        "-k",
+        "3",
+        "--explain",
+        "fam-exact",
+        "--maps-dir",
+        maps,
+    )
     from retrieval.config import Settings
+    from retrieval.engine import QueryEngine
 
     engine = QueryEngine(Settings(home=indexed))
     try:
@@ -131,8 +149,14 @@ def _two_object_dataset(root):
     for i in range(6):
         for view in range(2):
             draw_picture(i).save(root / "images" / f"o{i}_g{view}.{'png' if view else 'jpg'}", quality=90 + view)
-            lines.append({"path": f"images/o{i}_g{view}.{'png' if view else 'jpg'}", "label": f"o{i}", "split": "gallery",
-                          "bbox": [0, 0, 64, 64]})
+            lines.append(
+                {
+                    "path": f"images/o{i}_g{view}.{'png' if view else 'jpg'}",
+                    "label": f"o{i}",
+                    "split": "gallery",
+                    "bbox": [0, 0, 64, 64],
+                }
+            )
         query = _two_pictures(root / "images", i, (i + 3) % 6)
         lines.append({"path": f"images/{query.name}", "label": f"o{i}", "split": "query", "bbox": [0, 0, 64, 64]})
     (root / "annotations.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -144,8 +168,26 @@ def test_eval_query_box_pools_each_query_inside_its_annotated_box(capsys, tmp_pa
     root = _two_object_dataset(tmp_path / "pairs")
     runs = {}
     for flag in ([], ["--query-box"]):
-        code, out, err = run_cli(capsys, "eval", root, "--model", "toy", "--input-size", "64", "--workers", "0",
-                                 "--pooling", "gap", "--no-progress", "--explain", "fam", "--steps", "2", "--json", *flag)
+        code, out, err = run_cli(
+            capsys,
+            "eval",
+            root,
+            "--model",
+            "toy",
+            "--input-size",
+            "64",
+            "--workers",
+            "0",
+            "--pooling",
+            "gap",
+            "--no-progress",
+            "--explain",
+            "fam",
+            "--steps",
+            "2",
+            "--json",
+            *flag,
+        )
         assert code == 0, err
         runs[bool(flag)] = json.loads(out)
     assert runs[True]["query_box"] == "annotated" and runs[False]["query_box"] is None
@@ -155,10 +197,13 @@ def test_eval_query_box_pools_each_query_inside_its_annotated_box(capsys, tmp_pa
 def test_eval_query_box_needs_a_box_on_every_query_and_is_not_for_few_shot(capsys, tmp_path):
     root = _two_object_dataset(tmp_path / "pairs")
     lines = (root / "annotations.jsonl").read_text().splitlines()
-    (root / "annotations.jsonl").write_text("\n".join(line.replace(', "bbox": [0, 0, 64, 64]}', "}")
-                                                      if '"query"' in line else line for line in lines) + "\n")
-    code, _, err = run_cli(capsys, "eval", root, "--model", "toy", "--input-size", "64", "--workers", "0",
-                           "--no-progress", "--query-box")
+    (root / "annotations.jsonl").write_text(
+        "\n".join(line.replace(', "bbox": [0, 0, 64, 64]}', "}") if '"query"' in line else line for line in lines)
+        + "\n"
+    )
+    code, _, err = run_cli(
+        capsys, "eval", root, "--model", "toy", "--input-size", "64", "--workers", "0", "--no-progress", "--query-box"
+    )
     assert code == 2 and "--query-box needs a bbox or mask on every query; 6 have none" in err
     code, _, err = run_cli(capsys, "eval", root, "--model", "toy", "--episodes", "2", "--query-box")
     assert code == 2 and "not with --episodes" in err
@@ -225,9 +270,9 @@ def test_the_automatic_focus_ignores_the_map_s_scale_and_follows_the_spot(seed):
     scene = _scene(spot=(slice(r, r + 2), slice(c, c + 2)), seed=seed)
     weights = focus_weights(scene, (8, 8))
     assert torch.equal(weights, focus_weights(3.7 * scene, (8, 8)))
-    assert (weights[0, r:r + 2, c:c + 2] > 0).all()
+    assert (weights[0, r : r + 2, c : c + 2] > 0).all()
     coarse = focus_weights(scene, (4, 4))
-    assert coarse.shape == (1, 4, 4) and (coarse[0, r // 2:(r + 1) // 2 + 1, c // 2:(c + 1) // 2 + 1] > 0).any()
+    assert coarse.shape == (1, 4, 4) and (coarse[0, r // 2 : (r + 1) // 2 + 1, c // 2 : (c + 1) // 2 + 1] > 0).any()
 
 
 def test_auto_pools_the_query_over_the_cells_the_focus_picks():
@@ -243,7 +288,9 @@ def test_auto_pools_the_query_over_the_cells_the_focus_picks():
     assert 0 < kept.sum() < kept.numel()
     assert torch.allclose(pooled[0], full_map[0][:, kept].mean(dim=1), atol=1e-5)
     assert torch.allclose(pooled[1], full_map[0].mean(dim=(-2, -1)), atol=1e-5)
-    assert torch.count_nonzero(maps[0][:, ~kept]) == 0 and torch.allclose(maps[0].mean(dim=(-2, -1)), pooled[0], atol=1e-6)
+    assert torch.count_nonzero(maps[0][:, ~kept]) == 0 and torch.allclose(
+        maps[0].mean(dim=(-2, -1)), pooled[0], atol=1e-6
+    )
 
 
 def test_parse_box_takes_auto():
@@ -265,10 +312,13 @@ def _tiled(folder, background: int, odd: int):
 
 
 def test_search_box_auto_finds_the_picture_that_stands_out_where_the_whole_photo_finds_the_background(
-        capsys, gap_indexed, tmp_path):
+    capsys, gap_indexed, tmp_path
+):
     query = _tiled(tmp_path, 1, 5)
     _, whole = run_json(capsys, "search", query, "--home", gap_indexed, "-k", "1")
-    _, auto = run_json(capsys, "search", query, "--home", gap_indexed, "--box", "auto", "-k", "1", "--explain", "fam-exact")
+    _, auto = run_json(
+        capsys, "search", query, "--home", gap_indexed, "--box", "auto", "-k", "1", "--explain", "fam-exact"
+    )
     assert whole["results"][0]["path"].endswith("pic1.png") and auto["results"][0]["path"].endswith("pic5.png")
     assert auto["box"] == "auto" and "box" not in whole
     code, out, _ = run_cli(capsys, "search", query, "--home", gap_indexed, "--box", "auto", "-k", "1")
@@ -278,10 +328,25 @@ def test_search_box_auto_finds_the_picture_that_stands_out_where_the_whole_photo
 def test_eval_query_auto_needs_no_annotated_box_and_says_so(capsys, tmp_path):
     root = _two_object_dataset(tmp_path / "pairs")
     lines = (root / "annotations.jsonl").read_text().splitlines()
-    (root / "annotations.jsonl").write_text("\n".join(line.replace(', "bbox": [0, 0, 64, 64]}', "}")
-                                                      if '"query"' in line else line for line in lines) + "\n")
-    args = ("eval", root, "--model", "toy", "--input-size", "64", "--workers", "0", "--no-progress", "--explain", "fam",
-            "--steps", "2")
+    (root / "annotations.jsonl").write_text(
+        "\n".join(line.replace(', "bbox": [0, 0, 64, 64]}', "}") if '"query"' in line else line for line in lines)
+        + "\n"
+    )
+    args = (
+        "eval",
+        root,
+        "--model",
+        "toy",
+        "--input-size",
+        "64",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--explain",
+        "fam",
+        "--steps",
+        "2",
+    )
     code, out, err = run_cli(capsys, *args, "--json", "--query-auto")
     assert code == 0, err
     assert json.loads(out)["query_box"] == "auto"
@@ -304,6 +369,10 @@ def test_with_the_bundled_backbone_the_focus_lands_on_a_photo_pasted_onto_textur
     _, focus = encoder.forward_features_and_focus(encoder.preprocess(canvas)[None])
     rows, cols = np.nonzero(focus[0].numpy())
     centres_x, centres_y = (cols + 0.5) * 64, (rows + 0.5) * 64
-    on_photo = ((centres_x >= corner[0]) & (centres_x < corner[0] + 160)
-                & (centres_y >= corner[1]) & (centres_y < corner[1] + 140))
+    on_photo = (
+        (centres_x >= corner[0])
+        & (centres_x < corner[0] + 160)
+        & (centres_y >= corner[1])
+        & (centres_y < corner[1] + 140)
+    )
     assert len(rows) == 4 and on_photo.mean() > 0.5

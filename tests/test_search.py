@@ -1,4 +1,5 @@
 """FAISS search against exact oracles: top-k, ids, recall of every index type, choice by size."""
+
 from __future__ import annotations
 
 import faiss

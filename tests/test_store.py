@@ -1,4 +1,5 @@
 """The store: migrations match the models, SQLite settings, and each query's contract."""
+
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -39,7 +40,11 @@ def store(url):
 def _add(store, path, status=STATUS_OK, embedding=None, error=None):
     with store.session() as session:
         image = Image(
-            path=path, size=10, mtime_ns=1_700_000_000_000_000_000, status=status, error=error,
+            path=path,
+            size=10,
+            mtime_ns=1_700_000_000_000_000_000,
+            status=status,
+            error=error,
             embedding=None if embedding is None else embedding_to_bytes(embedding),
         )
         session.add(image)

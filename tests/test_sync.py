@@ -1,5 +1,6 @@
 """Incremental indexing as a photo library lives it: bad files, add/change/move/delete cycles,
 flags, files that change under the indexer, and runs that die half-way (in-process)."""
+
 from __future__ import annotations
 
 import json
@@ -95,7 +96,9 @@ def test_an_exif_rotated_photo_is_embedded_as_its_upright_pixels(capsys, tmp_pat
     upright_pixels(jpeg).transpose(3).save(folder / "sideways.png")  # control: the pixels turned the other way
     index(capsys, home, folder)
     state = snapshot(home)
-    np.testing.assert_allclose(state.embedding(folder / "phone.jpg"), state.embedding(folder / "upright.png"), atol=1e-6)
+    np.testing.assert_allclose(
+        state.embedding(folder / "phone.jpg"), state.embedding(folder / "upright.png"), atol=1e-6
+    )
     assert not np.allclose(state.embedding(folder / "phone.jpg"), state.embedding(folder / "sideways.png"), atol=1e-3)
 
 
@@ -139,12 +142,19 @@ def test_add_change_move_delete_keep_rows_and_vectors_in_step(capsys, tmp_path, 
     (gallery / "pic4.jpg").unlink()  # delete
     code, summary = index(capsys, home, gallery)
     assert code == 0
-    assert {k: summary[k] for k in ("added", "updated", "moved", "deleted", "unchanged")} == \
-        {"added": 1, "updated": 1, "moved": 1, "deleted": 1, "unchanged": 5}
+    assert {k: summary[k] for k in ("added", "updated", "moved", "deleted", "unchanged")} == {
+        "added": 1,
+        "updated": 1,
+        "moved": 1,
+        "deleted": 1,
+        "unchanged": 5,
+    }
     after = assert_consistent(home, [gallery])
     old, new = before.rows[str(gallery / "pic2.jpg")], after.rows[str(gallery / "sub" / "moved" / "renamed.jpg")]
     assert new[0] == old[0] and np.array_equal(new[2], old[2])  # same id, same vector: not re-embedded
-    assert str(gallery / "pic4.jpg") not in after.rows and before.rows[str(gallery / "pic4.jpg")][0] not in after.index_ids
+    assert (
+        str(gallery / "pic4.jpg") not in after.rows and before.rows[str(gallery / "pic4.jpg")][0] not in after.index_ids
+    )
     assert_same_as_fresh(capsys, tmp_path, home, gallery)
 
 
@@ -273,6 +283,7 @@ def _refusing(real_decode, refused: bytes):
         if data == refused:
             raise sync_module.ImageError("not supported by this Pillow")
         return real_decode(data, *args, **kwargs)
+
     return decode
 
 
@@ -287,7 +298,9 @@ def test_dry_run_reports_the_plan_and_changes_nothing(capsys, gallery, home):
     assert (summary["added"], summary["moved"], summary["deleted"], summary["unchanged"]) == (1, 1, 1, 6)
     assert {p.name: p.read_bytes() for p in home.glob("index*.faiss")} == index_bytes
     after = snapshot(home)
-    assert after.index_ids == before.index_ids and {p: r[:2] for p, r in after.rows.items()} == {p: r[:2] for p, r in before.rows.items()}
+    assert after.index_ids == before.index_ids and {p: r[:2] for p, r in after.rows.items()} == {
+        p: r[:2] for p, r in before.rows.items()
+    }
     assert index(capsys, home, gallery)[1]["added"] == 1  # the real run still has it all to do
 
 
@@ -337,8 +350,16 @@ def test_a_folder_that_cannot_be_listed_keeps_its_rows(capsys, gallery, home, mo
 def test_json_goes_to_stdout_and_the_progress_bar_with_images_per_s_to_stderr(capsys, gallery, home):
     code, out, err = run_cli(capsys, "index", gallery, "--home", home, "--json", *TOY[:-1])
     summary = json.loads(out)
-    assert code == 0 and set(summary) >= {"added", "updated", "moved", "deleted", "unchanged", "failed",
-                                          "seconds", "images_per_s"}
+    assert code == 0 and set(summary) >= {
+        "added",
+        "updated",
+        "moved",
+        "deleted",
+        "unchanged",
+        "failed",
+        "seconds",
+        "images_per_s",
+    }
     assert re.search(r"8/8 .*img/s", err)
     save_picture(gallery / "one-more.png", 60)
     code, out, err = run_cli(capsys, "index", gallery, "--home", home, *TOY)
@@ -354,6 +375,7 @@ def _scan_then(action):
         found = list(real_scan(*args, **kwargs))
         action()
         return iter(found)
+
     return scan
 
 
@@ -361,14 +383,17 @@ def test_a_file_deleted_between_scan_and_decode_leaves_no_row(capsys, gallery, h
     index(capsys, home, gallery)
     save_picture(gallery / "fleeting.jpg", 70)
     save_picture(gallery / "pic1.png", 71)  # changed, then gone too
-    monkeypatch.setattr(sync_module, "scan", _scan_then(lambda: [
-        (gallery / "fleeting.jpg").unlink(), (gallery / "pic1.png").unlink()]))
+    monkeypatch.setattr(
+        sync_module, "scan", _scan_then(lambda: [(gallery / "fleeting.jpg").unlink(), (gallery / "pic1.png").unlink()])
+    )
     code, summary = index(capsys, home, gallery)
     assert code == 0 and summary["failed"] == 0
     assert_consistent(home, [gallery])
 
 
-def test_a_file_rewritten_between_scan_and_decode_is_stored_as_it_was_read(capsys, tmp_path, gallery, home, monkeypatch):
+def test_a_file_rewritten_between_scan_and_decode_is_stored_as_it_was_read(
+    capsys, tmp_path, gallery, home, monkeypatch
+):
     index(capsys, home, gallery)
     target = gallery / "pic1.png"
     save_picture(target, 80)
@@ -381,7 +406,8 @@ def test_a_file_rewritten_between_scan_and_decode_is_stored_as_it_was_read(capsy
 
 # ------------------------------------------------------------------------------------------ dying in-process
 def test_a_run_that_dies_after_deleting_rows_leaves_the_index_dirty_and_the_next_run_rebuilds_it(
-        capsys, gallery, home, monkeypatch):
+    capsys, gallery, home, monkeypatch
+):
     index(capsys, home, gallery)
     (gallery / "pic0.jpg").unlink()
 

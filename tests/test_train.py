@@ -1,15 +1,16 @@
 """`famsearch train`: a linear Multi-Similarity head that learns, stays linear, and keeps the explainers exact."""
+
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from training.data import read_labelled
-from training.metric import TrainOptions, recall_at_1, split_labels, train_head
 from retrieval.fam import cosine, explain, gradcam_autograd
 from retrieval.head import head_meta, load_head
 from tests.conftest import draw_picture, run_cli, run_json
+from training.data import read_labelled
+from training.metric import TrainOptions, recall_at_1, split_labels, train_head
 
 
 def _clustered_features(seed: int, n_labels: int = 40, per_label: int = 4, signal: int = 6, nuisance: int = 18):
@@ -29,8 +30,17 @@ def _clustered_features(seed: int, n_labels: int = 40, per_label: int = 4, signa
 
 def _trained_head(seed: int = 0, **kwargs):
     pooled, labels = _clustered_features(seed)
-    options = TrainOptions(dim=16, epochs=kwargs.pop("epochs", 20), lr=3e-2, batch_size=32, val_fraction=0.25,
-                           patience=25, seed=seed, progress=False, **kwargs)
+    options = TrainOptions(
+        dim=16,
+        epochs=kwargs.pop("epochs", 20),
+        lr=3e-2,
+        batch_size=32,
+        val_fraction=0.25,
+        patience=25,
+        seed=seed,
+        progress=False,
+        **kwargs,
+    )
     return train_head(pooled, labels, options, log=lambda line: None)
 
 
@@ -120,9 +130,28 @@ def test_labelled_sub_folders_and_annotation_files_are_both_read(tmp_path):
 def test_train_writes_a_head_that_index_uses_and_identifies(capsys, tmp_path, gallery, home):
     data = _labelled_folders(tmp_path / "labelled")
     out = tmp_path / "head.pt"
-    code, summary = run_json(capsys, "train", data, "--out", out, "--model", "toy", "--input-size", "64",
-                             "--pooling", "gap", "--epochs", "2", "--dim", "8", "--val-fraction", "0.34",
-                             "--no-progress", "--home", home)
+    code, summary = run_json(
+        capsys,
+        "train",
+        data,
+        "--out",
+        out,
+        "--model",
+        "toy",
+        "--input-size",
+        "64",
+        "--pooling",
+        "gap",
+        "--epochs",
+        "2",
+        "--dim",
+        "8",
+        "--val-fraction",
+        "0.34",
+        "--no-progress",
+        "--home",
+        home,
+    )
     assert code == 0 and summary["dim"] == 8 and len(summary["epochs"]) <= 2
     head = load_head(out)
     assert head.kind == "linear" and head.weight.shape == (16, 8)
@@ -138,18 +167,65 @@ def test_train_writes_a_head_that_index_uses_and_identifies(capsys, tmp_path, ga
 
 def test_a_head_trained_on_another_model_than_the_index_s_is_refused_with_the_flags_to_give(capsys, tmp_path, gallery):
     out = tmp_path / "head.pt"
-    code, _ = run_json(capsys, "train", _labelled_folders(tmp_path / "labelled"), "--out", out, "--model", "toy",
-                       "--input-size", "64", "--pooling", "gap", "--epochs", "1", "--dim", "8", "--val-fraction",
-                       "0.34", "--no-progress", "--home", tmp_path / "train-home")
+    code, _ = run_json(
+        capsys,
+        "train",
+        _labelled_folders(tmp_path / "labelled"),
+        "--out",
+        out,
+        "--model",
+        "toy",
+        "--input-size",
+        "64",
+        "--pooling",
+        "gap",
+        "--epochs",
+        "1",
+        "--dim",
+        "8",
+        "--val-fraction",
+        "0.34",
+        "--no-progress",
+        "--home",
+        tmp_path / "train-home",
+    )
     assert code == 0
-    code, _, err = run_cli(capsys, "index", gallery, "--home", tmp_path / "home", "--workers", "0", "--no-progress",
-                           "--head", out, "--pooling", "focus", "--input-size", "96")
+    code, _, err = run_cli(
+        capsys,
+        "index",
+        gallery,
+        "--home",
+        tmp_path / "home",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--head",
+        out,
+        "--pooling",
+        "focus",
+        "--input-size",
+        "96",
+    )
     assert code == 2 and "--input-size 64 (the index: 96)" in err and "--pooling gap (the index: focus)" in err
 
 
 def test_a_plain_re_index_keeps_the_model_the_home_was_indexed_with(capsys, gallery, home):
-    code, _ = run_json(capsys, "index", gallery, "--home", home, "--model", "toy", "--input-size", "64",
-                       "--pooling", "gap", "--workers", "0", "--no-progress")
+    code, _ = run_json(
+        capsys,
+        "index",
+        gallery,
+        "--home",
+        home,
+        "--model",
+        "toy",
+        "--input-size",
+        "64",
+        "--pooling",
+        "gap",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     assert code == 0
     draw_picture(30).save(gallery / "new.png")
     code, summary = run_json(capsys, "index", gallery, "--home", home, "--workers", "0", "--no-progress")
@@ -185,25 +261,55 @@ def _masked_dataset(root, n_labels=6, per_label=3):
         mask = Image.new("L", (64, 64), 0)
         mask.paste(255, (8, 8, 40, 40))
         mask.save(root / "masks" / f"{i}.png")
-        rows.append({"path": f"images/{i}.png", "label": f"o{i // per_label}", "split": "train",
-                     "mask": f"masks/{i}.png"})
+        rows.append(
+            {"path": f"images/{i}.png", "label": f"o{i // per_label}", "split": "train", "mask": f"masks/{i}.png"}
+        )
     (root / "annotations.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return root
 
 
 def test_attn_training_writes_a_probe_that_index_and_explain_use_exactly(capsys, tmp_path, gallery, home):
     out = tmp_path / "head.pt"
-    code, summary = run_json(capsys, "train", _masked_dataset(tmp_path / "masked"), "--out", out, "--model", "toy",
-                             "--input-size", "64", "--epochs", "2", "--dim", "8", "--val-fraction", "0.34",
-                             "--pooling", "attn", "--no-progress", "--home", home)
+    code, summary = run_json(
+        capsys,
+        "train",
+        _masked_dataset(tmp_path / "masked"),
+        "--out",
+        out,
+        "--model",
+        "toy",
+        "--input-size",
+        "64",
+        "--epochs",
+        "2",
+        "--dim",
+        "8",
+        "--val-fraction",
+        "0.34",
+        "--pooling",
+        "attn",
+        "--no-progress",
+        "--home",
+        home,
+    )
     assert code == 0 and summary["pooling"].startswith("attn:") and (tmp_path / "head.objectness.pt").is_file()
     code, _ = run_json(capsys, "index", gallery, "--home", home, "--workers", "0", "--no-progress", "--head", out)
     assert code == 0
     _, info = run_json(capsys, "info", "--home", home)
     assert info["model"]["pooling"] == summary["pooling"] and "objectness_sha256" in info["model"]
     pictures = sorted(gallery.glob("*.png"))
-    code, result = run_json(capsys, "explain", pictures[0], pictures[1], "--home", home, "--explain", "fam-exact",
-                            "--out", tmp_path / "maps")
+    code, result = run_json(
+        capsys,
+        "explain",
+        pictures[0],
+        pictures[1],
+        "--home",
+        home,
+        "--explain",
+        "fam-exact",
+        "--out",
+        tmp_path / "maps",
+    )
     import numpy as np
 
     query_map = np.load(result["query_map"])

@@ -1,4 +1,5 @@
 """The search UI: its helpers (pure), the engine methods it needs, and every flow through Streamlit's AppTest."""
+
 from __future__ import annotations
 
 import io
@@ -47,7 +48,7 @@ def test_channel_shares_without_a_head_are_the_paper_contributions_times_the_sco
 def test_channel_shares_golden_one_shared_channel():
     # z = (1, 0), z_k = (1, 1): only channel 0 is on in both; cos = 1/√2 and all of it is channel 0's.
     z, z_k = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([1.0, 1.0], dtype=torch.float64)
-    torch.testing.assert_close(channel_shares(z, z, z_k, None), torch.tensor([2 ** -0.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(channel_shares(z, z, z_k, None), torch.tensor([2**-0.5, 0.0], dtype=torch.float64))
 
 
 @pytest.fixture
@@ -62,10 +63,12 @@ def test_compare_gives_each_photos_explainer_map_against_the_other(engine, galle
     a, b = engine.embed(first), engine.embed(second)  # each photo through the model alone: the oracle
     for explainer in fam.EXPLAINERS:
         report = engine.compare(first, second, explainer)
-        first_map, _ = fam.explain(explainer, a.feature_map, a.emb, b.emb[None], engine.head.weight, engine.head.bias,
-                                   a.fine)
-        second_map, _ = fam.explain(explainer, b.feature_map, b.emb, a.emb[None], engine.head.weight, engine.head.bias,
-                                    b.fine)
+        first_map, _ = fam.explain(
+            explainer, a.feature_map, a.emb, b.emb[None], engine.head.weight, engine.head.bias, a.fine
+        )
+        second_map, _ = fam.explain(
+            explainer, b.feature_map, b.emb, a.emb[None], engine.head.weight, engine.head.bias, b.fine
+        )
         np.testing.assert_allclose(report.first_map, first_map.numpy(), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(report.second_map, second_map.numpy(), rtol=1e-4, atol=1e-6)
         assert report.score == pytest.approx(float(fam.cosine(a.emb, b.emb[None])[0]), abs=1e-5)
@@ -104,8 +107,16 @@ def test_typed_paths_are_served_only_inside_the_indexed_roots(engine, gallery, t
     draw_picture(21).save(outside)
     (gallery / "escape.png").symlink_to(outside)  # a link inside a root pointing out of it
     (gallery / "notes.txt").write_text("not a photo")
-    refused = [str(outside), f"{gallery}/../outside.png", "photos/pic0.jpg", str(gallery / "escape.png"),
-               str(gallery / "notes.txt"), "/etc/passwd", "", str(gallery)]
+    refused = [
+        str(outside),
+        f"{gallery}/../outside.png",
+        "photos/pic0.jpg",
+        str(gallery / "escape.png"),
+        str(gallery / "notes.txt"),
+        "/etc/passwd",
+        "",
+        str(gallery),
+    ]
     for text in refused:
         with pytest.raises(ValueError):
             engine.resolve_user_path(text)
@@ -175,8 +186,11 @@ def test_the_timing_line_names_the_group_map_only_when_drawn():
 
 def test_records_become_two_text_columns():
     rows = queries.key_value_rows({"roots": ["/a", "/b"], "n": 3, "model": {"x": 1}})
-    assert rows == [{"field": "roots", "value": "/a, /b"}, {"field": "n", "value": "3"},
-                    {"field": "model", "value": '{"x": 1}'}]
+    assert rows == [
+        {"field": "roots", "value": "/a, /b"},
+        {"field": "n", "value": "3"},
+        {"field": "model", "value": '{"x": 1}'},
+    ]
     assert queries.key_value_rows(None) == []
 
 
@@ -226,8 +240,11 @@ def _app(home: Path, monkeypatch) -> AppTest:
 
 
 def _texts(at: AppTest) -> str:
-    parts = [e.value for kind in ("markdown", "caption", "subheader", "title", "error", "warning", "info", "success")
-             for e in getattr(at, kind)]
+    parts = [
+        e.value
+        for kind in ("markdown", "caption", "subheader", "title", "error", "warning", "info", "success")
+        for e in getattr(at, kind)
+    ]
     return "\n".join(str(p) for p in parts)
 
 
@@ -322,14 +339,28 @@ def test_a_bad_upload_gets_a_clear_message_and_a_good_one_searches(indexed, monk
 
 def test_the_status_page_lists_counts_model_and_failed_files(capsys, gallery, home, monkeypatch):
     (gallery / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    code, summary = run_json(capsys, "index", gallery, "--home", home, "--model", "toy", "--input-size", "64",
-                             "--workers", "0", "--no-progress")
+    code, summary = run_json(
+        capsys,
+        "index",
+        gallery,
+        "--home",
+        home,
+        "--model",
+        "toy",
+        "--input-size",
+        "64",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     assert code == 1 and summary["failed"] == 1
     at = _app(home, monkeypatch)
     at.radio(key="page").set_value("Index status").run()
     assert not at.exception
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Images indexed"] == "8" and metrics["Failed files"] == "1" and metrics["Vectors in the index"] == "8"
+    assert (
+        metrics["Images indexed"] == "8" and metrics["Failed files"] == "1" and metrics["Vectors in the index"] == "8"
+    )
     assert metrics["Index type"] == "IndexFlatIP"
     model, last_run, failures = (table.value for table in at.dataframe)
     assert "toy" in model["value"].tolist()
@@ -343,8 +374,20 @@ def test_no_index_shows_how_to_build_one_instead_of_a_traceback(make_home, tmp_p
     home = tmp_path / "nothing-here"
     if make_home == "empty-db":
         (tmp_path / "empty").mkdir()
-        run_json(capsys, "index", tmp_path / "empty", "--home", home, "--model", "toy", "--input-size", "64",
-                 "--workers", "0", "--no-progress")
+        run_json(
+            capsys,
+            "index",
+            tmp_path / "empty",
+            "--home",
+            home,
+            "--model",
+            "toy",
+            "--input-size",
+            "64",
+            "--workers",
+            "0",
+            "--no-progress",
+        )
     at = _app(home, monkeypatch)
     assert not at.exception
     assert "Nothing to search yet" in at.warning[0].value
@@ -357,8 +400,20 @@ def test_a_re_index_is_picked_up_without_restarting_the_ui(indexed, gallery, mon
     at = _pick(_app(indexed, monkeypatch), "pic0.jpg")
     assert "Top 8" in _texts(at)
     draw_picture(30).save(gallery / "pic8.png")
-    code, summary = run_json(capsys, "index", gallery, "--home", indexed, "--model", "toy", "--input-size", "64",
-                             "--workers", "0", "--no-progress")
+    code, summary = run_json(
+        capsys,
+        "index",
+        gallery,
+        "--home",
+        indexed,
+        "--model",
+        "toy",
+        "--input-size",
+        "64",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     assert code == 0 and summary["added"] == 1
     at.run()  # the index file was swapped: a new engine is loaded, the query re-run
     assert not at.exception and "Top 9" in _texts(at)
@@ -372,8 +427,20 @@ def test_the_engine_cache_key_is_the_committed_generation_not_the_files_on_disk(
     (indexed / f"index-{committed + 1}.faiss").write_bytes(b"")
     assert queries.index_stamp(settings) == committed
     draw_picture(40).save(gallery / "new.png")
-    run_json(capsys, "index", gallery, "--home", indexed, "--model", "toy", "--input-size", "64", "--workers", "0",
-             "--no-progress")
+    run_json(
+        capsys,
+        "index",
+        gallery,
+        "--home",
+        indexed,
+        "--model",
+        "toy",
+        "--input-size",
+        "64",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     assert queries.index_stamp(settings) == committed + 1
     empty = tmp_path / "empty-home"
     assert queries.index_stamp(Settings(home=empty)) is None and not empty.exists()  # nothing created
@@ -438,7 +505,11 @@ def test_the_spotlight_dims_every_cell_but_the_picked_ones():
     cells[0, 1] = True  # x 50..100, y 0..50
     lit = np.asarray(pictures.spotlight(photo, cells)).astype(int)
     assert lit.shape == (100, 200, 3)
-    assert (lit[25, 75] == (90, 120, 30)).all() and (lit[75, 75] == (30, 40, 10)).all() and (lit[25, 10] == (30, 40, 10)).all()
+    assert (
+        (lit[25, 75] == (90, 120, 30)).all()
+        and (lit[75, 75] == (30, 40, 10)).all()
+        and (lit[25, 10] == (30, 40, 10)).all()
+    )
     assert queries.box_on(queries.AUTO, (200, 100)) == queries.AUTO
 
 

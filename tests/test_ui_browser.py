@@ -1,4 +1,5 @@
 """The served UI in a real headless Chromium: query, grid, why view, download, explainer, bad upload, status."""
+
 from __future__ import annotations
 
 import re
@@ -97,7 +98,8 @@ def test_a_query_in_the_browser_shows_the_grid_and_the_why_view(page, gallery, t
 def test_a_bad_upload_and_the_status_page_in_the_browser(page):
     page.get_by_text("Upload a photo").click()
     page.locator("input[type=file]").set_input_files(
-        {"name": "holiday.jpg", "mimeType": "image/jpeg", "buffer": b"a text file, not a photo"})
+        {"name": "holiday.jpg", "mimeType": "image/jpeg", "buffer": b"a text file, not a photo"}
+    )
     page.get_by_text("holiday.jpg cannot be used as a query photo: not an image").wait_for()
 
     page.get_by_text("Index status").click()

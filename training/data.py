@@ -1,8 +1,9 @@
 """Training data: labelled images of a dataset, their pooled vectors (memoised on disk) and object masks.
 
-    read_labelled(DATASET)            -> paths, labels   (annotations.jsonl `train` split, or sub-folders)
-    embed_pooled(encoder, paths)      -> z (M, N)        (cached as .npy under --cache-dir)
+read_labelled(DATASET)            -> paths, labels   (annotations.jsonl `train` split, or sub-folders)
+embed_pooled(encoder, paths)      -> z (M, N)        (cached as .npy under --cache-dir)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +32,12 @@ def read_labelled(dataset: Path, split: str = "train") -> tuple[list[Path], list
         items = read_dataset(dataset).split(split)
         paths, labels = [item.path for item in items], [item.label for item in items]
     elif dataset.is_dir():
-        pairs = [(p, folder.name) for folder in sorted(d for d in dataset.iterdir() if d.is_dir())
-                 for p in sorted(folder.rglob("*")) if p.is_file() and is_image_path(p)]
+        pairs = [
+            (p, folder.name)
+            for folder in sorted(d for d in dataset.iterdir() if d.is_dir())
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and is_image_path(p)
+        ]
         paths, labels = [p for p, _ in pairs], [label for _, label in pairs]
     else:
         raise UsageError(f"{dataset}: no such dataset folder")
@@ -45,14 +50,18 @@ def read_labelled(dataset: Path, split: str = "train") -> tuple[list[Path], list
 
 
 def embed_pooled(
-    encoder: Encoder, paths: list[Path], batch_size: int = 32, progress: bool = True, flip: bool = False,
+    encoder: Encoder,
+    paths: list[Path],
+    batch_size: int = 32,
+    progress: bool = True,
+    flip: bool = False,
     maps: bool = False,
 ) -> Tensor:
     """Pooled vectors z of images (optionally mirrored): -> (M, N) float32 on the CPU;
     with maps=True the raw feature maps (M, N, h, w) in float16 instead."""
     chunks = []
     for start in tqdm(range(0, len(paths), batch_size), desc="embedding", unit="batch", disable=not progress):
-        images = [load_image(p) for p in paths[start:start + batch_size]]
+        images = [load_image(p) for p in paths[start : start + batch_size]]
         if flip:
             images = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
         if maps:
@@ -64,16 +73,29 @@ def embed_pooled(
 
 
 def cached_pooled(
-    encoder: Encoder, paths: list[Path], cache_dir: Path | None, flip: bool = False, progress: bool = True,
+    encoder: Encoder,
+    paths: list[Path],
+    cache_dir: Path | None,
+    flip: bool = False,
+    progress: bool = True,
     maps: bool = False,
 ) -> Tensor:
     """`embed_pooled`, memoised on disk by (model identity, file list, sizes, mtimes)."""
-    return memoised(encoder, paths, cache_dir, [flip, maps],
-                    lambda: embed_pooled(encoder, paths, progress=progress, flip=flip, maps=maps))
+    return memoised(
+        encoder,
+        paths,
+        cache_dir,
+        [flip, maps],
+        lambda: embed_pooled(encoder, paths, progress=progress, flip=flip, maps=maps),
+    )
 
 
 def memoised(
-    encoder: Encoder, paths: list[Path], cache_dir: Path | None, tags: list, compute: Callable[[], Tensor],
+    encoder: Encoder,
+    paths: list[Path],
+    cache_dir: Path | None,
+    tags: list,
+    compute: Callable[[], Tensor],
 ) -> Tensor:
     """compute() cached as .npy under cache_dir, keyed by (model identity, tags, file list, sizes, mtimes)."""
     if cache_dir is None:

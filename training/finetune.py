@@ -17,6 +17,7 @@ identity, like any `--weights` file.
     Tail(model, head, pooling)              -> nn.Module: X -> e            (what is trained; model.forward_tail)
     tuned_state(packaged, tail, pairs)      -> lukemelas state dict         (what is saved)
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,7 +58,11 @@ def lite0_model(encoder: Encoder) -> EfficientNetLite0:
 
 @torch.inference_mode()
 def trunk_features(
-    encoder: Encoder, paths: list[Path], batch_size: int = 16, progress: bool = True, flip: bool = False,
+    encoder: Encoder,
+    paths: list[Path],
+    batch_size: int = 16,
+    progress: bool = True,
+    flip: bool = False,
     focus: bool = False,
 ) -> Tensor:
     """Every image (optionally mirrored) through the frozen trunk once: -> (M, 192, h, w) float16 on the CPU.
@@ -68,8 +73,10 @@ def trunk_features(
     model = lite0_model(encoder)
     chunks = []
     with focus_layer_outputs(encoder.backbone) as caught:
-        for start in tqdm(range(0, len(paths), batch_size), desc="embedding (trunk)", unit="batch", disable=not progress):
-            images = [load_image(p) for p in paths[start:start + batch_size]]
+        for start in tqdm(
+            range(0, len(paths), batch_size), desc="embedding (trunk)", unit="batch", disable=not progress
+        ):
+            images = [load_image(p) for p in paths[start : start + batch_size]]
             if flip:
                 images = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
             batch = torch.stack([encoder.preprocess(im) for im in images])
@@ -101,8 +108,7 @@ def tail_pairs(model: EfficientNetLite0) -> list[tuple[str, str]]:
     last_block = model._blocks[-1]
     assert isinstance(last_block, MBConv)  # indexing a ModuleList gives nn.Module
     last = f"_blocks.{len(model._blocks) - 1}"
-    return [(f"{last}.{conv}", f"{last}.{bn}") for conv, bn in last_block.conv_bn_pairs()] + \
-        [("_conv_head", "_bn1")]
+    return [(f"{last}.{conv}", f"{last}.{bn}") for conv, bn in last_block.conv_bn_pairs()] + [("_conv_head", "_bn1")]
 
 
 class Tail(nn.Module):
@@ -126,15 +132,21 @@ class Tail(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, region = split_focus(x, self.pooling)
-        return self.head(pool_feature_map(self.feature_maps(x), self.pooling, objectness=self.objectness, region=region))
+        return self.head(
+            pool_feature_map(self.feature_maps(x), self.pooling, objectness=self.objectness, region=region)
+        )
 
     def snapshot(self) -> tuple[dict, Head]:
         """A detached copy of the tuned state: (the tail convolutions' entries of the net's state dict, head)."""
-        tail_state = {k: v.detach().clone() for k, v in self.net.state_dict().items() if k.startswith(self.tail_prefixes)}
+        tail_state = {
+            k: v.detach().clone() for k, v in self.net.state_dict().items() if k.startswith(self.tail_prefixes)
+        }
         return tail_state, self.head.frozen()
 
 
-def tuned_state(packaged: dict[str, Tensor], tail_state: dict[str, Tensor], pairs: list[tuple[str, str]]) -> dict[str, Tensor]:
+def tuned_state(
+    packaged: dict[str, Tensor], tail_state: dict[str, Tensor], pairs: list[tuple[str, str]]
+) -> dict[str, Tensor]:
     """The packaged lukemelas state dict with the tuned tail written in: each tuned conv keeps its
     folded weight and gets an identity BN carrying its bias, which `load_backbone` folds back exactly."""
     state = {k: v.clone() for k, v in packaged.items()}
@@ -149,8 +161,13 @@ def tuned_state(packaged: dict[str, Tensor], tail_state: dict[str, Tensor], pair
 
 
 def finetune(
-    features: Tensor, labels: list[str], model: EfficientNetLite0, pooling: str, objectness: Objectness | None,
-    options: TrainOptions, log: Callable[[str], None] = LOGGER.info,
+    features: Tensor,
+    labels: list[str],
+    model: EfficientNetLite0,
+    pooling: str,
+    objectness: Objectness | None,
+    options: TrainOptions,
+    log: Callable[[str], None] = LOGGER.info,
 ) -> tuple[tuple[dict, Head], History]:
     """Train tail + head on trunk features (M, 192, h, w) (+ focus weights, `trunk_features`); returns the
     best-validation (tail state, head)."""
@@ -158,10 +175,13 @@ def finetune(
     train_idx, _ = split_labels(labels, options.val_fraction, options.seed)
     # the head starts as `train` would start it, on the untuned tail's z
     trunk, region = split_focus(features[train_idx], pooling)
-    pooled = pool_feature_map(untuned_maps(model, trunk), pooling, objectness=objectness,
-                              region=None if region is None else region.float())
+    pooled = pool_feature_map(
+        untuned_maps(model, trunk), pooling, objectness=objectness, region=None if region is None else region.float()
+    )
     start = initial_head(pooled, min(options.dim, pooled.shape[1]), options.init, options.shrinkage, generator)
     tail = Tail(model, start, pooling, objectness)
-    groups: list[dict] = [{"params": tail.head.parameters()},
-                          {"params": tail.tail_parameters(), "lr": options.lr * TAIL_LR_SCALE}]
+    groups: list[dict] = [
+        {"params": tail.head.parameters()},
+        {"params": tail.tail_parameters(), "lr": options.lr * TAIL_LR_SCALE},
+    ]
     return fit_metric(tail, features, labels, options, groups, tail.snapshot, log=log)

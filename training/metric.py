@@ -9,6 +9,7 @@ the retrieval setting); the best epoch is kept and training stops after `patienc
 
     train_head(z, labels, options)    -> Head, history
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,7 +49,7 @@ def recall_at_1(embs: Tensor, labels: Tensor) -> float:
     scores = units @ units.T  # (M, M)
     scores.fill_diagonal_(-float("inf"))
     same = labels[:, None] == labels[None, :]
-    has_partner = (same.sum(dim=1) > 1)
+    has_partner = same.sum(dim=1) > 1
     nearest = scores.argmax(dim=1)  # (M,)
     hits = labels[nearest] == labels
     return float(hits[has_partner].double().mean()) if has_partner.any() else float("nan")
@@ -129,7 +130,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def train_head(
-    pooled: Tensor, labels: list[str], options: TrainOptions = TrainOptions(),
+    pooled: Tensor,
+    labels: list[str],
+    options: TrainOptions = TrainOptions(),
     log: Callable[[str], None] = LOGGER.info,
 ) -> tuple[Head, History]:
     """Fit a linear head on pooled vectors (M, N) with labels; returns the best-validation head.
@@ -139,14 +142,22 @@ def train_head(
     generator = seed_everything(options.seed)
     train_idx, _ = split_labels(labels, options.val_fraction, options.seed)
     pooled = pooled.float()
-    start = initial_head(pooled[train_idx], min(options.dim, pooled.shape[1]), options.init, options.shrinkage, generator)
+    start = initial_head(
+        pooled[train_idx], min(options.dim, pooled.shape[1]), options.init, options.shrinkage, generator
+    )
     model = LinearHead.from_head(start)
     return fit_metric(model, pooled, labels, options, [{"params": model.parameters()}], model.frozen, log=log)
 
 
 def fit_metric(
-    model: torch.nn.Module, inputs: Tensor, labels: list[str], options: TrainOptions, param_groups: list[dict],
-    snapshot: Callable[[], Snapshot], log: Callable[[str], None] = LOGGER.info, val_batch: int = 256,
+    model: torch.nn.Module,
+    inputs: Tensor,
+    labels: list[str],
+    options: TrainOptions,
+    param_groups: list[dict],
+    snapshot: Callable[[], Snapshot],
+    log: Callable[[str], None] = LOGGER.info,
+    val_batch: int = 256,
 ) -> tuple[Snapshot, History]:
     """The Multi-Similarity training loop shared by `train_head` and last-stage fine-tuning.
 
@@ -196,7 +207,10 @@ def fit_metric(
         if val_idx:
             row["val_recall_at_1"] = val_recall()
         history.epochs.append(row)
-        log(f"epoch {epoch}: loss {row['loss']:.4f}" + (f", val Recall@1 {row['val_recall_at_1']:.3f}" if val_idx else ""))
+        log(
+            f"epoch {epoch}: loss {row['loss']:.4f}"
+            + (f", val Recall@1 {row['val_recall_at_1']:.3f}" if val_idx else "")
+        )
         if not val_idx or row["val_recall_at_1"] > history.best_recall:
             best, history.best_epoch, since_best = snapshot(), epoch, 0
             history.best_recall = row.get("val_recall_at_1", float("nan"))

@@ -1,4 +1,5 @@
 """The objectness probe of `attn` pooling: a logistic 'is this cell on the object?' fitted on a dataset's masks."""
+
 from __future__ import annotations
 
 import logging

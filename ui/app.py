@@ -3,6 +3,7 @@
 Layout only: the engine (retrieval.engine.QueryEngine, shared with the CLI) does the work,
 ui.queries vets what a person hands in and ui.pictures draws. Run with `famsearch ui`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,11 +55,19 @@ def sidebar() -> dict:
     with st.sidebar:
         st.header("famsearch")
         page = st.radio("Page", ["Search", "Index status"], key="page")
-        explainer = st.selectbox("Explainer", EXPLAINERS, index=EXPLAINERS.index(DEFAULT_EXPLAINER), key="explainer",
-                                 help="\n\n".join(f"**{k}**: {v}" for k, v in queries.EXPLAINER_HELP.items()))
+        explainer = st.selectbox(
+            "Explainer",
+            EXPLAINERS,
+            index=EXPLAINERS.index(DEFAULT_EXPLAINER),
+            key="explainer",
+            help="\n\n".join(f"**{k}**: {v}" for k, v in queries.EXPLAINER_HELP.items()),
+        )
         k = st.slider("Matches (k)", 1, 50, 10, key="k")
-        group = st.toggle("Group map over the top-k", key="group",
-                          help="The query's map against all top-k matches at once (Eq. 11/15)")
+        group = st.toggle(
+            "Group map over the top-k",
+            key="group",
+            help="The query's map against all top-k matches at once (Eq. 11/15)",
+        )
         opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
     return {"page": page, "explainer": explainer, "k": k, "group": group, "opacity": opacity}
 
@@ -73,9 +82,12 @@ def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
             path = right.selectbox("Indexed photo", paths, index=None, key="pick", placeholder="Choose a photo")
             return queries.read_indexed(Path(path), engine.encoder.input_size) if path else None
         if source == UPLOAD:
-            uploaded = st.file_uploader(f"Photo (up to {queries.MAX_UPLOAD_MB} MB)", type=queries.UPLOAD_TYPES,
-                                        key="upload")
-            return queries.read_upload(uploaded.name, uploaded.getvalue(), engine.encoder.input_size) if uploaded else None
+            uploaded = st.file_uploader(
+                f"Photo (up to {queries.MAX_UPLOAD_MB} MB)", type=queries.UPLOAD_TYPES, key="upload"
+            )
+            return (
+                queries.read_upload(uploaded.name, uploaded.getvalue(), engine.encoder.input_size) if uploaded else None
+            )
         text = st.text_input("Absolute path of a photo inside the indexed folders", key="typed")
         return queries.read_indexed(engine.resolve_user_path(text), engine.encoder.input_size) if text.strip() else None
     except (FamsearchError, OSError) as error:  # ImageError: not a photo; UsageError: a path outside the index
@@ -89,12 +101,15 @@ def query_region(focus_index: bool) -> queries.Region | str | None:
     with st.expander("Search for part of the photo"):
         st.caption("Narrow the query to the object you mean: the rest of the photo then no longer counts.")
         if focus_index:  # every photo is already pooled over its focus: `auto` would change nothing
-            st.caption("This index compares every photo by the part that stands out from the rest of it (focus "
-                       "pooling; lit on the query). Frame a part to search for that instead.")
+            st.caption(
+                "This index compares every photo by the part that stands out from the rest of it (focus "
+                "pooling; lit on the query). Frame a part to search for that instead."
+            )
             auto = False
         else:
-            auto = st.checkbox("Pick the part automatically (what stands out from the rest of the photo)",
-                               key="box_auto")
+            auto = st.checkbox(
+                "Pick the part automatically (what stands out from the rest of the photo)", key="box_auto"
+            )
         x_range = st.slider("Left to right (%)", 0, 100, (0, 100), key="box_x", disabled=auto)
         y_range = st.slider("Top to bottom (%)", 0, 100, (0, 100), key="box_y", disabled=auto)
     return queries.AUTO if auto else queries.region_from_percent(x_range, y_range)
@@ -116,8 +131,12 @@ def match_framer(engine: QueryEngine, match, stamp: int | None):
     elsewhere nothing (a match is always pooled whole)."""
     if engine.encoder.pooling != "focus":
         return None
-    return lit_cells(engine, "match_cells", (match.image_id, stamp, engine.encoder.input_size),
-                     lambda: load_image(match.path, draft_size=engine.encoder.input_size))
+    return lit_cells(
+        engine,
+        "match_cells",
+        (match.image_id, stamp, engine.encoder.input_size),
+        lambda: load_image(match.path, draft_size=engine.encoder.input_size),
+    )
 
 
 def lit_cells(engine: QueryEngine, name: str, key: tuple, image):
@@ -138,100 +157,160 @@ def show_query(photo: queries.QueryPhoto, result, opacity: float, region, frame,
         return
     drawn = frame(pictures.heat_overlay(photo.display, result.group_map, opacity, 512))
     st.image(drawn, caption="Group map: what all these matches have in common with it", width="stretch")
-    total = float(np.mean([m.score for m in result.matches])) if result.explainer == "fam-exact" \
+    total = (
+        float(np.mean([m.score for m in result.matches]))
+        if result.explainer == "fam-exact"
         else float(result.group_map.sum())
+    )
     st.image(pictures.colour_scale(*pictures.score_shares(result.group_map, drawn.size, total)))
-    st.download_button("Download group map (PNG)", lambda: pictures.png_bytes(drawn), "group_map.png",
-                       "image/png", on_click="ignore", key="dl_group")
+    st.download_button(
+        "Download group map (PNG)",
+        lambda: pictures.png_bytes(drawn),
+        "group_map.png",
+        "image/png",
+        on_click="ignore",
+        key="dl_group",
+    )
 
 
 def show_grid(result, stamp: int | None) -> None:
     timing = queries.timing_text(result.timing_ms, result.group_map is not None)
     st.markdown(f"**Top {len(result.matches)}** · {timing} · click **Why?** for the maps")
     for start in range(0, len(result.matches), GRID_COLUMNS):
-        for column, match in zip(st.columns(GRID_COLUMNS), result.matches[start:start + GRID_COLUMNS]):
+        for column, match in zip(st.columns(GRID_COLUMNS), result.matches[start : start + GRID_COLUMNS]):
             with column:
-                st.image(grid_thumbnail(match.path, stamp),
-                         caption=f"#{match.rank} · {match.score:.3f} · {queries.short_name(match.path)}")
+                st.image(
+                    grid_thumbnail(match.path, stamp),
+                    caption=f"#{match.rank} · {match.score:.3f} · {queries.short_name(match.path)}",
+                )
                 st.button("Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,), width="stretch")
 
 
-def show_overlay(column, title: str, image, heatmap, opacity: float, filename: str, total: float,
-                 frame=None) -> None:
+def show_overlay(column, title: str, image, heatmap, opacity: float, filename: str, total: float, frame=None) -> None:
     """One photo's map over it, its colour scale (shares of the score, `total` as for `score_shares`), a download."""
     drawn = pictures.heat_overlay(image, heatmap, opacity)
     drawn = frame(drawn) if frame else drawn
     with column:
         st.image(drawn, caption=title, width="stretch")
         st.image(pictures.colour_scale(*pictures.score_shares(heatmap, drawn.size, total)))
-        st.download_button(f"Download {filename}", lambda: pictures.png_bytes(drawn), filename, "image/png",
-                           on_click="ignore", key=f"dl_{filename}")
+        st.download_button(
+            f"Download {filename}",
+            lambda: pictures.png_bytes(drawn),
+            filename,
+            "image/png",
+            on_click="ignore",
+            key=f"dl_{filename}",
+        )
 
 
 def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | None, region, frame) -> None:
     explainer = settings["explainer"]
-    report = memo("report", (photo.digest, match.image_id, explainer, stamp, region),
-                  lambda: engine.compare_indexed(photo.image, match.image_id, explainer,
-                                                 queries.box_on(region, photo.image.size)))
+    report = memo(
+        "report",
+        (photo.digest, match.image_id, explainer, stamp, region),
+        lambda: engine.compare_indexed(
+            photo.image, match.image_id, explainer, queries.box_on(region, photo.image.size)
+        ),
+    )
     st.button("← All results", on_click=select, args=(None,), key="back")
     st.subheader(f"Why #{match.rank} matched: score {match.score:.4f}")
     st.caption(f"{explainer}: {queries.EXPLAINER_HELP[explainer]}. {match.path}")
     if explainer == "fam-exact":
-        st.caption(f"Each map sums to the score minus its offset (query {report.offsets['first']:+.4f}, "
-                   f"match {report.offsets['second']:+.4f}; from the head's bias).")
+        st.caption(
+            f"Each map sums to the score minus its offset (query {report.offsets['first']:+.4f}, "
+            f"match {report.offsets['second']:+.4f}; from the head's bias)."
+        )
     photo_of_match = match_photo(match.path, stamp)
     left, right = st.columns(2)
     additive = explainer == "fam-exact"  # its cells carry the score itself; the other maps apportion it
-    show_overlay(left, "Query: where it resembles the match", photo.display, report.first_map,
-                 settings["opacity"], f"query_rank{match.rank}_{explainer}.png",
-                 report.score if additive else float(report.first_map.sum()), frame)
-    show_overlay(right, f"Match #{match.rank}: where it resembles the query", photo_of_match, report.second_map,
-                 settings["opacity"], f"match_rank{match.rank}_{explainer}.png",
-                 report.score if additive else float(report.second_map.sum()), match_framer(engine, match, stamp))
+    show_overlay(
+        left,
+        "Query: where it resembles the match",
+        photo.display,
+        report.first_map,
+        settings["opacity"],
+        f"query_rank{match.rank}_{explainer}.png",
+        report.score if additive else float(report.first_map.sum()),
+        frame,
+    )
+    show_overlay(
+        right,
+        f"Match #{match.rank}: where it resembles the query",
+        photo_of_match,
+        report.second_map,
+        settings["opacity"],
+        f"match_rank{match.rank}_{explainer}.png",
+        report.score if additive else float(report.second_map.sum()),
+        match_framer(engine, match, stamp),
+    )
     st.markdown("#### Channels that carried the score")
     rows = queries.channel_rows(report.shares, 15)
-    st.bar_chart(pd.DataFrame(rows), x="channel", y="share of the score", horizontal=True,
-                 sort="-share of the score", height=380)
-    st.caption(f"Each channel's share of the cosine on the query's side: z_n·(W ê)_n/‖e‖. All "
-               f"{len(report.shares)} shares sum to {report.shares.sum():.4f} (score {report.score:.4f}, "
-               f"minus the head bias' part).")
-    channel = st.selectbox("Show a channel's activation map", [row["channel"] for row in rows], index=None,
-                           key="channel", placeholder="Choose a channel")
+    st.bar_chart(
+        pd.DataFrame(rows), x="channel", y="share of the score", horizontal=True, sort="-share of the score", height=380
+    )
+    st.caption(
+        f"Each channel's share of the cosine on the query's side: z_n·(W ê)_n/‖e‖. All "
+        f"{len(report.shares)} shares sum to {report.shares.sum():.4f} (score {report.score:.4f}, "
+        f"minus the head bias' part)."
+    )
+    channel = st.selectbox(
+        "Show a channel's activation map",
+        [row["channel"] for row in rows],
+        index=None,
+        key="channel",
+        placeholder="Choose a channel",
+    )
     if channel:
         n = int(channel.lstrip("#"))
         a, b = st.columns(2)
-        a.image(pictures.heat_overlay(photo.display, report.first_activations[n], settings["opacity"], 384),
-                caption=f"Channel {channel} on the query", width="stretch")
-        b.image(pictures.heat_overlay(photo_of_match, report.second_activations[n], settings["opacity"], 384),
-                caption=f"Channel {channel} on match #{match.rank}", width="stretch")
+        a.image(
+            pictures.heat_overlay(photo.display, report.first_activations[n], settings["opacity"], 384),
+            caption=f"Channel {channel} on the query",
+            width="stretch",
+        )
+        b.image(
+            pictures.heat_overlay(photo_of_match, report.second_activations[n], settings["opacity"], 384),
+            caption=f"Channel {channel} on match #{match.rank}",
+            width="stretch",
+        )
 
 
 # ---------------------------------------------------------------------------- album decision (docs/fewshot.md)
-def show_album_decision(engine: QueryEngine, photo: queries.QueryPhoto, settings: dict, stamp: int | None,
-                        region, frame) -> None:
+def show_album_decision(
+    engine: QueryEngine, photo: queries.QueryPhoto, settings: dict, stamp: int | None, region, frame
+) -> None:
     """Which album the query (or its framed part) would go to (Eq. 11) rather than the runner-up, with the
     winner's group map (Eq. 15)."""
+
     def decide():
         try:
-            return engine.classify(photo.image, "mean", explainer=settings["explainer"],
-                                   box=queries.box_on(region, photo.image.size))
+            return engine.classify(
+                photo.image, "mean", explainer=settings["explainer"], box=queries.box_on(region, photo.image.size)
+            )
         except NoAlbumsError:
             return None
 
     decision = memo("album_decision", (photo.digest, settings["explainer"], stamp, region), decide)
     if decision is None:
-        st.caption("Label albums (`famsearch albums --from-folders PHOTO_FOLDER`) to see which one this photo would go to.")
+        st.caption(
+            "Label albums (`famsearch albums --from-folders PHOTO_FOLDER`) to see which one this photo would go to."
+        )
         return
     win, second = decision.winner, decision.runner_up
     line = f"This {'part of the photo' if region else 'photo'} would go to **{win.album}** ({win.score:.2f})"
     if second is not None:
         line += f" rather than **{second.album}** ({second.score:.2f})"
-    st.markdown(line + f", because the highlighted parts resemble its {len(win.image_ids)} photo(s) on average "
-                       "(mean cosine, Eq. 11).")
+    st.markdown(
+        line + f", because the highlighted parts resemble its {len(win.image_ids)} photo(s) on average "
+        "(mean cosine, Eq. 11)."
+    )
     if decision.winner_map is not None:
         drawn = pictures.heat_overlay(photo.display, decision.winner_map, settings["opacity"], 512)
-        st.image(frame(drawn),
-                 caption=f"Why {win.album}: {settings['explainer']} against the album (Eq. 15)", width="stretch")
+        st.image(
+            frame(drawn),
+            caption=f"Why {win.album}: {settings['explainer']} against the album (Eq. 15)",
+            width="stretch",
+        )
 
 
 def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
@@ -250,8 +329,9 @@ def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
     key = (photo.digest, region, stamp, *request.values())
     if st.session_state.get("result_key", (None,))[:2] != key[:2]:  # another photo or part: back to the grid
         st.session_state.selected = None
-    result = memo("result", key,
-                  lambda: engine.query(photo.image, **request, box=queries.box_on(region, photo.image.size)))
+    result = memo(
+        "result", key, lambda: engine.query(photo.image, **request, box=queries.box_on(region, photo.image.size))
+    )
     if not result.matches:
         st.warning("The index holds no photos to compare with.")
         return

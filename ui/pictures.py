@@ -2,6 +2,7 @@
 
 Plain PIL/numpy in and out, no Streamlit, so every function is tested on its own.
 """
+
 from __future__ import annotations
 
 import io

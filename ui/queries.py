@@ -3,6 +3,7 @@
 The Streamlit script only lays things out; reading uploads, settings, cache keys and the
 channel table live here, each small enough to test on its own.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,10 +16,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from retrieval.config import ENV_PREFIX, Settings, default_home, home_has_index, index_generation
-from retrieval.regions import AUTO  # re-exported: in place of a region, the automatic focus (`search --box auto`)
 from retrieval.engine import QueryEngine
 from retrieval.errors import UsageError
 from retrieval.images import ImageError, decode_image, load_image
+from retrieval.regions import AUTO  # re-exported: in place of a region, the automatic focus (`search --box auto`)
 from retrieval.store import read_meta
 from ui.pictures import fit_within
 
@@ -27,7 +28,7 @@ MAX_UPLOAD_MEGAPIXELS = 60.0  # a small file can still decode to a huge bitmap (
 UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "heic", "heif")
 EXPLAINER_HELP = {
     "fam-fine": "the default: paper FAM's channel weights on the whole photo, graded by how much each part counts "
-                "in the comparison, at twice the resolution (up-sampled along the photo's own features)",
+    "in the comparison, at twice the resolution (up-sampled along the photo's own features)",
     "fam": "paper FAM (Eq. 11-18): cosine contributions mapped back through the head, min-maxed",
     "fam-exact": "signed map that sums to the score (minus the head bias' share)",
     "gradcam": "Grad-CAM of the cosine, in closed form (no backward pass)",
@@ -79,8 +80,9 @@ def digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def read_upload(name: str, data: bytes, input_size: int, max_mb: float | None = None,
-                max_megapixels: float = MAX_UPLOAD_MEGAPIXELS) -> QueryPhoto:
+def read_upload(
+    name: str, data: bytes, input_size: int, max_mb: float | None = None, max_megapixels: float = MAX_UPLOAD_MEGAPIXELS
+) -> QueryPhoto:
     """An uploaded file as a query photo; ImageError with a message fit to show otherwise."""
     max_mb = MAX_UPLOAD_MB if max_mb is None else max_mb
     if len(data) > max_mb * 1024 * 1024:
@@ -149,6 +151,7 @@ def padded_thumbnail(path: str, box: tuple[int, int] = (320, 240)) -> Image.Imag
 
 def key_value_rows(record: dict | None) -> list[dict]:
     """A flat JSON record as two text columns for a table (lists joined, nested dicts as JSON)."""
+
     def text(value) -> str:
         if isinstance(value, (list, tuple)):
             return ", ".join(map(str, value))
@@ -169,7 +172,7 @@ def short_name(path: str, width: int = 20) -> str:
     if len(name) <= width:
         return name
     keep = width - 1
-    return name[: keep - keep // 2] + "…" + name[len(name) - keep // 2:]
+    return name[: keep - keep // 2] + "…" + name[len(name) - keep // 2 :]
 
 
 def timing_text(timing_ms: dict, group: bool) -> str:

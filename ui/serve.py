@@ -1,4 +1,5 @@
 """Serve the UI from a subprocess on a free localhost port (for the browser test and the latency bench)."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,14 @@ from retrieval.config import ENV_PREFIX
 
 APP = Path(__file__).resolve().parent / "app.py"
 # Debian's chromium, headless, offline: no sandbox (CI runs as root), no GPU, no phoning home.
-CHROMIUM_ARGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless=new",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 
 def free_port() -> int:
@@ -40,9 +47,25 @@ def served(home: Path, timeout_s: float = 120.0, log: Path | None = None) -> Ite
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, ENV_PREFIX + "HOME": str(home)}
     env.pop(ENV_PREFIX + "DB", None)
-    command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-               "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-               "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+        "--client.toolbarMode",
+        "minimal",
+    ]
     with open(log or os.devnull, "wb") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
         try:

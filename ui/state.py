@@ -1,4 +1,5 @@
 """Values the Streamlit script keeps between reruns of one session, recomputed only when their key changes."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable

@@ -3,6 +3,7 @@
 `indexer.cli` only builds the parser from these and dispatches; the modules import the heavy libraries
 (torch, faiss, SQLAlchemy) inside `run`, so `--help` stays fast.
 """
+
 from __future__ import annotations
 
 # In the order `famsearch --help` lists them.

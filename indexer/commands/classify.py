@@ -1,4 +1,5 @@
 """`famsearch classify`: which album a photo would go to (Eq. 11 mean cosine, or k-NN votes), and why."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,16 +28,29 @@ if TYPE_CHECKING:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("classify", help="which album a photo would go to, and why",
-                       description="Rank the albums for each photo (Eq. 11 mean cosine, or k-NN votes) and "
-                                   "explain the winner and the runner-up with query-side maps (Eq. 15).")
+    p = sub.add_parser(
+        "classify",
+        help="which album a photo would go to, and why",
+        description="Rank the albums for each photo (Eq. 11 mean cosine, or k-NN votes) and "
+        "explain the winner and the runner-up with query-side maps (Eq. 15).",
+    )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     common_flags(p)
-    add_flag(p, "--rule", default="mean", choices=("mean", "knn"),
-             help="mean: mean cosine to the album's photos; knn: weighted votes of the top-k neighbours")
+    add_flag(
+        p,
+        "--rule",
+        default="mean",
+        choices=("mean", "knn"),
+        help="mean: mean cosine to the album's photos; knn: weighted votes of the top-k neighbours",
+    )
     add_flag(p, "-k", "--k", type=int, default=20, help="neighbours that vote (rule knn)")
-    add_flag(p, "--explain", default="fam", choices=(*EXPLAINER_NAMES, "none"),
-             help="explainer of the decision (the paper's K-averaged FAM by default)")
+    add_flag(
+        p,
+        "--explain",
+        default="fam",
+        choices=(*EXPLAINER_NAMES, "none"),
+        help="explainer of the decision (the paper's K-averaged FAM by default)",
+    )
     add_flag(p, "--out", type=Path, default=None, help="write winner/runner-up maps (.npy) and PNG overlays here")
     box_flag(p, "classify")
     add_flag(p, "--json", action="store_true", help="one JSON object per photo, one per line")
@@ -58,8 +72,15 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _classify_one(args: argparse.Namespace, engine: QueryEngine, path: Path, image: Image.Image,
-                  image_box: Box | Auto | None, folder: Path | None, box: Box | Auto | None) -> None:
+def _classify_one(
+    args: argparse.Namespace,
+    engine: QueryEngine,
+    path: Path,
+    image: Image.Image,
+    image_box: Box | Auto | None,
+    folder: Path | None,
+    box: Box | Auto | None,
+) -> None:
     """Classify one photo and print a sentence (or a JSON line) for it."""
     from retrieval.regions import box_json
 
@@ -101,10 +122,20 @@ def _as_dict(path: Path, result: Classification, files: dict, engine: QueryEngin
     def entry(album, key):
         if album is None:
             return None
-        return {"album": album.album, "score": round(album.score, 6), "images": len(album.image_ids),
-                "paths": paths_of(album.image_ids[:10]), "map": files.get(key)}
+        return {
+            "album": album.album,
+            "score": round(album.score, 6),
+            "images": len(album.image_ids),
+            "paths": paths_of(album.image_ids[:10]),
+            "map": files.get(key),
+        }
 
-    return {"query": str(path), "rule": result.rule, "explainer": result.explainer,
-            "winner": entry(result.winner, "winner"), "runner_up": entry(result.runner_up, "runner_up"),
-            "albums": [{"album": a.album, "score": round(a.score, 6), "images": len(a.image_ids)} for a in result.ranking],
-            "timing_ms": result.timing_ms}
+    return {
+        "query": str(path),
+        "rule": result.rule,
+        "explainer": result.explainer,
+        "winner": entry(result.winner, "winner"),
+        "runner_up": entry(result.runner_up, "runner_up"),
+        "albums": [{"album": a.album, "score": round(a.score, 6), "images": len(a.image_ids)} for a in result.ranking],
+        "timing_ms": result.timing_ms,
+    }

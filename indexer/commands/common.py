@@ -1,4 +1,5 @@
 """What every subcommand shares: env-twin flags, the model and box flags, settings, query reading, map files."""
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,13 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, *names: str, **kwargs: 
 
 
 def common_flags(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "--home", type=Path, default=None,
-             help="where the database, index and head live (default: the user data dir)")
+    add_flag(
+        parser,
+        "--home",
+        type=Path,
+        default=None,
+        help="where the database, index and head live (default: the user data dir)",
+    )
     add_flag(parser, "--db", default=None, help="SQLAlchemy URL of the metadata DB (default: SQLite in --home)")
     add_flag(parser, "--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -67,30 +73,54 @@ def model_flags(parser: argparse.ArgumentParser, pooling: bool = True, from_home
     (index): unset flags mean what a --head file was trained with, else what the home was indexed with
     (`retrieval.modelspec.index_model_spec`)."""
     kept = " (default: what a --head file was trained with, else what the home was indexed with, else %s)"
-    add_flag(parser, "--model", default=None if from_home else BACKBONES[0], choices=BACKBONES,
-             help="backbone (toy: random convs for tests, no weights)" + (kept % BACKBONES[0] if from_home else ""))
+    add_flag(
+        parser,
+        "--model",
+        default=None if from_home else BACKBONES[0],
+        choices=BACKBONES,
+        help="backbone (toy: random convs for tests, no weights)" + (kept % BACKBONES[0] if from_home else ""),
+    )
     add_flag(parser, "--weights", default=None, help="backbone weights file (default: the bundled Lite0 weights)")
-    add_flag(parser, "--input-size", type=int, default=None if from_home else DEFAULT_INPUT_SIZE,
-             help="images are resized whole to this square" + (kept % DEFAULT_INPUT_SIZE if from_home else ""))
-    add_flag(parser, "--precision", default="fp32", choices=PRECISIONS,
-             help="backbone arithmetic: bf16 is ~2x faster on CPUs with native bf16 (AVX512-BF16/AMX) but moved one "
-                  "of 60 top-1 answers on clipart-composites (bench/results/precision.txt); auto = bf16 where native")
+    add_flag(
+        parser,
+        "--input-size",
+        type=int,
+        default=None if from_home else DEFAULT_INPUT_SIZE,
+        help="images are resized whole to this square" + (kept % DEFAULT_INPUT_SIZE if from_home else ""),
+    )
+    add_flag(
+        parser,
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="backbone arithmetic: bf16 is ~2x faster on CPUs with native bf16 (AVX512-BF16/AMX) but moved one "
+        "of 60 top-1 answers on clipart-composites (bench/results/precision.txt); auto = bf16 where native",
+    )
     if pooling:
-        add_flag(parser, "--pooling", default=None if from_home else DEFAULT_POOLING,
-                 help="feature-map pooling: focus (GAP over the cells that stand out in each photo, so photos are "
-                      "compared by their objects rather than their backgrounds; docs/heads.md), gap (the paper's: "
-                      "the whole photo), gem (p=3), sqrt (GAP of square-rooted maps) or attn:FILE (GAP weighted by an "
-                      "objectness probe from `famsearch train --pooling attn`)"
-                      + (kept % DEFAULT_POOLING if from_home else f" (default: {DEFAULT_POOLING})"))
+        add_flag(
+            parser,
+            "--pooling",
+            default=None if from_home else DEFAULT_POOLING,
+            help="feature-map pooling: focus (GAP over the cells that stand out in each photo, so photos are "
+            "compared by their objects rather than their backgrounds; docs/heads.md), gap (the paper's: "
+            "the whole photo), gem (p=3), sqrt (GAP of square-rooted maps) or attn:FILE (GAP weighted by an "
+            "objectness probe from `famsearch train --pooling attn`)"
+            + (kept % DEFAULT_POOLING if from_home else f" (default: {DEFAULT_POOLING})"),
+        )
 
 
 def box_flag(parser: argparse.ArgumentParser, verb: str) -> None:
-    add_flag(parser, "--box", default=None, metavar="X1,Y1,X2,Y2|auto",
-             help=f"{verb} this part of each photo (pixels of the photo: left, top, right, bottom); it is pooled "
-                  "over the cells the box covers, so the rest of the photo no longer counts. 'auto': over the "
-                  "10%% of cells that stand out most from the rest of the photo, for a --pooling gap index (no box "
-                  "needed; 2.5-4x Recall@1 there on whole photos of an object in a scene, docs/heads.md); on a focus "
-                  "index (the default) every photo already is")
+    add_flag(
+        parser,
+        "--box",
+        default=None,
+        metavar="X1,Y1,X2,Y2|auto",
+        help=f"{verb} this part of each photo (pixels of the photo: left, top, right, bottom); it is pooled "
+        "over the cells the box covers, so the rest of the photo no longer counts. 'auto': over the "
+        "10%% of cells that stand out most from the rest of the photo, for a --pooling gap index (no box "
+        "needed; 2.5-4x Recall@1 there on whole photos of an object in a scene, docs/heads.md); on a focus "
+        "index (the default) every photo already is",
+    )
 
 
 def parse_box_flag(text: str | None) -> Box | Auto | None:
@@ -130,8 +160,9 @@ def require_files(paths: list[Path]) -> None:
             raise UsageError(f"{path}: no such file")
 
 
-def read_query(path: Path, engine: QueryEngine | None = None, box: Box | Auto | None = None
-               ) -> tuple[Image.Image, Box | Auto | None]:
+def read_query(
+    path: Path, engine: QueryEngine | None = None, box: Box | Auto | None = None
+) -> tuple[Image.Image, Box | Auto | None]:
     """Decode a query photo and move the box (pixels of the full-size photo) onto the decoded one.
 
     With an engine the photo is draft-decoded at the model's input size (12 MP costs ~1/8); without one it

@@ -1,4 +1,5 @@
 """`famsearch explain`: maps and overlays for any two photos, indexed or not."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,25 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     out = args.out
-    files = {"query_map": save_map(out, "query_map.npy", report.first_map),
-             "match_map": save_map(out, "match_map.npy", report.second_map)}
+    files = {
+        "query_map": save_map(out, "query_map.npy", report.first_map),
+        "match_map": save_map(out, "match_map.npy", report.second_map),
+    }
     overlay(query, report.first_map).save(out / "query_overlay.png")
     overlay(match, report.second_map).save(out / "match_overlay.png")
     if args.json:
         offset = {"query": report.offsets["first"], "match": report.offsets["second"]}
-        print(json.dumps({"score": report.score, "explainer": args.explain, **files, "offset": offset,
-                          "map_shape": {"query": list(report.first_map.shape), "match": list(report.second_map.shape)}}))
+        print(
+            json.dumps(
+                {
+                    "score": report.score,
+                    "explainer": args.explain,
+                    **files,
+                    "offset": offset,
+                    "map_shape": {"query": list(report.first_map.shape), "match": list(report.second_map.shape)},
+                }
+            )
+        )
     else:
         print(f"score {report.score:.4f} ({args.explain}); maps and overlays in {out}/")
     return EXIT_OK

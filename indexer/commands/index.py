@@ -1,4 +1,5 @@
 """`famsearch index`: embed photo folders into the index, incrementally (only new or changed files are embedded)."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,28 +22,50 @@ from retrieval.images import SUPPORTED_SUFFIXES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("index", help="embed photo folders into the index (incremental)",
-                       description="Embed every image under the folders; re-runs only embed new or changed files.")
+    p = sub.add_parser(
+        "index",
+        help="embed photo folders into the index (incremental)",
+        description="Embed every image under the folders; re-runs only embed new or changed files.",
+    )
     p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="photo folders or files")
     common_flags(p)
     add_flag(p, "--demo", action="store_true", help="index a bundled demo gallery (no PATH needed)")
     model_flags(p, from_home=True)
-    add_flag(p, "--head", default=None, help="none, pcaw (PCA-whitening fitted on the gallery) or a head file "
-                                             "from `famsearch train` (default: keep the last choice, else none)")
+    add_flag(
+        p,
+        "--head",
+        default=None,
+        help="none, pcaw (PCA-whitening fitted on the gallery) or a head file "
+        "from `famsearch train` (default: keep the last choice, else none)",
+    )
     add_flag(p, "--full", action="store_true", help="re-embed everything")
     add_flag(p, "--dry-run", action="store_true", help="print what would change, change nothing")
-    add_flag(p, "--exclude", action="append", default=[], metavar="GLOB",
-             help=f"skip files/folders matching GLOB (repeatable; always skipped: {' '.join(DEFAULT_EXCLUDES)})")
+    add_flag(
+        p,
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help=f"skip files/folders matching GLOB (repeatable; always skipped: {' '.join(DEFAULT_EXCLUDES)})",
+    )
     add_flag(p, "--batch-size", type=int, default=4, help="images per forward pass (and per DB commit)")
     add_flag(p, "--workers", type=int, default=2, help="decoding processes (0: decode in the main process)")
     add_flag(p, "--max-megapixels", type=float, default=150.0, help="refuse larger images (decompression bombs)")
     add_flag(p, "--no-progress", action="store_true", help="no progress bar (for cron)")
-    add_flag(p, "--no-map-cache", action="store_true",
-             help="do not keep feature maps for fast match maps (saves ~166 KiB per image at 224 px; maps then re-run the model)")
-    add_flag(p, "--labels-from", default=None, choices=("folders",),
-             help="folders: put each photo in the album named by its first sub-folder under PATH")
-    add_flag(p, "--labels", type=Path, default=None, metavar="FILE",
-             help="albums from a CSV path,label or JSONL file")
+    add_flag(
+        p,
+        "--no-map-cache",
+        action="store_true",
+        help="do not keep feature maps for fast match maps (saves ~166 KiB per image at 224 px; maps then re-run the model)",
+    )
+    add_flag(
+        p,
+        "--labels-from",
+        default=None,
+        choices=("folders",),
+        help="folders: put each photo in the album named by its first sub-folder under PATH",
+    )
+    add_flag(p, "--labels", type=Path, default=None, metavar="FILE", help="albums from a CSV path,label or JSONL file")
     add_flag(p, "--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=run)
 
@@ -78,15 +101,25 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(settings.database_url)
     try:
         trained = trained_head_meta(args.head)
-        asked = {"backbone": args.model, "weights": args.weights, "input_size": args.input_size,
-                 "pooling": args.pooling, "precision": args.precision}  # None: not given
+        asked = {
+            "backbone": args.model,
+            "weights": args.weights,
+            "input_size": args.input_size,
+            "pooling": args.pooling,
+            "precision": args.precision,
+        }  # None: not given
         spec = index_model_spec(asked, args.head, trained, store.get_meta("model"))
         encoder = load_encoder(spec, default_device(args.device), lazy=True)
         check_head_model(args.head, trained, encoder.identity)
         options = IndexOptions(
-            batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
-            full=args.full, dry_run=args.dry_run, head=args.head,
-            excludes=DEFAULT_EXCLUDES + tuple(args.exclude), progress=not args.no_progress,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            max_megapixels=args.max_megapixels,
+            full=args.full,
+            dry_run=args.dry_run,
+            head=args.head,
+            excludes=DEFAULT_EXCLUDES + tuple(args.exclude),
+            progress=not args.no_progress,
             map_cache=not args.no_map_cache,
         )
         summary = sync(store, settings, encoder, roots, options)
@@ -100,14 +133,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace, summary: dict, roots: list[Path], home: Path) -> None:
     if not any(summary[k] for k in ("added", "updated", "moved", "unchanged")):
-        print(f"no images found under {' '.join(map(str, roots))} (looked for: {' '.join(sorted(SUPPORTED_SUFFIXES))})",
-              file=sys.stderr)
+        print(
+            f"no images found under {' '.join(map(str, roots))} (looked for: {' '.join(sorted(SUPPORTED_SUFFIXES))})",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(summary))
         return
     verb = "would change" if args.dry_run else "indexed"
-    print(f"{verb}: {summary['added']} added, {summary['updated']} updated, {summary['moved']} moved, "
-          f"{summary['deleted']} deleted, {summary['unchanged']} unchanged, {summary['failed']} failed "
-          f"in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} images/s); home {home}")
+    print(
+        f"{verb}: {summary['added']} added, {summary['updated']} updated, {summary['moved']} moved, "
+        f"{summary['deleted']} deleted, {summary['unchanged']} unchanged, {summary['failed']} failed "
+        f"in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} images/s); home {home}"
+    )
     if summary["failed"]:
         print("see the failures with: famsearch info --failures", file=sys.stderr)

@@ -1,4 +1,5 @@
 """`famsearch info`: what is indexed, with which model and index type; the files that failed and why."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,14 @@ def run(args: argparse.Namespace) -> int:
         counts = store.counts()
         index_file = settings.index_file(index_generation(store.get_meta("index")))
         index = load_index(index_file) if index_file.exists() else None
-        info = {**counts, "vectors": int(index.ntotal) if index is not None else 0,
-                "model": store.get_meta("model"), "index_type": index_type_of(index) if index is not None else None,
-                "last_run": store.get_meta("last_run"), "home": str(settings.home)}
+        info = {
+            **counts,
+            "vectors": int(index.ntotal) if index is not None else 0,
+            "model": store.get_meta("model"),
+            "index_type": index_type_of(index) if index is not None else None,
+            "last_run": store.get_meta("last_run"),
+            "home": str(settings.home),
+        }
         if args.failures:
             info["failures"] = store.failures()
     finally:
@@ -38,10 +44,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info))
         return EXIT_OK
     model = info["model"] or {}
-    print(f"home       {info['home']}\nimages     {info['images']} indexed, {info['failed']} failed\n"
-          f"vectors    {info['vectors']} in a {info['index_type']} index\n"
-          f"model      {model.get('backbone')} ({model.get('weights_sha256')}), {model.get('pooling')}, "
-          f"{model.get('input_size')}px, {model.get('precision', 'fp32')}, head {model.get('head')}")
+    print(
+        f"home       {info['home']}\nimages     {info['images']} indexed, {info['failed']} failed\n"
+        f"vectors    {info['vectors']} in a {info['index_type']} index\n"
+        f"model      {model.get('backbone')} ({model.get('weights_sha256')}), {model.get('pooling')}, "
+        f"{model.get('input_size')}px, {model.get('precision', 'fp32')}, head {model.get('head')}"
+    )
     if info["last_run"]:
         print(f"last run   {info['last_run'].get('finished_at')}")
     for failure in info.get("failures", []):

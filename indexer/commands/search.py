@@ -1,4 +1,5 @@
 """`famsearch search`: the top-k indexed photos most like each query photo, with the maps that explain each match."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,22 @@ if TYPE_CHECKING:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="top-k matches of photos, with maps",
-                       description="Find the indexed photos most like each query photo, and explain each match.")
+    p = sub.add_parser(
+        "search",
+        help="top-k matches of photos, with maps",
+        description="Find the indexed photos most like each query photo, and explain each match.",
+    )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     common_flags(p)
     add_flag(p, "-k", "--k", type=int, default=10, help="matches per query")
-    add_flag(p, "--explain", default=DEFAULT_EXPLAINER, choices=(*EXPLAINER_NAMES, "none"),
-             help="explainer")
-    add_flag(p, "--group", default="none", choices=("none", "topk"),
-             help="topk: the query map explains the whole top-k at once (Eq. 11/15)")
+    add_flag(p, "--explain", default=DEFAULT_EXPLAINER, choices=(*EXPLAINER_NAMES, "none"), help="explainer")
+    add_flag(
+        p,
+        "--group",
+        default="none",
+        choices=("none", "topk"),
+        help="topk: the query map explains the whole top-k at once (Eq. 11/15)",
+    )
     add_flag(p, "--maps-dir", type=Path, default=None, help="write query/match maps here as .npy (raw, h x w)")
     box_flag(p, "search for")
     add_flag(p, "--json", action="store_true", help="one JSON object per query, one per line")
@@ -57,8 +65,14 @@ def run(args: argparse.Namespace) -> int:
             folder = args.maps_dir / f"{qi:03d}_{path.stem}" if args.maps_dir else None
             rows = _rows(result, folder)
             if args.json:
-                record = {"query": str(path), "model": engine.model, "explainer": args.explain,
-                          "map_shape": _map_shape(result), "timing_ms": result.timing_ms, "results": rows}
+                record = {
+                    "query": str(path),
+                    "model": engine.model,
+                    "explainer": args.explain,
+                    "map_shape": _map_shape(result),
+                    "timing_ms": result.timing_ms,
+                    "results": rows,
+                }
                 if box is not None:
                     record["box"] = box_json(box)
                 print(json.dumps(record), flush=True)
@@ -74,11 +88,17 @@ def _rows(result: QueryResult, folder: Path | None) -> list[dict]:
     group_file = save_map(folder, "group_query.npy", result.group_map) if folder else None
     rows = []
     for m in result.matches:
-        rows.append({
-            "rank": m.rank, "image_id": m.image_id, "path": m.path, "score": round(m.score, 6),
-            "query_map": group_file or (save_map(folder, f"rank{m.rank:02d}_query.npy", m.query_map) if folder else None),
-            "match_map": save_map(folder, f"rank{m.rank:02d}_match.npy", m.match_map) if folder else None,
-        })
+        rows.append(
+            {
+                "rank": m.rank,
+                "image_id": m.image_id,
+                "path": m.path,
+                "score": round(m.score, 6),
+                "query_map": group_file
+                or (save_map(folder, f"rank{m.rank:02d}_query.npy", m.query_map) if folder else None),
+                "match_map": save_map(folder, f"rank{m.rank:02d}_match.npy", m.match_map) if folder else None,
+            }
+        )
     return rows
 
 
@@ -91,8 +111,10 @@ def _map_shape(result: QueryResult) -> list[int] | None:
 def _print_table(path: Path, result: QueryResult, rows: list[dict], box: Box | Auto | None = None) -> None:
     t = result.timing_ms
     where = "" if box is None else f" [box {box if isinstance(box, str) else ','.join(f'{v:g}' for v in box)}]"
-    print(f"{path}{where}  ({len(rows)} matches; embed {t['embed']:.0f} ms, search {t['search']:.0f} ms, "
-          f"explain {t['explain']:.0f} ms)")
+    print(
+        f"{path}{where}  ({len(rows)} matches; embed {t['embed']:.0f} ms, search {t['search']:.0f} ms, "
+        f"explain {t['explain']:.0f} ms)"
+    )
     print(f"  {'rank':>4}  {'score':>6}  path")
     for row in rows:
         print(f"  {row['rank']:>4}  {row['score']:>6.3f}  {row['path']}")

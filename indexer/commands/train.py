@@ -1,5 +1,6 @@
 """`famsearch train`: fit a linear embedding head (Multi-Similarity loss) on labelled images, optionally with the
 backbone's last stage (--finetune); `famsearch index --head FILE` then uses it."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,15 +13,22 @@ from retrieval.errors import UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="fit a linear embedding head (Multi-Similarity loss) on labelled images",
-                       description="Train e = W^T z + b on a frozen backbone's pooled features; the head file "
-                                   "is then used by: famsearch index PATH --head FILE (the index takes the pooling, "
-                                   "input size and tuned weights the head was trained with). Best measured on object "
-                                   "composites: --pooling attn --input-size 320 (needs masks; Recall@1 78% vs 52% "
-                                   "for the untrained default), without masks --pooling focus --finetune "
-                                   "--input-size 320 (75%, and the best on unseen object styles; docs/heads.md).")
-    p.add_argument("dataset", type=Path, metavar="DATASET",
-                   help="a folder with annotations.jsonl (its 'train' split) or with one sub-folder per label")
+    p = sub.add_parser(
+        "train",
+        help="fit a linear embedding head (Multi-Similarity loss) on labelled images",
+        description="Train e = W^T z + b on a frozen backbone's pooled features; the head file "
+        "is then used by: famsearch index PATH --head FILE (the index takes the pooling, "
+        "input size and tuned weights the head was trained with). Best measured on object "
+        "composites: --pooling attn --input-size 320 (needs masks; Recall@1 78% vs 52% "
+        "for the untrained default), without masks --pooling focus --finetune "
+        "--input-size 320 (75%, and the best on unseen object styles; docs/heads.md).",
+    )
+    p.add_argument(
+        "dataset",
+        type=Path,
+        metavar="DATASET",
+        help="a folder with annotations.jsonl (its 'train' split) or with one sub-folder per label",
+    )
     common_flags(p)
     add_flag(p, "--out", type=Path, default=None, help="where to write the head file (e.g. head.pt)")
     add_flag(p, "--loss", default="ms", choices=("ms",), help="metric-learning loss (ms: Multi-Similarity)")
@@ -32,16 +40,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--val-fraction", type=float, default=0.2, help="share of labels held out for validation (0: none)")
     add_flag(p, "--patience", type=int, default=5, help="epochs without validation gain before stopping")
     add_flag(p, "--seed", type=int, default=0, help="seed of the label split, sampler and initialisation")
-    add_flag(p, "--init", default="random", choices=("random", "pcaw"),
-             help="start from random weights or PCA-whitening")
+    add_flag(
+        p, "--init", default="random", choices=("random", "pcaw"), help="start from random weights or PCA-whitening"
+    )
     add_flag(p, "--flip", action="store_true", help="add mirrored copies of the training images (2x embedding)")
-    add_flag(p, "--finetune", action="store_true",
-             help="also train the backbone's last stage (Lite0 block 15 + conv head, at a tenth of --lr) on cached "
-                  "trunk features; writes the tuned weights next to --out as .backbone.pth (index --head picks them up)")
+    add_flag(
+        p,
+        "--finetune",
+        action="store_true",
+        help="also train the backbone's last stage (Lite0 block 15 + conv head, at a tenth of --lr) on cached "
+        "trunk features; writes the tuned weights next to --out as .backbone.pth (index --head picks them up)",
+    )
     model_flags(p, pooling=False)
-    add_flag(p, "--pooling", default=DEFAULT_POOLING, choices=("focus", "gap", "gem", "sqrt", "attn"),
-             help=f"as for famsearch index (default: {DEFAULT_POOLING}); attn also fits an objectness probe on the "
-                  "dataset's masks (written next to --out as .objectness.pt)")
+    add_flag(
+        p,
+        "--pooling",
+        default=DEFAULT_POOLING,
+        choices=("focus", "gap", "gem", "sqrt", "attn"),
+        help=f"as for famsearch index (default: {DEFAULT_POOLING}); attn also fits an objectness probe on the "
+        "dataset's masks (written next to --out as .objectness.pt)",
+    )
     add_flag(p, "--cache-dir", type=Path, default=None, help="cache pooled features here (default: HOME/cache)")
     add_flag(p, "--no-progress", action="store_true", help="no progress bars")
     add_flag(p, "--json", action="store_true", help="print the training summary as JSON")
@@ -58,19 +76,41 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.dataset}: no such dataset folder")
     if args.epochs < 1 or args.dim < 1 or args.lr <= 0 or not 0 <= args.val_fraction < 1:
         raise UsageError("--epochs and --dim must be >= 1, --lr > 0 and --val-fraction in [0, 1)")
-    options = TrainOptions(dim=args.dim, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                           batch_size=args.batch_size, loss=args.loss, val_fraction=args.val_fraction,
-                           patience=args.patience, seed=args.seed, init=args.init, progress=not args.no_progress)
+    options = TrainOptions(
+        dim=args.dim,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        loss=args.loss,
+        val_fraction=args.val_fraction,
+        patience=args.patience,
+        seed=args.seed,
+        init=args.init,
+        progress=not args.no_progress,
+    )
     cache_dir = args.cache_dir or settings_from(args).home / "cache"
     log = (lambda line: None) if args.json else print  # the CLI shows training's progress lines on stdout
-    summary = run_training(args.dataset, args.out, options, model_spec(args), default_device(args.device), cache_dir,
-                           args.flip, finetune=args.finetune, log=log)
+    summary = run_training(
+        args.dataset,
+        args.out,
+        options,
+        model_spec(args),
+        default_device(args.device),
+        cache_dir,
+        args.flip,
+        finetune=args.finetune,
+        log=log,
+    )
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"head ({summary['dim']}-d, best epoch {summary['best_epoch']}, val Recall@1 "
-              f"{summary['val_recall_at_1']}) written to {args.out}; use it with: famsearch index PATH "
-              f"--head {args.out} (the index takes the model it was trained with: --pooling {summary['pooling']} "
-              f"--input-size {args.input_size}" + (f" --weights {summary['weights']}" if "weights" in summary else "")
-              + ")")
+        print(
+            f"head ({summary['dim']}-d, best epoch {summary['best_epoch']}, val Recall@1 "
+            f"{summary['val_recall_at_1']}) written to {args.out}; use it with: famsearch index PATH "
+            f"--head {args.out} (the index takes the model it was trained with: --pooling {summary['pooling']} "
+            f"--input-size {args.input_size}"
+            + (f" --weights {summary['weights']}" if "weights" in summary else "")
+            + ")"
+        )
     return EXIT_OK

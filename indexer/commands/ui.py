@@ -1,4 +1,5 @@
 """`famsearch ui`: serve the Streamlit search UI over the index and open it in the browser."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,21 @@ def run(args: argparse.Namespace) -> int:
         env[ENV_PREFIX + "DB"] = args.db
     # Always headless for Streamlit itself: otherwise its first run asks for an e-mail address on
     # stdin, which hangs or fails under make, cron or CI. We open the browser ourselves instead.
-    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-               "--browser.gatherUsageStats", "false", "--server.headless", "true",
-               "--client.toolbarMode", "minimal"]  # no "Deploy" button on a local tool
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.port",
+        str(args.port),
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.headless",
+        "true",
+        "--client.toolbarMode",
+        "minimal",
+    ]  # no "Deploy" button on a local tool
     url = f"http://localhost:{args.port}"
     print(f"famsearch UI on {url} (Ctrl+C to stop)", flush=True)
     if not args.headless:
