@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import copy_home
 from ui.serve import CHROMIUM_ARGS, served
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -18,31 +19,67 @@ CHROMIUM = shutil.which("chromium")
 WAIT_MS = 90_000  # Streamlit draws after its websocket connects; the first query loads the model
 
 
-def _browse(home: Path, tmp_path: Path):
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium for the module; each test opens its own page (its own Streamlit session)."""
     if CHROMIUM is None:
         pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    with served(home, log=tmp_path / "streamlit.log") as url, sync_api.sync_playwright() as playwright:
+    with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800}, accept_downloads=True)
-            page.set_default_timeout(WAIT_MS)
-            page.goto(url)
-            page.get_by_role("heading", name="Search by example photo").wait_for()
-            yield page
-        finally:
-            browser.close()
+        yield browser
+        browser.close()
 
 
-@pytest.fixture
-def page(indexed: Path, tmp_path: Path):
-    """The UI in headless Chromium over the drawn gallery indexed with the defaults (focus pooling)."""
-    yield from _browse(indexed, tmp_path)
+@pytest.fixture(scope="module")
+def shared_gallery(tmp_path_factory, gallery_template: Path) -> Path:
+    """The module's copy of the drawn gallery, indexed by the served homes below (tests only read it)."""
+    return shutil.copytree(gallery_template, tmp_path_factory.mktemp("browser") / "photos")
 
 
-@pytest.fixture
-def gap_page(gap_indexed: Path, tmp_path: Path):
+def _serve(tmp_path_factory, shared_gallery: Path, gallery_template: Path, index_template, *flags: str):
+    home = copy_home(
+        index_template(gallery_template, *flags)[0],
+        gallery_template,
+        shared_gallery,
+        tmp_path_factory.mktemp("browser-home") / "home",
+    )
+    with served(home, log=home.parent / "streamlit.log") as url:  # the UI only reads the home: one server serves all
+        yield url
+
+
+@pytest.fixture(scope="module")
+def focus_url(tmp_path_factory, shared_gallery, gallery_template, index_template):
+    """The UI served over the drawn gallery indexed with the defaults (focus pooling)."""
+    yield from _serve(tmp_path_factory, shared_gallery, gallery_template, index_template)
+
+
+@pytest.fixture(scope="module")
+def gap_url(tmp_path_factory, shared_gallery, gallery_template, index_template):
     """The same under GAP, where searching for part of a photo differs from searching the whole photo."""
-    yield from _browse(gap_indexed, tmp_path)
+    yield from _serve(tmp_path_factory, shared_gallery, gallery_template, index_template, "--pooling", "gap")
+
+
+def _open(chromium, url: str):
+    page = chromium.new_page(viewport={"width": 1400, "height": 1800}, accept_downloads=True)
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url)
+    page.get_by_role("heading", name="Search by example photo").wait_for()
+    return page
+
+
+@pytest.fixture
+def page(chromium, focus_url: str):
+    """A fresh page (a new Streamlit session) on the default index."""
+    page = _open(chromium, focus_url)
+    yield page
+    page.close()
+
+
+@pytest.fixture
+def gap_page(chromium, gap_url: str):
+    page = _open(chromium, gap_url)
+    yield page
+    page.close()
 
 
 def _not_blank(path: Path) -> bool:
@@ -60,8 +97,8 @@ def _choose(page, label: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def test_a_query_in_the_browser_shows_the_grid_and_the_why_view(page, gallery, tmp_path):
-    query = str(gallery / "pic3.png")
+def test_a_query_in_the_browser_shows_the_grid_and_the_why_view(page, shared_gallery, tmp_path):
+    query = str(shared_gallery / "pic3.png")
     _choose(page, "Indexed photo", query)
     page.get_by_text("Top 8").wait_for()
     page.get_by_role("button", name="Why?").nth(7).wait_for()  # elements stream in after the heading
@@ -109,11 +146,11 @@ def test_a_bad_upload_and_the_status_page_in_the_browser(page):
     assert page.get_by_text("Traceback").count() == 0
 
 
-def test_framing_part_of_the_query_with_the_sliders_in_the_browser(gap_page, gallery, tmp_path):
+def test_framing_part_of_the_query_with_the_sliders_in_the_browser(gap_page, shared_gallery, tmp_path):
     """Keyboard on the real range slider: the right edge at 50 % searches the left half and frames it."""
     canvas = Image.new("RGB", (128, 64))
-    canvas.paste(Image.open(gallery / "pic3.png"), (0, 0))
-    canvas.paste(Image.open(gallery / "pic6.jpg"), (64, 0))
+    canvas.paste(Image.open(shared_gallery / "pic3.png"), (0, 0))
+    canvas.paste(Image.open(shared_gallery / "pic6.jpg"), (64, 0))
     path = tmp_path / "two.png"
     canvas.save(path)
     gap_page.get_by_text("Upload a photo").click()
@@ -133,13 +170,13 @@ def test_framing_part_of_the_query_with_the_sliders_in_the_browser(gap_page, gal
     assert _not_blank(tmp_path / "framed.png") and gap_page.get_by_text("Traceback").count() == 0
 
 
-def test_picking_the_part_automatically_in_the_browser(gap_page, gallery, tmp_path):
+def test_picking_the_part_automatically_in_the_browser(gap_page, shared_gallery, tmp_path):
     """The checkbox under *Search for part of the photo*: picture 1 tiled with one tile of picture 5 finds
     picture 1 whole and picture 5 with the automatic focus, and the sliders are greyed out."""
     canvas = Image.new("RGB", (192, 192))
     for x in range(3):
         for y in range(3):
-            canvas.paste(Image.open(gallery / ("pic5.png" if x == y == 0 else "pic1.png")), (64 * x, 64 * y))
+            canvas.paste(Image.open(shared_gallery / ("pic5.png" if x == y == 0 else "pic1.png")), (64 * x, 64 * y))
     path = tmp_path / "tiled.png"
     canvas.save(path)
     gap_page.get_by_text("Upload a photo").click()
