@@ -209,6 +209,12 @@ def candidate_maps(name: str, subject: Feats, idx, partner_embs: torch.Tensor) -
         coarse = explainers.weighted_map(a, weights) * soft_weight(subject.soft[idx], float(floor), float(power))
         soft16 = focus_scores(subject.mid16[idx], tuple(subject.mid16.shape[-2:]))
         return jbu(coarse, subject.mid16[idx]) * soft_weight(soft16, float(floor), 1.0)
+    if name.startswith("gcj"):  # gcj[-e-<power>]: Grad-CAM of the cosine on the whole map, JBU'd (x focus^power)
+        n = a.shape[-1] * a.shape[-2]
+        grad = torch.relu(explainers.weighted_map(a, explainers.gradcam_weights(e, k, None, n)))
+        if name.startswith("gcj-e-"):
+            grad = grad * soft_weight(subject.soft[idx], 0.0, float(name.split("-")[2]))
+        return jbu(grad, subject.mid16[idx])
     if name.startswith("jbu28-"):  # then on to 28x28 in block-4 features (stride 8)
         fine = candidate_maps("jbu-" + name[6:], subject, idx, partner_embs)
         return jbu(fine, subject.mid8[idx].float())

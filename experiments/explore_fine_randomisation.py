@@ -39,7 +39,13 @@ def variants(query: EmbeddedItems, gallery: EmbeddedItems, qi: torch.Tensor, gi:
     partners = gallery.embs[gi][:, None]
     whole = fam.weighted_map(inputs.whole_map, fam.fam_weights(query.embs[qi], partners))
     coarse = whole * inputs.emphasis**2
+    n = inputs.whole_map.shape[-1] * inputs.whole_map.shape[-2]
+    grad = torch.relu(fam.weighted_map(inputs.whole_map, fam.gradcam_weights(query.embs[qi], partners, None, n)))
+    exact = torch.relu(fam.weighted_map(inputs.whole_map, fam.fam_exact_weights(query.embs[qi], partners, None, n)))
     return {
+        "JBU(Grad-CAM on the whole map)": fam.joint_bilateral_upsample(grad, inputs.guide),
+        "JBU(Grad-CAM on the whole map x e_c)": fam.joint_bilateral_upsample(grad * inputs.emphasis, inputs.guide),
+        "JBU(ReLU fam-exact on the whole map)": fam.joint_bilateral_upsample(exact, inputs.guide),
         "fam-fine (e_c^2, JBU, e_f)": fam.fine_fam(inputs, query.embs[qi], partners),
         "JBU(whole FAM x e_c^2)": fam.joint_bilateral_upsample(coarse, inputs.guide),
         "JBU(whole FAM x e_c)": fam.joint_bilateral_upsample(whole * inputs.emphasis, inputs.guide),
