@@ -226,43 +226,19 @@ class Encoder:
         with layer_outputs(backbone, (backbone.focus_layer, backbone.guide_layer)) as caught:
             feature_maps = self.forward_features(batch)
         h, w = feature_maps.shape[-2:]
-        guides = (
-            F.interpolate(
-                caught[backbone.guide_layer][0].float(), size=(2 * h, 2 * w), mode="bilinear", align_corners=False
+        grid, fine_grid = (h, w), (2 * h, 2 * w)
+        guides = _on_grid(caught[backbone.guide_layer][0].float(), fine_grid)  # (B, C, 2h, 2w)
+        focus = None
+        if AUTO in boxes:  # the focus cells and their graded scores, on both grids
+            focus = (
+                focus_scores(caught[backbone.focus_layer][0], grid).to(feature_maps),
+                focus_scores(guides, fine_grid).to(feature_maps),
             )
-            if caught[backbone.guide_layer][0].shape[-2:] != (2 * h, 2 * w)
-            else caught[backbone.guide_layer][0].float()
-        )
-        scores = fine_scores = None
-        if AUTO in boxes:
-            scores = focus_scores(caught[backbone.focus_layer][0], (h, w)).to(feature_maps)
-            fine_scores = focus_scores(guides, (2 * h, 2 * w)).to(feature_maps)
-        regions, emphasis, fine_emphasis = [], [], []
-        for i, box in enumerate(boxes):  # each photo's region (h, w) and its graded emphasis at both grids
-            if box is None:
-                regions.append(torch.ones((h, w)).to(feature_maps))
-                emphasis.append(regions[-1])
-                fine_emphasis.append(torch.ones((2 * h, 2 * w)).to(feature_maps))
-            elif box == AUTO:
-                assert scores is not None and fine_scores is not None  # computed above: a box is AUTO
-                regions.append(top_cells(scores[i : i + 1])[0])
-                emphasis.append(scores[i] / scores[i].max().clamp_min(1e-12))
-                fine_emphasis.append(fine_scores[i] / fine_scores[i].max().clamp_min(1e-12))
-            else:
-                assert sizes is not None, "a box in pixels needs the sizes of the photos"
-                regions.append(box_weights(box, sizes[i], (h, w)).to(feature_maps))
-                emphasis.append((regions[-1] > 0).to(feature_maps))
-                fine_emphasis.append((box_weights(box, sizes[i], (2 * h, 2 * w)) > 0).to(feature_maps))
-        region = torch.stack(regions) if any(box is not None for box in boxes) else None
+        weights = [_cell_weights(box, i, sizes, focus, grid, feature_maps) for i, box in enumerate(boxes)]
+        regions, emphasis, fine_emphasis = (torch.stack(column) for column in zip(*weights))
         whole = explained_feature_map(feature_maps, "gap" if self.pooling == "focus" else self.pooling, self.objectness)
-        return Encoded(
-            whole,
-            torch.stack(regions),
-            torch.stack(emphasis),
-            torch.stack(fine_emphasis),
-            guides,
-            self.pool(feature_maps, region),
-        )
+        pooled = self.pool(feature_maps, regions if any(box is not None for box in boxes) else None)
+        return Encoded(whole, regions, emphasis, fine_emphasis, guides, pooled)
 
     def embed_batch(
         self, batch: Tensor, boxes: list[Box | Auto | None] | None = None, sizes: list[tuple[int, int]] | None = None
@@ -283,6 +259,39 @@ class Encoder:
         `AUTO` to pool over the cells `focus_weights` picks."""
         batch = torch.stack([self.preprocess(im) for im in images])
         return self.embed_batch(batch, boxes, [im.size for im in images])
+
+
+def _on_grid(maps: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(B, C, H, W) resampled to ``grid`` where it is not on it already (an input size not a multiple of 32)."""
+    if tuple(maps.shape[-2:]) == tuple(grid):
+        return maps
+    return F.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
+
+
+def _cell_weights(
+    box: Box | Auto | None,
+    i: int,
+    sizes: list[tuple[int, int]] | None,
+    focus: tuple[Tensor, Tensor] | None,
+    grid: tuple[int, int],
+    like: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Photo i's region (h, w) of mean 1 and its graded emphasis in [0, 1] on the grid and on twice the grid: all
+    ones without a box, the top focus cells and the focus scores over their maximum for `AUTO`, the box's cells."""
+    fine_grid = (2 * grid[0], 2 * grid[1])
+    if box is None:
+        return torch.ones(grid).to(like), torch.ones(grid).to(like), torch.ones(fine_grid).to(like)
+    if box == AUTO:
+        assert focus is not None, "AUTO needs the focus scores of the same pass"
+        scores, fine_scores = focus[0][i], focus[1][i]
+        return (
+            top_cells(scores[None])[0],
+            scores / scores.max().clamp_min(1e-12),
+            fine_scores / fine_scores.max().clamp_min(1e-12),
+        )
+    assert sizes is not None, "a box in pixels needs the sizes of the photos"
+    region = box_weights(box, sizes[i], grid).to(like)
+    return region, (region > 0).to(like), (box_weights(box, sizes[i], fine_grid) > 0).to(like)
 
 
 def load_encoder(spec: ModelSpec = ModelSpec(), device: str | torch.device = "cpu", lazy: bool = False) -> Encoder:
