@@ -96,6 +96,36 @@ def draw_gallery(folder: Path) -> Path:
     return folder
 
 
+HOSTILE_NAMES = (  # photo names that are Markdown, LaTeX, HTML, a directive or a bare URL (no "/" in a file name)
+    "**bold**.jpg",
+    "[link](http___x).jpg",
+    "![img](http___example.org_x.png).jpg",
+    "$x^2$.jpg",
+    "<i>tag.jpg",
+    ":smile: :red[red].jpg",
+    "www.example.org.jpg",
+)
+HOSTILE_ALBUMS = ("**bold album**", "![album](http___example.org_a.png)")  # folder names, so album labels
+
+
+def draw_hostile_gallery(folder: Path) -> Path:
+    """Drawn photos whose file and folder names are markup (`HOSTILE_NAMES`), two per album folder."""
+    folder.mkdir(parents=True)
+    for seed, name in enumerate(HOSTILE_NAMES):
+        draw_picture(seed).save(folder / name, quality=95)
+    for i, album in enumerate(HOSTILE_ALBUMS):
+        (folder / album).mkdir()
+        for seed in (10 + 2 * i, 11 + 2 * i):
+            draw_picture(seed).save(folder / album / f"p{seed}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hostile_template(tmp_path_factory) -> Path:
+    """The hostile-named gallery of this session (tests index and serve copies, never this folder)."""
+    return draw_hostile_gallery(tmp_path_factory.mktemp("template") / "hostile")
+
+
 @pytest.fixture(scope="session")
 def gallery_template(tmp_path_factory) -> Path:
     """The drawn gallery of this session; tests get copies (`gallery`), never this folder."""

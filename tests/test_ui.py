@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import random
+import re
+import shutil
+import string
 from pathlib import Path
 
 import alembic.command
@@ -17,7 +21,7 @@ from retrieval import fam
 from retrieval.config import Settings
 from retrieval.engine import QueryEngine, channel_shares
 from retrieval.images import ImageError, load_image
-from tests.conftest import draw_picture, run_json
+from tests.conftest import HOSTILE_ALBUMS, HOSTILE_NAMES, copy_home, draw_picture, run_json
 from ui import pictures, queries
 
 APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
@@ -171,6 +175,29 @@ def test_top_channels_are_the_largest_shares_largest_first():
     assert queries.top_channels(shares, 3).tolist() == [2, 4, 0]  # ties keep channel order
     assert len(queries.top_channels(shares, 99)) == 5
     assert queries.channel_rows(shares, 1) == [{"channel": "#2", "share of the score": 0.4}]
+
+
+_UNESCAPE = re.compile(f"\\\\([{re.escape(string.punctuation)}])")  # CommonMark: a backslash before punctuation
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plain_text_renders_back_to_itself_with_no_markup_left(seed):
+    """Property: every ASCII punctuation mark, the only characters Markdown syntax is made of (besides the line
+    breaks, which become spaces), is escaped, and CommonMark's unescaping gives back the text."""
+    rng = random.Random(seed)
+    texts = [*HOSTILE_NAMES, *HOSTILE_ALBUMS, string.punctuation, "".join(rng.choices(string.printable, k=200))]
+    for text in texts:
+        escaped = queries.plain(text)
+        one_line = re.sub(r"[\r\n]+", " ", text)
+        assert _UNESCAPE.sub(r"\1", escaped) == one_line
+        assert not set(_UNESCAPE.sub("", escaped)) & set(string.punctuation + "\r\n")  # nothing left unescaped
+
+
+def test_plain_text_golden_cases():
+    assert queries.plain("**bold**.jpg") == r"\*\*bold\*\*\.jpg"
+    assert queries.plain("[a](http://x)") == r"\[a\]\(http\:\/\/x\)"
+    assert queries.plain("$x$ <b>&amp;\\") == r"\$x\$ \<b\>\&amp\;\\"
+    assert queries.plain("two\nlines") == "two lines" and queries.plain("pic 3") == "pic 3"
 
 
 def test_long_file_names_are_cut_in_the_middle_to_one_line():
@@ -327,10 +354,12 @@ def test_a_bad_upload_gets_a_clear_message_and_a_good_one_searches(indexed, monk
     at.radio(key="source").set_value("Upload a photo").run()
     at.file_uploader(key="upload").set_value(("holiday.jpg", b"this is a text file", "image/jpeg")).run()
     assert not at.exception
-    assert at.error[0].value == "holiday.jpg cannot be used as a query photo: not an image (format not recognised)"
+    assert at.error[0].value == queries.plain(
+        "holiday.jpg cannot be used as a query photo: not an image (format not recognised)"
+    )
     monkeypatch.setattr(queries, "MAX_UPLOAD_MB", 0.01)
     at.file_uploader(key="upload").set_value(("huge.png", b"\0" * 20000, "image/png")).run()
-    assert "photos up to 0.01 MB can be uploaded" in at.error[0].value
+    assert queries.plain("photos up to 0.01 MB can be uploaded") in at.error[0].value
     monkeypatch.setattr(queries, "MAX_UPLOAD_MB", 20)
     at.file_uploader(key="upload").set_value(("mine.png", _png(draw_picture(6)), "image/png")).run()
     assert not at.error and "Top 8" in _texts(at)
@@ -549,3 +578,41 @@ def test_on_a_focus_index_the_query_lights_the_part_it_is_compared_by(indexed, m
     match_cells = at.session_state["match_cells"]  # the match's compared cells, lit in the Why? view too
     assert 0 < match_cells.sum() < match_cells.size
     assert np.count_nonzero(at.session_state["report"].second_map[~match_cells]) == 0
+
+
+# ---------------------------------------------------------------------------- names are text, not markup
+@pytest.fixture
+def hostile_home(tmp_path, hostile_template, index_template) -> tuple[Path, Path]:
+    """The gallery of markup-named photos and album folders, indexed with folder labels: (home, folder)."""
+    template_home, summary = index_template(hostile_template, "--labels-from", "folders")
+    assert summary["labels"]["folders"]["albums"] == len(HOSTILE_ALBUMS)
+    folder = shutil.copytree(hostile_template, tmp_path / "hostile")
+    return copy_home(template_home, hostile_template, folder, tmp_path / "home"), folder
+
+
+def test_file_folder_and_upload_names_reach_the_page_escaped(hostile_home, monkeypatch):
+    home, folder = hostile_home
+    at = _app(home, monkeypatch)
+    at.slider(key="k").set_value(20).run()  # every photo in the grid
+    at = _pick(at, "**bold**.jpg")
+    assert not at.exception and f"Top {len(HOSTILE_NAMES) + 4}" in _texts(at)
+    captions = "\n".join(_captions(at))
+    assert queries.plain(str(folder / "**bold**.jpg")) in captions  # the query's caption: its whole path
+    for name in HOSTILE_NAMES:
+        assert queries.plain(queries.short_name(name)) in captions  # the grid
+    assert any(f"**{queries.plain(album)}**" in _texts(at) for album in HOSTILE_ALBUMS)  # the album line
+    shown = captions + _texts(at)
+    for raw in ("**bold", "](", "$x^2$", "<i>", ":smile:", ":red[", "www.example"):
+        assert raw not in shown
+
+    rank = next(m.rank for m in at.session_state["result"].matches if m.path.endswith("[link](http___x).jpg"))
+    at.button(key=f"why_{rank}").click().run()
+    assert not at.exception
+    assert queries.plain(str(folder / "[link](http___x).jpg")) in "\n".join(c.value for c in at.caption)
+
+    at.radio(key="source").set_value("Upload a photo").run()
+    at.file_uploader(key="upload").set_value(("**evil** [x](http___y).jpg", b"not a photo", "image/jpeg")).run()
+    assert at.error[0].value.startswith(queries.plain("**evil** [x](http___y).jpg cannot be used"))
+    at.radio(key="source").set_value("Type a path").run()
+    at.text_input(key="typed").input("$x^2$ <i>no</i>").run()
+    assert at.error[0].value.startswith(queries.plain("'$x^2$ <i>no</i>'"))  # the typed text, quoted back

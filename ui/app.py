@@ -46,7 +46,7 @@ def select(rank: int | None) -> None:
 
 def show_no_index(settings: Settings, reason: str) -> None:
     st.title("famsearch")
-    st.warning(f"Nothing to search yet: {reason}")
+    st.warning(f"Nothing to search yet: {queries.plain(reason)}")
     st.markdown("Build an index of a photo folder (or of the bundled demo gallery), then reload this page:")
     st.code("\n".join(queries.build_commands(settings.home)), language="bash")
 
@@ -91,7 +91,7 @@ def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
         text = st.text_input("Absolute path of a photo inside the indexed folders", key="typed")
         return queries.read_indexed(engine.resolve_user_path(text), engine.encoder.input_size) if text.strip() else None
     except (FamsearchError, OSError) as error:  # ImageError: not a photo; UsageError: a path outside the index
-        st.error(str(error))
+        st.error(queries.plain(str(error)))  # it quotes the upload name or the typed path
         return None
 
 
@@ -153,7 +153,7 @@ def show_query(photo: queries.QueryPhoto, result, opacity: float, region, frame,
         part = " (the part picked automatically: lit)" if region == queries.AUTO else " (the framed part)"
     st.markdown("**Query**" + part)
     if result.group_map is None:
-        st.image(frame(pictures.fit_within(photo.display, 512)), caption=photo.label, width="stretch")
+        st.image(frame(pictures.fit_within(photo.display, 512)), caption=queries.plain(photo.label), width="stretch")
         return
     drawn = frame(pictures.heat_overlay(photo.display, result.group_map, opacity, 512))
     st.image(drawn, caption="Group map: what all these matches have in common with it", width="stretch")
@@ -181,7 +181,7 @@ def show_grid(result, stamp: int | None) -> None:
             with column:
                 st.image(
                     grid_thumbnail(match.path, stamp),
-                    caption=f"#{match.rank} · {match.score:.3f} · {queries.short_name(match.path)}",
+                    caption=f"#{match.rank} · {match.score:.3f} · {queries.plain(queries.short_name(match.path))}",
                 )
                 st.button("Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,), width="stretch")
 
@@ -214,7 +214,7 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
     )
     st.button("← All results", on_click=select, args=(None,), key="back")
     st.subheader(f"Why #{match.rank} matched: score {match.score:.4f}")
-    st.caption(f"{explainer}: {queries.EXPLAINER_HELP[explainer]}. {match.path}")
+    st.caption(f"{explainer}: {queries.EXPLAINER_HELP[explainer]}. {queries.plain(match.path)}")
     if explainer == "fam-exact":
         st.caption(
             f"Each map sums to the score minus its offset (query {report.offsets['first']:+.4f}, "
@@ -297,9 +297,10 @@ def show_album_decision(
         )
         return
     win, second = decision.winner, decision.runner_up
-    line = f"This {'part of the photo' if region else 'photo'} would go to **{win.album}** ({win.score:.2f})"
+    album = queries.plain(win.album)  # album labels come from folder names
+    line = f"This {'part of the photo' if region else 'photo'} would go to **{album}** ({win.score:.2f})"
     if second is not None:
-        line += f" rather than **{second.album}** ({second.score:.2f})"
+        line += f" rather than **{queries.plain(second.album)}** ({second.score:.2f})"
     st.markdown(
         line + f", because the highlighted parts resemble its {len(win.image_ids)} photo(s) on average "
         "(mean cosine, Eq. 11)."
@@ -308,7 +309,7 @@ def show_album_decision(
         drawn = pictures.heat_overlay(photo.display, decision.winner_map, settings["opacity"], 512)
         st.image(
             frame(drawn),
-            caption=f"Why {win.album}: {settings['explainer']} against the album (Eq. 15)",
+            caption=f"Why {album}: {settings['explainer']} against the album (Eq. 15)",
             width="stretch",
         )
 
@@ -356,7 +357,7 @@ def status_page(engine: QueryEngine) -> None:
     failed.metric("Failed files", status["failed"])
     vectors.metric("Vectors in the index", status["vectors"])
     kind.metric("Index type", status["index_type"])
-    st.caption(f"Home: {status['home']}")
+    st.caption(f"Home: {queries.plain(str(status['home']))}")
     st.subheader("Model")
     st.dataframe(pd.DataFrame(queries.key_value_rows(status["model"])), hide_index=True)
     st.subheader("Last run")
@@ -383,7 +384,7 @@ def main() -> None:
         show_no_index(env, str(error))
         return
     except (ModelMismatchError, UsageError) as error:  # another model's index, an unreadable head file
-        st.error(f"The index cannot be opened: {error}")
+        st.error(f"The index cannot be opened: {queries.plain(str(error))}")
         return
     if settings["page"] == "Index status":
         status_page(engine)

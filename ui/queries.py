@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,9 @@ EXPLAINER_HELP = {
     "gradcam": "Grad-CAM of the cosine, in closed form (no backward pass)",
 }
 
+
+_MARKDOWN_SPECIAL = re.compile(f"([{re.escape(string.punctuation)}])")  # CommonMark escapes every ASCII punctuation
+_LINE_BREAKS = re.compile(r"[\r\n]+")
 
 DISPLAY_SIDE = 1024  # overlays and downloads are drawn at most this large
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -164,6 +169,14 @@ def warm_up(engine: QueryEngine) -> QueryEngine:
     """One throw-away forward pass, so the first person to search doesn't pay for lazy init."""
     engine.embed(Image.new("RGB", (64, 64)))
     return engine
+
+
+def plain(text: str) -> str:
+    """A name (file, folder, album, upload, typed path, or a message quoting one) made safe to put in text
+    Streamlit renders as Markdown: every ASCII punctuation mark backslash-escaped, which CommonMark shows as the
+    mark itself, so nothing in it becomes emphasis, a link, an image, a heading or list, LaTeX (`$`), a colour
+    or emoji directive (`:`), an HTML tag or an entity (`<`, `&`); line breaks become spaces (one line)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", _LINE_BREAKS.sub(" ", text))
 
 
 def short_name(path: str, width: int = 20) -> str:
