@@ -117,3 +117,15 @@ class AlbumImage(Base):
     album_id: Mapped[int] = mapped_column(ForeignKey("albums.id", ondelete="CASCADE"), primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True)
     source: Mapped[str] = mapped_column(String(16))
+
+
+class ApiKey(Base):
+    """A key for `famsearch api`: only its SHA-256 is stored, so the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # hex SHA-256 of the key
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
