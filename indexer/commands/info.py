@@ -6,7 +6,6 @@ import argparse
 import json
 
 from indexer.commands.common import EXIT_OK, add_flag, common_flags, require_index, settings_from
-from retrieval.config import index_generation
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,28 +17,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrieval.search import index_type_of, load_index
-    from retrieval.store import open_store
+    from retrieval.status import home_status
 
     settings = settings_from(args)
     require_index(settings)
-    store = open_store(settings.database_url)
-    try:
-        counts = store.counts()
-        index_file = settings.index_file(index_generation(store.get_meta("index")))
-        index = load_index(index_file) if index_file.exists() else None
-        info = {
-            **counts,
-            "vectors": int(index.ntotal) if index is not None else 0,
-            "model": store.get_meta("model"),
-            "index_type": index_type_of(index) if index is not None else None,
-            "last_run": store.get_meta("last_run"),
-            "home": str(settings.home),
-        }
-        if args.failures:
-            info["failures"] = store.failures()
-    finally:
-        store.close()
+    info = home_status(settings, failures=args.failures)
     if args.json:
         print(json.dumps(info))
         return EXIT_OK
