@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"indexer.commands.{name}").add_parser(sub)
+        importlib.import_module(f"indexer.commands.{name.replace('-', '_')}").add_parser(sub)
     return parser
 
 

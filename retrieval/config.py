@@ -27,6 +27,10 @@ DEFAULT_POOLING = "focus"
 DEFAULT_EXPLAINER = "fam"
 # Names only (the maths lives in retrieval.fam): the CLI lists them without importing torch.
 EXPLAINER_NAMES = ("fam-fine", "fam", "fam-exact", "gradcam")
+# Photos handed over by a person or a program (the UI's uploads, `famsearch api`): refused over this size before
+# decoding, and over this many pixels before decoding them (a small file can still decode to a huge bitmap).
+MAX_UPLOAD_MB = 20
+MAX_UPLOAD_MEGAPIXELS = 60.0
 DEFAULT_INPUT_SIZE = 224  # the square side photos are resized to; 320 measured better at 2x the cost (README)
 
 

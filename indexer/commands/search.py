@@ -50,8 +50,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrieval.regions import box_json
-
     if args.k < 1:
         raise UsageError("-k must be at least 1")
     box = parse_box_flag(args.box)
@@ -63,19 +61,9 @@ def run(args: argparse.Namespace) -> int:
         for qi, (path, image, image_box) in enumerate(images):
             result = engine.query(image, args.k, args.explain, args.group, image_box)
             folder = args.maps_dir / f"{qi:03d}_{path.stem}" if args.maps_dir else None
-            rows = _rows(result, folder)
+            rows = result_rows(result, folder)
             if args.json:
-                record = {
-                    "query": str(path),
-                    "model": engine.model,
-                    "explainer": args.explain,
-                    "map_shape": _map_shape(result),
-                    "timing_ms": result.timing_ms,
-                    "results": rows,
-                }
-                if box is not None:
-                    record["box"] = box_json(box)
-                print(json.dumps(record), flush=True)
+                print(json.dumps(search_record(str(path), engine.model, result, rows, box)), flush=True)
             else:
                 _print_table(path, result, rows, box)
     finally:
@@ -83,7 +71,24 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _rows(result: QueryResult, folder: Path | None) -> list[dict]:
+def search_record(query: str, model: dict, result: QueryResult, rows: list[dict], box: Box | Auto | None) -> dict:
+    """The `search --json` object of one query (docs/DESIGN.md §5); ``box`` as the person gave it."""
+    from retrieval.regions import box_json
+
+    record = {
+        "query": query,
+        "model": model,
+        "explainer": result.explainer,
+        "map_shape": map_shape(result),
+        "timing_ms": result.timing_ms,
+        "results": rows,
+    }
+    if box is not None:
+        record["box"] = box_json(box)
+    return record
+
+
+def result_rows(result: QueryResult, folder: Path | None) -> list[dict]:
     """One JSON row per match; with a folder, its maps written there (the group map stands for every query map)."""
     group_file = save_map(folder, "group_query.npy", result.group_map) if folder else None
     rows = []
@@ -102,7 +107,7 @@ def _rows(result: QueryResult, folder: Path | None) -> list[dict]:
     return rows
 
 
-def _map_shape(result: QueryResult) -> list[int] | None:
+def map_shape(result: QueryResult) -> list[int] | None:
     """[h, w] of this query's maps (every map of one explainer has one shape), None without maps."""
     shapes = [m.match_map.shape for m in result.matches if m.match_map is not None]
     return list(shapes[0]) if shapes else None
