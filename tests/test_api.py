@@ -65,9 +65,13 @@ def decoded_png(text: str) -> Image.Image:
     return image
 
 
-def test_health_needs_no_key(client):
+def test_health_needs_no_key_and_the_openapi_page_lists_every_route(client):
     response = client.get("/health")
     assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {route for _, route in ROUTES} - set(paths) == {"/images/1", "/images/1/thumbnail"}
+    assert {"/health", "/images/{image_id}", "/images/{image_id}/thumbnail"} <= set(paths)
 
 
 @pytest.mark.parametrize(("method", "route"), ROUTES)
@@ -212,6 +216,15 @@ def test_images_serves_only_indexed_photos_and_thumbnails_fit_256_px(capsys, ind
         (gallery / "big.png").unlink()  # indexed, but gone from disk since
         assert client.get(f"/images/{ids['big.png']}", headers=auth(key)).status_code == 404
         assert client.post("/search", headers=auth(key), data={"image_id": ids["broken.jpg"]}).status_code == 404
+
+
+def test_a_re_index_is_served_without_a_restart(capsys, client, key, indexed, gallery):
+    assert client.post("/search", headers=auth(key), data={"image_id": "1"}).status_code == 200  # engine loaded
+    draw_picture(99).save(gallery / "new.png")
+    code, _, err = run_cli(capsys, "index", gallery, "--home", indexed, *TOY_INDEX)
+    assert code == 0, err
+    record = client.post("/search", headers=auth(key), files=upload(gallery / "new.png"), data={"k": "1"}).json()
+    assert record["results"][0]["path"] == str(gallery / "new.png")  # only in the new generation's index
 
 
 def test_a_home_with_nothing_indexed_is_503_saying_how_to_index(capsys, home, gallery):
