@@ -17,7 +17,7 @@ from retrieval.engine import QueryEngine
 from retrieval.errors import FamsearchError, IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
 from retrieval.fam import EXPLAINERS
 from retrieval.images import load_image
-from ui import pictures, queries
+from ui import login, pictures, queries
 from ui.state import memo
 
 PICK, UPLOAD, TYPE = "Pick an indexed photo", "Upload a photo", "Type a path"
@@ -375,6 +375,8 @@ def status_page(engine: QueryEngine) -> None:
 
 def main() -> None:
     st.set_page_config(page_title="famsearch", page_icon="🔎", layout="wide")
+    if not login.logged_in():  # served beyond this machine: nothing but the login form until the password
+        return
     settings = sidebar()
     env = queries.settings_from_env()
     stamp = queries.index_stamp(env)

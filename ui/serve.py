@@ -41,12 +41,16 @@ def _healthy(url: str) -> bool:
 
 
 @contextmanager
-def served(home: Path, timeout_s: float = 120.0, log: Path | None = None) -> Iterator[str]:
-    """`streamlit run ui/app.py` on 127.0.0.1 over home; yields the URL once healthy, stops it after."""
+def served(
+    home: Path, timeout_s: float = 120.0, log: Path | None = None, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`streamlit run ui/app.py` on 127.0.0.1 over home; yields the URL once healthy, stops it after. ``env``:
+    more variables for the server (e.g. `ui.password.HASH_ENV` to serve it behind the login)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, ENV_PREFIX + "HOME": str(home)}
-    env.pop(ENV_PREFIX + "DB", None)
+    child_env = {**os.environ, ENV_PREFIX + "HOME": str(home)}
+    child_env.pop(ENV_PREFIX + "DB", None)
+    child_env.update(env or {})
     command = [
         sys.executable,
         "-m",
@@ -67,7 +71,7 @@ def served(home: Path, timeout_s: float = 120.0, log: Path | None = None) -> Ite
         "minimal",
     ]
     with open(log or os.devnull, "wb") as sink:
-        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=child_env, stdout=sink, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + timeout_s
             while not _healthy(url):
