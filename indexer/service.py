@@ -44,6 +44,7 @@ from retrieval.store import Store, open_store, read_meta
 
 OVERLAY_SIDE = 1024  # overlays are drawn at most this large (the UI's DISPLAY_SIDE)
 THUMBNAIL_SIDE = 256
+MAX_K = 100  # each match carries two PNG overlays: a bound on one request's work and answer
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
 # A body this large cannot hold the files of any route (two photos for /explain), so it is refused unread.
 MAX_BODY_BYTES = 2 * MAX_UPLOAD_BYTES + 1024 * 1024
@@ -180,8 +181,8 @@ def search(
     file: Annotated[UploadFile | None, File(description="a query photo")] = None,
     image_id: Annotated[int | None, Form(description="or the id of an indexed photo")] = None,
     image_id_q: Annotated[int | None, Query(alias="image_id", include_in_schema=False)] = None,
-    k: Annotated[int | None, Form(ge=1, description="matches (default 10)")] = None,
-    k_q: Annotated[int | None, Query(alias="k", ge=1, include_in_schema=False)] = None,
+    k: Annotated[int | None, Form(ge=1, le=MAX_K, description="matches (default 10)")] = None,
+    k_q: Annotated[int | None, Query(alias="k", ge=1, le=MAX_K, include_in_schema=False)] = None,
     explainer: Annotated[str | None, Form(description=f"{', '.join(EXPLAINER_NAMES)} or none")] = None,
     explainer_q: Annotated[str | None, Query(alias="explainer", include_in_schema=False)] = None,
     box: Annotated[str | None, Form(description="X1,Y1,X2,Y2 (pixels of the photo) or auto")] = None,

@@ -148,6 +148,12 @@ def test_bad_search_arguments_are_422_with_one_line(client, key, gallery, with_f
     assert "\n" not in response.json()["detail"]
 
 
+@pytest.mark.parametrize("k", ["0", "101", "ten"])
+def test_k_out_of_1_to_100_is_422(client, key, k):
+    assert client.post("/search", headers=auth(key), data={"image_id": "1", "k": k}).status_code == 422
+    assert client.post("/search", headers=auth(key), params={"image_id": 1, "k": k}).status_code == 422
+
+
 def test_an_upload_over_the_limit_is_413(client, key):
     response = client.post("/search", headers=auth(key), files={"file": ("big.jpg", b"\xff" * (MAX_UPLOAD_BYTES + 1))})
     assert response.status_code == 413 and "20 MB" in response.json()["detail"]
