@@ -41,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--password-file",
         type=Path,
         default=None,
+        metavar="FILE",
         help=f"file holding the password the UI asks for (its first line; or set {PASSWORD_ENV})",
     )
     add_flag(p, "--headless", action="store_true", help="do not open a browser window")
