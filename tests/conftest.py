@@ -104,6 +104,7 @@ HOSTILE_NAMES = (  # photo names that are Markdown, LaTeX, HTML, a directive or 
     "<i>tag.jpg",
     ":smile: :red[red].jpg",
     "www.example.org.jpg",
+    "me@example.org.jpg",
 )
 HOSTILE_ALBUMS = ("**bold album**", "![album](http___example.org_a.png)")  # folder names, so album labels
 

@@ -189,15 +189,18 @@ def test_plain_text_renders_back_to_itself_with_no_markup_left(seed):
     for text in texts:
         escaped = queries.plain(text)
         one_line = re.sub(r"[\r\n]+", " ", text)
-        assert _UNESCAPE.sub(r"\1", escaped) == one_line
+        assert _UNESCAPE.sub(r"\1", escaped).replace(queries.WORD_JOINER, "") == one_line
         assert not set(_UNESCAPE.sub("", escaped)) & set(string.punctuation + "\r\n")  # nothing left unescaped
 
 
 def test_plain_text_golden_cases():
     assert queries.plain("**bold**.jpg") == r"\*\*bold\*\*\.jpg"
-    assert queries.plain("[a](http://x)") == r"\[a\]\(http\:\/\/x\)"
+    assert queries.plain("[a](x)") == r"\[a\]\(x\)"
     assert queries.plain("$x$ <b>&amp;\\") == r"\$x\$ \<b\>\&amp\;\\"
     assert queries.plain("two\nlines") == "two lines" and queries.plain("pic 3") == "pic 3"
+    # bare URLs and e-mail addresses are linked after unescaping: a word joiner (U+2060) breaks them
+    assert queries.plain("www.x.org") == "www\u2060\\.x\\.org" and queries.plain("a@b.cd") == "a\\@\u2060b\\.cd"
+    assert queries.plain("HTTPS://x") == "HTTPS\\:\u2060\\/\\/x"
 
 
 def test_long_file_names_are_cut_in_the_middle_to_one_line():
@@ -602,7 +605,7 @@ def test_file_folder_and_upload_names_reach_the_page_escaped(hostile_home, monke
         assert queries.plain(queries.short_name(name)) in captions  # the grid
     assert any(f"**{queries.plain(album)}**" in _texts(at) for album in HOSTILE_ALBUMS)  # the album line
     shown = captions + _texts(at)
-    for raw in ("**bold", "](", "$x^2$", "<i>", ":smile:", ":red[", "www.example"):
+    for raw in ("**bold", "](", "$x^2$", "<i>", ":smile:", ":red[", "www.example", "@example"):
         assert raw not in shown
 
     rank = next(m.rank for m in at.session_state["result"].matches if m.path.endswith("[link](http___x).jpg"))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import copy_home
+from tests.conftest import HOSTILE_ALBUMS, HOSTILE_NAMES, copy_home
+from ui.queries import WORD_JOINER, short_name
 from ui.serve import CHROMIUM_ARGS, served
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -57,6 +58,15 @@ def focus_url(tmp_path_factory, shared_gallery, gallery_template, index_template
 def gap_url(tmp_path_factory, shared_gallery, gallery_template, index_template):
     """The same under GAP, where searching for part of a photo differs from searching the whole photo."""
     yield from _serve(tmp_path_factory, shared_gallery, gallery_template, index_template, "--pooling", "gap")
+
+
+@pytest.fixture(scope="module")
+def hostile_url(tmp_path_factory, hostile_template, index_template):
+    """The UI served over the gallery of markup-named photos and album folders (`HOSTILE_NAMES`), labelled by
+    folder: yields (url, the served copy of the gallery)."""
+    folder = shutil.copytree(hostile_template, tmp_path_factory.mktemp("browser") / "hostile")
+    for url in _serve(tmp_path_factory, folder, hostile_template, index_template, "--labels-from", "folders"):
+        yield url, folder
 
 
 def _open(chromium, url: str):
@@ -190,3 +200,58 @@ def test_picking_the_part_automatically_in_the_browser(gap_page, shared_gallery,
     _settled(gap_page)
     gap_page.screenshot(path=tmp_path / "auto.png")
     assert _not_blank(tmp_path / "auto.png") and gap_page.get_by_text("Traceback").count() == 0
+
+
+def _as_shown(text: str) -> str:
+    """A pattern for `text` as the page shows it: `ui.queries.plain` may put an invisible word joiner anywhere."""
+    return "".join(re.escape(character) + f"{WORD_JOINER}?" for character in text)
+
+
+def _no_markup_from_names(page) -> None:
+    """No link, picture, emphasis, LaTeX or emoji made out of a name: every such element would carry a piece of one."""
+    found = page.locator("a[href*='http___'], a[href*='example.org'], a[href^='mailto'], img[src*='http___'], img[alt]")
+    assert found.count() == 0, [found.nth(i).evaluate("e => e.outerHTML.slice(0, 200)") for i in range(found.count())]
+    assert page.locator(".katex").count() == 0  # `$x^2$` rendered as LaTeX
+    for tag, text in (("strong", "bold"), ("em", "bold"), ("i", "tag"), ("span", "red")):
+        assert page.locator(tag).filter(has_text=re.compile(f"^{text}$")).count() == 0
+    assert page.get_by_text("Traceback").count() == 0
+
+
+def test_markup_in_file_and_folder_names_is_shown_as_text_in_the_browser(chromium, hostile_url):
+    url, folder = hostile_url
+    page = _open(chromium, url)
+    outside = []
+    page.on("request", lambda request: outside.append(request.url) if not request.url.startswith(url) else None)
+    try:
+        k = page.get_by_role("slider", name="Matches (k)")
+        k.focus()
+        for _ in range(10):
+            k.press("ArrowRight")  # k = 20: every photo in the grid
+        query = str(folder / "**bold**.jpg")
+        _choose(page, "Indexed photo", query)  # the option reads as the path itself
+        page.get_by_text(f"Top {len(HOSTILE_NAMES) + 2 * len(HOSTILE_ALBUMS)}").wait_for()
+        page.get_by_text(query, exact=True).wait_for()  # the query's caption
+        for name in HOSTILE_NAMES:
+            page.get_by_text(re.compile(f"^#\\d+ · \\d\\.\\d{{3}} · {_as_shown(short_name(name))}$")).wait_for()
+        decision = page.get_by_text("would go to").inner_text()
+        assert any(f"would go to {album} (" in decision for album in HOSTILE_ALBUMS), decision
+        _settled(page)
+        _no_markup_from_names(page)
+
+        link = page.get_by_text(re.compile(r"^#\d+ · .* · \[link\]\(http___x\)\.jpg$")).inner_text()
+        rank = int(link[1 : link.index(" ")])
+        page.get_by_role("button", name="Why?").nth(rank - 1).click()
+        page.get_by_text(f"Why #{rank} matched").wait_for()
+        page.get_by_text(str(folder / "[link](http___x).jpg")).wait_for()  # the match's path, in the caption
+        _settled(page)
+        _no_markup_from_names(page)
+
+        page.get_by_text("Upload a photo").click()
+        page.locator("input[type=file]").set_input_files(
+            {"name": "**evil** [x](http___y).jpg", "mimeType": "image/jpeg", "buffer": b"not a photo"}
+        )
+        page.get_by_text("**evil** [x](http___y).jpg cannot be used as a query photo").wait_for()
+        _no_markup_from_names(page)
+        assert outside == []  # nothing fetched from anywhere but the app
+    finally:
+        page.close()

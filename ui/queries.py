@@ -39,6 +39,10 @@ EXPLAINER_HELP = {
 
 _MARKDOWN_SPECIAL = re.compile(f"([{re.escape(string.punctuation)}])")  # CommonMark escapes every ASCII punctuation
 _LINE_BREAKS = re.compile(r"[\r\n]+")
+# GFM links bare URLs and e-mail addresses after the escapes are undone (a find-and-replace on the text), so
+# no escape stops `www.x.org`: an invisible word joiner after `www`, `http:`/`https:` and `@` does.
+_AUTOLINK_STARTS = re.compile(r"(?i)(?<=www)(?=\.)|(?<=https:)|(?<=http:)|(?<=@)")
+WORD_JOINER = "\u2060"
 
 DISPLAY_SIDE = 1024  # overlays and downloads are drawn at most this large
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -175,8 +179,10 @@ def plain(text: str) -> str:
     """A name (file, folder, album, upload, typed path, or a message quoting one) made safe to put in text
     Streamlit renders as Markdown: every ASCII punctuation mark backslash-escaped, which CommonMark shows as the
     mark itself, so nothing in it becomes emphasis, a link, an image, a heading or list, LaTeX (`$`), a colour
-    or emoji directive (`:`), an HTML tag or an entity (`<`, `&`); line breaks become spaces (one line)."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", _LINE_BREAKS.sub(" ", text))
+    or emoji directive (`:`), an HTML tag or an entity (`<`, `&`); line breaks become spaces (one line), and a
+    `WORD_JOINER` keeps a bare URL or e-mail address (`www.`, `http:`, `@`) from becoming a link."""
+    one_line = _LINE_BREAKS.sub(" ", text)
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", _AUTOLINK_STARTS.sub(WORD_JOINER, one_line))
 
 
 def short_name(path: str, width: int = 20) -> str:
