@@ -619,3 +619,7 @@ def test_file_folder_and_upload_names_reach_the_page_escaped(hostile_home, monke
     at.radio(key="source").set_value("Type a path").run()
     at.text_input(key="typed").input("$x^2$ <i>no</i>").run()
     assert at.error[0].value.startswith(queries.plain("'$x^2$ <i>no</i>'"))  # the typed text, quoted back
+    shown = queries.plain(str(folder / "me@example.org.jpg")).replace("\\", "")  # as copied off the page
+    assert queries.WORD_JOINER in shown
+    at.text_input(key="typed").input(shown).run()
+    assert not at.error and at.session_state["result"].matches[0].path.endswith("me@example.org.jpg")

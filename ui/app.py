@@ -89,6 +89,7 @@ def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
                 queries.read_upload(uploaded.name, uploaded.getvalue(), engine.encoder.input_size) if uploaded else None
             )
         text = st.text_input("Absolute path of a photo inside the indexed folders", key="typed")
+        text = text.replace(queries.WORD_JOINER, "")  # a path copied from a caption (queries.plain) still works
         return queries.read_indexed(engine.resolve_user_path(text), engine.encoder.input_size) if text.strip() else None
     except (FamsearchError, OSError) as error:  # ImageError: not a photo; UsageError: a path outside the index
         st.error(queries.plain(str(error)))  # it quotes the upload name or the typed path
