@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from retrieval.config import ENV_PREFIX, Settings, default_home, home_has_index, index_generation
+from retrieval.config import (  # re-exported: the UI's limits are the API's
+    ENV_PREFIX,
+    MAX_UPLOAD_MB,
+    MAX_UPLOAD_MEGAPIXELS,
+    Settings,
+    default_home,
+    home_has_index,
+    index_generation,
+)
 from retrieval.engine import QueryEngine
 from retrieval.errors import UsageError
 from retrieval.images import ImageError, decode_image, load_image
@@ -25,8 +33,6 @@ from retrieval.regions import AUTO  # re-exported: in place of a region, the aut
 from retrieval.store import read_meta
 from ui.pictures import fit_within
 
-MAX_UPLOAD_MB = 20  # uploads over this are refused before decoding
-MAX_UPLOAD_MEGAPIXELS = 60.0  # a small file can still decode to a huge bitmap (decompression bomb)
 UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "heic", "heif")
 EXPLAINER_HELP = {
     "fam-fine": "the default: paper FAM's channel weights on the whole photo, graded by how much each part counts "
