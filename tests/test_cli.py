@@ -196,3 +196,9 @@ def test_an_internal_error_keeps_its_traceback_and_exits_70(capsys, indexed, gal
     code, _, err = run_cli(capsys, "search", gallery / "pic0.jpg", "--home", indexed)
     assert code == 70
     assert "an internal shape error" in caplog.text and "Traceback" in caplog.text
+
+
+def test_an_empty_env_twin_counts_as_unset(capsys, indexed, gallery, monkeypatch):
+    monkeypatch.setenv("FAMSEARCH_K", "")  # e.g. `FAMSEARCH_K= famsearch search ...`
+    code, result = run_json(capsys, "search", gallery / "pic0.jpg", "--home", indexed, "--explain", "none")
+    assert code == 0 and len(result["results"]) == 8  # the default k = 10, over 8 photos

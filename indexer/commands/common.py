@@ -39,7 +39,7 @@ def env_name(flag: str) -> str:
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, *names: str, **kwargs: Any) -> None:
     """add_argument whose default comes from FAMSEARCH_<FLAG> when that is set."""
-    env = os.environ.get(env_name(flag))
+    env = os.environ.get(env_name(flag)) or None  # an empty twin (FAMSEARCH_PORT=) counts as unset
     if env is not None:
         if kwargs.get("action") == "store_true":
             kwargs["default"] = env.lower() in ENV_TRUE
