@@ -105,8 +105,9 @@ class Encoded:
         """The map z is the spatial mean of, which the paper's explainers weight: (B, N, h, w)."""
         return self.whole_maps * self.regions.unsqueeze(-3)
 
-    def fine(self, index: int | slice | Tensor = slice(None)) -> FineInputs:
-        return FineInputs(self.whole_maps[index], self.emphasis[index], self.fine_emphasis[index], self.guides[index])
+    def fine(self) -> FineInputs:
+        """What `fam.fine_fam` reads of these photos (index the result for some of them)."""
+        return FineInputs(self.whole_maps, self.emphasis, self.fine_emphasis, self.guides)
 
     def pack(self) -> Tensor:
         """One (B, N + 6 + 4C, h, w) tensor (what the map cache stores): the whole map, the region, the emphasis,
