@@ -251,10 +251,10 @@ def test_the_map_range_is_taken_after_upsampling():
 
 def test_the_colour_scale_reads_shares_of_the_score_per_cell():
     heat = np.array([[1.0, 3.0], [0.0, 4.0]], dtype=np.float32)  # cells add up to 8
-    low, high = pictures.score_shares(heat, (2, 2), total=8.0)  # drawn at the map's own size: the cells
+    low, high = pictures.score_shares(heat, (2, 2), score=0.9, additive=False)  # drawn at its own size: the cells
     assert (low, high) == (0.0, 0.5)  # the strongest cell carries half of the score
     signed = np.array([[-0.1, 0.3], [0.2, 0.1]], dtype=np.float32)  # fam-exact: cells add up to score - offset
-    assert pictures.score_shares(signed, (2, 2), total=0.6) == pytest.approx((-0.1 / 0.6, 0.3 / 0.6))
+    assert pictures.score_shares(signed, (2, 2), score=0.6, additive=True) == pytest.approx((-0.1 / 0.6, 0.3 / 0.6))
 
 
 def test_png_bytes_round_trip():

@@ -158,12 +158,9 @@ def show_query(photo: queries.QueryPhoto, result, opacity: float, region, frame,
         return
     drawn = frame(pictures.heat_overlay(photo.display, result.group_map, opacity, 512))
     st.image(drawn, caption="Group map: what all these matches have in common with it", width="stretch")
-    total = (
-        float(np.mean([m.score for m in result.matches]))
-        if result.explainer == "fam-exact"
-        else float(result.group_map.sum())
-    )
-    st.image(pictures.colour_scale(*pictures.score_shares(result.group_map, drawn.size, total)))
+    mean_score = float(np.mean([m.score for m in result.matches]))  # what the group map explains (Eq. 11)
+    shares = pictures.score_shares(result.group_map, drawn.size, mean_score, result.explainer == "fam-exact")
+    st.image(pictures.colour_scale(*shares))
     st.download_button(
         "Download group map (PNG)",
         lambda: pictures.png_bytes(drawn),
@@ -187,13 +184,15 @@ def show_grid(result, stamp: int | None) -> None:
                 st.button("Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,), width="stretch")
 
 
-def show_overlay(column, title: str, image, heatmap, opacity: float, filename: str, total: float, frame=None) -> None:
-    """One photo's map over it, its colour scale (shares of the score, `total` as for `score_shares`), a download."""
+def show_overlay(
+    column, title: str, image, heatmap, opacity: float, filename: str, score: float, additive: bool, frame=None
+) -> None:
+    """One photo's map over it, its colour scale (shares of the score, `pictures.score_shares`), a download."""
     drawn = pictures.heat_overlay(image, heatmap, opacity)
     drawn = frame(drawn) if frame else drawn
     with column:
         st.image(drawn, caption=title, width="stretch")
-        st.image(pictures.colour_scale(*pictures.score_shares(heatmap, drawn.size, total)))
+        st.image(pictures.colour_scale(*pictures.score_shares(heatmap, drawn.size, score, additive)))
         st.download_button(
             f"Download {filename}",
             lambda: pictures.png_bytes(drawn),
@@ -223,7 +222,7 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
         )
     photo_of_match = match_photo(match.path, stamp)
     left, right = st.columns(2)
-    additive = explainer == "fam-exact"  # its cells carry the score itself; the other maps apportion it
+    additive = explainer == "fam-exact"  # its cells carry the score itself (`pictures.score_shares`)
     show_overlay(
         left,
         "Query: where it resembles the match",
@@ -231,7 +230,8 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
         report.first_map,
         settings["opacity"],
         f"query_rank{match.rank}_{explainer}.png",
-        report.score if additive else float(report.first_map.sum()),
+        report.score,
+        additive,
         frame,
     )
     show_overlay(
@@ -241,7 +241,8 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
         report.second_map,
         settings["opacity"],
         f"match_rank{match.rank}_{explainer}.png",
-        report.score if additive else float(report.second_map.sum()),
+        report.score,
+        additive,
         match_framer(engine, match, stamp),
     )
     st.markdown("#### Channels that carried the score")

@@ -63,12 +63,13 @@ def map_range(heatmap: np.ndarray, size: tuple[int, int]) -> tuple[float, float]
     return float(up.min()), float(up.max())
 
 
-def score_shares(heatmap: np.ndarray, size: tuple[int, int], total: float) -> tuple[float, float]:
-    """The ends of the map as drawn (`map_range`), in shares of the similarity per map cell: the map scaled so its
-    cells add up to ``total`` and divided by the score. Pass the score for fam-exact (its cells add up to the score
-    minus its offset: each cell's value is what it carries of the score) and the map's own sum for the others
-    (the score apportioned to the cells in proportion to the map): -> (low, high) fractions."""
+def score_shares(heatmap: np.ndarray, size: tuple[int, int], score: float, additive: bool) -> tuple[float, float]:
+    """The ends of the map as drawn (`map_range`), in shares of the similarity per map cell. An ``additive`` map
+    (fam-exact: its cells add up to the score minus its offset) is divided by the score, so each cell reads what it
+    carries of it; any other map is divided by its own sum (the score apportioned to the cells in proportion to
+    the map): -> (low, high) fractions."""
     low, high = map_range(heatmap, size)
+    total = score if additive else float(heatmap.sum())
     return (low / total, high / total) if total else (0.0, 0.0)
 
 
