@@ -201,7 +201,9 @@ def explainer_costs(engine, query: Path, repeats: int) -> dict[str, tuple[float,
 
     costs = {
         name: timed(
-            lambda name=name: explainers.explain(name, subject.feature_map, subject.emb, partners, weight, bias)
+            lambda name=name: explainers.explain(
+                name, subject.feature_map, subject.emb, partners, weight, bias, subject.fine
+            )
         )
         for name in explainers.EXPLAINERS
     }
@@ -280,7 +282,13 @@ def main() -> None:
     print(f"{'explainer':<10} {'cache':<6} {'p50':>7} {'p95':>7} {'cpu p50':>8} {'cpu p95':>8}   median parts (wall)")
     cache = engine.feature_cache
     # Without the cache only gradcam: the backbone work it saves is the same whatever the explainer.
-    for explainer, use_cache in (("gradcam", True), ("fam", True), ("fam-exact", True), ("gradcam", False)):
+    for explainer, use_cache in (
+        ("gradcam", True),
+        ("fam", True),
+        ("fam-exact", True),
+        ("fam-fine", True),
+        ("gradcam", False),
+    ):
         engine.feature_cache = cache if use_cache else None
         runs = args.queries if use_cache else max(5, args.queries // 5)
         totals, cpu, parts = warm_latency(engine, query, explainer, runs)
