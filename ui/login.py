@@ -43,6 +43,7 @@ class Throttle:
 
 # Per server process, not per session: this module is imported once and outlives the script's reruns.
 THROTTLE = Throttle()
+clock = time.monotonic  # the throttle's clock (a test holds it still)
 
 
 def logged_in() -> bool:
@@ -56,7 +57,7 @@ def logged_in() -> bool:
         password = st.text_input("Password", type="password")
         submitted = st.form_submit_button("Log in")
     if submitted:
-        verdict, wait_s = THROTTLE.attempt(stored, password, time.monotonic())
+        verdict, wait_s = THROTTLE.attempt(stored, password, clock())
         if verdict == "ok":
             st.session_state.logged_in = True
             st.rerun()  # draw the search page now, without the form
