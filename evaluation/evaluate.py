@@ -332,64 +332,98 @@ def similarities(
 
 
 @dataclass
-class QuerySide:
+class SideMeasures:
+    """One explainer's figures on one side (the query's maps, or the match's), per pair."""
+
     proportion: np.ndarray  # (P,)
     iou: np.ndarray  # (P,)
-    masked_scores: np.ndarray  # (P,) s' for AD / IC
+    masked_scores: np.ndarray  # (P,) s' for AD / IC: the saliency-masked image against the other side's embedding
     pointing: np.ndarray  # (P,) 1.0 where the map's maximum lies in the box
 
 
-def query_side(
-    names: list[str],
-    maps: dict[str, Maps],
-    engine: QueryEngine,
-    images: list[np.ndarray],
-    boxes: list,
+@dataclass
+class Side:
+    """What measuring one side needs: which photo of each pair is explained (its image, box and how it was
+    pooled) and the embedding it is compared with (the other side's, fixed)."""
+
+    name: str  # "query" | "match"
+    explained: np.ndarray  # (P,) index of the explained photo into `images`
+    images: dict[int, np.ndarray]  # explained photos, 8-bit RGB, by index
+    boxes: list  # annotated box per photo (for Proportion / IoU / pointing)
+    partners: torch.Tensor  # (P, J) the other side's embedding
+    pool_boxes: list | None  # how each photo was pooled (one per photo), or None: by the index's pooling
+
+    def pool_box(self, p: int) -> Any:
+        return self.pool_boxes[int(self.explained[p])] if self.pool_boxes else None
+
+
+def sides(
+    queries: list[Item],
+    gallery: list[Item],
     pairs: Pairs,
+    query_embs: torch.Tensor,
     match_embs: torch.Tensor,
-    options: EvalOptions,
-    pool_boxes: list | None = None,
-) -> dict[str, QuerySide]:
-    """Proportion, IoU and the pointing game of every explainer's query-side maps (against the annotated
-    ``boxes``), and s' of the saliency-masked query, pooled as the query was (``pool_boxes``: one per query, or
-    None)."""
+    pool_boxes: list | None,
+) -> tuple[Side, Side]:
+    """The query side (queries masked against their match's embedding) and the match side (gallery photos masked
+    against their query's embedding); each loads only the photos its pairs explain."""
+
+    def load(items: list[Item], used: np.ndarray) -> dict[int, np.ndarray]:
+        return {int(i): np.asarray(load_image(items[int(i)].path)) for i in dict.fromkeys(used.tolist())}
+
+    q_index, g_index = torch.as_tensor(pairs.query), torch.as_tensor(pairs.gallery)
+    query = Side(
+        "query",
+        pairs.query,
+        load(queries, pairs.query),
+        [item_box(item) for item in queries],
+        match_embs[g_index],
+        pool_boxes,
+    )
+    match = Side(
+        "match",
+        pairs.gallery,
+        load(gallery, pairs.gallery),
+        [item_box(item) for item in gallery],
+        query_embs[q_index],
+        None,
+    )
+    return query, match
+
+
+def side_measures(
+    names: list[str], maps: dict[str, Maps], engine: QueryEngine, side: Side, options: EvalOptions
+) -> dict[str, SideMeasures]:
+    """Proportion, IoU and the pointing game of every explainer's maps on one side (against the annotated boxes),
+    and s' of the saliency-masked photo against the other side's embedding, pooled as the photo was."""
     # per explainer: proportions, IoUs, s', pointing hits
     found: dict[str, tuple[list[float], ...]] = {name: ([], [], [], []) for name in names}
-    with tqdm(total=len(pairs), unit="pair", desc="query-side maps, AD/IC", disable=not options.progress) as bar:
-        for start in range(0, len(pairs), max(options.batch_size // len(names), 1)):
-            chunk = range(start, min(start + max(options.batch_size // len(names), 1), len(pairs)))
+    step = max(options.batch_size // len(names), 1)
+    with tqdm(
+        total=len(side.explained), unit="pair", desc=f"{side.name}-side maps, AD/IC", disable=not options.progress
+    ) as bar:
+        for start in range(0, len(side.explained), step):
+            chunk = range(start, min(start + step, len(side.explained)))
             masked, partners, masked_boxes = [], [], []
             for p in chunk:
-                qi = pairs.query[p]
+                i = int(side.explained[p])
+                image = side.images[i]
                 for name in names:
-                    heat = saliency(maps[name].query[p], (images[qi].shape[1], images[qi].shape[0]))
-                    prop, iou = metrics.localise(heat, boxes[qi])
+                    heat = saliency(getattr(maps[name], side.name)[p], (image.shape[1], image.shape[0]))
+                    prop, iou = metrics.localise(heat, side.boxes[i])
                     found[name][0].append(prop)
                     found[name][1].append(iou)
-                    found[name][3].append(metrics.pointing_hit(heat, boxes[qi]))
-                    masked.append(metrics.masked_image(images[qi], heat))
-                    partners.append(match_embs[int(pairs.gallery[p])])
-                    masked_boxes.append(pool_boxes[qi] if pool_boxes else None)
+                    found[name][3].append(metrics.pointing_hit(heat, side.boxes[i]))
+                    masked.append(metrics.masked_image(image, heat))
+                    partners.append(side.partners[p])
+                    masked_boxes.append(side.pool_box(p))
             scores = similarities(engine, masked, torch.stack(partners), options.batch_size, masked_boxes).reshape(
                 len(chunk), len(names)
             )
             for i, name in enumerate(names):
                 found[name][2].extend(scores[:, i].tolist())
             bar.update(len(chunk))
-    return {name: QuerySide(*(np.array(values, dtype=np.float64) for values in found[name])) for name in names}
-
-
-def match_side(
-    maps: Maps, sizes: list[tuple[int, int]], boxes: list, pairs: Pairs
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Proportion, IoU and pointing hits of the match-side maps: (P,), (P,), (P,)."""
-    results = []
-    for p, gi in enumerate(pairs.gallery):
-        heat = saliency(maps.match[p], sizes[gi])
-        results.append((*metrics.localise(heat, boxes[gi]), metrics.pointing_hit(heat, boxes[gi])))
-    columns = zip(*results) if results else ((), (), ())
-    props, ious, hits = (np.array(column, dtype=np.float64) for column in columns)
-    return props, ious, hits
+    return {name: SideMeasures(*(np.array(values, dtype=np.float64) for values in found[name])) for name in names}
 
 
 def randomisation(
@@ -401,27 +435,31 @@ def randomisation(
     pairs: Pairs,
     options: EvalOptions,
     pool_boxes: list | None = None,
-) -> dict[str, dict[str, float | None]]:
+) -> dict[str, dict[str, Any]]:
     """The model-randomisation sanity check (Adebayo et al. 2018): every explainer's maps again under the model
     with its last blocks re-initialised (`Encoder.randomised`; queries and gallery re-embedded by it), and the
-    mean Spearman correlation, pair by pair, with the trained model's maps: {name: {"query", "match"}}.
+    mean Spearman correlation, pair by pair, with the trained model's maps: {name: {"query", "match", "a": {"query",
+    "match"}}}, over every ground-truth pair (protocol (b)) and over the correct top-1 ones (protocol (a)).
     A map that explains the model changes with it (a low value); a map that would look the same whatever the
     model learnt does not (the centre prior: 1)."""
     randomised = SimpleNamespace(encoder=engine.encoder.randomised(options.seed), head=engine.head)
     query = embed_items(randomised, queries, options, "embedding queries (randomised model)", pool_boxes)
     matches = embed_items(randomised, gallery, options, "embedding gallery (randomised model)")
-    rows: dict[str, dict[str, float | None]] = {}
+    rows: dict[str, dict[str, Any]] = {}
     for name in names:
         again = explainer_maps(name, randomised, query, matches, pairs)
+        per_side = {
+            side: np.array(
+                [metrics.rank_correlation(a, b) for a, b in zip(getattr(maps[name], side), getattr(again, side))],
+                dtype=np.float64,
+            )
+            for side in ("query", "match")
+        }
         rows[name] = {
-            side: _mean_correlation(getattr(maps[name], side), getattr(again, side)) for side in ("query", "match")
+            **{side: _mean(rhos)[0] for side, rhos in per_side.items()},
+            "a": {side: _mean(rhos, pairs.top1)[0] for side, rhos in per_side.items()},
         }
     return rows
-
-
-def _mean_correlation(maps: np.ndarray, others: np.ndarray) -> float | None:
-    """Mean rank correlation of two stacks of maps, pair by pair (constant maps left out); None if none is left."""
-    return _mean(np.array([metrics.rank_correlation(a, b) for a, b in zip(maps, others)], dtype=np.float64))[0]
 
 
 # ---------------------------------------------------------------------------- deletion / insertion
@@ -440,16 +478,10 @@ def _run_images(image: np.ndarray, blurred: np.ndarray, steps_mask: np.ndarray) 
 
 
 def deletion_insertion(
-    names: list[str],
-    maps: dict[str, Maps],
-    engine: QueryEngine,
-    images: list[np.ndarray],
-    pairs: Pairs,
-    match_embs: torch.Tensor,
-    options: EvalOptions,
-    boxes: list | None = None,
+    names: list[str], maps: dict[str, Maps], engine: QueryEngine, side: Side, pairs: Pairs, options: EvalOptions
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Similarity deletion / insertion curves (SANE / RISE) on each query's best-ranked true match.
+    """Similarity deletion / insertion curves (SANE / RISE) on each query's best-ranked true match, deleting from /
+    inserting into the photo of ``side`` while the other side's embedding stays fixed.
 
     Returns {name: {"deletion": (C, T+1), "insertion": (C, T+1)}} as shares of s, clipped to [0, 1],
     over the C curve pairs with s > 0. Equal-saliency pixels go in a random order shared by all
@@ -458,18 +490,18 @@ def deletion_insertion(
     steps = options.steps
     chosen = [p for p in np.flatnonzero(pairs.curve)[: options.curve_pairs or None] if pairs.scores[p] > 0]
     curves: dict[str, dict[str, list[np.ndarray]]] = {name: {"deletion": [], "insertion": []} for name in names}
-    for p in tqdm(chosen, unit="pair", desc="deletion/insertion", disable=not options.progress):
-        qi, s = pairs.query[p], float(pairs.scores[p])
-        image = images[qi]
+    for p in tqdm(chosen, unit="pair", desc=f"deletion/insertion, {side.name} side", disable=not options.progress):
+        s = float(pairs.scores[p])
+        image = side.images[int(side.explained[p])]
         blurred = _blur(image, options.model.input_size)
         tiebreak = np.random.default_rng([options.seed, int(p)]).random(image.shape[0] * image.shape[1])
         batch = [np.zeros_like(image), blurred]  # shared end points: all deleted, nothing inserted
         for name in names:
-            heat = saliency(maps[name].query[p], (image.shape[1], image.shape[0]))
+            heat = saliency(getattr(maps[name], side.name)[p], (image.shape[1], image.shape[0]))
             order = metrics.saliency_order(heat, tiebreak)
             batch += _run_images(image, blurred, metrics.step_masks(order, heat.shape, steps))
-        partner = match_embs[int(pairs.gallery[p])].expand(len(batch), -1)  # (B, J)
-        scores = similarities(engine, batch, partner, options.batch_size, [boxes[qi] if boxes else None] * len(batch))
+        partner = side.partners[p].expand(len(batch), -1)  # (B, J)
+        scores = similarities(engine, batch, partner, options.batch_size, [side.pool_box(p)] * len(batch))
         black, blur, inner = scores[0], scores[1], scores[2:].reshape(len(names), 2, steps - 1)
         for i, name in enumerate(names):
             curves[name]["deletion"].append(metrics.similarity_curve(np.array([s, *inner[i, 0], black]), s))
@@ -533,7 +565,7 @@ def _evaluate(
     summary: dict,
     start: float,
 ) -> Evaluation:
-    query_boxes, gallery_boxes = [item_box(item) for item in queries], [item_box(item) for item in gallery]
+    query_boxes = [item_box(item) for item in queries]
     if options.query_box == "annotated" and None in query_boxes:
         unboxed = [str(item.path) for item, box in zip(queries, query_boxes) if box is None]
         raise UsageError(
@@ -550,53 +582,54 @@ def _evaluate(
     pairs = ground_truth_pairs(queries, gallery, ranking, query.embs, matches.embs)
     names = list(dict.fromkeys([*options.explainers, *BASELINES]))
     maps = {name: explainer_maps(name, engine, query, matches, pairs, options.progress) for name in names}
-    images = [np.asarray(load_image(item.path)) for item in queries]
     rows: dict[str, dict[str, Any]] = {}
     per_pair = {"query": pairs.query, "gallery": pairs.gallery, "top1": pairs.top1, "scores": pairs.scores}
-    sides = query_side(names, maps, engine, images, query_boxes, pairs, matches.embs, options, pool_boxes)
-    for name in names:
-        side = sides[name]
-        match_props, match_ious, match_hits = match_side(maps[name], matches.sizes, gallery_boxes, pairs)
-        drop = metrics.average_drop(pairs.scores, side.masked_scores)
-        rise = metrics.increase_in_confidence(pairs.scores, side.masked_scores, IC_TOLERANCE)
-        per_pair.update(
-            {
-                f"{name}/query_proportion": side.proportion,
-                f"{name}/query_iou": side.iou,
-                f"{name}/query_pointing": side.pointing,
-                f"{name}/match_proportion": match_props,
-                f"{name}/match_iou": match_ious,
-                f"{name}/match_pointing": match_hits,
-                f"{name}/masked_scores": side.masked_scores,
-            }
-        )
-        rows[name] = {
-            "a": {
-                "query": _side(side.proportion, side.iou, side.pointing, pairs.top1),
-                "match": _side(match_props, match_ious, match_hits, pairs.top1),
-            },
-            "b": {
-                "query": _side(side.proportion, side.iou, side.pointing, None),
-                "match": _side(match_props, match_ious, match_hits, None),
-            },
-            "ad": _finite(drop.value),
-            "ic": _finite(rise.value),
-            "faithfulness_n": drop.n,
-            "faithfulness_excluded": drop.excluded,
-            "ms_per_map": maps[name].ms_per_map,
-            "ms_per_map_batched": maps[name].ms_per_map_batched,
-        }
-    curves = deletion_insertion(names, maps, engine, images, pairs, matches.embs, options, pool_boxes)
+    both = sides(queries, gallery, pairs, query.embs, matches.embs, pool_boxes)
+    measured = {side.name: side_measures(names, maps, engine, side, options) for side in both}
+    curves = {side.name: deletion_insertion(names, maps, engine, side, pairs, options) for side in both}
     sanity = randomisation(names, maps, engine, queries, gallery, pairs, options, pool_boxes)
     for name in names:
-        rows[name].update(
-            randomisation=sanity[name],
-            deletion_auc=_auc(curves[name]["deletion"]),
-            insertion_auc=_auc(curves[name]["insertion"]),
-            curve_n=len(curves[name]["deletion"]),
-            deletion_curve=curves[name]["deletion"].mean(axis=0).tolist() if len(curves[name]["deletion"]) else None,
-            insertion_curve=curves[name]["insertion"].mean(axis=0).tolist() if len(curves[name]["insertion"]) else None,
-        )
+        faithful = {}
+        for side in ("query", "match"):
+            found, runs = measured[side][name], curves[side][name]
+            drop = metrics.average_drop(pairs.scores, found.masked_scores)
+            rise = metrics.increase_in_confidence(pairs.scores, found.masked_scores, IC_TOLERANCE)
+            faithful[side] = {
+                "ad": _finite(drop.value),
+                "ic": _finite(rise.value),
+                "faithfulness_n": drop.n,
+                "faithfulness_excluded": drop.excluded,
+                "deletion_auc": _auc(runs["deletion"]),
+                "insertion_auc": _auc(runs["insertion"]),
+                "curve_n": len(runs["deletion"]),
+            }
+            per_pair.update(
+                {
+                    f"{name}/{side}_proportion": found.proportion,
+                    f"{name}/{side}_iou": found.iou,
+                    f"{name}/{side}_pointing": found.pointing,
+                    f"{name}/{side}_masked_scores": found.masked_scores,
+                }
+            )
+        q, m = measured["query"][name], measured["match"][name]
+        runs = curves["query"][name]
+        rows[name] = {
+            "a": {
+                "query": _side(q.proportion, q.iou, q.pointing, pairs.top1),
+                "match": _side(m.proportion, m.iou, m.pointing, pairs.top1),
+            },
+            "b": {
+                "query": _side(q.proportion, q.iou, q.pointing, None),
+                "match": _side(m.proportion, m.iou, m.pointing, None),
+            },
+            **faithful["query"],  # the query side at the top level, as before
+            "match_side": faithful["match"],
+            "ms_per_map": maps[name].ms_per_map,
+            "ms_per_map_batched": maps[name].ms_per_map_batched,
+            "randomisation": sanity[name],
+            "deletion_curve": runs["deletion"].mean(axis=0).tolist() if len(runs["deletion"]) else None,
+            "insertion_curve": runs["insertion"].mean(axis=0).tolist() if len(runs["insertion"]) else None,
+        }
     check = maps["gradcam-autograd"]
     closed = maps["gradcam"] if "gradcam" in maps else explainer_maps("gradcam", engine, query, matches, pairs)
     diff = float(
@@ -624,4 +657,8 @@ def _evaluate(
         "index": summary,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    return Evaluation(report, dataset, pairs, maps, curves, per_pair)
+    by_kind = {  # {name: {"deletion", "insertion", "match_deletion", "match_insertion"}}
+        name: {**curves["query"][name], **{f"match_{kind}": rows for kind, rows in curves["match"][name].items()}}
+        for name in names
+    }
+    return Evaluation(report, dataset, pairs, maps, by_kind, per_pair)

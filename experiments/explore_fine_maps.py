@@ -36,9 +36,10 @@ from evaluation.evaluate import (  # noqa: E402
     deletion_insertion,
     ground_truth_pairs,
     index_gallery,
-    query_side,
     rank_gallery,
     saliency,
+    side_measures,
+    sides,
 )
 from retrieval import fam as explainers  # noqa: E402
 from retrieval.config import Settings  # noqa: E402
@@ -264,10 +265,10 @@ def main() -> None:
             ms = (time.perf_counter() - start) * 1000 / len(pairs)
             on_match = candidate_maps(name, g, gi, q.embs[qi]).numpy()
             maps[name] = Maps(on_query, on_match, ms)
-        images = [np.asarray(load_image(item.path)) for item in queries]
         q_boxes, g_boxes = [item_box(i) for i in queries], [item_box(i) for i in gallery]
-        side = query_side(names, maps, engine, images, q_boxes, pairs, g.embs, options)
-        curves = deletion_insertion(names, maps, engine, images, pairs, g.embs, options)
+        query_side = sides(queries, gallery, pairs, q.embs, g.embs, None)[0]
+        side = side_measures(names, maps, engine, query_side, options)
+        curves = deletion_insertion(names, maps, engine, query_side, pairs, options)
         print(f"{args.dataset.name}: {len(pairs)} pairs (b), curves on {len(curves[names[0]]['deletion'])}")
         print("| map | grid | q Prop | q IoU | q point | m Prop | m IoU | m point | AD | IC | del | ins | ms/map |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
