@@ -237,14 +237,14 @@ def _sha256_16_cached(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def randomised_tail(backbone: Backbone, seed: int = 0) -> Backbone:
-    """A copy of a loaded backbone whose last blocks (``model.random_tail``) have fresh random weights (He normal,
-    zero biases, seeded): the model of the randomisation sanity check (Adebayo et al. 2018). The original is
-    left as it was."""
+def randomised_tail(backbone: Backbone, seed: int = 0, blocks: tuple[str, ...] | None = None) -> Backbone:
+    """A copy of a loaded backbone whose last blocks (``model.random_tail``, or the submodules named in ``blocks``)
+    have fresh random weights (He normal, zero biases, seeded): the model of the randomisation sanity check
+    (Adebayo et al. 2018; ``blocks`` runs its cascade). The original is left as it was."""
     model = copy.deepcopy(backbone.model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name in model.random_tail:
+        for name in blocks if blocks is not None else model.random_tail:
             for module in model.get_submodule(name).modules():
                 if isinstance(module, nn.Conv2d):
                     fan_in = module.weight[0].numel()

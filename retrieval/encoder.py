@@ -159,11 +159,11 @@ class Encoder:
             self._backbone = loaded
         return self._backbone
 
-    def randomised(self, seed: int = 0) -> Encoder:
-        """This encoder over a copy of its backbone whose last blocks are re-initialised (`randomised_tail`): the
-        model of the randomisation sanity check. Same preprocessing, pooling and precision."""
+    def randomised(self, seed: int = 0, blocks: tuple[str, ...] | None = None) -> Encoder:
+        """This encoder over a copy of its backbone whose last blocks (or ``blocks``) are re-initialised
+        (`randomised_tail`): the model of the randomisation sanity check. Same preprocessing, pooling and precision."""
         encoder = replace(self, _backbone=None)
-        encoder._backbone = randomised_tail(self.backbone, seed)
+        encoder._backbone = randomised_tail(self.backbone, seed, blocks)
         return encoder
 
     @property

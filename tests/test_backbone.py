@@ -236,6 +236,16 @@ def test_randomised_tail_changes_only_the_last_blocks_and_leaves_the_original(se
     assert not torch.allclose(randomised.model.forward_features(x), backbone.model.forward_features(x))
 
 
+def test_randomised_tail_re_initialises_exactly_the_blocks_it_is_given():  # the cascade's stages
+    from retrieval.backbone import load_backbone, randomised_tail
+
+    backbone = load_backbone("toy")
+    before = backbone.model.state_dict()
+    after = randomised_tail(backbone, 0, ("conv1",)).model.state_dict()
+    changed = {key for key, value in before.items() if not torch.equal(after[key], value)}
+    assert changed and all(key.startswith("conv1.") for key in changed)
+
+
 def test_every_backbone_names_a_random_tail_it_has():
     from retrieval.backbone import load_backbone
     from retrieval.lite0 import EfficientNetLite0
