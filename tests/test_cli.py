@@ -50,7 +50,8 @@ def test_search_json_has_the_contract_fields_and_writes_maps(capsys, indexed, ga
         assert set(row) >= {"rank", "image_id", "path", "score", "query_map", "match_map"}
         for key in ("query_map", "match_map"):
             heat = np.load(row[key])
-            assert heat.dtype == np.float32 and heat.shape == (8, 8)  # toy backbone at --input-size 64: stride 8
+            # fam-fine, the default, on the toy backbone's guide layer (stride 4 at --input-size 64), as --json says
+            assert heat.dtype == np.float32 and heat.shape == (16, 16) and list(heat.shape) == result["map_shape"]
 
 
 def test_group_topk_gives_every_result_the_same_query_map(capsys, indexed, gallery, tmp_path):

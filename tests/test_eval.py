@@ -97,13 +97,16 @@ def test_eval_json_follows_the_contract_with_fractions_in_range(capsys, shapes_d
                 assert cell["n"] == report["pairs"][protocol]
                 if cell["n"]:
                     assert all(_in_unit_interval(cell[key]) for key in ("proportion", "iou", "pointing")), (name, cell)
-        for key in ("ad", "ic", "deletion_auc", "insertion_auc"):
-            assert _in_unit_interval(row[key]), (name, key, row[key])
+        for found in (row, row["match_side"]):  # faithfulness on the query side (top level) and the match side
+            for key in ("ad", "ic", "deletion_auc", "insertion_auc"):
+                assert _in_unit_interval(found[key]), (name, key, found[key])
+            assert found["curve_n"] == report["pairs"]["curves"]
         assert row["ms_per_map"] >= 0
-        for side in ("query", "match"):
-            rho = row["randomisation"][side]
-            assert (rho is None and name == "uniform") or -1.0 <= rho <= 1.0, (name, side, rho)
-    assert report["default_explainer"] == "fam"
+        for rhos in (row["randomisation"], row["randomisation"]["a"]):  # protocols (b) and (a)
+            for side in ("query", "match"):
+                rho = rhos[side]
+                assert (rho is None and name == "uniform") or -1.0 <= rho <= 1.0, (name, side, rho)
+    assert report["default_explainer"] == "fam-fine"
     assert report["gradcam_check"]["max_abs_diff"] <= 1e-5 * max(report["gradcam_check"]["max_abs_map"], 1e-12) + 1e-7
 
 
@@ -115,6 +118,7 @@ def test_eval_baselines_behave_as_their_definitions_say(capsys, shapes_dataset, 
     assert report["pairs"]["curves"] == 2 and report["explainers"]["fam"]["curve_n"] == 2
     uniform = report["explainers"]["uniform"]
     assert uniform["ad"] == pytest.approx(0.0, abs=1e-5) and uniform["ic"] == 0.0
+    assert uniform["match_side"]["ad"] == pytest.approx(0.0, abs=1e-5) and uniform["match_side"]["ic"] == 0.0
     dataset = read_dataset(shapes_dataset)
     shares = []
     for item in dataset.split("query"):
@@ -125,8 +129,9 @@ def test_eval_baselines_behave_as_their_definitions_say(capsys, shapes_dataset, 
     assert uniform["b"]["query"]["pointing"] == 0.0  # a constant map points nowhere
     # The centre prior ignores the model: the randomised model draws the very same map (rank correlation 1).
     centre = report["explainers"]["centre"]
-    assert centre["randomisation"] == {"query": pytest.approx(1.0), "match": pytest.approx(1.0)}
-    assert uniform["randomisation"] == {"query": None, "match": None}
+    both = {"query": pytest.approx(1.0), "match": pytest.approx(1.0)}
+    assert centre["randomisation"] == {**both, "a": both}
+    assert uniform["randomisation"] == {"query": None, "match": None, "a": {"query": None, "match": None}}
     assert "fam-exact" not in report["explainers"]
 
 
@@ -138,7 +143,12 @@ def test_eval_writes_a_report_folder_and_a_readable_table(capsys, shapes_dataset
     assert (out_dir / "table.md").read_text().startswith("dataset ")
     assert json.loads((out_dir / "report.json").read_text())["n_queries"] == 4
     assert (out_dir / "curves.png").stat().st_size > 0
-    assert "fam/query_proportion" in np.load(out_dir / "per_pair.npz")
+    per_pair = np.load(out_dir / "per_pair.npz")
+    assert "fam/query_proportion" in per_pair and "fam/match_deletion_curves" in per_pair
+    # The uniform map masks nothing, so each side's masked photo scores s again against the *other* side's
+    # embedding: the match side masks the gallery photo and compares it with the query, not with itself.
+    for side in ("query", "match"):
+        np.testing.assert_allclose(per_pair[f"uniform/{side}_masked_scores"], per_pair["scores"], atol=1e-5)
     assert len(list(out_dir.glob("example_*.png"))) == 2
 
 

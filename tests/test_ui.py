@@ -318,7 +318,7 @@ def test_switching_the_explainer_redraws_the_maps(indexed, monkeypatch):
     at = _pick(_app(indexed, monkeypatch), "pic1.png")
     at.button(key="why_2").click().run()
     score = at.session_state["result"].matches[1].score
-    assert at.selectbox(key="explainer").value == "fam"  # the default (retrieval.config.DEFAULT_EXPLAINER)
+    assert at.selectbox(key="explainer").value == "fam-fine"  # the default (retrieval.config.DEFAULT_EXPLAINER)
     maps = {}
     for explainer in ("fam", "fam-exact", "gradcam"):
         at.selectbox(key="explainer").set_value(explainer).run()
@@ -561,8 +561,16 @@ def test_picking_the_part_automatically_searches_for_what_stands_out(gap_indexed
     assert at.slider(key="box_x").disabled
     assert at.session_state["result"].matches[0].path.endswith("pic5.png")
     cells = at.session_state["focus_cells"]
+    at.selectbox(key="explainer").set_value("fam").run()  # the paper's map: zero off the compared cells
     at.button(key="why_1").click().run()
     assert not at.exception and np.count_nonzero(at.session_state["report"].first_map[~cells]) == 0
+
+
+def _concentrated_on(fine_map: np.ndarray, cells: np.ndarray) -> bool:
+    """A 2x finer map has more of its mass on the (up-sampled) cells than their share of the photo."""
+    inside = np.kron(cells, np.ones((2, 2), dtype=bool))
+    assert fine_map.shape == inside.shape and (fine_map >= 0).all()
+    return fine_map[inside].sum() / fine_map.sum() > inside.mean()
 
 
 def test_on_a_focus_index_the_query_lights_the_part_it_is_compared_by(indexed, monkeypatch):
@@ -577,9 +585,13 @@ def test_on_a_focus_index_the_query_lights_the_part_it_is_compared_by(indexed, m
     cells = at.session_state["focus_cells"]
     assert 0 < cells.sum() < cells.size
     at.button(key="why_1").click().run()
-    assert not at.exception and np.count_nonzero(at.session_state["report"].first_map[~cells]) == 0
+    # The default map (fam-fine) is graded over the whole photo, and weighs most where the photo was compared.
+    assert not at.exception and _concentrated_on(at.session_state["report"].first_map, cells)
     match_cells = at.session_state["match_cells"]  # the match's compared cells, lit in the Why? view too
     assert 0 < match_cells.sum() < match_cells.size
+    assert _concentrated_on(at.session_state["report"].second_map, match_cells)
+    at.selectbox(key="explainer").set_value("fam").run()  # the paper's map stays on the compared cells alone
+    assert np.count_nonzero(at.session_state["report"].first_map[~cells]) == 0
     assert np.count_nonzero(at.session_state["report"].second_map[~match_cells]) == 0
 
 

@@ -131,7 +131,7 @@ def test_a_query_in_the_browser_shows_the_grid_and_the_why_view(page, shared_gal
     assert _not_blank(tmp_path / "why.png")
 
     with page.expect_download() as download:
-        page.get_by_role("button", name="Download query_rank2_fam.png").click()  # the default explainer
+        page.get_by_role("button", name="Download query_rank2_fam-fine.png").click()  # the default explainer
     saved = tmp_path / "overlay.png"
     download.value.save_as(saved)
     with Image.open(saved) as overlay:
