@@ -33,7 +33,7 @@ from retrieval.encoder import Encoder, Preprocess
 from retrieval.engine import check_identity, index_from_store, model_identity
 from retrieval.featcache import FeatureCache, cache_batch, open_for_indexing
 from retrieval.head import Head, head_from_choice
-from retrieval.images import DEFAULT_MAX_MEGAPIXELS, ImageError, decode_image
+from retrieval.images import DEFAULT_MAX_MEGAPIXELS, ImageError, PhotoMeta, decode_image, photo_meta
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
 from retrieval.search import save_index
 from retrieval.store import Store, embedding_to_bytes
@@ -159,6 +159,7 @@ class Decoded:
     digest: str | None = None
     size: tuple[int, int] | None = None
     error: str | None = None
+    meta: PhotoMeta | None = None
     vanished: bool = False
     same_content: bool = False
 
@@ -201,14 +202,16 @@ class DecodeDataset(Dataset):
         return self._decode(row_id, stat, data, digest)
 
     def _decode(self, row_id: int | None, stat: FileStat, data: bytes, digest: str) -> Decoded:
+        meta = photo_meta(data, stat.mtime_ns)
         try:
             image, size = decode_image(data, self.max_megapixels, draft_size=self.preprocess.input_size)
-            return Decoded(row_id, stat, self.preprocess(image), digest, size)
+            return Decoded(row_id, stat, self.preprocess(image), digest, size, meta=meta)
         except ImageError as error:
-            return Decoded(row_id, stat, digest=digest, error=str(error))
+            return Decoded(row_id, stat, digest=digest, error=str(error), meta=meta)
         except Exception as error:  # a decoder bug on one hostile file must stop neither this run nor the next
             LOGGER.exception("decoding %s", stat.path)
-            return Decoded(row_id, stat, digest=digest, error=f"cannot decode: {type(error).__name__}: {error}")
+            error_text = f"cannot decode: {type(error).__name__}: {error}"
+            return Decoded(row_id, stat, digest=digest, error=error_text, meta=meta)
 
 
 def _collate(batch: list[Decoded]) -> list[Decoded]:
@@ -264,12 +267,45 @@ def _store_decoded(session, row: Image | None, item: Decoded, pooled: np.ndarray
         status=STATUS_OK if item.error is None else STATUS_FAILED,
         error=item.error,
         embedding=embedding_to_bytes(pooled) if pooled is not None else None,
+        folder=os.path.dirname(item.stat.path),
+        **_meta_columns(item.meta or photo_meta(b"", item.stat.mtime_ns)),
     )
     if row is None:
         session.add(Image(**values))
     else:
         for key, value in values.items():
             setattr(row, key, value)
+
+
+def _meta_columns(meta: PhotoMeta) -> dict:
+    return dict(
+        taken_at=meta.taken_at,
+        taken_from=meta.taken_from,
+        camera_make=meta.camera_make,
+        camera_model=meta.camera_model,
+    )
+
+
+def fill_photo_meta(store: Store, roots: list[str], progress: bool = True, chunk: int = 256) -> int:
+    """Read date taken and camera from the header of every row under the roots that has none yet (rows from
+    before migration 0004), without decoding or embedding; one transaction per chunk, so a run killed here
+    keeps what it read and the next one goes on. Returns how many rows it filled."""
+    stmt = select(Image.id, Image.path, Image.mtime_ns).where(Image.taken_at.is_(None)).order_by(Image.id)
+    with store.session() as session:
+        todo = [row for row in session.execute(stmt).all() if _under(row.path, roots)]
+    with tqdm(total=len(todo), unit="img", disable=not progress or not todo, desc="reading dates") as bar:
+        for begin in range(0, len(todo), chunk):
+            part = todo[begin : begin + chunk]
+            metas = [photo_meta(Path(path), mtime_ns) for _, path, mtime_ns in part]
+            with store.session() as session:
+                for (row_id, path, _), meta in zip(part, metas):
+                    row = session.get(Image, row_id)
+                    if row is not None:
+                        row.folder = os.path.dirname(path)
+                        for key, value in _meta_columns(meta).items():
+                            setattr(row, key, value)
+            bar.update(len(part))
+    return len(todo)
 
 
 @contextmanager
@@ -333,6 +369,7 @@ def apply_moves_and_deletes(store: Store, plan: Plan) -> None:
             row = session.get(Image, row_id)
             assert row is not None  # the plan moved a row it had just read
             row.path, row.size, row.mtime_ns = stat.path, stat.size, stat.mtime_ns
+            row.folder = os.path.dirname(stat.path)
         for row_id in plan.deleted:
             session.delete(session.get(Image, row_id))
 
@@ -450,6 +487,7 @@ def sync(
         if cache is not None:
             cache.close()
     summary = _settle(summary, outcomes)
+    summary["metadata_read"] = fill_photo_meta(store, root_names, options.progress)
     head_changed = options.head is not None and options.head != store.get_meta("head_choice")
     index_file = settings.index_file(index_generation(index_meta))
     if changed or head_changed or index_meta.get("dirty", True) or not index_file.exists() or full:

@@ -6,10 +6,12 @@ import io
 import struct
 import warnings
 import zlib
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from retrieval.errors import ImageError  # re-exported: callers import it from here too
 
@@ -130,6 +132,56 @@ def load_image_sized(
     except OSError as error:
         raise ImageError(f"cannot read: {error.strerror or error}") from None
     return decode_image(data, max_megapixels, draft_size)
+
+
+@dataclass(frozen=True)
+class PhotoMeta:
+    """What the search filters read of a photo: when it was taken, by which camera."""
+
+    taken_at: datetime  # naive: the wall-clock time the camera recorded, or the file's mtime in local time
+    taken_from: str  # "exif" (DateTimeOriginal) or "mtime"
+    camera_make: str | None = None
+    camera_model: str | None = None
+
+
+def photo_meta(data: bytes | Path, mtime_ns: int) -> PhotoMeta:
+    """Date taken (EXIF DateTimeOriginal, else ``mtime_ns`` as local time) and camera make/model of a photo,
+    from its header only (no pixels decoded). A file whose header cannot be read gets the mtime and no camera."""
+    fallback = PhotoMeta(datetime.fromtimestamp(mtime_ns / 1e9), "mtime")
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            exif = image.getexif()
+            taken = _exif_datetime(exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.DateTimeOriginal))
+            make, model = _exif_text(exif.get(ExifTags.Base.Make)), _exif_text(exif.get(ExifTags.Base.Model))
+    except Exception:  # any header a decoder cannot parse: the photo still gets a date from its file
+        return fallback
+    return PhotoMeta(taken or fallback.taken_at, "exif" if taken else "mtime", make, model)
+
+
+def _exif_datetime(value: object) -> datetime | None:
+    """EXIF 'YYYY:MM:DD HH:MM:SS' (NUL-padded, sometimes with '-' or fractions) -> datetime; None if unset
+    or nonsense (cameras write '0000:00:00 00:00:00' when their clock was never set)."""
+    text = _exif_text(value)
+    if not text:
+        return None
+    try:
+        return datetime.strptime(text[:19].replace("-", ":"), "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+
+
+def _exif_text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    text = str(value).replace("\x00", "").strip() if value is not None else ""
+    return text[:255] or None
+
+
+def camera_name(make: str | None, model: str | None) -> str | None:
+    """One name for a camera: 'Canon' + 'Canon EOS 5D' -> 'Canon EOS 5D', 'NIKON' + 'D90' -> 'NIKON D90'."""
+    if make and model and model.lower().startswith(make.split()[0].lower()):
+        return model
+    return " ".join(part for part in (make, model) if part) or None
 
 
 def upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -84,6 +84,13 @@ class Image(Base):
     error: Mapped[str | None] = mapped_column(Text)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 LE pooled z, (N,)
     indexed_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    # Search filters (migration 0004). taken_at is the wall-clock time the camera recorded (EXIF
+    # DateTimeOriginal, no zone), else the file's mtime in this machine's local time; NULL: not read yet.
+    taken_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
+    taken_from: Mapped[str | None] = mapped_column(String(8))  # exif | mtime
+    camera_make: Mapped[str | None] = mapped_column(String(255))
+    camera_model: Mapped[str | None] = mapped_column(String(255))
+    folder: Mapped[str | None] = mapped_column(Text, index=True)  # the path's parent folder
 
     def __repr__(self) -> str:
         return f"Image(id={self.id!r}, path={self.path!r}, status={self.status!r})"

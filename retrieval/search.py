@@ -216,15 +216,58 @@ def index_type_of(index: faiss.Index) -> str:
     return type(inner).__name__
 
 
-def search(index: faiss.Index, query_embs: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-    """Top-k (image_id, score) per query, best first, FAISS's -1 padding dropped."""
+def search(
+    index: faiss.Index, query_embs: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+) -> list[list[tuple[int, float]]]:
+    """Top-k (image_id, score) per query, best first, FAISS's -1 padding dropped.
+
+    ``allowed_ids`` (int64, any order): the top-k among those ids only, found by the index itself, not the
+    top-k filtered down to fewer (`filtered_search`).
+    """
     if index.ntotal == 0:
         return [[] for _ in range(len(query_embs))]
     with _threads(1 if len(query_embs) < SMALL_BATCH else faiss.omp_get_max_threads()):
-        scores, ids = index.search(normalise_rows(query_embs), min(k, index.ntotal))  # (Q, k), (Q, k)
+        if allowed_ids is None:
+            scores, ids = index.search(normalise_rows(query_embs), min(k, index.ntotal))  # (Q, k), (Q, k)
+        else:
+            scores, ids = filtered_search(index, normalise_rows(query_embs), k, allowed_ids)
     return [
         [(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i != -1] for row_ids, row_scores in zip(ids, scores)
     ]
+
+
+def filtered_search(
+    index: faiss.IndexIDMap, queries: np.ndarray, k: int, allowed_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k among ``allowed_ids`` of unit queries: (Q, d) -> scores (Q, k), ids (Q, k), -1 padded.
+
+    flat: an ID selector, so the scan scores the allowed vectors only. IVF: the same selector with every cell
+    probed (nprobe = nlist), since the few allowed vectors may lie in cells the query's nprobe would skip;
+    the cells' other entries cost an id check each, not a dot product. Scores are those of the stored
+    vectors (exact for flat and IVF-Flat; for ivf-sq8 those of its 8-bit codes, as unfiltered). HNSW cannot
+    be filtered exactly, so its allowed vectors are read back and scanned.
+    """
+    allowed_ids = np.unique(np.asarray(allowed_ids, dtype=np.int64))
+    k = min(k, len(allowed_ids))
+    if k == 0:
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return _scan(index.reconstruct_batch(allowed_ids), allowed_ids, queries, k)
+    selector = faiss.IDSelectorBatch(allowed_ids)  # kept alive by this frame until the search returns
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is None:
+        params = faiss.SearchParameters(sel=selector)
+    else:
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nlist)
+    return index.search(queries, k, params=params)
+
+
+def _scan(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of unit queries over (n, d) vectors under ids: -> scores (Q, k), ids (Q, k)."""
+    scores = queries @ normalise_rows(vectors).T  # (Q, d) @ (d, n) -> (Q, n)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (Q, n) -> (Q, k)
+    return np.take_along_axis(scores, top, 1), ids[top]
 
 
 @contextmanager

@@ -122,3 +122,38 @@ def test_flat_on_the_gpu_gives_the_cpu_top_k():
     gpu = S.search(S.to_gpu_if_available(index), queries, 10)
     assert [[i for i, _ in row] for row in gpu] == [[i for i, _ in row] for row in cpu]
     np.testing.assert_allclose([[s for _, s in row] for row in gpu], [[s for _, s in row] for row in cpu], atol=1e-5)
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("share", [0.01, 0.1, 0.5])
+def test_a_filtered_search_is_the_exact_top_k_within_the_filter(index_type, share):
+    """Oracle: argsort over the allowed rows only. An IVF index probing its calibrated nprobe cells would miss
+    allowed vectors that lie in other cells (and return fewer than k at 1 %); the filtered search must not."""
+    embs = clustered(3000, seed=7)
+    ids = np.arange(5000, 8000, dtype=np.int64)
+    queries = clustered(20, seed=8)
+    allowed_rows = np.sort(np.random.default_rng(9).choice(len(embs), int(share * len(embs)), replace=False))
+    index = S.build_index(embs, ids, index_type)
+    results = S.search(index, queries, 10, allowed_ids=ids[allowed_rows][::-1])  # any order
+    truth = allowed_rows[argsort_top_k(embs[allowed_rows], queries, 10)]  # (Q, 10) positions in embs
+    for result, rows, query in zip(results, truth, queries):
+        assert [image_id for image_id, _ in result] == ids[rows].tolist()
+        np.testing.assert_allclose([score for _, score in result], embs[rows] @ query, rtol=1e-5, atol=1e-5)
+
+
+def test_unfiltered_ivf_misses_part_of_a_narrow_filter_so_the_oracle_test_can_fail():
+    """Why the filtered search probes every cell: top-k then filtered down keeps fewer than k here."""
+    embs = clustered(3000, seed=7)
+    ids = np.arange(len(embs), dtype=np.int64)
+    allowed = np.random.default_rng(9).choice(len(embs), 30, replace=False)
+    index = S.build_index(embs, ids, "ivf")
+    kept = [[i for i, _ in row if i in set(allowed.tolist())] for row in S.search(index, clustered(20, seed=8), 10)]
+    assert sum(len(row) for row in kept) < 20 * 10
+
+
+def test_a_filter_that_allows_nothing_or_fewer_than_k_returns_what_it_allows():
+    embs = clustered(200, seed=1)
+    index = S.build_index(embs, np.arange(200, dtype=np.int64), "flat")
+    assert S.search(index, embs[:2], 5, allowed_ids=np.zeros(0, np.int64)) == [[], []]
+    (result,) = S.search(index, embs[:1], 5, allowed_ids=np.array([3, 0, 999]))  # 999: not in the index
+    assert [i for i, _ in result] == [0, 3]
