@@ -21,8 +21,9 @@ from retrieval.encoder import Encoded, Encoder, load_encoder
 from retrieval.errors import IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
 from retrieval.fam import FineInputs
 from retrieval.featcache import FeatureCache
+from retrieval.filters import SearchFilter, matching_ids
 from retrieval.head import Head, load_head
-from retrieval.images import is_image_path, load_image, load_image_sized
+from retrieval.images import camera_name, is_image_path, load_image, load_image_sized
 from retrieval.modelspec import stored_model_spec
 from retrieval.regions import Auto, Box, fit_box
 from retrieval.schema import STATUS_OK
@@ -69,6 +70,10 @@ class Match:
     image_id: int
     path: str
     score: float
+    taken: str | None = None  # ISO date and time taken (EXIF, else the file's mtime); None: not read yet
+    camera: str | None = None  # "make model" from EXIF
+    width: int | None = None  # full-size, upright
+    height: int | None = None
     query_map: np.ndarray | None = None  # (h, w) raw map on the query for this match
     match_map: np.ndarray | None = None  # (h, w) raw map on the match
     offsets: dict = field(default_factory=lambda: {"query": 0.0, "match": 0.0})
@@ -165,6 +170,13 @@ def index_from_store(store: Store, head: Head, index_type: str = "auto"):
     return build_index(np.concatenate(emb_batches), np.concatenate(id_batches), index_type)
 
 
+def _match(rank: int, row: ImageRow, score: float) -> Match:
+    taken = row.taken_at.isoformat() if row.taken_at is not None else None
+    return Match(
+        rank, row.id, row.path, score, taken, camera_name(row.camera_make, row.camera_model), row.width, row.height
+    )
+
+
 def _stored_pooled(row: ImageRow) -> np.ndarray:
     """An indexed row's z (N,); every id the engine asks for came from its index, whose rows have one."""
     assert row.embedding is not None, f"image {row.id} has no stored vector (re-indexed meanwhile?)"
@@ -198,7 +210,9 @@ class QueryEngine:
         self.encoder = load_encoder(stored_model_spec(stored, precision), device)
         check_identity(stored, self.encoder.identity)
         self.model = stored
-        self.index = to_gpu_if_available(self._load_or_rebuild_index(settings.index_file(generation)))
+        # A filtered search needs FAISS's ID selectors, which the GPU indexes lack: it runs on the CPU copy.
+        self.cpu_index = self._load_or_rebuild_index(settings.index_file(generation))
+        self.index = to_gpu_if_available(self.cpu_index)
         # Match-side maps without a backbone pass; None when the home has no cache (index --no-map-cache).
         self.feature_cache = FeatureCache.open(settings.home, self.encoder.identity)
 
@@ -258,11 +272,12 @@ class QueryEngine:
         explainer: str = DEFAULT_EXPLAINER,
         group: str = "none",
         box: Box | Auto | None = None,
+        search_filter: SearchFilter | None = None,
     ) -> QueryResult:
         """`query` on a photo file (box in pixels of the full-size photo); the decode counts in `embed` and `total`."""
         start = time.perf_counter()
         image, box = self.load_query_box(path, box) if box is not None else (self.load_query(path), None)
-        result = self.query(image, k, explainer, group, box)
+        result = self.query(image, k, explainer, group, box, search_filter)
         decode = _ms(start) - result.timing_ms["total"]
         result.timing_ms["embed"] = round(result.timing_ms["embed"] + decode, 2)
         result.timing_ms["total"] = _ms(start)
@@ -304,12 +319,14 @@ class QueryEngine:
         explainer: str = DEFAULT_EXPLAINER,
         group: str = "none",
         box: Box | Auto | None = None,
+        search_filter: SearchFilter | None = None,
     ) -> QueryResult:
         """Top-k matches of one photo, with query- and match-side maps unless explainer == 'none'.
 
         ``box`` (x1, y1, x2, y2 in the image's pixels): search for that part of the photo; the
         query is pooled over the cells it covers and its maps are zero outside it. ``AUTO``
-        (retrieval.encoder): the same over the cells `focus_weights` picks."""
+        (retrieval.encoder): the same over the cells `focus_weights` picks. ``search_filter``: the exact
+        top-k among the photos it keeps, then those under its min_score dropped."""
         if explainer not in EXPLAIN_CHOICES:
             raise UsageError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
         if group not in GROUP_CHOICES:
@@ -320,10 +337,10 @@ class QueryEngine:
         query = self.embed(image, box)
         timing = {"embed": _ms(start)}
         tick = time.perf_counter()
-        hits = search(self.index, query.emb[None].cpu().numpy(), k)[0]
+        hits = self._search(query.emb[None].cpu().numpy(), k, search_filter)
         rows = {row.id: row for row in self.store.images_by_ids([i for i, _ in hits])}
         matches = [
-            Match(rank, image_id, rows[image_id].path, score)
+            _match(rank, rows[image_id], score)
             for rank, (image_id, score) in enumerate(((i, s) for i, s in hits if i in rows), start=1)
         ]
         timing["search"] = _ms(tick)
@@ -334,6 +351,16 @@ class QueryEngine:
         timing["explain"] = _ms(tick)
         timing["total"] = _ms(start)
         return QueryResult(explainer, matches, timing, group_map)
+
+    def _search(self, query_emb: np.ndarray, k: int, search_filter: SearchFilter | None) -> list[tuple[int, float]]:
+        """(image_id, score) of the top-k, within the filter when there is one, best first."""
+        if search_filter is None:
+            return search(self.index, query_emb, k)[0]
+        allowed = matching_ids(self.store, search_filter) if search_filter.selects else None
+        hits = search(self.cpu_index if allowed is not None else self.index, query_emb, k, allowed)[0]
+        if search_filter.min_score is not None:
+            hits = [(i, s) for i, s in hits if s >= search_filter.min_score]
+        return hits
 
     def _explain_matches(self, query: Embedded, matches: list[Match], explainer: str, group: str):
         gallery, _ = self.embed_gallery([m.image_id for m in matches])

@@ -237,7 +237,7 @@ def search(
 
 
 def filtered_search(
-    index: faiss.IndexIDMap, queries: np.ndarray, k: int, allowed_ids: np.ndarray
+    index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-k among ``allowed_ids`` of unit queries: (Q, d) -> scores (Q, k), ids (Q, k), -1 padded.
 
@@ -251,15 +251,18 @@ def filtered_search(
     k = min(k, len(allowed_ids))
     if k == 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-    inner = faiss.downcast_index(index.index)
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     if isinstance(inner, faiss.IndexHNSW):
         return _scan(index.reconstruct_batch(allowed_ids), allowed_ids, queries, k)
     selector = faiss.IDSelectorBatch(allowed_ids)  # kept alive by this frame until the search returns
     ivf = faiss.try_extract_index_ivf(inner)
+    params: faiss.SearchParameters
     if ivf is None:
-        params = faiss.SearchParameters(sel=selector)
+        params = faiss.SearchParameters()
     else:
-        params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nlist)
+        params = ivf_params = faiss.SearchParametersIVF()
+        ivf_params.nprobe = ivf.nlist
+    params.sel = selector
     return index.search(queries, k, params=params)
 
 

@@ -37,7 +37,7 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def add_flag(parser: argparse.ArgumentParser, flag: str, *names: str, **kwargs: Any) -> None:
+def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, *names: str, **kwargs: Any) -> None:
     """add_argument whose default comes from FAMSEARCH_<FLAG> when that is set."""
     env = os.environ.get(env_name(flag)) or None  # an empty twin (FAMSEARCH_PORT=) counts as unset
     if env is not None:

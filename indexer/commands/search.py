@@ -23,6 +23,7 @@ from retrieval.errors import UsageError
 
 if TYPE_CHECKING:
     from retrieval.engine import QueryResult
+    from retrieval.filters import SearchFilter
     from retrieval.regions import Auto, Box
 
 
@@ -45,25 +46,54 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_flag(p, "--maps-dir", type=Path, default=None, help="write query/match maps here as .npy (raw, h x w)")
     box_flag(p, "search for")
+    filter_flags(p)
     add_flag(p, "--json", action="store_true", help="one JSON object per query, one per line")
     p.set_defaults(run=run)
+
+
+def filter_flags(p: argparse.ArgumentParser) -> None:
+    """--in/--after/--before/--camera/--min-score: the exact top-k among the photos they keep."""
+    filters = p.add_argument_group(
+        "filters",
+        "Search only the photos that pass (the top-k among them, not the top-k thinned out). Dates are the EXIF "
+        "date taken, else the file's modification time; both days are included. Photos indexed before these "
+        "filters existed get their dates on the next `famsearch index` run (no re-embedding).",
+    )
+    add_flag(
+        filters, "--in", dest="in_folder", type=Path, default=None, metavar="FOLDER", help="photos in FOLDER or below"
+    )
+    add_flag(filters, "--after", default=None, metavar="YYYY-MM-DD", help="photos taken on this day or later")
+    add_flag(filters, "--before", default=None, metavar="YYYY-MM-DD", help="photos taken on this day or earlier")
+    add_flag(filters, "--camera", default=None, metavar="TEXT", help="camera make or model contains TEXT (any case)")
+    add_flag(filters, "--min-score", type=float, default=None, metavar="S", help="drop matches scoring under S")
+
+
+def search_filter_from(args: argparse.Namespace) -> SearchFilter | None:
+    from retrieval.filters import make_filter
+
+    values = (args.in_folder, args.after, args.before, args.camera, args.min_score)
+    return None if all(value is None for value in values) else make_filter(*values)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise UsageError("-k must be at least 1")
     box = parse_box_flag(args.box)
+    search_filter = search_filter_from(args)
     require_files(args.images)  # before loading the model
     engine = open_engine(args)
     try:
         # draft-decoded: 12 MP costs ~1/8; a box is checked against each photo before any search
         images = [(path, *read_query(path, engine, box)) for path in args.images]
         for qi, (path, image, image_box) in enumerate(images):
-            result = engine.query(image, args.k, args.explain, args.group, image_box)
+            result = engine.query(image, args.k, args.explain, args.group, image_box, search_filter)
             folder = args.maps_dir / f"{qi:03d}_{path.stem}" if args.maps_dir else None
             rows = result_rows(result, folder)
             if args.json:
-                print(json.dumps(search_record(str(path), engine.model, result, rows, box)), flush=True)
+                record = search_record(str(path), engine.model, result, rows, box)
+                if search_filter is not None:
+                    record["filter"] = search_filter.json()
+                print(json.dumps(record), flush=True)
             else:
                 _print_table(path, result, rows, box)
     finally:
@@ -99,6 +129,10 @@ def result_rows(result: QueryResult, folder: Path | None) -> list[dict]:
                 "image_id": m.image_id,
                 "path": m.path,
                 "score": round(m.score, 6),
+                "taken": m.taken,
+                "camera": m.camera,
+                "width": m.width,
+                "height": m.height,
                 "query_map": group_file
                 or (save_map(folder, f"rank{m.rank:02d}_query.npy", m.query_map) if folder else None),
                 "match_map": save_map(folder, f"rank{m.rank:02d}_match.npy", m.match_map) if folder else None,
@@ -120,7 +154,7 @@ def _print_table(path: Path, result: QueryResult, rows: list[dict], box: Box | A
         f"{path}{where}  ({len(rows)} matches; embed {t['embed']:.0f} ms, search {t['search']:.0f} ms, "
         f"explain {t['explain']:.0f} ms)"
     )
-    print(f"  {'rank':>4}  {'score':>6}  path")
+    print(f"  {'rank':>4}  {'score':>6}  {'taken':<10}  path")
     for row in rows:
-        print(f"  {row['rank']:>4}  {row['score']:>6.3f}  {row['path']}")
+        print(f"  {row['rank']:>4}  {row['score']:>6.3f}  {(row['taken'] or '?')[:10]:<10}  {row['path']}")
     print()
