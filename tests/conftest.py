@@ -71,7 +71,7 @@ def copy_home(template_home: Path, template_folder: Path, folder: Path, home: Pa
     """Copy an indexed home to `home` and point it at `folder`, a copy of `template_folder`: what indexing
     `folder` would have stored.
 
-    The rows are keyed by absolute path and `last_run` names the roots: both are rewritten from the template's
+    The rows are keyed by absolute path (and hold their folder) and `last_run` names the roots: both are rewritten from the template's
     folder to `folder`. copytree keeps each file's size and mtime, so a re-sync finds every photo unchanged.
     """
     shutil.copytree(template_home, home)
@@ -79,7 +79,10 @@ def copy_home(template_home: Path, template_folder: Path, folder: Path, home: Pa
     with contextlib.closing(sqlite3.connect(home / "famsearch.db")) as db, db:  # closed, and committed
         (outside,) = db.execute("SELECT count(*) FROM images WHERE substr(path, 1, ?) != ?", (len(old), old)).fetchone()
         assert outside == 0, f"{outside} rows of {template_home} lie outside {old}"
-        db.execute("UPDATE images SET path = ? || substr(path, ?)", (new, len(old) + 1))
+        db.execute(
+            "UPDATE images SET path = ? || substr(path, ?), folder = ? || substr(folder, ?)",
+            (new, len(old) + 1, new, len(old) + 1),
+        )
         (last_run,) = db.execute("SELECT value FROM meta WHERE key = 'last_run'").fetchone()
         last_run = json.loads(last_run)
         last_run["roots"] = [new if root == old else root for root in last_run["roots"]]

@@ -635,3 +635,16 @@ def test_file_folder_and_upload_names_reach_the_page_escaped(hostile_home, monke
     assert queries.WORD_JOINER in shown
     at.text_input(key="typed").input(shown).run()
     assert not at.error and at.session_state["result"].matches[0].path.endswith("me@example.org.jpg")
+
+
+def test_the_sidebar_filters_search_only_the_photos_that_pass(indexed, gallery, monkeypatch):
+    at = _pick(_app(indexed, monkeypatch), "pic3.png")
+    assert len(at.session_state["result"].matches) == 8
+    at = at.text_input(key="filter_in").set_value(str(gallery / "sub")).run()
+    assert not at.exception and "Top 1" in _texts(at)
+    assert [m.path for m in at.session_state["result"].matches] == [str(gallery / "sub" / "pic7.png")]
+    at = at.text_input(key="filter_in").set_value("").run()
+    at = at.number_input(key="filter_min_score").set_value(0.999).run()
+    assert [m.path for m in at.session_state["result"].matches] == [str(gallery / "pic3.png")]  # itself, score 1
+    at = at.text_input(key="filter_in").set_value(str(gallery / "nowhere")).run()
+    assert not at.exception and "no such folder" in _texts(at)

@@ -69,7 +69,22 @@ def sidebar() -> dict:
             help="The query's map against all top-k matches at once (Eq. 11/15)",
         )
         opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
-    return {"page": page, "explainer": explainer, "k": k, "group": group, "opacity": opacity}
+        filters = filter_fields()
+    return {"page": page, "explainer": explainer, "k": k, "group": group, "opacity": opacity, "filters": filters}
+
+
+def filter_fields() -> tuple:
+    """The search filters as typed (`famsearch search --in/--after/--before/--camera/--min-score`)."""
+    with st.expander("Filters", expanded=False):
+        st.caption("The top-k among the photos that pass. Dates: EXIF date taken, else the file's date.")
+        folder = st.text_input("In folder", key="filter_in", placeholder="/absolute/path (and its sub-folders)")
+        after = st.date_input("Taken on or after", value=None, key="filter_after", format="YYYY-MM-DD")
+        before = st.date_input("Taken on or before", value=None, key="filter_before", format="YYYY-MM-DD")
+        camera = st.text_input("Camera make or model contains", key="filter_camera")
+        min_score = st.number_input(
+            "Minimum score", min_value=-1.0, max_value=1.0, value=None, step=0.05, key="filter_min_score"
+        )
+    return folder.strip() or None, after, before, camera.strip() or None, min_score
 
 
 def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
@@ -328,15 +343,21 @@ def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
     except UsageError as error:  # a part with no width or height
         st.warning(str(error))
         return
+    try:
+        search_filter = queries.search_filter(*settings["filters"])
+    except UsageError as error:  # a folder that is not there, a date range that holds no day
+        st.warning(queries.plain(str(error)))
+        return
     request = queries.grid_request(settings["k"], settings["explainer"], settings["group"])
-    key = (photo.digest, region, stamp, *request.values())
+    key = (photo.digest, region, stamp, *request.values(), search_filter)
     if st.session_state.get("result_key", (None,))[:2] != key[:2]:  # another photo or part: back to the grid
         st.session_state.selected = None
-    result = memo(
-        "result", key, lambda: engine.query(photo.image, **request, box=queries.box_on(region, photo.image.size))
-    )
+    box = queries.box_on(region, photo.image.size)
+    result = memo("result", key, lambda: engine.query(photo.image, **request, box=box, search_filter=search_filter))
     if not result.matches:
-        st.warning("The index holds no photos to compare with.")
+        st.warning(
+            "No indexed photo passes the filters." if search_filter else "The index holds no photos to compare with."
+        )
         return
     left, right = st.columns([1, 4])
     with left:

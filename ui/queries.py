@@ -12,6 +12,7 @@ import os
 import re
 import string
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from retrieval.config import (  # re-exported: the UI's limits are the API's
 )
 from retrieval.engine import QueryEngine
 from retrieval.errors import UsageError
+from retrieval.filters import SearchFilter, make_filter
 from retrieval.images import ImageError, decode_image, load_image
 from retrieval.regions import AUTO  # re-exported: in place of a region, the automatic focus (`search --box auto`)
 from retrieval.store import read_meta
@@ -123,6 +125,15 @@ def grid_request(k: int, explainer: str, group: bool) -> dict:
 
 
 Region = tuple[float, float, float, float]  # x1, y1, x2, y2 as fractions of the photo's width and height
+
+
+def search_filter(
+    folder: str | None, after: date | None, before: date | None, camera: str | None, min_score: float | None
+) -> SearchFilter | None:
+    """The sidebar's filter fields as a checked filter, None when all are empty; UsageError on a bad one."""
+    if all(value is None for value in (folder, after, before, camera, min_score)):
+        return None
+    return make_filter(folder, after, before, camera, min_score)
 
 
 def region_from_percent(x_range: tuple[int, int], y_range: tuple[int, int]) -> Region | None:
