@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -452,17 +452,22 @@ def sync(
     encoder: Encoder,
     roots: list[Path],
     options: IndexOptions,
+    hold: Collection[str] = (),
 ) -> dict:
-    """Bring the DB and the index in line with the folders. Returns the run summary."""
+    """Bring the DB and the index in line with the folders. Returns the run summary.
+
+    `hold`: paths left out of this run as if it had not looked at them (a watched file still being written):
+    not embedded if new or changed, not deleted if gone."""
     start = time.perf_counter()
     stored = store.get_meta("model")
     full = options.full
     if stored and not full:
         check_identity(stored, encoder.identity)  # raises ModelMismatchError: re-index with --full
     root_names = [str(Path(r).absolute()) for r in roots]
-    rows = load_rows(store, root_names)
-    unlisted: list[str] = []
-    plan = plan_sync(rows, scan(roots, options.excludes, unlisted), full, unlisted)
+    rows = {path: row for path, row in load_rows(store, root_names).items() if path not in hold}
+    unlisted: list[str] = list(hold)  # a held path's row is kept, as a folder's that could not be listed
+    files = (stat for stat in scan(roots, options.excludes, unlisted) if stat.path not in hold)
+    plan = plan_sync(rows, files, full, unlisted)
     summary: dict[str, int | float] = {
         "added": plan.added,
         "updated": plan.updated,

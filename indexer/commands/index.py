@@ -66,7 +66,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="folders: put each photo in the album named by its first sub-folder under PATH",
     )
     add_flag(p, "--labels", type=Path, default=None, metavar="FILE", help="albums from a CSV path,label or JSONL file")
-    add_flag(p, "--json", action="store_true", help="print the summary as JSON")
+    add_flag(
+        p,
+        "--watch",
+        action="store_true",
+        help="keep running after indexing: photos that appear, change, move or go under PATH are indexed as "
+        "soon as they have settled (each run prints its summary); Ctrl+C or SIGTERM stops",
+    )
+    add_flag(
+        p,
+        "--settle",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="with --watch: a file is indexed once no event has touched it for this long and its size and "
+        "date read the same twice, so a photo still being copied is not embedded half-written",
+    )
+    add_flag(p, "--json", action="store_true", help="print the summary as JSON (with --watch: one line per run)")
     p.set_defaults(run=run)
 
 
@@ -97,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
     roots = _roots(args, settings.home)
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+    if args.watch and args.dry_run:
+        raise UsageError("--watch indexes what changes; it cannot be a --dry-run")
+    if args.settle <= 0:
+        raise UsageError(f"--settle {args.settle:g}: give a number of seconds above 0")
     settings.home.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.database_url)
     try:
@@ -122,13 +142,34 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             map_cache=not args.no_map_cache,
         )
-        summary = sync(store, settings, encoder, roots, options)
-        if (args.labels_from or args.labels) and not args.dry_run:
-            summary["labels"] = label_gallery(store, args.labels_from, args.labels, roots)
+
+        def labelled(summary: dict) -> dict:
+            if (args.labels_from or args.labels) and not args.dry_run:
+                summary["labels"] = label_gallery(store, args.labels_from, args.labels, roots)
+            return summary
+
+        if args.watch:
+            return _watch(args, store, settings, encoder, roots, options, labelled)
+        summary = labelled(sync(store, settings, encoder, roots, options))
     finally:
         store.close()
     _report(args, summary, roots, settings.home)
     return EXIT_PARTIAL if summary["failed"] else EXIT_OK
+
+
+def _watch(args, store, settings, encoder, roots, options, labelled) -> int:
+    """--watch: index, then keep indexing what settles, printing each run; 0 once stopped while idle."""
+    from indexer.watch import sigterm_as_interrupt, watch
+
+    def report(summary: dict) -> None:
+        _report(args, labelled(summary), roots, settings.home)
+        sys.stdout.flush()
+
+    print(f"watching {' '.join(map(str, roots))}; Ctrl+C to stop", file=sys.stderr, flush=True)
+    with sigterm_as_interrupt():
+        watch(store, settings, encoder, roots, options, report, settle_s=args.settle)
+    print("stopped watching", file=sys.stderr)
+    return EXIT_OK
 
 
 def _report(args: argparse.Namespace, summary: dict, roots: list[Path], home: Path) -> None:
