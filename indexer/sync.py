@@ -33,7 +33,7 @@ from retrieval.encoder import Encoder, Preprocess
 from retrieval.engine import check_identity, index_from_store, model_identity
 from retrieval.featcache import FeatureCache, cache_batch, open_for_indexing
 from retrieval.head import Head, head_from_choice
-from retrieval.images import DEFAULT_MAX_MEGAPIXELS, ImageError, PhotoMeta, decode_image, photo_meta
+from retrieval.images import DEFAULT_MAX_MEGAPIXELS, ImageError, PhotoMeta, decode_image, is_raw_path, photo_meta
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
 from retrieval.search import save_index
 from retrieval.store import Store, embedding_to_bytes
@@ -204,7 +204,8 @@ class DecodeDataset(Dataset):
     def _decode(self, row_id: int | None, stat: FileStat, data: bytes, digest: str) -> Decoded:
         meta = photo_meta(data, stat.mtime_ns)
         try:
-            image, size = decode_image(data, self.max_megapixels, draft_size=self.preprocess.input_size)
+            raw = is_raw_path(stat.path)
+            image, size = decode_image(data, self.max_megapixels, draft_size=self.preprocess.input_size, raw=raw)
             return Decoded(row_id, stat, self.preprocess(image), digest, size, meta=meta)
         except ImageError as error:
             return Decoded(row_id, stat, digest=digest, error=str(error), meta=meta)
