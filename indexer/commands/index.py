@@ -80,7 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=2.0,
         metavar="SECONDS",
         help="with --watch: a file is indexed once no event has touched it for this long and its size and "
-        "date read the same twice, so a photo still being copied is not embedded half-written",
+        "date read the same twice, so a photo still being copied is not embedded half-written (default: 2)",
     )
     add_flag(p, "--json", action="store_true", help="print the summary as JSON (with --watch: one line per run)")
     p.set_defaults(run=run)
