@@ -47,6 +47,9 @@ TRAIN_POINTS_PER_CELL = 40
 KMEANS_ITERATIONS = 10
 HNSW_M = 32
 SMALL_BATCH = 20  # fewer queries than this are searched on one thread
+# A filter keeping at least this share of a flat index is served by a plain scan's top k·2/share, filtered
+# (`_overfetch`): at 10 % the selector scan and the plain one cost the same (bench/results/filter.txt).
+OVERFETCH_MIN_SHARE = 0.1
 HNSW_EF_CONSTRUCTION = 80
 
 
@@ -241,21 +244,28 @@ def filtered_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-k among ``allowed_ids`` of unit queries: (Q, d) -> scores (Q, k), ids (Q, k), -1 padded.
 
-    flat: an ID selector, so the scan scores the allowed vectors only. IVF: the same selector with every cell
+    flat: an ID selector, so the scan scores the allowed vectors only; a filter keeping ≥ 10 % is served by the
+    plain scan, over-fetched and filtered (`_overfetch`), when that holds k allowed for every query. IVF: the same selector with every cell
     probed (nprobe = nlist), since the few allowed vectors may lie in cells the query's nprobe would skip;
     the cells' other entries cost an id check each, not a dot product. Scores are those of the stored
     vectors (exact for flat and IVF-Flat; for ivf-sq8 those of its 8-bit codes, as unfiltered). HNSW cannot
     be filtered exactly, so its allowed vectors are read back and scanned.
     """
-    allowed_ids = np.unique(np.asarray(allowed_ids, dtype=np.int64))
+    allowed_ids = np.asarray(allowed_ids, dtype=np.int64)
+    if len(allowed_ids) > 1 and not (allowed_ids[1:] > allowed_ids[:-1]).all():  # the DB gives them sorted already
+        allowed_ids = np.unique(allowed_ids)
     k = min(k, len(allowed_ids))
     if k == 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     if isinstance(inner, faiss.IndexHNSW):
         return _scan(index.reconstruct_batch(allowed_ids), allowed_ids, queries, k)
-    selector = faiss.IDSelectorBatch(allowed_ids)  # kept alive by this frame until the search returns
     ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is None and len(allowed_ids) >= OVERFETCH_MIN_SHARE * index.ntotal:
+        found = _overfetch(index, queries, k, allowed_ids)
+        if found is not None:
+            return found
+    selector = faiss.IDSelectorBatch(allowed_ids)  # kept alive by this frame until the search returns
     params: faiss.SearchParameters
     if ivf is None:
         params = faiss.SearchParameters()
@@ -264,6 +274,22 @@ def filtered_search(
         ivf_params.nprobe = ivf.nlist
     params.sel = selector
     return index.search(queries, k, params=params)
+
+
+def _overfetch(
+    index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A flat index's exact top-k within a filter that keeps a large share: the plain (BLAS) scan's top k·2/share,
+    filtered. Exact whenever every query keeps k of them, since an allowed vector outside the fetched ones
+    scores below all of them; None otherwise. A selector scan scores vector by vector, 5-10x slower than the
+    plain scan when the filter keeps half or more (bench/results/filter.txt)."""
+    fetch = min(index.ntotal, math.ceil(2 * k * index.ntotal / len(allowed_ids)))
+    scores, ids = index.search(queries, fetch)  # (Q, fetch), (Q, fetch)
+    keep = np.isin(ids, allowed_ids)
+    if (keep.sum(axis=1) < k).any():
+        return None
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the first k allowed of each row, in rank order
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
 def _scan(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

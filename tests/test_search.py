@@ -157,3 +157,16 @@ def test_a_filter_that_allows_nothing_or_fewer_than_k_returns_what_it_allows():
     assert S.search(index, embs[:2], 5, allowed_ids=np.zeros(0, np.int64)) == [[], []]
     (result,) = S.search(index, embs[:1], 5, allowed_ids=np.array([3, 0, 999]))  # 999: not in the index
     assert [i for i, _ in result] == [0, 3]
+
+
+def test_a_wide_filter_whose_allowed_vectors_all_rank_low_still_gets_the_exact_top_k():
+    """Half the collection allowed, but exactly the half farthest from the query: the over-fetched plain scan
+    holds none of it, so the search must fall back to the selector scan rather than return fewer."""
+    embs = clustered(2000, seed=3)
+    ids = np.arange(100, 2100, dtype=np.int64)
+    query = embs[:1]
+    ranking = argsort_top_k(embs, query, len(embs))[0]
+    allowed_rows = ranking[len(embs) // 2 :]  # the far half
+    index = S.build_index(embs, ids, "flat")
+    (result,) = S.search(index, query, 10, allowed_ids=ids[allowed_rows])
+    assert [i for i, _ in result] == ids[allowed_rows[:10]].tolist()
