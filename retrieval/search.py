@@ -273,7 +273,20 @@ def filtered_search(
         params = ivf_params = faiss.SearchParametersIVF()
         ivf_params.nprobe = ivf.nlist
     params.sel = selector
-    return index.search(queries, k, params=params)
+    return _search_with_params(index, queries, k, params)
+
+
+def _search_with_params(
+    index: faiss.Index, queries: np.ndarray, k: int, params: faiss.SearchParameters
+) -> tuple[np.ndarray, np.ndarray]:
+    """index.search with search parameters, through the SWIG call itself: faiss.contrib.torch_utils (imported
+    by whoever uses FAISS with torch tensors) replaces `Index.search` with one that takes no `params`."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    scores = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    search_c = index.search_c  # type: ignore[attr-defined]  # the SWIG method, absent from the stubs
+    search_c(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(scores), faiss.swig_ptr(ids), params)
+    return scores, ids
 
 
 def _overfetch(

@@ -170,3 +170,15 @@ def test_a_wide_filter_whose_allowed_vectors_all_rank_low_still_gets_the_exact_t
     index = S.build_index(embs, ids, "flat")
     (result,) = S.search(index, query, 10, allowed_ids=ids[allowed_rows])
     assert [i for i, _ in result] == ids[allowed_rows[:10]].tolist()
+
+
+def test_a_filtered_search_survives_faiss_torch_utils_patching_index_search():
+    """faiss.contrib.torch_utils replaces Index.search with a version without `params` once anything imports it
+    (pytorch-metric-learning does)."""
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    embs = clustered(3000, seed=4)
+    for index_type in ("flat", "ivf"):
+        index = S.build_index(embs, np.arange(3000, dtype=np.int64), index_type)
+        (result,) = S.search(index, embs[:1], 3, allowed_ids=np.array([5, 7, 9]))
+        assert sorted(i for i, _ in result) == [5, 7, 9]
