@@ -27,8 +27,8 @@ RAW_SUFFIXES = frozenset(
     | {".srw", ".x3f", ".3fr", ".erf", ".kdc", ".dcr", ".mrw", ".mos", ".iiq", ".rwl"}
 )
 # How a RAW file becomes the picture the model sees (bench/bench_raw.py, bench/results/raw.txt): the camera's
-# embedded JPEG preview, ~40x faster than LibRaw's fastest demosaic (half size) and as close to the photo;
-# "demosaic" when a file has no usable preview.
+# embedded JPEG preview: 22x faster than LibRaw's fastest demosaic (half size) and closer to the photo
+# (cosine 0.989 vs 0.965 through the default model); "demosaic" when a file has no usable preview.
 RAW_DECODE = "preview"
 RAW_GAMMA = (2.4, 12.92)  # sRGB's curve, not LibRaw's default BT.709, so a demosaic matches the preview's tones
 
