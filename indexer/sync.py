@@ -287,13 +287,18 @@ def _meta_columns(meta: PhotoMeta) -> dict:
     )
 
 
+def rows_without_meta(store: Store, roots: list[str]) -> list:
+    """(id, path, mtime_ns) of the rows under the roots whose date taken has not been read yet."""
+    stmt = select(Image.id, Image.path, Image.mtime_ns).where(Image.taken_at.is_(None)).order_by(Image.id)
+    with store.session() as session:
+        return [row for row in session.execute(stmt).all() if _under(row.path, roots)]
+
+
 def fill_photo_meta(store: Store, roots: list[str], progress: bool = True, chunk: int = 256) -> int:
     """Read date taken and camera from the header of every row under the roots that has none yet (rows from
     before migration 0004), without decoding or embedding; one transaction per chunk, so a run killed here
     keeps what it read and the next one goes on. Returns how many rows it filled."""
-    stmt = select(Image.id, Image.path, Image.mtime_ns).where(Image.taken_at.is_(None)).order_by(Image.id)
-    with store.session() as session:
-        todo = [row for row in session.execute(stmt).all() if _under(row.path, roots)]
+    todo = rows_without_meta(store, roots)
     with tqdm(total=len(todo), unit="img", disable=not progress or not todo, desc="reading dates") as bar:
         for begin in range(0, len(todo), chunk):
             part = todo[begin : begin + chunk]
@@ -478,6 +483,7 @@ def sync(
         "failed": 0,
     }
     if options.dry_run:
+        summary["metadata_read"] = len(rows_without_meta(store, root_names))  # what the run would read
         return {**summary, "dry_run": True, "seconds": round(time.perf_counter() - start, 3), "images_per_s": 0.0}
     changed = bool(plan.embed or plan.moved or plan.deleted)
     index_meta = store.get_meta("index") or {}

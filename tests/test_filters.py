@@ -174,6 +174,8 @@ def test_a_home_indexed_before_migration_0004_gets_its_metadata_on_the_next_run_
     shutil.copytree(template, home)
     before = rows(home)
     command.downgrade(alembic_config(sqlite_url(home / "famsearch.db")), "0003")
+    _, plan = run_json(capsys, "index", folder, "--home", home, *TOY, "--dry-run")
+    assert plan["metadata_read"] == len(PHOTOS) and rows(home)[str(folder / "2020/a.jpg")][2] is None  # nothing read
     _, summary = run_json(capsys, "index", folder, "--home", home, *TOY)
     assert (summary["added"], summary["updated"], summary["unchanged"]) == (0, 0, len(PHOTOS))
     assert summary["metadata_read"] == len(PHOTOS)
