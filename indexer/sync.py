@@ -10,7 +10,6 @@ file that changes under the indexer is embedded again next time, never kept stal
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -34,9 +33,9 @@ from retrieval.engine import check_identity, index_from_store, model_identity
 from retrieval.featcache import FeatureCache, cache_batch, open_for_indexing
 from retrieval.head import Head, head_from_choice
 from retrieval.images import DEFAULT_MAX_MEGAPIXELS, ImageError, PhotoMeta, decode_image, is_raw_path, photo_meta
-from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
+from retrieval.schema import STATUS_FAILED, STATUS_OK, Image
 from retrieval.search import save_index
-from retrieval.store import Store, embedding_to_bytes
+from retrieval.store import Store, embedding_to_bytes, upsert_meta
 
 LOGGER = logging.getLogger(__name__)
 
@@ -437,7 +436,7 @@ def _set_metas(store: Store, values: dict) -> None:
     """Several meta keys in one transaction, so that readers see all of them change or none."""
     with store.session() as session:
         for key, value in values.items():
-            session.merge(Meta(key=key, value=json.dumps(value)))
+            upsert_meta(session, key, value)
 
 
 def _settle(summary: dict, outcomes: Counter) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,10 @@ from urllib.parse import quote
 import numpy as np
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, inspect, select
+from sqlalchemy import Engine, create_engine, event, func, inspect, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
@@ -30,6 +32,11 @@ from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
 _EMBEDDING_DTYPE = np.dtype("<f4")  # float32 little-endian, whatever the host
 _BUSY_TIMEOUT_S = 30.0  # how long a connection waits for another's lock (busy_timeout, the WAL switch)
 _SQLITE_BEGIN = "famsearch_sqlite_begin"  # execution option: the BEGIN statement to emit
+# The PostgreSQL advisory lock a migration's transaction holds ("famsearc" in ASCII, any bigint would do): two
+# first openers of an empty database would otherwise both create the tables, and one would fail.
+_MIGRATION_LOCK = 0x66616D7365617263
+# INSERT ... ON CONFLICT DO UPDATE: SQLite and PostgreSQL spell it alike (SQLAlchemy's two `insert`s share the API).
+_UPSERT_INSERTS: dict[str, Callable[..., Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -91,7 +98,7 @@ def read_meta(url: str, key: str, default: Any = None) -> Any:
     if reader is None:
         return default
     try:
-        with reader.connect() as conn:
+        with _connect(reader) as conn:
             if not inspect(conn).has_table(Meta.__tablename__):
                 return default
             value = conn.scalar(select(Meta.value).where(Meta.key == key))
@@ -133,7 +140,7 @@ class Store:
     def set_meta(self, key: str, value: Any) -> None:
         """Store ``value`` (anything ``json.dumps`` takes) under ``key``, replacing the old one."""
         with self.session() as session:
-            session.merge(Meta(key=key, value=json.dumps(value)))
+            upsert_meta(session, key, value)
 
     def images_by_ids(self, ids: Sequence[int]) -> list[Image]:
         """The images with these ids, in the order of ``ids``; unknown ids (FAISS -1) dropped."""
@@ -182,6 +189,21 @@ class Store:
         self.engine.dispose()
 
 
+def upsert_meta(session: Session, key: str, value: Any) -> None:
+    """Insert or replace one meta value in ``session``'s transaction, in one statement.
+
+    A read-then-insert (``Session.merge``) races with another writer of a new key: PostgreSQL refuses the
+    second INSERT (unique key), SQLite the second writer's upgrade from its read snapshot ("database is
+    locked", without waiting). Dialects without ``ON CONFLICT`` fall back to the merge.
+    """
+    insert = _UPSERT_INSERTS.get(session.get_bind().dialect.name)
+    if insert is None:
+        session.merge(Meta(key=key, value=json.dumps(value)))
+        return
+    stmt = insert(Meta).values(key=key, value=json.dumps(value))
+    session.execute(stmt.on_conflict_do_update(index_elements=[Meta.key], set_={"value": stmt.excluded.value}))
+
+
 def _rows_to_arrays(rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))  # (B,)
     blobs = [row[1] for row in rows]
@@ -192,13 +214,20 @@ def _rows_to_arrays(rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     return ids, embeddings.astype(np.float32, copy=False).reshape(len(rows), -1)  # (B*N,) -> (B, N)
 
 
+def _parse_url(url: str) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError as error:
+        raise UsageError(f"--db: not a database URL: {error}") from None
+
+
 def _create_engine(url: str) -> Engine:
-    if make_url(url).get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+    if _parse_url(url).get_backend_name() != "sqlite":
+        return _new_engine(url, pool_pre_ping=True)
     database = make_url(url).database
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
+    engine = _new_engine(url)
     event.listen(engine, "connect", _on_sqlite_connect)
     event.listen(engine, "begin", _on_sqlite_begin)
     return engine
@@ -207,12 +236,12 @@ def _create_engine(url: str) -> Engine:
 def _create_reader(url: str) -> Engine | None:
     """An engine that reads ``url`` as it is: a SQLite file opened with ``mode=ro`` (no WAL switch, no
     folder made), None for a SQLite file that does not exist or an in-memory database (nothing in it)."""
-    parsed = make_url(url)
+    parsed = _parse_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url)
+        return _new_engine(url)
     database = parsed.database
     if database and database.startswith("file:"):  # already a SQLite URI: taken as given
-        return create_engine(url)
+        return _new_engine(url)
     if not database or database == ":memory:" or not Path(database).expanduser().is_file():
         return None
     path = quote(str(Path(database).expanduser().resolve()))  # URI filename: '%', '?', '#' escaped
@@ -256,10 +285,33 @@ def _on_sqlite_begin(conn: Connection) -> None:
 
 def _upgrade(engine: Engine) -> None:
     config = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.connect() as conn:
-        # Two processes opening a new database at once: BEGIN IMMEDIATE takes the write
-        # lock before Alembic reads the version table, so the second waits and finds head.
+    with _connect(engine) as conn:
+        # Two processes opening a new database at once: the second waits for the first's migration and
+        # finds head. SQLite: BEGIN IMMEDIATE takes the write lock before Alembic reads the version table;
+        # PostgreSQL: an advisory lock held to the end of the transaction (its DDL is transactional too).
         conn.execution_options(**{_SQLITE_BEGIN: "BEGIN IMMEDIATE"})
         with conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
+
+
+def _connect(engine: Engine) -> Connection:
+    """``engine.connect()``, a server that cannot be reached (or refuses us) as a one-line UsageError."""
+    try:
+        return engine.connect()
+    except (OperationalError, InterfaceError) as error:
+        reason = (str(error.orig) if error.orig is not None else str(error)).strip().splitlines()[0]
+        raise UsageError(f"cannot open the database {engine.url!r}: {reason}") from None
+
+
+def _new_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """``create_engine``, a malformed URL or a driver that is not installed as a one-line UsageError."""
+    try:
+        return create_engine(url, **kwargs)
+    except (ArgumentError, NoSuchModuleError) as error:
+        raise UsageError(f"--db: not a database URL famsearch can use: {error}") from None
+    except ImportError as error:
+        hint = " (pip install 'famsearch[postgres]')" if "psycopg" in str(error) else ""
+        raise UsageError(f"--db: the database driver is not installed: {error}{hint}") from None
