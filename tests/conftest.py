@@ -19,8 +19,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from indexer.cli import main
-from retrieval.config import Settings
-from tests.postgres import PostgresServer, server_bindir
+from tests.postgres import DATABASES, PostgresServer, server_bindir
 
 SHAPES = ("ellipse", "rectangle", "triangle")
 COLOURS = ((220, 40, 40), (40, 180, 60), (40, 70, 220), (230, 200, 30))
@@ -44,48 +43,6 @@ def draw_picture(seed: int, size: int = 64) -> Image.Image:
     return image
 
 
-class Databases:
-    """Where each home keeps its metadata in the running test: SQLite in the home (the CLI's default), or, under
-    the `database` fixture's postgresql case, a PostgreSQL database of its own, made on first use.
-
-    `run_cli` (and test_crash's subprocesses) give every command that names a `--home` its database's `--db`, so a
-    test of a module that takes `database` runs each command, unchanged, against both backends.
-    """
-
-    def __init__(self) -> None:
-        self.server: PostgresServer | None = None
-        self.urls: dict[Path, str] = {}
-
-    def url(self, home: Path | str) -> str | None:
-        """The `--db` URL of `home`; None on SQLite (the file in the home)."""
-        if self.server is None:
-            return None
-        home = Path(home).absolute()
-        if home not in self.urls:
-            self.urls[home] = self.server.create_database()
-        return self.urls[home]
-
-    def settings(self, home: Path | str) -> Settings:
-        return Settings(home=Path(home), db_url=self.url(home))
-
-    def with_db(self, argv: list[str]) -> list[str]:
-        """`argv` plus `--db URL` of its `--home`, when it names one and its home is in PostgreSQL."""
-        if self.server is None or "--home" not in argv or "--db" in argv:
-            return argv
-        url = self.url(argv[argv.index("--home") + 1])
-        assert url is not None
-        return [*argv, "--db", url]
-
-    def use(self, server: PostgresServer | None) -> None:
-        for url in self.urls.values():
-            assert self.server is not None
-            self.server.drop_database(url)
-        self.server, self.urls = server, {}
-
-
-DATABASES = Databases()
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
     """A PostgreSQL server of this test process (tests/postgres.py), stopped at the end of the session."""
@@ -98,11 +55,13 @@ def postgres_server():
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database(request) -> Databases:
+def database(request):
     """The test runs twice: every home's metadata in SQLite, then in PostgreSQL (`DATABASES`)."""
     DATABASES.use(request.getfixturevalue("postgres_server") if request.param == "postgresql" else None)
     yield DATABASES
+    stray = [home for home in DATABASES.urls if (home / "famsearch.db").exists()]
     DATABASES.use(None)
+    assert not stray, f"a command wrote SQLite in {stray} instead of the home's PostgreSQL database"
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -16,11 +16,12 @@ import numpy as np
 from PIL import Image
 
 from indexer.scan import scan
-from retrieval.config import Settings, index_generation
+from retrieval.config import index_generation
 from retrieval.schema import STATUS_OK
 from retrieval.search import index_ids, load_index
 from retrieval.store import bytes_to_embedding, open_store
 from tests.conftest import draw_picture
+from tests.postgres import DATABASES
 
 BOMB_SIZE = (1100, 1000)  # 1.1 megapixels: over a --max-megapixels 1 cap, tiny on disk
 EXIF_ORIENTATION = 0x0112
@@ -153,7 +154,7 @@ def snapshot(home: Path) -> Snapshot:
 
     from retrieval.schema import Image as ImageRow
 
-    settings = Settings(home=home)
+    settings = DATABASES.settings(home)
     store = open_store(settings.database_url)
     try:
         with store.session() as session:

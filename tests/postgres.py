@@ -19,6 +19,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL
 
+from retrieval.config import Settings
+
 SUPERUSER = "famsearch"  # the cluster's superuser (a database role, not a system account)
 _SERVER_OPTIONS = "-c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 
@@ -94,9 +96,11 @@ class PostgresServer:
             conn.execute(sql)
 
     def create_database(self) -> str:
-        """A new, empty database; returns its URL."""
+        """A new, empty database; returns its URL. It sorts text as a server set up for English does (ICU en-US:
+        'a' < 'B' < '_c'), not by code point as the test cluster's C locale would, so that an ORDER BY that
+        differs from SQLite's shows."""
         name = f"test_{os.getpid()}_{next(self._names)}"
-        self._admin(f'CREATE DATABASE "{name}"')
+        self._admin(f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
         return self.url(name)
 
     def drop_database(self, url: str) -> None:
@@ -111,3 +115,47 @@ class PostgresServer:
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Databases:
+    """Where each home keeps its metadata in the running test: SQLite in the home (the CLI's default), or, under
+    the `database` fixture's postgresql case, a PostgreSQL database of its own, made on first use.
+
+    `run_cli` (and test_crash's subprocesses) give every command that names a `--home` its database's `--db`, so a
+    test of a module that takes `database` runs each command, unchanged, against both backends.
+    """
+
+    def __init__(self) -> None:
+        self.server: PostgresServer | None = None
+        self.urls: dict[Path, str] = {}
+
+    def url(self, home: Path | str) -> str | None:
+        """The `--db` URL of `home`; None on SQLite (the file in the home)."""
+        if self.server is None:
+            return None
+        home = Path(home).absolute()
+        if home not in self.urls:
+            self.urls[home] = self.server.create_database()
+        return self.urls[home]
+
+    def settings(self, home: Path | str) -> Settings:
+        return Settings(home=Path(home), db_url=self.url(home))
+
+    def with_db(self, argv: list[str]) -> list[str]:
+        """`argv` plus `--db URL` of its `--home`, when it names one and its home is in PostgreSQL."""
+        if self.server is None or "--home" not in argv or "--db" in argv:
+            return argv
+        url = self.url(argv[argv.index("--home") + 1])
+        assert url is not None
+        return [*argv, "--db", url]
+
+    def use(self, server: PostgresServer | None) -> None:
+        for url in self.urls.values():
+            assert self.server is not None
+            self.server.drop_database(url)
+        self.server, self.urls = server, {}
+
+
+# The one registry: it lives here rather than in conftest.py, which pytest imports as `conftest` while test
+# modules import it as `tests.conftest` (two module objects, two registries).
+DATABASES = Databases()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,18 +13,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
 from retrieval.search import build_index, index_ids, load_index, save_index
 from tests.conftest import draw_picture, run_json
 from tests.corpus import assert_consistent, snapshot
+from tests.postgres import DATABASES
 
 TOY = ("--model", "toy", "--input-size", "64", "--no-progress")
 SAFETY_TIMEOUT_S = 120  # only so that a hang fails the test instead of the whole suite
 
 
+@pytest.fixture(autouse=True)
+def _on_sqlite_and_postgresql(database):
+    """Every test here runs twice: each home's rows in SQLite, then in a PostgreSQL database (`--db`); a
+    PostgreSQL server rolls back the open transaction of a client killed mid-batch, as SQLite's WAL does."""
+
+
 def famsearch(*args) -> subprocess.Popen:
     """`famsearch ...` in its own process group, so a kill takes its decoding workers too."""
-    command = [sys.executable, "-m", "indexer.cli", *map(str, args)]
+    command = [sys.executable, "-m", "indexer.cli", *DATABASES.with_db([str(a) for a in args])]
     return subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,
@@ -35,19 +44,28 @@ def famsearch(*args) -> subprocess.Popen:
     )
 
 
-def count_rows(home: Path) -> int:
+def count_rows(engine) -> int:
     try:
-        with sqlite3.connect(f"file:{home / 'famsearch.db'}?mode=ro", uri=True, timeout=10) as conn:
-            return conn.execute("SELECT count(*) FROM images").fetchone()[0]
-    except sqlite3.OperationalError:  # no database, or not migrated yet
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM images")).scalar_one()
+    except DBAPIError:  # no database, or not migrated yet
         return 0
 
 
 def kill_when_rows(process: subprocess.Popen, home: Path, at_least: int) -> int:
     """SIGKILL the run once `at_least` rows are committed; returns the rows seen then."""
+    url = DATABASES.url(home) or f"sqlite:///file:{home / 'famsearch.db'}?mode=ro&uri=true"  # never makes the file
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        return _kill_when_rows(process, engine, at_least)
+    finally:
+        engine.dispose()
+
+
+def _kill_when_rows(process: subprocess.Popen, engine, at_least: int) -> int:
     deadline = time.monotonic() + SAFETY_TIMEOUT_S
     while process.poll() is None and time.monotonic() < deadline:
-        rows = count_rows(home)
+        rows = count_rows(engine)
         if rows >= at_least:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -140,7 +158,6 @@ def test_a_reader_that_read_the_model_before_a_pcaw_refit_opens_the_matching_hea
     """The re-index (new photo, so pcaw is refitted) lands between the reader's meta read and its
     file reads: it must still pair the head and the index it read about, not the new files."""
     import retrieval.engine as engine_module
-    from retrieval.config import Settings
 
     run_json(capsys, "index", gallery, "--home", home, *TOY, "--workers", "0", "--head", "pcaw")
     draw_picture(50).save(gallery / "late.png")
@@ -152,20 +169,19 @@ def test_a_reader_that_read_the_model_before_a_pcaw_refit_opens_the_matching_hea
         return real_load_head(path)
 
     monkeypatch.setattr(engine_module, "load_head", reindex_then_load)
-    engine = engine_module.QueryEngine(Settings(home=home))  # the old code raised: head.pt is not the head ...
+    engine = engine_module.QueryEngine(DATABASES.settings(home))  # the old code raised: head.pt is not the head ...
     result = engine.query(engine.load_query(gallery / "pic1.png"), k=1, explainer="none")
     assert result.matches[0].path == str(gallery / "pic1.png") and result.matches[0].score == pytest.approx(
         1.0, abs=1e-5
     )
     monkeypatch.undo()
-    fresh = engine_module.QueryEngine(Settings(home=home))
+    fresh = engine_module.QueryEngine(DATABASES.settings(home))
     assert fresh.index.ntotal == 9 and fresh.head.digest != engine.head.digest  # pcaw was refitted
 
 
 def test_each_rebuild_is_a_new_generation_and_only_the_previous_one_is_kept(capsys, gallery, home):
-    from retrieval.config import Settings
 
-    settings = Settings(home=home)
+    settings = DATABASES.settings(home)
     for round_ in range(4):
         draw_picture(60 + round_).save(gallery / f"new{round_}.png")
         run_json(capsys, "index", gallery, "--home", home, *TOY, "--workers", "0", "--head", "pcaw")
@@ -181,7 +197,6 @@ def test_a_reader_whose_generation_was_deleted_by_two_later_re_indexes_opens_the
     capsys, gallery, home, monkeypatch
 ):
     import retrieval.engine as engine_module
-    from retrieval.config import Settings
 
     run_json(capsys, "index", gallery, "--home", home, *TOY, "--workers", "0", "--head", "pcaw")
     real_load_head = engine_module.load_head
@@ -196,7 +211,7 @@ def test_a_reader_whose_generation_was_deleted_by_two_later_re_indexes_opens_the
         return real_load_head(path)
 
     monkeypatch.setattr(engine_module, "load_head", two_reindexes_then_load)
-    engine = engine_module.QueryEngine(Settings(home=home))
+    engine = engine_module.QueryEngine(DATABASES.settings(home))
     assert [p.name for p in calls] == ["head-1.pt", "head-3.pt"]  # the first one was gone: snapshot read again
     assert engine.index.ntotal == 10
     result = engine.query(engine.load_query(gallery / "late71.png"), k=1, explainer="none")

@@ -306,3 +306,19 @@ def test_a_server_that_cannot_be_reached_is_a_usage_error_that_hides_the_passwor
 def test_a_url_famsearch_cannot_use_is_a_usage_error(url, message):
     with pytest.raises(UsageError, match=message):
         open_store(url)
+
+
+NAMES = ("B", "_c", "a", "Z", "é")  # code-point order: B Z _c a é; an en-US collation: _c a B é Z
+
+
+def test_lists_by_path_or_name_come_in_code_point_order_on_every_database(store):
+    from retrieval.albums import add_to_album, list_albums
+    from retrieval.apikeys import create_key, list_keys
+
+    for name in NAMES:
+        _add(store, f"/photos/{name}.jpg", status=STATUS_FAILED, error="truncated")
+        add_to_album(store, name, [])
+        create_key(store, name)
+    assert [failure["path"] for failure in store.failures()] == sorted(f"/photos/{name}.jpg" for name in NAMES)
+    assert [name for name, _ in list_albums(store)] == sorted(NAMES)
+    assert [key["name"] for key in list_keys(store)] == sorted(NAMES)

@@ -20,6 +20,11 @@ from tests.corpus import Case, assert_consistent, bad_cases, sideways_jpeg, snap
 TOY = ("--model", "toy", "--input-size", "64", "--workers", "0", "--no-progress")
 
 
+@pytest.fixture(autouse=True)
+def _on_sqlite_and_postgresql(database):
+    """Every test here runs twice: each home's rows in SQLite, then in a PostgreSQL database (`--db`)."""
+
+
 def index(capsys, home: Path, *args) -> tuple[int, dict]:
     return run_json(capsys, "index", *args, "--home", home, *TOY)
 
