@@ -20,7 +20,7 @@ from sqlalchemy import CursorResult, delete, func, select
 
 from retrieval.errors import UsageError
 from retrieval.schema import LABEL_SOURCES, STATUS_OK, Album, AlbumImage, Image
-from retrieval.store import Store, bytes_to_embedding
+from retrieval.store import Store, bytes_to_embedding, code_point_order
 
 
 def labels_from_folders(paths: Iterable[str], roots: Iterable[str | Path]) -> dict[str, str]:
@@ -140,13 +140,13 @@ def delete_album(store: Store, name: str) -> bool:
 
 def list_albums(store: Store) -> list[tuple[str, int]]:
     """``[(name, number of images)]`` by name, empty albums included."""
-    stmt = (
-        select(Album.name, func.count(AlbumImage.image_id))
-        .outerjoin(AlbumImage, AlbumImage.album_id == Album.id)
-        .group_by(Album.id)
-        .order_by(Album.name)
-    )
     with store.session() as session:
+        stmt = (
+            select(Album.name, func.count(AlbumImage.image_id))
+            .outerjoin(AlbumImage, AlbumImage.album_id == Album.id)
+            .group_by(Album.id)
+            .order_by(code_point_order(Album.name, session))
+        )
         return [(name, count) for name, count in session.execute(stmt)]
 
 

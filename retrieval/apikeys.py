@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from retrieval.errors import UsageError
 from retrieval.schema import ApiKey, utc_now
-from retrieval.store import Store
+from retrieval.store import Store, code_point_order
 
 
 def key_hash(key: str) -> str:
@@ -47,7 +47,7 @@ def revoke_key(store: Store, name: str) -> None:
 def list_keys(store: Store) -> list[dict]:
     """``[{"name", "created", "revoked": ISO time | None}, ...]`` by name; never the keys (they are not kept)."""
     with store.session() as session:
-        rows = session.scalars(select(ApiKey).order_by(ApiKey.name)).all()
+        rows = session.scalars(select(ApiKey).order_by(code_point_order(ApiKey.name, session))).all()
         return [
             {
                 "name": row.name,

@@ -29,7 +29,7 @@ from retrieval.regions import Auto, Box, fit_box
 from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
 from retrieval.search import build_index, index_type_of, load_index, search, to_gpu_if_available
-from retrieval.store import Store, bytes_to_embedding, open_store
+from retrieval.store import Store, bytes_to_embedding, code_point_order, open_store
 
 LOGGER = logging.getLogger(__name__)
 EXPLAIN_CHOICES = (*explainers.EXPLAINERS, "none")
@@ -452,7 +452,8 @@ class QueryEngine:
         if contains:
             stmt = stmt.where(ImageRow.path.contains(contains, autoescape=True))
         with self.store.session() as session:
-            return [(int(i), p) for i, p in session.execute(stmt.order_by(ImageRow.path).limit(limit))]
+            stmt = stmt.order_by(code_point_order(ImageRow.path, session)).limit(limit)
+            return [(int(i), p) for i, p in session.execute(stmt)]
 
     def resolve_user_path(self, text: str) -> Path:
         """A typed path, if it names an indexed photo or an image under a root of the last index run.

@@ -1,8 +1,10 @@
 """The metadata store: an SQLAlchemy engine over the Alembic-migrated schema of ``schema.py``.
 
-SQLite by default (WAL, busy timeout), any SQLAlchemy URL allowed. The schema is made only
-by the migrations; ``open_store`` upgrades to head every time it opens a database, ``read_meta``
-reads one value and never migrates or writes.
+SQLite by default (WAL, busy timeout) or PostgreSQL (psycopg), both tested; any SQLAlchemy URL
+allowed. The schema is made only by the migrations; ``open_store`` upgrades to head every time it
+opens a database, ``read_meta`` reads one value and never migrates or writes. The queries are
+dialect-neutral but for three things the two databases do differently: the lock a first migration
+takes, the upsert of a meta value and the collation of an ORDER BY on text.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from urllib.parse import quote
 import numpy as np
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, inspect, select, text
+from sqlalchemy import Engine, SQLColumnExpression, create_engine, event, func, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError
@@ -181,12 +183,20 @@ class Store:
 
     def failures(self) -> list[dict[str, str | None]]:
         """``[{"path": P, "error": E}, ...]`` for the failed files, by path."""
-        stmt = select(Image.path, Image.error).where(Image.status == STATUS_FAILED).order_by(Image.path)
         with self.session() as session:
+            stmt = select(Image.path, Image.error).where(Image.status == STATUS_FAILED)
+            stmt = stmt.order_by(code_point_order(Image.path, session))
             return [{"path": path, "error": error} for path, error in session.execute(stmt)]
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def code_point_order(column: SQLColumnExpression[str], session: Session) -> SQLColumnExpression[str]:
+    """``column`` to ORDER BY in code-point order on every backend: SQLite compares text as bytes (BINARY), while
+    PostgreSQL sorts by the database's collation, its server's locale (en-US: '_c' < 'a' < 'B'); "C" is its
+    byte order."""
+    return column.collate("C") if session.get_bind().dialect.name == "postgresql" else column
 
 
 def upsert_meta(session: Session, key: str, value: Any) -> None:
