@@ -63,7 +63,14 @@ def common_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="where the database, index and head live (default: the user data dir)",
     )
-    add_flag(parser, "--db", default=None, help="SQLAlchemy URL of the metadata DB (default: SQLite in --home)")
+    add_flag(
+        parser,
+        "--db",
+        default=None,
+        metavar="URL",
+        help="SQLAlchemy URL of the metadata DB, e.g. postgresql+psycopg://USER@HOST/DBNAME (the postgres extra; "
+        "keep the password in ~/.pgpass or PGPASSWORD, not here); default: SQLite in --home",
+    )
     add_flag(parser, "--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
 
