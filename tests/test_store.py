@@ -322,3 +322,32 @@ def test_lists_by_path_or_name_come_in_code_point_order_on_every_database(store)
     assert [failure["path"] for failure in store.failures()] == sorted(f"/photos/{name}.jpg" for name in NAMES)
     assert [name for name, _ in list_albums(store)] == sorted(NAMES)
     assert [key["name"] for key in list_keys(store)] == sorted(NAMES)
+
+
+def test_a_reader_sees_the_model_and_the_index_of_one_commit_while_a_writer_commits_both_together(store):
+    # What a re-index does at the end (indexer.sync._set_metas) against what the engine reads first (one SELECT):
+    # under PostgreSQL's READ COMMITTED as under SQLite's WAL, the pair is never half old, half new.
+    from retrieval.store import upsert_meta
+
+    store.set_meta("model", {"generation": 0})
+    store.set_meta("index", {"generation": 0})
+    done = threading.Event()
+
+    def writer():
+        for generation in range(1, 151):
+            with store.session() as session:
+                upsert_meta(session, "model", {"generation": generation})
+                upsert_meta(session, "index", {"generation": generation})
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen = set()
+    try:
+        while not done.is_set():
+            metas = store.get_metas(("model", "index"))
+            assert metas["model"] == metas["index"], metas
+            seen.add(metas["index"]["generation"])
+    finally:
+        thread.join()
+    assert len(seen) > 1  # the reads did land between commits
