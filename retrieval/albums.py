@@ -19,8 +19,8 @@ import numpy as np
 from sqlalchemy import CursorResult, delete, func, select
 
 from retrieval.errors import UsageError
-from retrieval.schema import LABEL_SOURCES, STATUS_OK, Album, AlbumImage, Image
-from retrieval.store import Store, bytes_to_embedding, code_point_order
+from retrieval.schema import LABEL_SOURCES, STATUS_OK, Album, AlbumImage, Image, utc_now
+from retrieval.store import Store, bytes_to_embedding, code_point_order, dialect_insert
 
 
 def labels_from_folders(paths: Iterable[str], roots: Iterable[str | Path]) -> dict[str, str]:
@@ -98,11 +98,20 @@ def set_labels(store: Store, labels: Mapping[str, str], source: str) -> dict[str
         album_ids = _ensure_albums(session, set(found.values()))
         for chunk in _chunks(list(found)):
             session.execute(delete(AlbumImage).where(AlbumImage.source == source, AlbumImage.image_id.in_(chunk)))
-        session.add_all(AlbumImage(album_id=album_ids[label], image_id=i, source=source) for i, label in found.items())
+        _add_memberships(
+            session, [{"album_id": album_ids[label], "image_id": i, "source": source} for i, label in found.items()]
+        )
     return {"labelled": len(found), "albums": len(set(found.values())), "unknown": len(labels) - len(found)}
 
 
 def _ensure_albums(session, names: set[str]) -> dict[str, int]:
+    """{name: album id}, the albums made where new. Where the database has ON CONFLICT this is one INSERT, so two
+    writers of one new album never collide (a read-then-insert fails the second on a unique key, or on SQLite's
+    lock upgrade); other dialects read first and insert what was missing."""
+    insert = dialect_insert(session)
+    if insert is not None and names:
+        rows = [{"name": name, "created_at": utc_now()} for name in sorted(names)]
+        session.execute(insert(Album).values(rows).on_conflict_do_nothing(index_elements=[Album.name]))
     existing = dict(session.execute(select(Album.name, Album.id).where(Album.name.in_(names))).all()) if names else {}
     for name in sorted(names - existing.keys()):
         album = Album(name=name)
@@ -126,8 +135,24 @@ def add_to_album(store: Store, name: str, image_ids: Iterable[int], source: str 
         album_id = _ensure_albums(session, {name})[name]
         present = set(session.scalars(select(AlbumImage.image_id).where(AlbumImage.album_id == album_id)))
         new = [int(i) for i in dict.fromkeys(image_ids) if int(i) not in present]
-        session.add_all(AlbumImage(album_id=album_id, image_id=i, source=source) for i in new)
-    return len(new)
+        return _add_memberships(session, [{"album_id": album_id, "image_id": i, "source": source} for i in new])
+
+
+def _add_memberships(session, rows: list[dict]) -> int:
+    """Insert album memberships, skipping those a concurrent writer added meanwhile (ON CONFLICT DO NOTHING where
+    the database has it); returns how many went in."""
+    insert = dialect_insert(session)
+    if insert is None:
+        session.add_all(AlbumImage(**row) for row in rows)
+        return len(rows)
+    added = 0
+    keys = [AlbumImage.album_id, AlbumImage.image_id]
+    for chunk in _chunks(rows):  # a statement's bind parameters are limited (PostgreSQL: 65,535)
+        result = cast(
+            CursorResult, session.execute(insert(AlbumImage).values(chunk).on_conflict_do_nothing(index_elements=keys))
+        )
+        added += result.rowcount
+    return added
 
 
 def delete_album(store: Store, name: str) -> bool:

@@ -199,6 +199,12 @@ def code_point_order(column: SQLColumnExpression[str], session: Session) -> SQLC
     return column.collate("C") if session.get_bind().dialect.name == "postgresql" else column
 
 
+def dialect_insert(session: Session) -> Callable[..., Any] | None:
+    """The INSERT with ``on_conflict_do_update`` / ``on_conflict_do_nothing`` of ``session``'s database (SQLite's
+    and PostgreSQL's share the API), None for a dialect without them."""
+    return _UPSERT_INSERTS.get(session.get_bind().dialect.name)
+
+
 def upsert_meta(session: Session, key: str, value: Any) -> None:
     """Insert or replace one meta value in ``session``'s transaction, in one statement.
 
@@ -206,7 +212,7 @@ def upsert_meta(session: Session, key: str, value: Any) -> None:
     second INSERT (unique key), SQLite the second writer's upgrade from its read snapshot ("database is
     locked", without waiting). Dialects without ``ON CONFLICT`` fall back to the merge.
     """
-    insert = _UPSERT_INSERTS.get(session.get_bind().dialect.name)
+    insert = dialect_insert(session)
     if insert is None:
         session.merge(Meta(key=key, value=json.dumps(value)))
         return

@@ -351,3 +351,17 @@ def test_a_reader_sees_the_model_and_the_index_of_one_commit_while_a_writer_comm
     finally:
         thread.join()
     assert len(seen) > 1  # the reads did land between commits
+
+
+def test_concurrent_writers_of_one_new_album_all_succeed(store):
+    from retrieval.albums import add_to_album, list_albums, set_labels
+
+    ids = [_add(store, f"/photos/{i}.jpg", embedding=_vec(i)) for i in range(4)]
+    for round_ in range(3):
+        album = f"album{round_}"
+        errors = _all_at_once(4, lambda i, album=album: add_to_album(store, album, [ids[i], ids[0]]))
+        assert errors == []
+        labels = {f"/photos/{i}.jpg": f"labelled{round_}" for i in range(4)}
+        assert _all_at_once(4, lambda i, labels=labels: set_labels(store, labels, "file")) == []
+    assert dict(list_albums(store)) == {**{f"album{r}": 4 for r in range(3)}, **{f"labelled{r}": 0 for r in range(2)},
+                                        "labelled2": 4}  # fmt: skip
