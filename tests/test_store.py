@@ -365,3 +365,21 @@ def test_concurrent_writers_of_one_new_album_all_succeed(store):
         assert _all_at_once(4, lambda i, labels=labels: set_labels(store, labels, "file")) == []
     assert dict(list_albums(store)) == {**{f"album{r}": 4 for r in range(3)}, **{f"labelled{r}": 0 for r in range(2)},
                                         "labelled2": 4}  # fmt: skip
+
+
+def test_read_meta_of_a_server_database_reuses_its_connection(url, store):
+    # `famsearch api` reads the index generation on every request and the UI on every rerun: a new PostgreSQL
+    # connection each time starts a server process (~80 ms measured here, against ~6 ms for a SQLite read).
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    store.set_meta("index", {"generation": 3})
+    connections = []
+    record = lambda *args: connections.append(args)  # noqa: E731
+    event.listen(Pool, "connect", record)
+    try:
+        for _ in range(5):
+            assert read_meta(url, "index") == {"generation": 3}
+    finally:
+        event.remove(Pool, "connect", record)
+    assert len(connections) <= (5 if url.startswith("sqlite") else 1)  # SQLite: a read-only file open each time
