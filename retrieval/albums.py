@@ -20,7 +20,7 @@ from sqlalchemy import CursorResult, delete, func, select
 
 from retrieval.errors import UsageError
 from retrieval.schema import LABEL_SOURCES, STATUS_OK, Album, AlbumImage, Image, utc_now
-from retrieval.store import Store, bytes_to_embedding, code_point_order, dialect_insert
+from retrieval.store import Store, bytes_to_embedding, check_name_length, code_point_order, dialect_insert
 
 
 def labels_from_folders(paths: Iterable[str], roots: Iterable[str | Path]) -> dict[str, str]:
@@ -88,6 +88,8 @@ def set_labels(store: Store, labels: Mapping[str, str], source: str) -> dict[str
     """
     if source not in LABEL_SOURCES:
         raise UsageError(f"unknown label source {source!r}; choose one of {', '.join(LABEL_SOURCES)}")
+    for label in set(labels.values()):
+        check_name_length(label, Album.name, "an album name")
     by_path = _image_ids_by_path(store)
     found = {}
     for path, label in labels.items():
@@ -131,6 +133,7 @@ def add_to_album(store: Store, name: str, image_ids: Iterable[int], source: str 
     name = name.strip()
     if not name:
         raise UsageError("an album needs a name")
+    check_name_length(name, Album.name, "an album name")
     with store.session() as session:
         album_id = _ensure_albums(session, {name})[name]
         present = set(session.scalars(select(AlbumImage.image_id).where(AlbumImage.album_id == album_id)))

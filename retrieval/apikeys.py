@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from retrieval.errors import UsageError
 from retrieval.schema import ApiKey, utc_now
-from retrieval.store import Store, code_point_order
+from retrieval.store import Store, check_name_length, code_point_order
 
 
 def key_hash(key: str) -> str:
@@ -25,6 +25,7 @@ def create_key(store: Store, name: str) -> str:
     """A new key under ``name``, returned once (only its hash is kept); UsageError if the name is taken."""
     if not name.strip():
         raise UsageError("an API key needs a name (--name)")
+    check_name_length(name, ApiKey.name, "an API key's name")
     key = secrets.token_urlsafe(32)
     with store.session() as session:
         if session.scalars(select(ApiKey.id).where(ApiKey.name == name)).first() is not None:

@@ -218,6 +218,14 @@ def code_point_order(column: SQLColumnExpression[str], session: Session) -> SQLC
     return column.collate("C") if session.get_bind().dialect.name == "postgresql" else column
 
 
+def check_name_length(name: str, column: Any, what: str) -> None:
+    """UsageError if ``name`` is longer than the String column holds: SQLite would store it whole, PostgreSQL
+    refuses it (a DataError, mid-transaction), so both refuse it first."""
+    length = column.type.length
+    if length is not None and len(name) > length:
+        raise UsageError(f"{what} is longer than {length} characters: {name[:40]}...")
+
+
 def dialect_insert(session: Session) -> Callable[..., Any] | None:
     """The INSERT with ``on_conflict_do_update`` / ``on_conflict_do_nothing`` of ``session``'s database (SQLite's
     and PostgreSQL's share the API), None for a dialect without them."""

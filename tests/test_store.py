@@ -383,3 +383,20 @@ def test_read_meta_of_a_server_database_reuses_its_connection(url, store):
     finally:
         event.remove(Pool, "connect", record)
     assert len(connections) <= (5 if url.startswith("sqlite") else 1)  # SQLite: a read-only file open each time
+
+
+def test_a_name_longer_than_its_column_is_a_usage_error_on_every_database(store):
+    # SQLite stores a VARCHAR(255) of any length; PostgreSQL refuses it with a DataError mid-transaction.
+    from retrieval.albums import add_to_album, set_labels
+    from retrieval.apikeys import create_key
+
+    _add(store, "/photos/a.jpg", embedding=_vec(0))
+    name = "n" * 256
+    for write in (
+        lambda: add_to_album(store, name, []),
+        lambda: set_labels(store, {"/photos/a.jpg": name}, "file"),
+        lambda: create_key(store, name),
+    ):
+        with pytest.raises(UsageError, match="longer than 255"):
+            write()
+    add_to_album(store, "n" * 255, [])  # the longest that fits
