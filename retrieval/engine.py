@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from PIL import Image
@@ -17,6 +19,14 @@ from sqlalchemy import select
 
 from retrieval import fam as explainers
 from retrieval.config import DEFAULT_EXPLAINER, Settings, default_device, home_has_index, index_generation
+from retrieval.duplicates import (
+    DuplicateGroup,
+    DuplicateImage,
+    connected_groups,
+    keep_position,
+    scores_to_keep,
+    similar_pairs,
+)
 from retrieval.encoder import Encoded, Encoder, load_encoder
 from retrieval.errors import IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
 from retrieval.fam import FineInputs
@@ -445,6 +455,44 @@ class QueryEngine:
             a.feature_map.float().cpu().numpy(),
             b.feature_map.float().cpu().numpy(),
         )
+
+    def duplicates(self, threshold: float, progress: Callable[[int], None] | None = None) -> list[DuplicateGroup]:
+        """Groups of near-duplicate indexed photos: every pair scoring at least ``threshold`` (a range search of
+        the index with each photo's own vector), joined into connected components, each with the photo to keep
+        (`retrieval.duplicates.KEEP_RULE`) and every photo's score to it. ``progress(rows)`` after each chunk."""
+        if not -1.0 <= threshold <= 1.0:
+            raise UsageError(f"the threshold is a cosine, from -1 to 1; got {threshold:g}")
+        index = self.index if faiss.get_num_gpus() == 0 else faiss.index_gpu_to_cpu(self.index)  # range search
+        batches = ((ids, self._embs(pooled)) for ids, pooled in self.store.ok_embeddings())
+        pairs, _ = similar_pairs(index, batches, threshold, progress)
+        groups = connected_groups(np.unique(pairs), pairs)
+        return [self._duplicate_group(number, group) for number, group in enumerate(groups, start=1)]
+
+    def _embs(self, pooled: np.ndarray) -> np.ndarray:
+        """Stored z (B, N) -> e (B, J), as the index holds them (before normalising)."""
+        return self.head(torch.from_numpy(pooled).to(self.encoder.device)).float().cpu().numpy()
+
+    def _duplicate_group(self, number: int, image_ids: np.ndarray) -> DuplicateGroup:
+        rows = self.store.images_by_ids(image_ids.tolist())
+        keep = keep_position(
+            np.array([(row.width or 0) * (row.height or 0) for row in rows]),
+            np.array([row.size for row in rows]),
+            np.array([row.mtime_ns for row in rows]),
+            [row.path for row in rows],
+        )
+        scores = scores_to_keep(self._embs(np.stack([_stored_pooled(row) for row in rows])), keep)
+        scores[keep] = 1.0  # itself, not its float32 rounding
+        images = [DuplicateImage(row.id, row.path, float(score)) for row, score in zip(rows, scores)]
+        kept = images[keep]
+        return DuplicateGroup(number, kept, sorted(images, key=lambda i: (i is not kept, -i.score, i.path)))
+
+    def compare_pair(self, first_id: int, second_id: int, explainer: str = DEFAULT_EXPLAINER) -> PairReport:
+        """`compare` of two indexed photos, from their stored vectors and cached maps (no decode where cached)."""
+        rows = self.store.images_by_ids([first_id, second_id])
+        if len(rows) != 2 or any(row.status != STATUS_OK for row in rows):
+            raise UsageError(f"images {first_id} and {second_id} are not both indexed")
+        both, _ = self.embed_gallery([first_id, second_id])
+        return self._pair_report(both[0], both[1], explainer)
 
     def indexed_paths(self, contains: str = "", limit: int = 500) -> list[tuple[int, str]]:
         """(image_id, path) of indexed photos whose path contains the text, by path, at most limit."""
