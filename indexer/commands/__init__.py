@@ -8,4 +8,17 @@ a command's dashes are underscores in its module's name (`api-key` lives in `api
 from __future__ import annotations
 
 # In the order `famsearch --help` lists them.
-COMMANDS = ("index", "search", "explain", "duplicates", "eval", "info", "albums", "classify", "train", "ui", "api", "api-key")
+COMMANDS = (
+    "index",
+    "search",
+    "explain",
+    "duplicates",
+    "eval",
+    "info",
+    "albums",
+    "classify",
+    "train",
+    "ui",
+    "api",
+    "api-key",
+)
