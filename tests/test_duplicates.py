@@ -101,17 +101,23 @@ def test_the_keep_is_the_most_pixels_then_the_biggest_file_then_the_oldest():
 
 
 # ---------------------------------------------------------------------------- famsearch duplicates on a built set
-@pytest.fixture(scope="module")
-def copies_home(tmp_path_factory) -> tuple[Path, Path]:
+def index_copies(folder: Path) -> tuple[Path, Path]:
     """The drawn gallery plus near-copies of two of its pictures (re-encoded, enlarged, saved again), indexed with
-    the toy backbone: (home, folder). Under the toy model the copies score 0.998+ and distinct pictures 0.97-."""
-    folder = draw_gallery(tmp_path_factory.mktemp("dups") / "photos")
+    the toy backbone next to it: (home, folder). Under the toy model the copies score 0.998+, distinct pictures
+    0.97 or less."""
+    draw_gallery(folder)
     draw_picture(1).save(folder / "copy_q70.jpg", quality=70)
     draw_picture(1).resize((128, 128), Image.Resampling.LANCZOS).save(folder / "big.png")  # the most pixels
     draw_picture(4).save(folder / "sub" / "pic4_again.jpg", quality=80)  # pic4.jpg is q95: a bigger file
     home = folder.parent / "home"
     index_quietly(folder, home, *TOY_INDEX)
     return home, folder
+
+
+@pytest.fixture(scope="module")
+def copies_home(tmp_path_factory) -> tuple[Path, Path]:
+    """`index_copies` once for the module (its tests only read it)."""
+    return index_copies(tmp_path_factory.mktemp("dups") / "photos")
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:

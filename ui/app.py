@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from retrieval.config import DEFAULT_EXPLAINER, Settings
-from retrieval.engine import QueryEngine
+from retrieval.config import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_EXPLAINER, Settings
+from retrieval.duplicates import KEEP_RULE, DuplicateGroup
+from retrieval.engine import Match, QueryEngine
 from retrieval.errors import FamsearchError, IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
 from retrieval.fam import EXPLAINERS
 from retrieval.images import load_image
@@ -21,7 +22,10 @@ from ui import login, pictures, queries
 from ui.state import memo
 
 PICK, UPLOAD, TYPE = "Pick an indexed photo", "Upload a photo", "Type a path"
+SEARCH, DUPLICATES, STATUS = "Search", "Duplicates", "Index status"
+PAGES = [SEARCH, DUPLICATES, STATUS]
 GRID_COLUMNS = 5
+MAX_GROUPS_SHOWN = 30  # groups drawn on the Duplicates page; `famsearch duplicates --json` lists them all
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model and the index…")
@@ -44,6 +48,24 @@ def select(rank: int | None) -> None:
     st.session_state.selected = rank
 
 
+def search_for(path: str) -> None:
+    """ "More like this": an indexed photo becomes the query, picked by its path (the name filter set to the whole
+    path, so it is among the options), the whole photo, on the Search page's grid."""
+    st.session_state.page = SEARCH
+    st.session_state.source = PICK
+    st.session_state.pick_filter = path
+    st.session_state.pick = path
+    st.session_state.selected = None
+    for key in ("box_x", "box_y", "box_auto"):  # back to the whole photo: the widgets take their defaults
+        st.session_state.pop(key, None)
+
+
+def more_like_this(path: str, key: str) -> None:
+    st.button(
+        "More like this", key=key, on_click=search_for, args=(path,), width="stretch", help="Search with this photo"
+    )
+
+
 def show_no_index(settings: Settings, reason: str) -> None:
     st.title("famsearch")
     st.warning(f"Nothing to search yet: {queries.plain(reason)}")
@@ -54,7 +76,7 @@ def show_no_index(settings: Settings, reason: str) -> None:
 def sidebar() -> dict:
     with st.sidebar:
         st.header("famsearch")
-        page = st.radio("Page", ["Search", "Index status"], key="page")
+        page = st.radio("Page", PAGES, key="page")
         explainer = st.selectbox(
             "Explainer",
             EXPLAINERS,
@@ -197,6 +219,7 @@ def show_grid(result, stamp: int | None) -> None:
                     caption=f"#{match.rank} · {match.score:.3f} · {queries.plain(queries.short_name(match.path))}",
                 )
                 st.button("Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,), width="stretch")
+                more_like_this(match.path, f"more_{match.rank}")
 
 
 def show_overlay(
@@ -218,7 +241,19 @@ def show_overlay(
         )
 
 
-def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | None, region, frame) -> None:
+def show_why(
+    engine: QueryEngine,
+    photo,
+    match,
+    settings: dict,
+    stamp: int | None,
+    region,
+    frame,
+    heading: str | None = None,
+    back: tuple = ("← All results", select, (None,)),
+) -> None:
+    """The Why? view of one match: both maps, the channels that carried the score; ``back``: (label, callback,
+    its args) of the button that leaves it."""
     explainer = settings["explainer"]
     report = memo(
         "report",
@@ -227,8 +262,12 @@ def show_why(engine: QueryEngine, photo, match, settings: dict, stamp: int | Non
             photo.image, match.image_id, explainer, queries.box_on(region, photo.image.size)
         ),
     )
-    st.button("← All results", on_click=select, args=(None,), key="back")
-    st.subheader(f"Why #{match.rank} matched: score {match.score:.4f}")
+    label, on_back, back_args = back
+    left, right = st.columns([3, 1])
+    left.button(label, on_click=on_back, args=back_args, key="back")
+    with right:
+        more_like_this(match.path, "more_why")
+    st.subheader(heading or f"Why #{match.rank} matched: score {match.score:.4f}")
     st.caption(f"{explainer}: {queries.EXPLAINER_HELP[explainer]}. {queries.plain(match.path)}")
     if explainer == "fam-exact":
         st.caption(
@@ -372,6 +411,95 @@ def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
             show_why(engine, photo, result.matches[selected - 1], settings, stamp, region, frame)
 
 
+# ---------------------------------------------------------------------------- near-duplicates (famsearch duplicates)
+def open_pair(pair: tuple[int, int] | None) -> None:
+    """Open the Why? view of (keep id, image id) on the Duplicates page, or go back to the groups (None)."""
+    st.session_state.dup_pair = pair
+
+
+def show_group(group: DuplicateGroup, stamp: int | None) -> None:
+    """One group as rows of thumbnails, the keep first; each other photo's Why? compares it with the keep."""
+    keep = group.keep
+    st.markdown(
+        f"**Group {group.number}** · {len(group.images)} photos · keep: {queries.plain(queries.short_name(keep.path))}"
+    )
+    for start in range(0, len(group.images), GRID_COLUMNS):
+        for column, image in zip(st.columns(GRID_COLUMNS), group.images[start : start + GRID_COLUMNS]):
+            with column:
+                label = "keep" if image is keep else f"{image.score:.3f}"
+                st.image(
+                    grid_thumbnail(image.path, stamp),
+                    caption=f"{label} · {queries.plain(queries.short_name(image.path))}",
+                )
+                if image is not keep:
+                    pair = (keep.image_id, image.image_id)
+                    st.button("Why?", key=f"dup_why_{group.number}_{image.image_id}", on_click=open_pair, args=(pair,))
+                more_like_this(image.path, f"dup_more_{image.image_id}")
+
+
+def show_pair(engine: QueryEngine, group: DuplicateGroup, position: int, settings: dict, stamp: int | None) -> None:
+    """The Why? view of one photo of a group against the group's keep (the keep in the query's place)."""
+    keep, image = group.keep, group.images[position]
+    try:
+        photo = memo(
+            "dup_keep", (keep.path, stamp), lambda: queries.read_indexed(Path(keep.path), engine.encoder.input_size)
+        )
+    except (FamsearchError, OSError) as error:  # the file went away since it was indexed
+        st.error(queries.plain(str(error)))
+        st.button("← All groups", on_click=open_pair, args=(None,), key="back")
+        return
+    name, kept = queries.plain(queries.short_name(image.path)), queries.plain(queries.short_name(keep.path))
+    show_why(
+        engine,
+        photo,
+        Match(position + 1, image.image_id, image.path, image.score),
+        settings,
+        stamp,
+        None,
+        framer(engine, photo, None),
+        heading=f"Why {name} is a near-duplicate of {kept} (the keep): score {image.score:.4f}",
+        back=("← All groups", open_pair, (None,)),
+    )
+
+
+def duplicates_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
+    st.title("Near-duplicates")
+    st.caption(
+        "Photos that score at least the threshold against each other are grouped (and groups that share a photo are "
+        f"one). In each group the one to keep is {KEEP_RULE}. Nothing is deleted: this only shows them "
+        "(`famsearch duplicates --json` lists every group)."
+    )
+    threshold = st.slider(
+        "Threshold (cosine)",
+        0.70,
+        1.00,
+        DEFAULT_DUPLICATE_THRESHOLD,
+        0.01,
+        key="dup_threshold",
+        help="Lower finds more edited copies but also mistakes look-alike photos for copies "
+        f"(default {DEFAULT_DUPLICATE_THRESHOLD}: bench/results/duplicates.txt)",
+    )
+    groups = memo("dup_groups", (stamp, threshold), lambda: engine.duplicates(threshold))
+    keep_id, image_id = st.session_state.get("dup_pair") or (None, None)
+    for group in groups:  # a pair the threshold has since split shows the groups again
+        ids = [image.image_id for image in group.images]
+        if group.keep.image_id == keep_id and image_id in ids:
+            show_pair(engine, group, ids.index(image_id), settings, stamp)
+            return
+    if not groups:
+        st.info(f"No two photos score {threshold:.2f} or more: no near-duplicates at this threshold.")
+        return
+    shown = groups[:MAX_GROUPS_SHOWN]
+    more = f" (the first {len(shown)} shown)" if len(groups) > len(shown) else ""
+    photos = sum(len(group.images) for group in groups)
+    st.markdown(
+        f"**{len(groups)} groups** of {photos} photos{more} · click **Why?** to see what a photo shares with its keep"
+    )
+    for group in shown:
+        show_group(group, stamp)
+        st.divider()
+
+
 def status_page(engine: QueryEngine) -> None:
     st.title("Index status")
     status = engine.status()
@@ -411,8 +539,10 @@ def main() -> None:
     except (ModelMismatchError, UsageError) as error:  # another model's index, an unreadable head file
         st.error(f"The index cannot be opened: {queries.plain(str(error))}")
         return
-    if settings["page"] == "Index status":
+    if settings["page"] == STATUS:
         status_page(engine)
+    elif settings["page"] == DUPLICATES:
+        duplicates_page(engine, settings, stamp)
     else:
         search_page(engine, settings, stamp)
 
