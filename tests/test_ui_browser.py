@@ -255,3 +255,39 @@ def test_markup_in_file_and_folder_names_is_shown_as_text_in_the_browser(chromiu
         assert outside == []  # nothing fetched from anywhere but the app
     finally:
         page.close()
+
+
+def test_the_duplicates_page_why_and_more_like_this_in_the_browser(page, tmp_path):
+    """Duplicates in the sidebar, the threshold lowered by keyboard until the drawn (distinct) pictures that look
+    most alike group; Why? on one opens the pair; More like this there makes it the query on the Search page."""
+    page.get_by_text("Duplicates", exact=True).click()
+    page.get_by_role("heading", name="Near-duplicates").wait_for()
+    threshold = page.get_by_role("slider", name="Threshold (cosine)")
+    threshold.focus()
+    for _ in range(30):
+        threshold.press("ArrowLeft")  # 0.01 a press, down to the slider's 0.70
+    page.get_by_text(re.compile(r"^1 group of 8 photos")).wait_for()  # at 0.70 the toy model joins all 8
+    page.get_by_text(re.compile(r"^keep · ")).wait_for()  # the keep's thumbnail caption
+    page.get_by_role("button", name="More like this").nth(7).wait_for()  # one a photo: all 8 drawn pictures
+    _settled(page)
+    page.wait_for_timeout(500)
+    page.screenshot(path=tmp_path / "duplicates.png", full_page=True)
+    assert _not_blank(tmp_path / "duplicates.png")
+
+    page.get_by_role("button", name="Why?").first.click()
+    heading = page.get_by_text(re.compile(r"^Why .+ is a near-duplicate of .+ \(the keep\): score 0\.\d{4}$"))
+    heading.wait_for()
+    name = re.match(r"^Why (.+) is a near", heading.inner_text()).group(1)
+    page.get_by_text("Show a channel's activation map").wait_for()  # the view's last element: the groups are gone
+    _settled(page)
+    page.wait_for_timeout(500)
+    page.screenshot(path=tmp_path / "duplicates_why.png", full_page=True)
+    assert _not_blank(tmp_path / "duplicates_why.png")
+
+    page.get_by_role("button", name="More like this").click()  # the Why? view has one: for the photo it compares
+    page.get_by_role("heading", name="Search by example photo").wait_for()
+    page.get_by_text("Top 8").wait_for()
+    page.get_by_text(f"#1 · 1.000 · {name}").wait_for()  # the photo finds itself first
+    _settled(page)
+    page.screenshot(path=tmp_path / "more_like_this.png", full_page=True)
+    assert page.get_by_text("Traceback").count() == 0

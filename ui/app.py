@@ -251,9 +251,10 @@ def show_why(
     frame,
     heading: str | None = None,
     back: tuple = ("← All results", select, (None,)),
+    sides: tuple[str, str] | None = None,
 ) -> None:
     """The Why? view of one match: both maps, the channels that carried the score; ``back``: (label, callback,
-    its args) of the button that leaves it."""
+    its args) of the button that leaves it; ``sides``: the captions of the two maps."""
     explainer = settings["explainer"]
     report = memo(
         "report",
@@ -279,7 +280,7 @@ def show_why(
     additive = explainer == "fam-exact"  # its cells carry the score itself (`pictures.score_shares`)
     show_overlay(
         left,
-        "Query: where it resembles the match",
+        sides[0] if sides else "Query: where it resembles the match",
         photo.display,
         report.first_map,
         settings["opacity"],
@@ -290,7 +291,7 @@ def show_why(
     )
     show_overlay(
         right,
-        f"Match #{match.rank}: where it resembles the query",
+        sides[1] if sides else f"Match #{match.rank}: where it resembles the query",
         photo_of_match,
         report.second_map,
         settings["opacity"],
@@ -459,6 +460,7 @@ def show_pair(engine: QueryEngine, group: DuplicateGroup, position: int, setting
         framer(engine, photo, None),
         heading=f"Why {name} is a near-duplicate of {kept} (the keep): score {image.score:.4f}",
         back=("← All groups", open_pair, (None,)),
+        sides=("The keep: where it resembles this photo", "This photo: where it resembles the keep"),
     )
 
 
@@ -492,9 +494,8 @@ def duplicates_page(engine: QueryEngine, settings: dict, stamp: int | None) -> N
     shown = groups[:MAX_GROUPS_SHOWN]
     more = f" (the first {len(shown)} shown)" if len(groups) > len(shown) else ""
     photos = sum(len(group.images) for group in groups)
-    st.markdown(
-        f"**{len(groups)} groups** of {photos} photos{more} · click **Why?** to see what a photo shares with its keep"
-    )
+    count = f"{len(groups)} group" + ("s" if len(groups) > 1 else "")
+    st.markdown(f"**{count}** of {photos} photos{more} · click **Why?** to see what a photo shares with its keep")
     for group in shown:
         show_group(group, stamp)
         st.divider()
