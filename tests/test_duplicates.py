@@ -202,3 +202,12 @@ def test_a_threshold_that_is_no_cosine_is_one_line_and_exit_2(copies_home, capsy
 def test_duplicates_without_an_index_says_how_to_build_one(tmp_path, capsys):
     code, out, err = run_cli(capsys, "duplicates", "--home", tmp_path / "none", "--no-progress")
     assert code == 2 and "famsearch index" in err and len(err.strip().splitlines()) == 1
+
+
+def test_searchs_explainer_twin_does_not_become_the_duplicates_map_folder(copies_home, capsys, monkeypatch, tmp_path):
+    home, _ = copies_home
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FAMSEARCH_EXPLAIN", "gradcam")  # `search --explain`'s twin, set for searches
+    code, out, err = run_cli(capsys, "duplicates", "--home", home, "--threshold", "0.99", "--json", "--no-progress")
+    assert code == 0, err
+    assert not (tmp_path / "gradcam").exists() and "keep_map" not in out

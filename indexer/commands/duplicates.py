@@ -44,8 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         f"mistakes look-alike photos for copies (default {DEFAULT_DUPLICATE_THRESHOLD}, chosen on "
         "bench/results/duplicates.txt)",
     )
-    add_flag(
-        p,
+    p.add_argument(  # no environment twin: FAMSEARCH_EXPLAIN already names search's explainer, not a folder
         "--explain",
         type=Path,
         default=None,
