@@ -277,7 +277,7 @@ def test_the_duplicates_page_why_and_more_like_this_in_the_browser(page, tmp_pat
     page.get_by_role("button", name="Why?").first.click()
     heading = page.get_by_text(re.compile(r"^Why .+ is a near-duplicate of .+ \(the keep\): score 0\.\d{4}$"))
     heading.wait_for()
-    name = re.match(r"^Why (.+) is a near", heading.inner_text()).group(1)
+    name = re.match(r"^Why .+/(.+) is a near", heading.inner_text()).group(1)  # folder/name
     page.get_by_text("Show a channel's activation map").wait_for()  # the view's last element: the groups are gone
     _settled(page)
     page.wait_for_timeout(500)

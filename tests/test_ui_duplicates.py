@@ -46,7 +46,8 @@ def test_the_duplicates_page_shows_each_group_keep_first_and_why_compares_a_copy
     copy = next(image for image in groups[0].images if image.path.endswith("copy_q70.jpg"))
     at.button(key=f"dup_why_1_{copy.image_id}").click().run()
     assert not at.exception
-    assert f"Why copy\\_q70\\.jpg is a near-duplicate of big\\.png (the keep): score {copy.score:.4f}" in _texts(at)
+    name, keep = queries.plain("photos/copy_q70.jpg"), queries.plain("photos/big.png")  # folder/name, escaped
+    assert f"Why {name} is a near-duplicate of {keep} (the keep): score {copy.score:.4f}" in _texts(at)
     report = at.session_state["report"]
     assert report.score == pytest.approx(copy.score, abs=1e-4)  # the keep decoded as indexed: its stored vector
     assert report.first_map.shape == report.second_map.shape

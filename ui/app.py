@@ -449,7 +449,7 @@ def show_pair(engine: QueryEngine, group: DuplicateGroup, position: int, setting
         st.error(queries.plain(str(error)))
         st.button("← All groups", on_click=open_pair, args=(None,), key="back")
         return
-    name, kept = queries.plain(queries.short_name(image.path)), queries.plain(queries.short_name(keep.path))
+    name, kept = (queries.plain(f"{Path(p).parent.name}/{queries.short_name(p)}") for p in (image.path, keep.path))
     show_why(
         engine,
         photo,
