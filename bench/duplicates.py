@@ -130,10 +130,19 @@ def table(title: str, score: Callable[[float], list[np.ndarray]], labels, edits,
 def merged_at(engine: QueryEngine, threshold: float, photos: Path) -> None:
     """The groups of `famsearch duplicates` at ``threshold`` that hold copies of more than one original."""
     print(f"\nGroups holding more than one original at the default threshold {threshold}:")
-    for group in engine.duplicates(threshold):
+    groups = engine.duplicates(threshold)
+    kept: Counter[str] = Counter()  # the keep's edit name, in groups of one photo's copies that hold the original
+    for group in groups:
         originals = Counter(Path(image.path).relative_to(photos).parts[0] for image in group.images)
         if len(originals) > 1:
             print(f"- group {group.number}: " + ", ".join(f"{name} ({n})" for name, n in sorted(originals.items())))
+        elif any(Path(image.path).stem == "original" for image in group.images):
+            kept[Path(group.keep.path).stem] += 1
+    print(
+        f"\nThe keep rule: in {sum(kept.values())} groups of one photo's copies holding its original, the keep is "
+        + ", ".join(f"{edit} {n}" for edit, n in kept.most_common())
+        + " (the original is a PNG; a JPEG of the same pixels can be the bigger file)"
+    )
 
 
 def main() -> None:
