@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 from PIL import Image
@@ -462,9 +461,8 @@ class QueryEngine:
         (`retrieval.duplicates.KEEP_RULE`) and every photo's score to it. ``progress(rows)`` after each chunk."""
         if not -1.0 <= threshold <= 1.0:
             raise UsageError(f"the threshold is a cosine, from -1 to 1; got {threshold:g}")
-        index = self.index if faiss.get_num_gpus() == 0 else faiss.index_gpu_to_cpu(self.index)  # range search
         batches = ((ids, self._embs(pooled)) for ids, pooled in self.store.ok_embeddings())
-        pairs, _ = similar_pairs(index, batches, threshold, progress)
+        pairs, _ = similar_pairs(self.cpu_index, batches, threshold, progress)  # GPU indexes have no range search
         groups = connected_groups(np.unique(pairs), pairs)
         return [self._duplicate_group(number, group) for number, group in enumerate(groups, start=1)]
 
