@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from indexer.commands.common import EXIT_OK, add_flag, common_flags, open_engine, read_query, save_map
+from indexer.commands.common import EXIT_OK, add_flag, common_flags, open_engine, read_query, runtime_flag, save_map
 from retrieval.config import DEFAULT_EXPLAINER, EXPLAINER_NAMES
 from retrieval.images import overlay
 
@@ -16,6 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("query", type=Path)
     p.add_argument("match", type=Path)
     common_flags(p)
+    runtime_flag(p)
     add_flag(p, "--explain", default=DEFAULT_EXPLAINER, choices=EXPLAINER_NAMES, help="explainer")
     add_flag(p, "--out", type=Path, default=Path("explain-out"), help="folder for .npy maps and PNG overlays")
     add_flag(p, "--json", action="store_true", help="print JSON")

@@ -127,9 +127,10 @@ def run(args: argparse.Namespace) -> int:
             "input_size": args.input_size,
             "pooling": args.pooling,
             "precision": args.precision,
+            "runtime": args.runtime,
         }  # None: not given
         spec = index_model_spec(asked, args.head, trained, store.get_meta("model"))
-        encoder = load_encoder(spec, default_device(args.device), lazy=True)
+        encoder = load_encoder(spec, default_device(args.device), lazy=True, export_dir=settings.export_dir)
         check_head_model(args.head, trained, encoder.identity)
         options = IndexOptions(
             batch_size=args.batch_size,
