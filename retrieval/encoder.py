@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from retrieval.backbone import Backbone, describe_backbone, load_backbone, randomised_tail
+from retrieval.backbone import Backbone, describe_backbone, load_backbone, network_class, randomised_tail
 from retrieval.config import DEFAULT_INPUT_SIZE, DEFAULT_POOLING, PRECISIONS, RUNTIMES
 from retrieval.errors import UsageError
 from retrieval.fam import FineInputs
@@ -211,11 +211,20 @@ class Encoder:
         return Preprocess(self.input_size, self.mean, self.std)
 
     @property
+    def focus_layer(self) -> str:
+        """The backbone's layer whose output `focus_scores` reads (named without building the backbone)."""
+        return network_class(self.backbone_name).focus_layer
+
+    @property
+    def guide_layer(self) -> str:
+        """The backbone's layer whose features up-sample the graded maps (`fam.fine_fam`)."""
+        return network_class(self.backbone_name).guide_layer
+
+    @property
     def read_layers(self) -> tuple[str, ...]:
-        """The backbone's inner layers whose outputs `encode_batch` reads besides its last map (each once, in order):
-        the focus layer and the fine maps' guide layer. The ONNX export outputs exactly these."""
-        backbone = self.backbone
-        return tuple(dict.fromkeys((backbone.focus_layer, backbone.guide_layer)))
+        """The backbone's inner layers whose outputs `encode_batch` reads besides its last map (each once, in order).
+        The ONNX export outputs exactly these, so a cached export needs no torch backbone built."""
+        return tuple(dict.fromkeys((self.focus_layer, self.guide_layer)))
 
     @property
     def onnx(self) -> OnnxBackbone:
@@ -255,7 +264,7 @@ class Encoder:
         pass: the backbone's ``focus_layer`` output is caught on the way."""
         feature_maps, caught = self.forward_layers(batch)
         h, w = feature_maps.shape[-2:]
-        return feature_maps, focus_weights(caught[self.backbone.focus_layer], (h, w)).to(feature_maps)
+        return feature_maps, focus_weights(caught[self.focus_layer], (h, w)).to(feature_maps)
 
     def pool(self, feature_maps: Tensor, region: Tensor | None = None) -> Tensor:
         """(B, N, h, w) -> (B, N) with this encoder's pooling (over a box's cells with ``region``)."""
@@ -276,15 +285,14 @@ class Encoder:
             AUTO if box is None and self.pooling == "focus" else box
             for box in (boxes if boxes is not None else [None] * len(batch))
         ]
-        backbone = self.backbone
         feature_maps, caught = self.forward_layers(batch)
         h, w = feature_maps.shape[-2:]
         grid, fine_grid = (h, w), (2 * h, 2 * w)
-        guides = _on_grid(caught[backbone.guide_layer].float(), fine_grid)  # (B, C, 2h, 2w)
+        guides = _on_grid(caught[self.guide_layer].float(), fine_grid)  # (B, C, 2h, 2w)
         focus = None
         if AUTO in boxes:  # the focus cells and their graded scores, on both grids
             focus = (
-                focus_scores(caught[backbone.focus_layer], grid).to(feature_maps),
+                focus_scores(caught[self.focus_layer], grid).to(feature_maps),
                 focus_scores(guides, fine_grid).to(feature_maps),
             )
         weights = [_cell_weights(box, i, sizes, focus, grid, feature_maps) for i, box in enumerate(boxes)]

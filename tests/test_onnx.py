@@ -59,6 +59,13 @@ def test_the_export_outputs_every_layer_the_encoder_reads_and_is_cached_once(tmp
     assert again.onnx is not None and len(list(tmp_path.iterdir())) == 1
 
 
+def test_a_cached_export_runs_without_building_the_torch_backbone(tmp_path):
+    load_encoder(TOY.with_(runtime="onnx"), export_dir=tmp_path)  # exports
+    encoder = load_encoder(TOY.with_(runtime="onnx"), export_dir=tmp_path)
+    encoded = encoder.encode_full([draw_picture(1)])
+    assert not encoder.loaded and encoded.pooled.shape == (1, 16)
+
+
 def test_the_export_file_is_keyed_by_weights_input_size_and_layers(tmp_path):
     identity = {"backbone": "efficientnet_lite0", "weights_sha256": "a" * 16}
     base = export_file(tmp_path, identity, 224, ("l11", "l10"))
