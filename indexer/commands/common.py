@@ -19,7 +19,6 @@ from retrieval.config import (
     home_has_index,
 )
 from retrieval.errors import ImageError, UsageError
-from retrieval.images import load_image
 
 if TYPE_CHECKING:
     import numpy as np
@@ -189,6 +188,7 @@ def read_query(
     With an engine the photo is draft-decoded at the model's input size (12 MP costs ~1/8); without one it
     is decoded full size and the box stays as given, clipped.
     """
+    from retrieval.images import load_image
     from retrieval.regions import clip_box
 
     require_files([path])

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from indexer.commands.common import EXIT_OK, add_flag, common_flags, open_engine, read_query, runtime_flag, save_map
 from retrieval.config import DEFAULT_EXPLAINER, EXPLAINER_NAMES
-from retrieval.images import overlay
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         "query_map": save_map(out, "query_map.npy", report.first_map),
         "match_map": save_map(out, "match_map.npy", report.second_map),
     }
+    from retrieval.images import overlay
+
     overlay(query, report.first_map).save(out / "query_overlay.png")
     overlay(match, report.second_map).save(out / "match_overlay.png")
     if args.json:
