@@ -205,9 +205,12 @@ def speed_table(photos: list[Path], sweep: bool, repeats: int, also: list[str]) 
     variant_runs: dict[str, list[dict]] = {flags: [] for flags in variants}
     for _ in range(repeats):
         naive_runs.append(naive_images_per_s(photos))
+        print(f"  (naive {naive_runs[-1]:.1f} images/s; {load_average()})", flush=True)
         default_runs.append(famsearch_index(folder, home, "--full"))
+        _progress("defaults", default_runs[-1])
         for flags, variant_home in variants.items():
             variant_runs[flags].append(famsearch_index(folder, variant_home, "--full", *flags.split()))
+            _progress(flags, variant_runs[flags][-1])
     speeds = [run["images_per_s"] for run in default_runs]
     naive = statistics.median(naive_runs)
     pairs = ", ".join(f"{d / n:.1f}x" for d, n in zip(speeds, naive_runs))
@@ -255,6 +258,11 @@ def speed_table(photos: list[Path], sweep: bool, repeats: int, also: list[str]) 
             )
     lines.append(f"{load_average()} at the end")
     return lines
+
+
+def _progress(name: str, run: dict) -> None:
+    """One run as it finishes (a repeat takes minutes on a loaded machine; the table comes at the end)."""
+    print(f"  ({name}: {run['images_per_s']:.1f} images/s, wall {run['wall_s']:.1f} s; {load_average()})", flush=True)
 
 
 def _whole_command(runs: list[dict], count: int) -> str:

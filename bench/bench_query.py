@@ -287,7 +287,14 @@ def main() -> None:
     parser.add_argument("--pooling", default=None, help="the index's pooling (default: famsearch's default)")
     parser.add_argument("--runtimes", default=None, help="e.g. torch,onnx: an A/B of --runtime first")
     parser.add_argument("--only-runtimes", action="store_true", help="stop after the runtime A/B")
+    parser.add_argument("--home", type=Path, default=None, help="an indexed home to query instead (runtime A/B only)")
     args = parser.parse_args()
+    if args.home is not None:  # a home indexed elsewhere (e.g. bench_index.py's): the runtime A/B alone
+        args.work.mkdir(parents=True, exist_ok=True)
+        query = make_query(args.work / "query_12mp.jpg")
+        print(f"home {args.home}; query {query} {Image.open(query).size}")
+        runtime_ab(args.home, query, args)
+        return
     import torch
 
     from retrieval.config import DEFAULT_POOLING, Settings
