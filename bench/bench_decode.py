@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench_decode.py [--photos 60] [--repeats 3] [--out bench/results/decode.txt]
 
+Needs `.venv/bin/pip install simplejpeg` (for this benchmark only: famsearch does not depend on it).
+
 Per input size, side by side and interleaved --repeats times, single process, bytes already in memory:
 - naive: a full-resolution decode, then the resize to S x S (what a pipeline without DCT scaling pays);
 - pil-draft: what famsearch does (`retrieval.images.decode_image` with draft_size=S: libjpeg DCT scaling to the
@@ -75,7 +77,9 @@ def exactness(blobs: list[bytes], size: int) -> str:
     a, b = encoder.encode_full(first), encoder.encode_full(second)
     cosine = torch.nn.functional.cosine_similarity(a.pooled, b.pooled).numpy()
     moved = int(((a.regions > 0) != (b.regions > 0)).flatten(1).any(dim=1).sum())
-    pixels = [np.abs(np.asarray(x, np.int16) - np.asarray(y.resize(x.size), np.int16)).mean() for x, y in zip(first, second)]
+    pixels = [
+        np.abs(np.asarray(x, np.int16) - np.asarray(y.resize(x.size), np.int16)).mean() for x, y in zip(first, second)
+    ]
     return (
         f"  {size} px: decoded {decoded}; z cosine pil-draft vs simplejpeg min {cosine.min():.5f}, median "
         f"{np.median(cosine):.5f}; focus cells differ on {moved} of {len(blobs)} photos; mean |pixel difference| "
@@ -116,7 +120,9 @@ def main() -> None:
         print(lines[-1], flush=True)
     lines.append(f"{load_average()} at the end")
     if args.out:
-        args.out.write_text(f"$ .venv/bin/python bench/bench_decode.py {' '.join(sys.argv[1:])}\n" + "\n".join(lines) + "\n")
+        args.out.write_text(
+            f"$ .venv/bin/python bench/bench_decode.py {' '.join(sys.argv[1:])}\n" + "\n".join(lines) + "\n"
+        )
 
 
 if __name__ == "__main__":
