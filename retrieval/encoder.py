@@ -67,9 +67,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def resolve_runtime(runtime: str | None, device: torch.device, precision: str) -> str:
-    """What runs the backbone's forward pass: None -> 'onnx' (ONNX Runtime, ~1.8x faster than torch on this
-    project's CPU) for fp32 on the CPU when onnxruntime is installed, else 'torch'. An explicit 'onnx' where it
-    cannot run (a GPU, bf16, not installed) is a usage error."""
+    """What runs the backbone's forward pass: None -> 'onnx' (ONNX Runtime, faster than torch on a CPU: see
+    `retrieval.config.RUNTIMES`) for fp32 on the CPU when onnxruntime is installed, else 'torch'. An explicit 'onnx'
+    where it cannot run (a GPU, bf16, not installed) is a usage error."""
     if runtime is not None and runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime == "torch" or (runtime is None and (device.type != "cpu" or precision != "fp32")):

@@ -1,4 +1,4 @@
-"""The backbone's forward pass in ONNX Runtime (CPU): what the encoder reads of a photo, ~1.8x faster than torch.
+"""The backbone's forward pass in ONNX Runtime (CPU): what the encoder reads of a photo, faster than torch.
 
 The loaded torch backbone is exported once (`export_backbone`) as one graph whose outputs are its last map and
 the output of every inner layer the encoder reads (its focus and guide layers; whatever `Encoder.read_layers`

@@ -123,7 +123,7 @@ def runtime_flag(parser: argparse.ArgumentParser) -> None:
         "--runtime",
         default=None,
         choices=RUNTIMES,
-        help="what runs the backbone's forward pass: onnx (ONNX Runtime, ~1.8x faster on a CPU, same maps and "
+        help="what runs the backbone's forward pass: onnx (ONNX Runtime, faster on a CPU, same maps and "
         "vectors to float rounding; exported once per model into HOME/onnx) or torch (default: onnx for fp32 on "
         "the CPU when onnxruntime is installed, else torch)",
     )
