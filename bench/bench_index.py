@@ -1,14 +1,15 @@
 """How fast `famsearch index` embeds a folder of 12-megapixel JPEGs, and what a no-op re-run costs.
 
     .venv/bin/python bench/bench_index.py [--photos 150] [--tiny 10000] [--sweep] [--out bench/results/index.txt]
+        [--also "--runtime torch" --also "--input-size 320" ...]
 
 1. Photos: mate-backgrounds resized to 4000x3000 (quality 92), five crops/mirrors of each,
    cached under $FAMSEARCH_BENCH_INDEX_CACHE (default /tmp/famsearch-bench-index).
 2. Side by side in one run, interleaved --repeats times: `famsearch index --full` at default
    settings (a subprocess, end to end: scan, read, hash, decode, embed, DB, FAISS, start-up)
    against a naive pipeline (full PIL decode, fp32 NCHW eager, no workers, batch 32, no DB,
-   timed after its model is loaded); then optionally a sweep of --workers / --batch-size /
-   torch threads.
+   timed after its model is loaded), and each --also variant (default: --pooling gap) in its own home;
+   then optionally a sweep of --workers / --batch-size / torch threads.
 3. A re-run with nothing changed on --tiny tiny files (wall time of the whole command).
 Peak RSS is the largest sum over the famsearch process and its decoding workers, sampled.
 """
@@ -184,13 +185,14 @@ class Lines(list):
         super().append(line)
 
 
-def speed_table(photos: list[Path], sweep: bool, repeats: int) -> list[str]:
-    """Naive and default famsearch interleaved `repeats` times (the machine is noisy): medians,
-    ranges and the per-pair ratios; then the sweep, one run per setting."""
+def speed_table(photos: list[Path], sweep: bool, repeats: int, also: list[str]) -> list[str]:
+    """Naive, default famsearch and each `also` variant interleaved `repeats` times (the machine is noisy):
+    medians, ranges and the per-pair ratios; then the sweep, one run per setting."""
     folder, home = photos[0].parent, CACHE / f"home-{photos[0].parent.name}-{DEFAULT_POOLING}"
-    gap_home = CACHE / f"home-{photos[0].parent.name}-gap"
+    variants = {flags: CACHE / f"home-{folder.name}-{'_'.join(flags.replace('-', ' ').split())}" for flags in also}
     famsearch_index(folder, home)  # builds the home and warms the page cache for both pipelines
-    famsearch_index(folder, gap_home, "--pooling", "gap")
+    for flags, variant_home in variants.items():
+        famsearch_index(folder, variant_home, *flags.split())
     lines = Lines()
     for line in (
         f"{len(photos)} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} (q92), {load_average()} at the start",
@@ -199,11 +201,16 @@ def speed_table(photos: list[Path], sweep: bool, repeats: int) -> list[str]:
         f"|{'-' * 54}|{'-' * 10}|{'-' * 8}|---",
     ):
         lines.append(line)
-    naive_runs, default_runs, gap_runs = [], [], []
+    naive_runs, default_runs = [], []
+    variant_runs: dict[str, list[dict]] = {flags: [] for flags in variants}
     for _ in range(repeats):
         naive_runs.append(naive_images_per_s(photos))
+        print(f"  (naive {naive_runs[-1]:.1f} images/s; {load_average()})", flush=True)
         default_runs.append(famsearch_index(folder, home, "--full"))
-        gap_runs.append(famsearch_index(folder, gap_home, "--full"))  # the home's pooling: gap
+        _progress("defaults", default_runs[-1])
+        for flags, variant_home in variants.items():
+            variant_runs[flags].append(famsearch_index(folder, variant_home, "--full", *flags.split()))
+            _progress(flags, variant_runs[flags][-1])
     speeds = [run["images_per_s"] for run in default_runs]
     naive = statistics.median(naive_runs)
     pairs = ", ".join(f"{d / n:.1f}x" for d, n in zip(speeds, naive_runs))
@@ -221,20 +228,21 @@ def speed_table(photos: list[Path], sweep: bool, repeats: int) -> list[str]:
             statistics.median(speeds),
             naive,
             f"median of {repeats}: {', '.join(f'{v:.1f}' for v in speeds)}; pairwise {pairs}; "
-            f"wall {statistics.median(r['wall_s'] for r in default_runs):.1f} s incl. start-up; "
-            f"peak PSS {max(r['peak_pss_mib'] for r in default_runs):.0f} MiB",
+            + _whole_command(default_runs, len(photos)),
         )
     )
-    gap_speeds = [run["images_per_s"] for run in gap_runs]
-    lines.append(
-        row(
-            "famsearch index --full --pooling gap",
-            statistics.median(gap_speeds),
-            naive,
-            f"median of {repeats}: {', '.join(f'{v:.1f}' for v in gap_speeds)}; default ({DEFAULT_POOLING}) / gap "
-            f"pairwise {', '.join(f'{d / g:.2f}x' for d, g in zip(speeds, gap_speeds))}",
+    for flags, runs in variant_runs.items():
+        variant_speeds = [run["images_per_s"] for run in runs]
+        lines.append(
+            row(
+                f"famsearch index --full {flags}",
+                statistics.median(variant_speeds),
+                naive,
+                f"median of {repeats}: {', '.join(f'{v:.1f}' for v in variant_speeds)}; default / this pairwise "
+                f"{', '.join(f'{d / v:.2f}x' for d, v in zip(speeds, variant_speeds))}; "
+                + _whole_command(runs, len(photos)),
+            )
         )
-    )
     if sweep:
         for workers, batch, threads in SWEEP:
             run = famsearch_index(
@@ -250,6 +258,20 @@ def speed_table(photos: list[Path], sweep: bool, repeats: int) -> list[str]:
             )
     lines.append(f"{load_average()} at the end")
     return lines
+
+
+def _progress(name: str, run: dict) -> None:
+    """One run as it finishes (a repeat takes minutes on a loaded machine; the table comes at the end)."""
+    print(f"  ({name}: {run['images_per_s']:.1f} images/s, wall {run['wall_s']:.1f} s; {load_average()})", flush=True)
+
+
+def _whole_command(runs: list[dict], count: int) -> str:
+    """The command's own wall time, start-up included, as images/s, and its peak memory."""
+    walls = [run["wall_s"] for run in runs]
+    return (
+        f"whole command {count / statistics.median(walls):.1f} images/s (wall {statistics.median(walls):.1f} s incl. "
+        f"start-up); peak PSS {max(r['peak_pss_mib'] for r in runs):.0f} MiB"
+    )
 
 
 # (workers, batch size, torch threads in the main process): workers against threads on 2 cores, then batch size
@@ -287,8 +309,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time --workers/--batch-size/threads settings")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of naive and default famsearch")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--also", action="append", default=None, help="flags of a variant run alongside (default: --pooling gap)"
+    )
     args = parser.parse_args()
-    lines = speed_table(make_photos(args.photos), args.sweep, args.repeats) if args.photos else Lines()
+    also = args.also if args.also is not None else ["--pooling gap"]
+    lines = speed_table(make_photos(args.photos), args.sweep, args.repeats, also) if args.photos else Lines()
     if args.tiny:
         lines += noop_table(args.tiny)
     text = "\n".join(lines)

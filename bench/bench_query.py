@@ -1,6 +1,7 @@
 """Query latency with all maps on a 10,000-image gallery, cold start, and explainer cost.
 
     .venv/bin/python bench/bench_query.py [--work /tmp/famsearch-bench] [--n 10000] [--queries 30] [--pooling gap]
+        [--runtimes torch,onnx]
 
 1. Synthesises a gallery of --n small JPEGs (longer side 512) from the clipart composites,
    the clipart train/few-shot sets, and random crops of real photos (mate-backgrounds,
@@ -13,6 +14,8 @@
    `QueryEngine.query_path` (JPEG draft decoding) with the map cache, and without it.
 5. Explainer cost per map (fam, fam-exact, gradcam closed form) vs one backbone forward pass
    vs autograd Grad-CAM, timed side by side in this process, as ratios.
+With --runtimes, first an A/B of what runs the backbone (`--runtime`): cold start in fresh processes, alternated,
+and warm latency of the default query (fam, map cache on) in one engine per runtime, in alternating rounds.
 """
 
 from __future__ import annotations
@@ -125,7 +128,8 @@ if int(sys.argv[4]):
 from retrieval.config import Settings
 from retrieval.engine import QueryEngine
 imported, cpu1 = time.perf_counter(), time.process_time()
-engine = QueryEngine(Settings(home=__import__('pathlib').Path(sys.argv[1])), device=sys.argv[3])
+engine = QueryEngine(Settings(home=__import__('pathlib').Path(sys.argv[1])), device=sys.argv[3],
+                     runtime=sys.argv[5] or None)
 loaded, cpu2 = time.perf_counter(), time.process_time()
 result = engine.query_path(sys.argv[2], 10, 'gradcam')
 first, cpu3 = time.perf_counter(), time.process_time()
@@ -136,9 +140,9 @@ print(json.dumps({"import_s": imported - start, "load_s": loaded - imported, "fi
 """
 
 
-def cold_start(home: Path, query: Path, device: str, threads: int) -> dict:
+def cold_start(home: Path, query: Path, device: str, threads: int, runtime: str = "") -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", COLD, str(home), str(query), device, str(threads)],
+        [sys.executable, "-c", COLD, str(home), str(query), device, str(threads), runtime],
         cwd=ROOT,
         check=True,
         capture_output=True,
@@ -166,6 +170,52 @@ def warm_latency(engine, query: Path, explainer: str, repeats: int) -> tuple[lis
         for key, value in result.timing_ms.items():
             parts.setdefault(key, []).append(value)
     return totals, cpu, {k: statistics.median(v) for k, v in parts.items()}
+
+
+def runtime_ab(home: Path, query: Path, args: argparse.Namespace) -> None:
+    """Cold start (fresh processes, alternated) and warm latency (one engine each, alternating rounds) per runtime."""
+    import torch
+
+    from retrieval.config import Settings
+    from retrieval.engine import QueryEngine
+
+    runtimes = args.runtimes.split(",")
+    print(f"\nruntime A/B ({', '.join(runtimes)}), 3 rounds each, alternated; load average {os.getloadavg()[0]:.2f}")
+    colds: dict[str, list[dict]] = {runtime: [] for runtime in runtimes}
+    for _ in range(3):
+        for runtime in runtimes:
+            colds[runtime].append(cold_start(home, query, args.device, args.threads, runtime))
+    for runtime, runs in colds.items():
+        print(
+            f"cold start {runtime:<6} (median wall ms): "
+            + ", ".join(
+                f"{name} {statistics.median(r[key + '_s'] for r in runs) * 1000:.0f}"
+                for name, key in (("import", "import"), ("load", "load"), ("first query", "first_query"))
+            )
+            + f"; import + load {statistics.median((r['import_s'] + r['load_s']) for r in runs) * 1000:.0f}"
+        )
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    engines = {runtime: QueryEngine(Settings(home=home), device=args.device, runtime=runtime) for runtime in runtimes}
+    totals: dict[str, list[float]] = {runtime: [] for runtime in runtimes}
+    parts: dict[str, dict[str, list[float]]] = {runtime: {} for runtime in runtimes}
+    for _ in range(3):
+        for runtime, engine in engines.items():
+            times, _, medians = warm_latency(engine, query, "fam", max(1, args.queries // 3))
+            totals[runtime] += times
+            for key, value in medians.items():
+                parts[runtime].setdefault(key, []).append(value)
+    print(f"warm query, fam, map cache on, {len(totals[runtimes[0]])} runs each (ms):")
+    for runtime in runtimes:
+        print(
+            f"  {runtime:<6} p50 {percentile(totals[runtime], 50):6.1f}  p95 {percentile(totals[runtime], 95):6.1f}   "
+            + " ".join(f"{k} {statistics.median(v):.1f}" for k, v in parts[runtime].items())
+        )
+    first = runtimes[0]
+    for runtime in runtimes[1:]:
+        ratio = percentile(totals[first], 50) / percentile(totals[runtime], 50)
+        print(f"  p50 {first} / {runtime}: {ratio:.2f}x")
+    for engine in engines.values():
+        engine.close()
 
 
 def explainer_costs(engine, query: Path, repeats: int) -> dict[str, tuple[float, float]]:
@@ -235,7 +285,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu_check.sh)")
     parser.add_argument("--threads", type=int, default=0, help="torch/FAISS threads (0: all cores)")
     parser.add_argument("--pooling", default=None, help="the index's pooling (default: famsearch's default)")
+    parser.add_argument("--runtimes", default=None, help="e.g. torch,onnx: an A/B of --runtime first")
+    parser.add_argument("--only-runtimes", action="store_true", help="stop after the runtime A/B")
+    parser.add_argument("--home", type=Path, default=None, help="an indexed home to query instead (runtime A/B only)")
     args = parser.parse_args()
+    if args.home is not None:  # a home indexed elsewhere (e.g. bench_index.py's): the runtime A/B alone
+        args.work.mkdir(parents=True, exist_ok=True)
+        query = make_query(args.work / "query_12mp.jpg")
+        print(f"home {args.home}; query {query} {Image.open(query).size}")
+        runtime_ab(args.home, query, args)
+        return
     import torch
 
     from retrieval.config import DEFAULT_POOLING, Settings
@@ -257,6 +316,10 @@ def main() -> None:
     cache_dir = home / "featcache"
     cache_bytes = sum(p.stat().st_size for p in cache_dir.glob("*") if p.is_file()) if cache_dir.exists() else 0
 
+    if args.runtimes:
+        runtime_ab(home, query, args)
+        if args.only_runtimes:
+            return
     cold = cold_start(home, query, args.device, args.threads)
     print(
         "\ncold start, fresh process (wall ms / CPU ms): "

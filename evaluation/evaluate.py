@@ -130,7 +130,7 @@ def index_gallery(settings: Settings, gallery: list[Item], options: EvalOptions)
     settings.home.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.database_url)
     try:
-        encoder = load_encoder(options.model, default_device(options.device))
+        encoder = load_encoder(options.model, default_device(options.device), export_dir=settings.export_dir)
         index_options = IndexOptions(
             batch_size=options.batch_size, workers=options.workers, head=options.head, progress=options.progress
         )
@@ -549,7 +549,7 @@ def evaluate(
         settings = Settings(home=(home or Path(scratch)).expanduser().absolute(), db_url=db_url)
         start = time.perf_counter()
         summary = index_gallery(settings, gallery, options)
-        engine = QueryEngine(settings, device=options.device)
+        engine = QueryEngine(settings, device=options.device, runtime=options.model.runtime)
         try:
             return _evaluate(dataset, queries, gallery, engine, options, summary, start)
         finally:

@@ -10,8 +10,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval.images import is_image_path
-
 LOGGER = logging.getLogger(__name__)
 # Hidden folders (".*", which covers .git, .thumbnails, .Trash), Synology's thumbnail folders.
 DEFAULT_EXCLUDES = (".*", "@eaDir", "#recycle", "__pycache__")
@@ -40,6 +38,8 @@ def scan(
     Folders that cannot be listed (permissions, a dropped network share) are appended to
     `unlisted` as they are met, so that the caller keeps their rows rather than deleting them.
     """
+    from retrieval.images import is_image_path  # here, not at the top: `famsearch --help` needs no numpy or Pillow
+
     patterns = tuple(excludes)
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[str] = set()

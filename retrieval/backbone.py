@@ -85,13 +85,14 @@ class Backbone:
 class _ResNetFeatures(FeatureNet):
     """torchvision ResNet split at layer4 so it offers forward_features/forward_head like Lite0."""
 
+    focus_layer = "net.layer3"  # stride 16, 1024 channels: the mid-level map `--box auto` reads
+    random_tail = ("net.layer3", "net.layer4")
+    guide_layer = "net.layer3"
+
     def __init__(self, net: ResNet) -> None:
         super().__init__()
         self.net = net
         self.num_features = net.fc.in_features
-        self.focus_layer = "net.layer3"  # stride 16, 1024 channels: the mid-level map `--box auto` reads
-        self.random_tail = ("net.layer3", "net.layer4")
-        self.guide_layer = "net.layer3"
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, 2048, H/32, W/32), after layer4's final ReLU."""
@@ -135,6 +136,19 @@ class _ToyNet(FeatureNet):
 
     def forward_head(self, features: Tensor) -> Tensor:
         return features.mean(dim=(-2, -1))
+
+
+def network_class(name: str) -> type[FeatureNet]:
+    """The network class of a backbone name, whose class attributes name its layers (``focus_layer``,
+    ``guide_layer``) without building it. Raises UsageError for an unknown name."""
+    if name == "efficientnet_lite0":
+        from retrieval.lite0 import EfficientNetLite0
+
+        return EfficientNetLite0
+    networks: dict[str, type[FeatureNet]] = {"resnet50": _ResNetFeatures, "toy": _ToyNet}
+    if name not in networks:
+        raise UsageError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    return networks[name]
 
 
 def describe_backbone(name: str = "efficientnet_lite0", weights: str | None = None) -> tuple[tuple, tuple, dict]:

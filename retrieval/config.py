@@ -15,6 +15,11 @@ BACKBONES = ("efficientnet_lite0", "resnet50", "toy")
 # bf16 halves the forward time there but moved one of 60 top-1 answers on clipart-composites
 # (Recall@1 11.7 -> 10.0, bench/results/precision.txt), more than the 1-point allowance of docs/DESIGN.md §13.
 PRECISIONS = ("fp32", "bf16", "auto")
+# What runs the backbone's forward pass. onnx (ONNX Runtime, CPU, fp32) is the default where it can run: the same
+# maps and vectors to float rounding (tests/test_onnx.py), faster than torch: 7.1 vs 12.8 ms/img measured on a quiet
+# day (issue 20), a query's embed part 2.7 vs 15.5 s on a loaded one (bench/results/query-runtime.txt); torch for
+# GPUs and bf16.
+RUNTIMES = ("torch", "onnx")
 # How photos are pooled unless asked otherwise: focus (GAP over the cells the automatic focus picks, on every
 # photo) found the object rather than the background on clipart-composites, Recall@1 51.7% vs 11.7% for GAP at
 # 224 px with no training, and localised better (bench/results/pooling.txt, docs/heads.md). GAP stays "gap".
@@ -75,6 +80,11 @@ class Settings:
     # name homes had before generations (index.faiss, head.pt).
     def index_file(self, generation: int = 0) -> Path:
         return self.home / ("index.faiss" if generation == 0 else f"index-{generation}.faiss")
+
+    @property
+    def export_dir(self) -> Path:
+        """Where the backbone's ONNX exports are cached (`retrieval.onnxbackbone.export_file`)."""
+        return self.home / "onnx"
 
     def head_file(self, generation: int = 0) -> Path:
         return self.home / ("head.pt" if generation == 0 else f"head-{generation}.pt")

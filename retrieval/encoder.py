@@ -27,18 +27,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from retrieval.backbone import Backbone, describe_backbone, load_backbone, randomised_tail
-from retrieval.config import DEFAULT_INPUT_SIZE, DEFAULT_POOLING, PRECISIONS
+from retrieval.backbone import Backbone, describe_backbone, load_backbone, network_class, randomised_tail
+from retrieval.config import DEFAULT_INPUT_SIZE, DEFAULT_POOLING, PRECISIONS, RUNTIMES
 from retrieval.errors import UsageError
 from retrieval.fam import FineInputs
 from retrieval.modelspec import ModelSpec
+from retrieval.onnxbackbone import OnnxBackbone, export_backbone, export_file, onnx_available
 from retrieval.pooling import POOLINGS, Objectness, explained_feature_map, load_objectness, pool_feature_map
 from retrieval.regions import (
     AUTO,
     Auto,
     Box,
     box_weights,
-    focus_layer_outputs,
     focus_scores,
     focus_weights,
     layer_outputs,
@@ -64,6 +64,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cpu" and native_bf16() else "fp32"
+
+
+def resolve_runtime(runtime: str | None, device: torch.device, precision: str) -> str:
+    """What runs the backbone's forward pass: None -> 'onnx' (ONNX Runtime, faster than torch on a CPU: see
+    `retrieval.config.RUNTIMES`) for fp32 on the CPU when onnxruntime is installed, else 'torch'. An explicit 'onnx'
+    where it cannot run (a GPU, bf16, not installed) is a usage error."""
+    if runtime is not None and runtime not in RUNTIMES:
+        raise UsageError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "torch" or (runtime is None and (device.type != "cpu" or precision != "fp32")):
+        return "torch"
+    if device.type != "cpu" or precision != "fp32":
+        raise UsageError(f"--runtime onnx runs fp32 on the CPU only (asked: {precision} on {device.type}); use torch")
+    if not onnx_available():
+        if runtime is None:
+            return "torch"
+        raise UsageError("--runtime onnx needs the packages onnxruntime and onnx (pip install onnxruntime onnx)")
+    return "onnx"
 
 
 @dataclass(frozen=True)
@@ -135,7 +152,9 @@ class Encoder:
     The backbone is loaded on first use (``backbone``): identity and preprocessing come from
     `describe_backbone`, so a caller that only checks identity (a re-index with nothing to
     embed) never builds the model. ``precision`` 'bf16' runs the backbone under CPU autocast;
-    the maps and vectors it returns are float32 either way.
+    the maps and vectors it returns are float32 either way. ``runtime`` 'onnx' runs the forward pass in ONNX
+    Runtime (`retrieval.onnxbackbone`), from an export cached in ``export_dir`` (None: exported in memory); the
+    torch backbone is still what it is exported from, and what training and gradients use.
     """
 
     backbone_name: str = "efficientnet_lite0"
@@ -145,7 +164,10 @@ class Encoder:
     weights: str | None = None  # an explicit weights file; None = the backbone's bundled one
     objectness: Objectness | None = None  # for pooling "attn:FILE"
     precision: str = "fp32"
+    runtime: str = "torch"
+    export_dir: Path | None = None
     _backbone: Backbone | None = field(default=None, repr=False)
+    _onnx: OnnxBackbone | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.mean, self.std, self._backbone_identity = describe_backbone(self.backbone_name, self.weights)
@@ -162,7 +184,7 @@ class Encoder:
     def randomised(self, seed: int = 0, blocks: tuple[str, ...] | None = None) -> Encoder:
         """This encoder over a copy of its backbone whose last blocks (or ``blocks``) are re-initialised
         (`randomised_tail`): the model of the randomisation sanity check. Same preprocessing, pooling and precision."""
-        encoder = replace(self, _backbone=None)
+        encoder = replace(self, _backbone=None, _onnx=None, runtime="torch")  # no export of a random model
         encoder._backbone = randomised_tail(self.backbone, seed, blocks)
         return encoder
 
@@ -188,9 +210,50 @@ class Encoder:
     def preprocess(self) -> Preprocess:
         return Preprocess(self.input_size, self.mean, self.std)
 
-    @torch.inference_mode()
+    @property
+    def focus_layer(self) -> str:
+        """The backbone's layer whose output `focus_scores` reads (named without building the backbone)."""
+        return network_class(self.backbone_name).focus_layer
+
+    @property
+    def guide_layer(self) -> str:
+        """The backbone's layer whose features up-sample the graded maps (`fam.fine_fam`)."""
+        return network_class(self.backbone_name).guide_layer
+
+    @property
+    def read_layers(self) -> tuple[str, ...]:
+        """The backbone's inner layers whose outputs `encode_batch` reads besides its last map (each once, in order).
+        The ONNX export outputs exactly these, so a cached export needs no torch backbone built."""
+        return tuple(dict.fromkeys((self.focus_layer, self.guide_layer)))
+
+    @property
+    def onnx(self) -> OnnxBackbone:
+        """The ONNX Runtime session (created on first access, with as many threads as torch has then): from the
+        export cached in ``export_dir`` for these weights, input size and `read_layers`, exported when missing."""
+        if self._onnx is None:
+            layers = self.read_layers
+            cached = None
+            if self.export_dir is not None:
+                cached = export_file(self.export_dir, self._backbone_identity, self.input_size, layers)
+            export = lambda: export_backbone(self.backbone, self.input_size, layers)  # noqa: E731
+            self._onnx = OnnxBackbone.cached(cached, export, layers, torch.get_num_threads())
+        return self._onnx
+
+    def forward_layers(self, batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(B, 3, S, S) -> the last map (B, N, h, w) float32 and {layer: output} for each of `read_layers`, one
+        forward pass, on the encoder's device (the ONNX runtime runs on the CPU)."""
+        if self.runtime == "onnx":
+            return self.onnx(batch)
+        with torch.inference_mode(), layer_outputs(self.backbone, self.read_layers) as caught:
+            feature_maps = self._torch_features(batch)
+        return feature_maps, {name: outputs[0] for name, outputs in caught.items()}
+
     def forward_features(self, batch: Tensor) -> Tensor:
         """(B, 3, S, S) -> (B, N, h, w) float32 on the encoder's device."""
+        return self.forward_layers(batch)[0] if self.runtime == "onnx" else self._torch_features(batch)
+
+    @torch.inference_mode()
+    def _torch_features(self, batch: Tensor) -> Tensor:
         model = self.backbone.model
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
@@ -199,10 +262,9 @@ class Encoder:
     def forward_features_and_focus(self, batch: Tensor) -> tuple[Tensor, Tensor]:
         """(B, 3, S, S) -> the feature maps (B, N, h, w) and `focus_weights` (B, h, w), one forward
         pass: the backbone's ``focus_layer`` output is caught on the way."""
-        with focus_layer_outputs(self.backbone) as caught:
-            feature_maps = self.forward_features(batch)
+        feature_maps, caught = self.forward_layers(batch)
         h, w = feature_maps.shape[-2:]
-        return feature_maps, focus_weights(caught[0], (h, w)).to(feature_maps)
+        return feature_maps, focus_weights(caught[self.focus_layer], (h, w)).to(feature_maps)
 
     def pool(self, feature_maps: Tensor, region: Tensor | None = None) -> Tensor:
         """(B, N, h, w) -> (B, N) with this encoder's pooling (over a box's cells with ``region``)."""
@@ -223,16 +285,14 @@ class Encoder:
             AUTO if box is None and self.pooling == "focus" else box
             for box in (boxes if boxes is not None else [None] * len(batch))
         ]
-        backbone = self.backbone
-        with layer_outputs(backbone, (backbone.focus_layer, backbone.guide_layer)) as caught:
-            feature_maps = self.forward_features(batch)
+        feature_maps, caught = self.forward_layers(batch)
         h, w = feature_maps.shape[-2:]
         grid, fine_grid = (h, w), (2 * h, 2 * w)
-        guides = _on_grid(caught[backbone.guide_layer][0].float(), fine_grid)  # (B, C, 2h, 2w)
+        guides = _on_grid(caught[self.guide_layer].float(), fine_grid)  # (B, C, 2h, 2w)
         focus = None
         if AUTO in boxes:  # the focus cells and their graded scores, on both grids
             focus = (
-                focus_scores(caught[backbone.focus_layer][0], grid).to(feature_maps),
+                focus_scores(caught[self.focus_layer], grid).to(feature_maps),
                 focus_scores(guides, fine_grid).to(feature_maps),
             )
         weights = [_cell_weights(box, i, sizes, focus, grid, feature_maps) for i, box in enumerate(boxes)]
@@ -295,12 +355,18 @@ def _cell_weights(
     return region, (region > 0).to(like), (box_weights(box, sizes[i], fine_grid) > 0).to(like)
 
 
-def load_encoder(spec: ModelSpec = ModelSpec(), device: str | torch.device = "cpu", lazy: bool = False) -> Encoder:
+def load_encoder(
+    spec: ModelSpec = ModelSpec(),
+    device: str | torch.device = "cpu",
+    lazy: bool = False,
+    export_dir: Path | None = None,
+) -> Encoder:
     """The encoder of a model spec on a device; the backbone is loaded now unless ``lazy`` (then on first use).
 
     ``spec.precision``: 'fp32', 'bf16' (CPU autocast), or 'auto' = bf16 on a CPU with native bf16
-    (see `native_bf16`), else fp32.
-    Raises UsageError for an unknown backbone, pooling or precision, before loading anything.
+    (see `native_bf16`), else fp32. ``spec.runtime``: see `resolve_runtime`; the ONNX export is cached in
+    ``export_dir`` (a home's `Settings.export_dir`; None: exported in memory each time).
+    Raises UsageError for an unknown backbone, pooling, precision or runtime, before loading anything.
     """
     pooling = spec.pooling
     if pooling not in POOLINGS and not pooling.startswith("attn:"):
@@ -308,9 +374,11 @@ def load_encoder(spec: ModelSpec = ModelSpec(), device: str | torch.device = "cp
     objectness = load_objectness(pooling.split(":", 1)[1]) if pooling.startswith("attn:") else None
     device = torch.device(device)
     weights = None if spec.weights is None else str(Path(spec.weights).resolve())
+    precision = resolve_precision(spec.precision, device)
+    runtime = resolve_runtime(spec.runtime, device, precision)
     encoder = Encoder(
-        spec.backbone, spec.input_size, pooling, device, weights, objectness, resolve_precision(spec.precision, device)
+        spec.backbone, spec.input_size, pooling, device, weights, objectness, precision, runtime, export_dir
     )
     if not lazy:
-        encoder.backbone  # noqa: B018 (loads it)
+        encoder.onnx if runtime == "onnx" else encoder.backbone  # noqa: B018 (loads it)
     return encoder

@@ -199,7 +199,7 @@ def _ms(start: float) -> float:
 class QueryEngine:
     """Loads once, answers many queries (warm latency is what `timing_ms` shows)."""
 
-    def __init__(self, settings: Settings, device: str | None = None):
+    def __init__(self, settings: Settings, device: str | None = None, runtime: str | None = None):
         self.settings = settings
         if not home_has_index(settings):
             raise IndexMissingError(settings.home)
@@ -216,7 +216,8 @@ class QueryEngine:
                     raise
         # Queries in the gallery's arithmetic where this machine has it (bf16 falls back to fp32).
         precision = "auto" if stored.get("precision") == "bf16" else "fp32"
-        self.encoder = load_encoder(stored_model_spec(stored, precision), device)
+        spec = stored_model_spec(stored, precision, runtime)
+        self.encoder = load_encoder(spec, device, export_dir=settings.export_dir)
         check_identity(stored, self.encoder.identity)
         self.model = stored
         # A filtered search needs FAISS's ID selectors, which the GPU indexes lack: it runs on the CPU copy.

@@ -17,23 +17,30 @@ from retrieval.errors import UsageError
 @dataclass(frozen=True)
 class ModelSpec:
     """Backbone name, its weights file (None: the bundled ones), the square input side, the pooling
-    (`retrieval.pooling.POOLINGS`, or attn:FILE) and the arithmetic (fp32, bf16, auto)."""
+    (`retrieval.pooling.POOLINGS`, or attn:FILE), the arithmetic (fp32, bf16, auto) and what runs the forward pass
+    (torch, onnx; None: onnx where it can run, `retrieval.encoder.resolve_runtime`). Only the first four define z."""
 
     backbone: str = BACKBONES[0]
     weights: str | None = None
     input_size: int = DEFAULT_INPUT_SIZE
     pooling: str = DEFAULT_POOLING
     precision: str = "fp32"
+    runtime: str | None = None
 
     def with_(self, **changes: Any) -> ModelSpec:
         """A copy with some settings changed (e.g. ``spec.with_(pooling="gap")``)."""
         return replace(self, **changes)
 
 
-def stored_model_spec(identity: dict, precision: str = "fp32") -> ModelSpec:
+def stored_model_spec(identity: dict, precision: str = "fp32", runtime: str | None = None) -> ModelSpec:
     """The spec of a model identity as the DB records it (`Encoder.identity` plus the weights path)."""
     return ModelSpec(
-        identity["backbone"], identity.get("weights_path"), identity["input_size"], identity["pooling"], precision
+        identity["backbone"],
+        identity.get("weights_path"),
+        identity["input_size"],
+        identity["pooling"],
+        precision,
+        runtime,
     )
 
 
@@ -71,6 +78,7 @@ def index_model_spec(asked: dict[str, Any], head: str | None, trained: dict, sto
         int(pick("input_size", default.input_size)),
         pooling,
         asked.get("precision") or default.precision,
+        asked.get("runtime"),
     )
 
 

@@ -481,6 +481,8 @@ def test_runs_with_nothing_to_embed_never_build_the_model(capsys, gallery, home,
     built = []
     real_load = encoder_module.load_backbone
     monkeypatch.setattr(encoder_module, "load_backbone", lambda *a: built.append(a) or real_load(*a))
+    real_session = encoder_module.OnnxBackbone.cached  # the default runtime's model: its cached export, loaded
+    monkeypatch.setattr(encoder_module.OnnxBackbone, "cached", lambda *a: built.append(a) or real_session(*a))
     assert index(capsys, home, gallery)[1]["unchanged"] == 8 and built == []
     (gallery / "pic3.png").unlink()  # a delete rebuilds the index from the rows: still no model
     assert index(capsys, home, gallery)[1]["deleted"] == 1 and built == []

@@ -15,6 +15,7 @@ from indexer.commands.common import (
     open_engine,
     parse_box_flag,
     read_query,
+    runtime_flag,
     save_map,
 )
 from retrieval.config import EXPLAINER_NAMES
@@ -36,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     common_flags(p)
+    runtime_flag(p)
     add_flag(
         p,
         "--rule",

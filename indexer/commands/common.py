@@ -13,12 +13,12 @@ from retrieval.config import (
     DEFAULT_POOLING,
     ENV_PREFIX,
     PRECISIONS,
+    RUNTIMES,
     Settings,
     default_home,
     home_has_index,
 )
 from retrieval.errors import ImageError, UsageError
-from retrieval.images import load_image
 
 if TYPE_CHECKING:
     import numpy as np
@@ -103,6 +103,7 @@ def model_flags(parser: argparse.ArgumentParser, pooling: bool = True, from_home
         help="backbone arithmetic: bf16 is ~2x faster on CPUs with native bf16 (AVX512-BF16/AMX) but moved one "
         "of 60 top-1 answers on clipart-composites (bench/results/precision.txt); auto = bf16 where native",
     )
+    runtime_flag(parser)
     if pooling:
         add_flag(
             parser,
@@ -114,6 +115,18 @@ def model_flags(parser: argparse.ArgumentParser, pooling: bool = True, from_home
             "objectness probe from `famsearch train --pooling attn`)"
             + (kept % DEFAULT_POOLING if from_home else f" (default: {DEFAULT_POOLING})"),
         )
+
+
+def runtime_flag(parser: argparse.ArgumentParser) -> None:
+    add_flag(
+        parser,
+        "--runtime",
+        default=None,
+        choices=RUNTIMES,
+        help="what runs the backbone's forward pass: onnx (ONNX Runtime, faster on a CPU, same maps and "
+        "vectors to float rounding; exported once per model into HOME/onnx) or torch (default: onnx for fp32 on "
+        "the CPU when onnxruntime is installed, else torch)",
+    )
 
 
 def box_flag(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -147,7 +160,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
     its own flag, so it is read the same way)."""
     from retrieval.modelspec import ModelSpec
 
-    return ModelSpec(args.model, args.weights, args.input_size, args.pooling, args.precision)
+    return ModelSpec(args.model, args.weights, args.input_size, args.pooling, args.precision, args.runtime)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -157,7 +170,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def open_engine(args: argparse.Namespace) -> QueryEngine:
     from retrieval.engine import QueryEngine
 
-    return QueryEngine(settings_from(args), device=args.device)
+    return QueryEngine(settings_from(args), device=args.device, runtime=args.runtime)
 
 
 def require_files(paths: list[Path]) -> None:
@@ -175,6 +188,7 @@ def read_query(
     With an engine the photo is draft-decoded at the model's input size (12 MP costs ~1/8); without one it
     is decoded full size and the box stays as given, clipped.
     """
+    from retrieval.images import load_image
     from retrieval.regions import clip_box
 
     require_files([path])

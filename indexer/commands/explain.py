@@ -6,9 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from indexer.commands.common import EXIT_OK, add_flag, common_flags, open_engine, read_query, save_map
+from indexer.commands.common import EXIT_OK, add_flag, common_flags, open_engine, read_query, runtime_flag, save_map
 from retrieval.config import DEFAULT_EXPLAINER, EXPLAINER_NAMES
-from retrieval.images import overlay
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("query", type=Path)
     p.add_argument("match", type=Path)
     common_flags(p)
+    runtime_flag(p)
     add_flag(p, "--explain", default=DEFAULT_EXPLAINER, choices=EXPLAINER_NAMES, help="explainer")
     add_flag(p, "--out", type=Path, default=Path("explain-out"), help="folder for .npy maps and PNG overlays")
     add_flag(p, "--json", action="store_true", help="print JSON")
@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         "query_map": save_map(out, "query_map.npy", report.first_map),
         "match_map": save_map(out, "match_map.npy", report.second_map),
     }
+    from retrieval.images import overlay
+
     overlay(query, report.first_map).save(out / "query_overlay.png")
     overlay(match, report.second_map).save(out / "match_overlay.png")
     if args.json:

@@ -18,7 +18,6 @@ from indexer.commands.common import (
 from indexer.scan import DEFAULT_EXCLUDES
 from retrieval.config import default_device
 from retrieval.errors import UsageError
-from retrieval.images import SUPPORTED_SUFFIXES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -127,9 +126,10 @@ def run(args: argparse.Namespace) -> int:
             "input_size": args.input_size,
             "pooling": args.pooling,
             "precision": args.precision,
+            "runtime": args.runtime,
         }  # None: not given
         spec = index_model_spec(asked, args.head, trained, store.get_meta("model"))
-        encoder = load_encoder(spec, default_device(args.device), lazy=True)
+        encoder = load_encoder(spec, default_device(args.device), lazy=True, export_dir=settings.export_dir)
         check_head_model(args.head, trained, encoder.identity)
         options = IndexOptions(
             batch_size=args.batch_size,
@@ -173,6 +173,8 @@ def _watch(args, store, settings, encoder, roots, options, labelled) -> int:
 
 
 def _report(args: argparse.Namespace, summary: dict, roots: list[Path], home: Path) -> None:
+    from retrieval.images import SUPPORTED_SUFFIXES
+
     if not any(summary[k] for k in ("added", "updated", "moved", "unchanged")):
         print(
             f"no images found under {' '.join(map(str, roots))} (looked for: {' '.join(sorted(SUPPORTED_SUFFIXES))})",

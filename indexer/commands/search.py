@@ -16,6 +16,7 @@ from indexer.commands.common import (
     parse_box_flag,
     read_query,
     require_files,
+    runtime_flag,
     save_map,
 )
 from retrieval.config import DEFAULT_EXPLAINER, EXPLAINER_NAMES
@@ -35,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     common_flags(p)
+    runtime_flag(p)
     add_flag(p, "-k", "--k", type=int, default=10, help="matches per query")
     add_flag(p, "--explain", default=DEFAULT_EXPLAINER, choices=(*EXPLAINER_NAMES, "none"), help="explainer")
     add_flag(
