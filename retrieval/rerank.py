@@ -37,10 +37,10 @@ class PartMatch:
     layer: str = "mid"
     weight_power: float = 2.0  # cell weight = graded focus score ** power (0: every cell counts the same)
     geometric: bool = True  # keep only matches one similarity transform of the cell centres explains
-    tolerance: float = 1.5  # an inlier lands within this many cells of where the transform puts it
+    tolerance: float = 1.0  # an inlier lands within this many cells of where the transform puts it
     hypotheses: int = 8  # the strongest matches that seed transform hypotheses (every ordered pair of them)
-    checked: int = 32  # the strongest matches checked against them; weaker ones are dropped
-    blend: float = 1.0  # combined score = cosine + blend * part score
+    checked: int = 16  # the strongest matches checked against them; weaker ones are dropped
+    blend: float = 4.0  # combined score = cosine + blend * part score
 
 
 @dataclass(frozen=True)

@@ -118,10 +118,10 @@ def run(args: argparse.Namespace) -> int:
             folder = args.maps_dir / f"{qi:03d}_{path.stem}" if args.maps_dir else None
             rows = result_rows(result, folder, photo_size(path))
             if args.json:
-                record = search_record(str(path), engine.model, result, rows, box)
+                record = search_record(str(path), engine.model, result, rows, box, args.rerank, args.expand)
                 if search_filter is not None:
                     record["filter"] = search_filter.json()
-                print(json.dumps({**record, "rerank": args.rerank, "expand": args.expand}), flush=True)
+                print(json.dumps(record), flush=True)
             else:
                 _print_table(path, result, rows, box)
     finally:
@@ -129,7 +129,15 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def search_record(query: str, model: dict, result: QueryResult, rows: list[dict], box: Box | Auto | None) -> dict:
+def search_record(
+    query: str,
+    model: dict,
+    result: QueryResult,
+    rows: list[dict],
+    box: Box | Auto | None,
+    rerank: int = 0,
+    expand: int = 0,
+) -> dict:
     """The `search --json` object of one query (docs/DESIGN.md §5); ``box`` as the person gave it."""
     from retrieval.regions import box_json
 
@@ -139,6 +147,8 @@ def search_record(query: str, model: dict, result: QueryResult, rows: list[dict]
         "explainer": result.explainer,
         "map_shape": map_shape(result),
         "timing_ms": result.timing_ms,
+        "rerank": rerank,
+        "expand": expand,
         "results": rows,
     }
     if box is not None:
