@@ -259,3 +259,25 @@ def test_explain_writes_the_correspondences_as_a_picture_and_json(capsys, indexe
         assert pair["query_xy"] == pytest.approx(pair["match_xy"])
     with Image.open(out / "correspondences.png") as picture:
         assert picture.height == 384
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_eval_reranks_each_query_s_top_n_in_place_and_leaves_the_rest(seed):
+    from evaluation.evaluate import EmbeddedItems, rerank_ranking
+
+    g = torch.Generator().manual_seed(seed)
+
+    def items(count: int) -> EmbeddedItems:
+        fine = FineInputs(
+            torch.rand(count, 8, 3, 3, generator=g),
+            torch.rand(count, 3, 3, generator=g),
+            torch.rand(count, 6, 6, generator=g),
+            torch.rand(count, 5, 6, 6, generator=g),
+        )
+        return EmbeddedItems(fine.whole_map, torch.rand(count, 8, generator=g), [(32, 32)] * count, fine)
+
+    query, gallery = items(4), items(12)
+    ranking = np.stack([np.random.default_rng([seed, q]).permutation(12) for q in range(4)])
+    reranked = rerank_ranking(query, gallery, ranking, 5)
+    for before, after in zip(ranking, reranked):
+        assert sorted(after[:5]) == sorted(before[:5]) and list(after[5:]) == list(before[5:])
