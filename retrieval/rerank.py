@@ -1,7 +1,7 @@
 """Re-ranking the top of a result list by matched parts, and query expansion.
 
-Pure maths: tensors in, tensors out. A photo's *parts* are the cells of one of its feature maps, each an
-L2-normalised local descriptor with a weight (how much the cell stands out in its photo, the graded focus score
+Pure maths: tensors in, tensors out. A photo's *parts* are the cells of one of its feature maps, each a local
+descriptor (centred on the photo's mean cell, L2-normalised) with a weight (how much the cell stands out in its photo, the graded focus score
 the map cache keeps) and a centre in the photo's own coordinates ([0, 1]², x right, y down):
 
     parts(fine, layer)           FineInputs (B, ...) -> Parts: cells (B, P, d), weights (B, P), grid (h, w)
