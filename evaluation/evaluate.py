@@ -64,6 +64,8 @@ class EvalOptions:
     seed: int = 0
     query_box: str | None = None  # "annotated": pool each query over its annotated box only (a user's box around
     # the object); "auto": over the cells retrieval.regions.focus_weights picks (no annotation used)
+    rerank: int = 0  # re-rank each query's top N by matched parts (retrieval/rerank.py), as `search --rerank`
+    expand: int = 0  # α-QE over the first N (after re-ranking), searched again, as `search --expand`
 
 
 @dataclass
@@ -193,6 +195,42 @@ def rank_gallery(engine: QueryEngine, query_embs: torch.Tensor, gallery: list[It
     if foreign:
         LOGGER.warning("%d indexed image(s) outside the dataset's gallery split are left out of the ranking", foreign)
     return np.array(ranking, dtype=np.int64).reshape(len(hits), -1)
+
+
+def rerank_ranking(query: EmbeddedItems, matches: EmbeddedItems, ranking: np.ndarray, n: int) -> np.ndarray:
+    """Each query's top n of ``ranking`` (Q, G') re-ranked by matched parts, as `QueryEngine.query` does."""
+    from retrieval.engine import PART_MATCH
+    from retrieval.rerank import part_scores, parts, rerank
+
+    query_parts = parts(query.fine, PART_MATCH.layer, PART_MATCH.weight_power)
+    gallery_parts = parts(matches.fine, PART_MATCH.layer, PART_MATCH.weight_power)
+    reranked = ranking.copy()
+    for qi in range(len(ranking)):
+        top = torch.as_tensor(ranking[qi, :n])
+        scores = explainers.cosine(query.embs[qi], matches.embs[top])  # (N,)
+        order, _ = rerank(scores, part_scores(query_parts[qi], gallery_parts[top], PART_MATCH), PART_MATCH.blend)
+        reranked[qi, :n] = ranking[qi, :n][order.cpu().numpy()]
+    return reranked
+
+
+def expanded_ranking(
+    engine: QueryEngine, query: EmbeddedItems, matches: EmbeddedItems, gallery: list[Item], options: EvalOptions
+) -> np.ndarray:
+    """The whole-gallery ranking with ``options.rerank`` and ``options.expand`` applied, as `search` applies them."""
+    from retrieval.rerank import expand_query
+
+    ranking = rank_gallery(engine, query.embs, gallery)
+    if options.rerank:
+        ranking = rerank_ranking(query, matches, ranking, options.rerank)
+    if not options.expand:
+        return ranking
+    expanded = []
+    for qi in range(len(ranking)):
+        top = torch.as_tensor(ranking[qi, : options.expand])
+        scores = explainers.cosine(query.embs[qi], matches.embs[top])
+        expanded.append(expand_query(query.embs[qi], matches.embs[top], scores))
+    ranking = rank_gallery(engine, torch.stack(expanded), gallery)
+    return rerank_ranking(query, matches, ranking, options.rerank) if options.rerank else ranking
 
 
 def ground_truth_pairs(
@@ -574,7 +612,7 @@ def _evaluate(
     pool_boxes = {"annotated": query_boxes, "auto": [AUTO] * len(queries), None: None}[options.query_box]
     query = embed_items(engine, queries, options, "embedding queries", pool_boxes)
     matches = embed_items(engine, gallery, options, "embedding gallery")
-    ranking = rank_gallery(engine, query.embs, gallery)
+    ranking = expanded_ranking(engine, query, matches, gallery, options)
     hits = metrics.relevance(
         np.array([gallery[i].label for i in ranking.ravel()]).reshape(ranking.shape),
         np.array([item.label for item in queries]),
@@ -642,6 +680,8 @@ def _evaluate(
         "map": metrics.mean_average_precision(hits),
         "n_queries": len(queries),
         "query_box": options.query_box,
+        "rerank": options.rerank,
+        "expand": options.expand,
         "explainers": rows,
         "default_explainer": DEFAULT_EXPLAINER,
         "dataset": str(dataset.root),

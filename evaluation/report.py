@@ -38,6 +38,8 @@ def format_tables(report: dict) -> str:
             if report.get("query_box") == "auto"
             else []
         ),
+        *([f"the top {report['rerank']} re-ranked by matched parts (--rerank)"] if report.get("rerank") else []),
+        *([f"query expansion over the first {report['expand']} (--expand)"] if report.get("expand") else []),
         "",
         "| Recall@1 | Recall@5 | Recall@10 | mAP |",
         "|---:|---:|---:|---:|",

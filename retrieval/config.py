@@ -40,6 +40,9 @@ DEFAULT_DUPLICATE_THRESHOLD = 0.88
 # decoding, and over this many pixels before decoding them (a small file can still decode to a huge bitmap).
 MAX_UPLOAD_MB = 20
 MAX_UPLOAD_MEGAPIXELS = 60.0
+# How many of the top results `famsearch search` re-ranks by matched parts unless asked otherwise (retrieval/rerank.py;
+# README, Measured): 0 = off.
+DEFAULT_RERANK = 0
 DEFAULT_INPUT_SIZE = 224  # the square side photos are resized to; 320 measured better at 2x the cost (README)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,8 @@ from retrieval.head import Head, load_head
 from retrieval.images import camera_name, is_image_path, load_image, load_image_sized
 from retrieval.modelspec import stored_model_spec
 from retrieval.regions import Auto, Box, fit_box
+from retrieval.rerank import PartMatch, Parts, expand_query, part_scores, parts, strongest_pairs
+from retrieval.rerank import rerank as rerank_order
 from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
 from retrieval.search import build_index, index_type_of, load_index, search, to_gpu_if_available
@@ -43,6 +45,8 @@ from retrieval.store import Store, bytes_to_embedding, code_point_order, open_st
 LOGGER = logging.getLogger(__name__)
 EXPLAIN_CHOICES = (*explainers.EXPLAINERS, "none")
 GROUP_CHOICES = ("none", "topk")
+CORRESPONDENCES = 12  # matched cell pairs kept per match (the strongest), with its maps
+PART_MATCH = PartMatch()
 
 
 @dataclass
@@ -86,6 +90,9 @@ class Match:
     query_map: np.ndarray | None = None  # (h, w) raw map on the query for this match
     match_map: np.ndarray | None = None  # (h, w) raw map on the match
     offsets: dict = field(default_factory=lambda: {"query": 0.0, "match": 0.0})
+    part_score: float | None = None  # with re-ranking: the share of the query's parts found in it (`rerank`)
+    # (C, 5) the strongest matched cell pairs: query x, y, match x, y in [0, 1] of each photo, strength
+    correspondences: np.ndarray | None = None
 
 
 @dataclass
@@ -134,6 +141,8 @@ class PairReport:
     shares: np.ndarray  # (N,) each channel's share of the score on the first's side (`channel_shares`)
     first_activations: np.ndarray  # (N, h, w) activation maps A^n of the first photo
     second_activations: np.ndarray  # (N, h, w) of the second
+    # (C, 5) the strongest matched cell pairs: first x, y, second x, y in [0, 1] of each photo, strength
+    correspondences: np.ndarray = field(default_factory=lambda: np.zeros((0, 5), np.float32))
 
 
 def channel_shares(
@@ -190,6 +199,22 @@ def _stored_pooled(row: ImageRow) -> np.ndarray:
     """An indexed row's z (N,); every id the engine asks for came from its index, whose rows have one."""
     assert row.embedding is not None, f"image {row.id} has no stored vector (re-indexed meanwhile?)"
     return bytes_to_embedding(row.embedding)
+
+
+def _parts(fine: FineInputs) -> Parts:
+    """The parts the re-ranker and the correspondences compare (`PART_MATCH`)."""
+    return parts(fine, PART_MATCH.layer, PART_MATCH.weight_power)
+
+
+def _stacked(photos: list[Embedded]) -> Embedded:
+    """Single photos (no batch axis) as one batch."""
+    fine = FineInputs(*(torch.stack([getattr(p.fine, f.name) for p in photos]) for f in fields(FineInputs)))
+    return Embedded(
+        torch.stack([p.feature_map for p in photos]),
+        torch.stack([p.pooled for p in photos]),
+        torch.stack([p.emb for p in photos]),
+        fine,
+    )
 
 
 def _ms(start: float) -> float:
@@ -283,11 +308,13 @@ class QueryEngine:
         group: str = "none",
         box: Box | Auto | None = None,
         search_filter: SearchFilter | None = None,
+        rerank: int = 0,
+        expand: int = 0,
     ) -> QueryResult:
         """`query` on a photo file (box in pixels of the full-size photo); the decode counts in `embed` and `total`."""
         start = time.perf_counter()
         image, box = self.load_query_box(path, box) if box is not None else (self.load_query(path), None)
-        result = self.query(image, k, explainer, group, box, search_filter)
+        result = self.query(image, k, explainer, group, box, search_filter, rerank, expand)
         decode = _ms(start) - result.timing_ms["total"]
         result.timing_ms["embed"] = round(result.timing_ms["embed"] + decode, 2)
         result.timing_ms["total"] = _ms(start)
@@ -330,34 +357,43 @@ class QueryEngine:
         group: str = "none",
         box: Box | Auto | None = None,
         search_filter: SearchFilter | None = None,
+        rerank: int = 0,
+        expand: int = 0,
     ) -> QueryResult:
-        """Top-k matches of one photo, with query- and match-side maps unless explainer == 'none'.
+        """Top-k matches of one photo, with query- and match-side maps and correspondences unless explainer == 'none'.
 
         ``box`` (x1, y1, x2, y2 in the image's pixels): search for that part of the photo; the
         query is pooled over the cells it covers and its maps are zero outside it. ``AUTO``
         (retrieval.encoder): the same over the cells `focus_weights` picks. ``search_filter``: the exact
-        top-k among the photos it keeps, then those under its min_score dropped."""
+        top-k among the photos it keeps, then those under its min_score dropped. ``rerank`` N > 0: the top N
+        (within the filter) by cosine are re-ranked by matched parts (`retrieval.rerank`). ``expand`` n > 0:
+        α-QE, the query averaged with its first n results (after re-ranking) and searched again (and re-ranked
+        again)."""
         if explainer not in EXPLAIN_CHOICES:
             raise UsageError(f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAIN_CHOICES)}")
         if group not in GROUP_CHOICES:
             raise UsageError(f"unknown group {group!r}; choose one of {', '.join(GROUP_CHOICES)}")
-        if k < 1:
-            raise UsageError(f"k must be at least 1, got {k}")
+        if k < 1 or rerank < 0 or expand < 0:
+            raise UsageError(f"k must be at least 1, rerank and expand at least 0; got {k}, {rerank}, {expand}")
         start = time.perf_counter()
         query = self.embed(image, box)
         timing = {"embed": _ms(start)}
         tick = time.perf_counter()
-        hits = self._search(query.emb[None].cpu().numpy(), k, search_filter)
-        rows = {row.id: row for row in self.store.images_by_ids([i for i, _ in hits])}
-        matches = [
-            _match(rank, rows[image_id], score)
-            for rank, (image_id, score) in enumerate(((i, s) for i, s in hits if i in rows), start=1)
-        ]
+        matches, known = self._ranked(query, query.emb, max(k, rerank), rerank, search_filter)
+        if expand and matches:
+            firsts = [m.image_id for m in matches[:expand]]
+            top = self._embedded(firsts, known)
+            scores = torch.tensor([m.score for m in matches[:expand]])
+            expanded = expand_query(query.emb.cpu(), top.emb.cpu(), scores).to(query.emb)
+            matches, known = self._ranked(query, expanded, max(k, rerank), rerank, search_filter)
+        matches = matches[:k]
+        for rank, match in enumerate(matches, start=1):
+            match.rank = rank
         timing["search"] = _ms(tick)
         tick = time.perf_counter()
         group_map = None
         if explainer != "none" and matches:
-            group_map = self._explain_matches(query, matches, explainer, group)
+            group_map = self._explain_matches(query, matches, explainer, group, known)
         timing["explain"] = _ms(tick)
         timing["total"] = _ms(start)
         return QueryResult(explainer, matches, timing, group_map)
@@ -372,15 +408,52 @@ class QueryEngine:
             hits = [(i, s) for i, s in hits if s >= search_filter.min_score]
         return hits
 
-    def _explain_matches(self, query: Embedded, matches: list[Match], explainer: str, group: str):
-        gallery, _ = self.embed_gallery([m.image_id for m in matches])
+    def _ranked(
+        self, query: Embedded, query_emb: torch.Tensor, n: int, rerank: int, search_filter: SearchFilter | None
+    ) -> tuple[list[Match], dict[int, Embedded]]:
+        """The top n for ``query_emb`` (the query's embedding, or an expanded one) within the filter, the first
+        ``rerank`` of them re-ranked by matched parts; and the photos embedded on the way (image id -> Embedded;
+        empty without)."""
+        hits = self._search(query_emb[None].float().cpu().numpy(), n, search_filter)
+        rows = {row.id: row for row in self.store.images_by_ids([i for i, _ in hits])}
+        matches = [
+            _match(rank, rows[image_id], score)
+            for rank, (image_id, score) in enumerate(((i, s) for i, s in hits if i in rows), start=1)
+        ]
+        if not rerank or len(matches) < 2:
+            return matches, {}
+        head, tail = matches[:rerank], matches[rerank:]
+        gallery, _ = self.embed_gallery([m.image_id for m in head])
+        part = part_scores(_parts(query.fine), _parts(gallery.fine), PART_MATCH)  # (N,)
+        order, _ = rerank_order(torch.tensor([m.score for m in head]), part.float().cpu(), PART_MATCH.blend)
+        for match, value in zip(head, part.tolist()):
+            match.part_score = value
+        known = {m.image_id: gallery[i] for i, m in enumerate(head)}
+        return [head[i] for i in order.tolist()] + tail, known
+
+    def _embedded(self, image_ids: list[int], known: dict[int, Embedded]) -> Embedded:
+        """Indexed photos as one batch: those in ``known`` as they are, the rest from the map cache."""
+        missing = [i for i in dict.fromkeys(image_ids) if i not in known]
+        if missing:
+            loaded, _ = self.embed_gallery(missing)
+            known = {**known, **{image_id: loaded[i] for i, image_id in enumerate(missing)}}
+        return _stacked([known[i] for i in image_ids])
+
+    def _explain_matches(
+        self, query: Embedded, matches: list[Match], explainer: str, group: str, known: dict[int, Embedded]
+    ):
+        """Maps on both sides and the strongest matched cell pairs of every match (``known``: as `_embedded`)."""
+        gallery = self._embedded([m.image_id for m in matches], known)
         n = len(matches)
         query_side = query.repeated(n)
         query_maps, query_offsets = self._explain(explainer, query_side, gallery.emb[:, None])  # K = 1 each
         match_maps, match_offsets = self._explain(explainer, gallery, query.emb.expand(n, -1)[:, None])
+        pairs = strongest_pairs(_parts(query.fine), _parts(gallery.fine), CORRESPONDENCES, PART_MATCH)
+        pairs_np = pairs.float().cpu().numpy()  # (K, C, 5)
         for i, match in enumerate(matches):
             match.query_map, match.match_map = query_maps[i], match_maps[i]
             match.offsets = {"query": float(query_offsets[i]), "match": float(match_offsets[i])}
+            match.correspondences = pairs_np[i][pairs_np[i][:, 4] > 0]
         if group == "topk":
             return self._explain(explainer, query, gallery.emb)[0]  # K = top-k (Eq. 11, 15)
         return None
@@ -446,6 +519,8 @@ class QueryEngine:
         first_map, first_offset = self._explain(explainer, a, b.emb[None])
         second_map, second_offset = self._explain(explainer, b, a.emb[None])
         shares = channel_shares(a.pooled, a.emb, b.emb, self.head.weight)
+        second = _parts(b.fine)
+        pairs = strongest_pairs(_parts(a.fine), second[None], CORRESPONDENCES, PART_MATCH)[0].float().cpu().numpy()
         return PairReport(
             float(explainers.cosine(a.emb, b.emb[None])[0]),
             first_map,
@@ -454,6 +529,7 @@ class QueryEngine:
             shares.float().cpu().numpy(),
             a.feature_map.float().cpu().numpy(),
             b.feature_map.float().cpu().numpy(),
+            pairs[pairs[:, 4] > 0],
         )
 
     def duplicates(self, threshold: float, progress: Callable[[int], None] | None = None) -> list[DuplicateGroup]:

@@ -182,3 +182,14 @@ def test_a_box_is_derived_from_the_mask_when_only_the_mask_is_given(shapes_datas
     expected = records[0].pop("bbox")
     (shapes_dataset / "annotations.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     assert list(item_box(read_dataset(shapes_dataset).items[0])) == expected
+
+
+def test_eval_ranks_with_rerank_and_expand_and_reports_them(capsys, shapes_dataset, tmp_path):
+    flags = (*TOY, "--home", tmp_path / "home", "--explain", "fam", "--json")
+    code, out, err = run_cli(capsys, "eval", shapes_dataset, *flags, "--rerank", "6", "--expand", "1")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["rerank"], report["expand"]) == (6, 1) and report["pairs"]["b"] == 8
+    assert report["recall"]["10"] == 1.0  # re-ranking reorders, it drops nothing
+    code, _, err = run_cli(capsys, "eval", shapes_dataset, *TOY, "--expand", "-2")
+    assert code == 2 and "--expand" in err and "Traceback" not in err

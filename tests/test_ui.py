@@ -314,6 +314,16 @@ def test_picking_a_photo_shows_the_ranked_grid_and_why_opens_both_maps(indexed, 
     assert len([b for b in at.button if b.key and b.key.startswith("why_")]) == 8
 
 
+def test_why_shows_the_matched_parts_as_correspondences(indexed, monkeypatch):
+    at = _pick(_app(indexed, monkeypatch), "pic3.png")
+    at.button(key="why_1").click().run()  # the photo itself: its cells match their own places (a drawn picture's
+    assert not at.exception and "Matched parts" in _texts(at)  # flat areas have look-alike cells: most, not all)
+    pairs = at.session_state["report"].correspondences
+    same_place = np.isclose(pairs[:, :2], pairs[:, 2:4]).all(axis=1)
+    assert len(pairs) and same_place[0] and same_place.mean() >= 0.5
+    assert any("strongest matched cells" in caption for caption in _captions(at))
+
+
 def test_switching_the_explainer_redraws_the_maps(indexed, monkeypatch):
     at = _pick(_app(indexed, monkeypatch), "pic1.png")
     at.button(key="why_2").click().run()

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from retrieval import correspondences
 from retrieval.config import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_EXPLAINER, Settings
 from retrieval.duplicates import KEEP_RULE, DuplicateGroup
 from retrieval.engine import Match, QueryEngine
@@ -300,6 +301,7 @@ def show_why(
         additive,
         match_framer(engine, match, stamp),
     )
+    show_correspondences(photo.display, photo_of_match, report.correspondences, match.rank)
     st.markdown("#### Channels that carried the score")
     rows = queries.channel_rows(report.shares, 15)
     st.bar_chart(
@@ -330,6 +332,20 @@ def show_why(
             caption=f"Channel {channel} on match #{match.rank}",
             width="stretch",
         )
+
+
+def show_correspondences(query_image, match_image, pairs: np.ndarray, rank: int) -> None:
+    """The matched parts as lines from the query to the match, the strongest brightest (`retrieval.correspondences`)."""
+    st.markdown("#### Matched parts")
+    if not len(pairs):
+        st.caption("No part of the query's salient cells found its counterpart here: the match rests on the whole.")
+        return
+    st.image(
+        correspondences.draw(query_image, match_image, pairs),
+        caption=f"The {len(pairs)} strongest matched cells (stride-16 features, mutual nearest neighbours that one "
+        f"similarity transform explains) between the query (left) and match #{rank} (right); brighter = stronger",
+        width="stretch",
+    )
 
 
 # ---------------------------------------------------------------------------- album decision (docs/fewshot.md)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from indexer.commands.common import EXIT_OK, add_flag, common_flags, model_flags, model_spec, settings_from
+from indexer.commands.search import rerank_flags
 from retrieval.config import EXPLAINER_NAMES
 from retrieval.errors import UsageError
 
@@ -57,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="pool each query over the cells `famsearch search --box auto` picks (no annotation "
         "used): the automatic focus measured on whole query photos",
     )
+    rerank_flags(p)
     add_flag(
         p,
         "--episodes",
@@ -100,8 +102,10 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.evaluate import EvalOptions, evaluate, parse_explainers
     from evaluation.report import format_tables, write_report
 
-    if args.batch_size < 1 or args.workers < 0 or args.steps < 2 or args.examples < 0 or args.curve_pairs < 0:
+    if args.batch_size < 1 or args.workers < 0 or args.steps < 2 or min(args.examples, args.curve_pairs) < 0:
         raise UsageError("--batch-size must be >= 1, --workers >= 0, --steps >= 2, --examples and --curve-pairs >= 0")
+    if args.rerank < 0 or args.expand < 0:
+        raise UsageError("--rerank and --expand must be 0 (off) or more")
     options = EvalOptions(
         explainers=parse_explainers(args.explain),
         head=args.head,
@@ -114,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         device=args.device,
         query_box=args.query_box,
+        rerank=args.rerank,
+        expand=args.expand,
     )
     home = args.home.expanduser() if args.home else None
     evaluation = evaluate(args.dataset, options, home=home, db_url=args.db)

@@ -17,7 +17,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common_flags(p)
     runtime_flag(p)
     add_flag(p, "--explain", default=DEFAULT_EXPLAINER, choices=EXPLAINER_NAMES, help="explainer")
-    add_flag(p, "--out", type=Path, default=Path("explain-out"), help="folder for .npy maps and PNG overlays")
+    add_flag(
+        p,
+        "--out",
+        type=Path,
+        default=Path("explain-out"),
+        help="folder for the .npy maps, their PNG overlays, and correspondences.png / .json: the matched parts of "
+        "the two photos as lines between them, the strongest first",
+    )
     add_flag(p, "--json", action="store_true", help="print JSON")
     p.set_defaults(run=run)
 
@@ -34,10 +41,16 @@ def run(args: argparse.Namespace) -> int:
         "query_map": save_map(out, "query_map.npy", report.first_map),
         "match_map": save_map(out, "match_map.npy", report.second_map),
     }
+    from retrieval.correspondences import draw, in_pixels
     from retrieval.images import overlay
 
     overlay(query, report.first_map).save(out / "query_overlay.png")
     overlay(match, report.second_map).save(out / "match_overlay.png")
+    pairs = in_pixels(report.correspondences, query.size, match.size)
+    draw(query, match, report.correspondences).save(out / "correspondences.png")
+    (out / "correspondences.json").write_text(
+        json.dumps({"query_size": list(query.size), "match_size": list(match.size), "correspondences": pairs})
+    )
     if args.json:
         offset = {"query": report.offsets["first"], "match": report.offsets["second"]}
         print(
@@ -48,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
                     **files,
                     "offset": offset,
                     "map_shape": {"query": list(report.first_map.shape), "match": list(report.second_map.shape)},
+                    "correspondences": pairs,
                 }
             )
         )
     else:
-        print(f"score {report.score:.4f} ({args.explain}); maps and overlays in {out}/")
+        print(f"score {report.score:.4f} ({args.explain}); maps, overlays and correspondences in {out}/")
     return EXIT_OK

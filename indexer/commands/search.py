@@ -19,7 +19,7 @@ from indexer.commands.common import (
     runtime_flag,
     save_map,
 )
-from retrieval.config import DEFAULT_EXPLAINER, EXPLAINER_NAMES
+from retrieval.config import DEFAULT_EXPLAINER, DEFAULT_RERANK, EXPLAINER_NAMES
 from retrieval.errors import UsageError
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--maps-dir", type=Path, default=None, help="write query/match maps here as .npy (raw, h x w)")
     box_flag(p, "search for")
     filter_flags(p)
+    rerank_flags(p)
     add_flag(p, "--json", action="store_true", help="one JSON object per query, one per line")
     p.set_defaults(run=run)
 
@@ -77,9 +78,34 @@ def search_filter_from(args: argparse.Namespace) -> SearchFilter | None:
     return None if all(value is None for value in values) else make_filter(*values)
 
 
+def rerank_flags(p: argparse.ArgumentParser) -> None:
+    """--rerank and --expand, shared with `famsearch eval`."""
+    add_flag(
+        p,
+        "--rerank",
+        type=int,
+        default=DEFAULT_RERANK,
+        metavar="N",
+        help="re-rank the top N by matched parts: the query's salient cells matched to each photo's (mutual "
+        "nearest neighbours that one similarity transform, mirrored or not, explains), added to the cosine; "
+        "0: off (README, Measured)",
+    )
+    add_flag(
+        p,
+        "--expand",
+        type=int,
+        default=0,
+        metavar="N",
+        help="query expansion (alpha-QE): average the query with its first N results (after re-ranking), "
+        "weighted by score cubed, and search again; 0: off",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise UsageError("-k must be at least 1")
+    if args.rerank < 0 or args.expand < 0:
+        raise UsageError("--rerank and --expand must be 0 (off) or more")
     box = parse_box_flag(args.box)
     search_filter = search_filter_from(args)
     require_files(args.images)  # before loading the model
@@ -88,11 +114,13 @@ def run(args: argparse.Namespace) -> int:
         # draft-decoded: 12 MP costs ~1/8; a box is checked against each photo before any search
         images = [(path, *read_query(path, engine, box)) for path in args.images]
         for qi, (path, image, image_box) in enumerate(images):
-            result = engine.query(image, args.k, args.explain, args.group, image_box, search_filter)
+            result = engine.query(
+                image, args.k, args.explain, args.group, image_box, search_filter, args.rerank, args.expand
+            )
             folder = args.maps_dir / f"{qi:03d}_{path.stem}" if args.maps_dir else None
-            rows = result_rows(result, folder)
+            rows = result_rows(result, folder, photo_size(path))
             if args.json:
-                record = search_record(str(path), engine.model, result, rows, box)
+                record = search_record(str(path), engine.model, result, rows, box, args.rerank, args.expand)
                 if search_filter is not None:
                     record["filter"] = search_filter.json()
                 print(json.dumps(record), flush=True)
@@ -103,7 +131,15 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def search_record(query: str, model: dict, result: QueryResult, rows: list[dict], box: Box | Auto | None) -> dict:
+def search_record(
+    query: str,
+    model: dict,
+    result: QueryResult,
+    rows: list[dict],
+    box: Box | Auto | None,
+    rerank: int = 0,
+    expand: int = 0,
+) -> dict:
     """The `search --json` object of one query (docs/DESIGN.md §5); ``box`` as the person gave it."""
     from retrieval.regions import box_json
 
@@ -113,6 +149,8 @@ def search_record(query: str, model: dict, result: QueryResult, rows: list[dict]
         "explainer": result.explainer,
         "map_shape": map_shape(result),
         "timing_ms": result.timing_ms,
+        "rerank": rerank,
+        "expand": expand,
         "results": rows,
     }
     if box is not None:
@@ -120,11 +158,29 @@ def search_record(query: str, model: dict, result: QueryResult, rows: list[dict]
     return record
 
 
-def result_rows(result: QueryResult, folder: Path | None) -> list[dict]:
-    """One JSON row per match; with a folder, its maps written there (the group map stands for every query map)."""
+def photo_size(path: Path) -> tuple[int, int]:
+    """A photo's upright (width, height), from its header."""
+    from PIL import Image
+
+    from retrieval.images import upright_size
+
+    with Image.open(path) as image:
+        return upright_size(image)
+
+
+def result_rows(result: QueryResult, folder: Path | None, query_size: tuple[int, int] | None = None) -> list[dict]:
+    """One JSON row per match; with a folder, its maps written there (the group map stands for every query map).
+    With the query photo's size, each row has its correspondences in pixels (with maps only)."""
+    from retrieval.correspondences import in_pixels
+
     group_file = save_map(folder, "group_query.npy", result.group_map) if folder else None
     rows = []
     for m in result.matches:
+        extra: dict = {}
+        if m.part_score is not None:
+            extra["part_score"] = round(m.part_score, 6)
+        if query_size and m.width and m.height and m.correspondences is not None:
+            extra["correspondences"] = in_pixels(m.correspondences, query_size, (m.width, m.height))
         rows.append(
             {
                 "rank": m.rank,
@@ -138,6 +194,7 @@ def result_rows(result: QueryResult, folder: Path | None) -> list[dict]:
                 "query_map": group_file
                 or (save_map(folder, f"rank{m.rank:02d}_query.npy", m.query_map) if folder else None),
                 "match_map": save_map(folder, f"rank{m.rank:02d}_match.npy", m.match_map) if folder else None,
+                **extra,
             }
         )
     return rows

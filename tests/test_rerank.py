@@ -1,0 +1,283 @@
+"""Re-ranking by matched parts, query expansion and correspondences (retrieval/rerank.py, retrieval/correspondences.py).
+
+Pure maths against oracles and hand-made cases; then the bundled backbone on real photos (scikit-image's): the
+re-ranker prefers the same object on another background to another object on the same background, and the
+matched cells map back to the right pixels of a flipped or cropped copy; then the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from retrieval.correspondences import draw, in_pixels
+from retrieval.fam import FineInputs
+from retrieval.rerank import (
+    PartMatch,
+    Parts,
+    cell_centres,
+    cell_matches,
+    consistent,
+    expand_query,
+    part_scores,
+    parts,
+    rerank,
+    strongest_pairs,
+)
+from tests.conftest import run_cli, run_json
+
+
+def random_parts(seed: int, count: int, grid=(4, 5), dim: int = 6) -> Parts:
+    g = torch.Generator().manual_seed(seed)
+    cells = F.normalize(torch.randn(count, grid[0] * grid[1], dim, generator=g, dtype=torch.float64), dim=-1)
+    return Parts(cells, torch.rand(count, grid[0] * grid[1], generator=g, dtype=torch.float64), grid)
+
+
+# ---------------------------------------------------------------------------- pure maths
+@pytest.mark.parametrize("seed", range(5))
+def test_a_reranked_list_is_a_permutation_of_the_top_n(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(30, generator=g).sort(descending=True).values
+    part = torch.rand(30, generator=g)
+    order, combined = rerank(scores, part, blend=1.0)
+    assert sorted(order.tolist()) == list(range(30))
+    torch.testing.assert_close(combined, (scores + part)[order])
+    assert torch.all(combined[:-1] >= combined[1:])
+
+
+def test_blend_zero_keeps_the_cosine_order_and_ties_keep_it_too():
+    scores = torch.tensor([0.9, 0.8, 0.8, 0.5])
+    assert rerank(scores, torch.rand(4), 0.0)[0].tolist() == [0, 1, 2, 3]
+    assert rerank(scores, torch.zeros(4), 1.0)[0].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mutual_nearest_neighbours_match_a_loop(seed):
+    query, gallery = random_parts(seed, 1)[0], random_parts(seed + 10, 3)
+    found = cell_matches(query, gallery)
+    for k in range(3):
+        sims = query.cells @ gallery.cells[k].T  # (P, M)
+        for p in range(sims.shape[0]):
+            m = int(sims[p].argmax())
+            assert found.partner[k, p] == m
+            assert bool(found.mutual[k, p]) == (int(sims[:, m].argmax()) == p)
+            assert float(found.similarity[k, p]) == pytest.approx(float(sims[p, m]))
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_the_geometric_check_finds_a_similarity_transform_among_outliers(mirrored):
+    """Golden: 12 points moved by a rotation of 30°, a scale of 1.5 and a shift (after a mirror image of the
+    photo, x -> -x), 5 more sent elsewhere: exactly the 12 are inliers, and the transform is recovered."""
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(1, 17, 2, generator=g) * 10
+    a = 1.5 * complex(math.cos(math.pi / 6), math.sin(math.pi / 6))
+    z = torch.complex(source[0, :, 0], -source[0, :, 1] if mirrored else source[0, :, 1])
+    moved = a * z + complex(3.0, -2.0)
+    target = torch.stack([moved.real, moved.imag], dim=-1)[None].float()
+    target[0, 12:] += torch.tensor([[7.0, -9.0], [-8.0, 5.0], [9.0, 9.0], [-6.0, -7.0], [11.0, 0.0]])
+    strength = torch.ones(1, 17)
+    inliers, transform = consistent(source, target, strength, tolerance=0.5, hypotheses=8)
+    assert inliers[0].tolist() == [True] * 12 + [False] * 5
+    a_re, a_im, b_x, b_y, flag = transform[0].tolist()
+    assert (a_re, a_im, b_x, b_y) == pytest.approx((a.real, a.imag, 3.0, -2.0), abs=1e-3)
+    assert flag == float(mirrored)
+
+
+def test_a_photo_finds_all_of_itself_and_a_shuffled_copy_less():
+    """Golden: against itself every cell is its own mutual nearest neighbour at similarity 1 and the identity
+    explains them all, so the part score is the weights' sum over itself: 1. Shuffling the copy's cells keeps
+    the matches but breaks their geometry."""
+    photo = random_parts(3, 1, grid=(6, 6))
+    assert part_scores(photo[0], photo, PartMatch(checked=36)).item() == pytest.approx(1.0)
+    shuffled = Parts(
+        photo.cells[:, torch.randperm(36, generator=torch.Generator().manual_seed(1))], photo.weights, (6, 6)
+    )
+    assert part_scores(photo[0], shuffled, PartMatch(checked=36)).item() < 0.5
+    assert part_scores(photo[0], shuffled, PartMatch(geometric=False)).item() == pytest.approx(1.0)
+
+
+def test_parts_centre_each_photo_on_its_mean_cell_and_weigh_by_the_focus_score():
+    whole, guide = torch.rand(2, 8, 3, 3), torch.rand(2, 5, 6, 6)
+    fine = FineInputs(whole, torch.rand(2, 3, 3), torch.rand(2, 6, 6), guide)
+    last, mid = parts(fine, "last", 2.0), parts(fine, "mid", 1.0)
+    assert last.cells.shape == (2, 9, 8) and mid.cells.shape == (2, 36, 5) and mid.grid == (6, 6)
+    expected = F.normalize(
+        guide.flatten(2).transpose(1, 2) - guide.flatten(2).transpose(1, 2).mean(1, keepdim=True), dim=-1
+    )
+    torch.testing.assert_close(mid.cells, expected)
+    torch.testing.assert_close(last.weights, fine.emphasis.flatten(1) ** 2)
+    with pytest.raises(ValueError, match="unknown layer"):
+        parts(fine, "first")
+
+
+def test_cell_centres_are_row_major_fractions_of_the_photo():
+    centres = cell_centres((2, 4))
+    assert centres[0].tolist() == [0.125, 0.25] and centres[5].tolist() == [0.375, 0.75]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_query_expansion_is_the_score_weighted_average_of_unit_vectors(seed):
+    g = torch.Generator().manual_seed(seed)
+    query, top = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+    scores = torch.tensor([0.9, 0.5, -0.2], dtype=torch.float64)
+    loop = F.normalize(query, dim=0) + sum(
+        max(s, 0.0) ** 3 * F.normalize(t, dim=0) for s, t in zip(scores.tolist(), top)
+    )
+    torch.testing.assert_close(expand_query(query, top, scores), F.normalize(loop, dim=0).float())
+    torch.testing.assert_close(expand_query(query, top, torch.zeros(3)), F.normalize(query, dim=0).float())
+
+
+def test_pairs_in_pixels_scale_fractions_by_each_photo_s_size():
+    pairs = np.array([[0.5, 0.25, 0.1, 1.0, 0.7]])
+    assert in_pixels(pairs, (200, 100), (50, 40)) == [
+        {"query_xy": [100.0, 25.0], "match_xy": [5.0, 40.0], "score": 0.7}
+    ]
+    picture = draw(Image.new("RGB", (200, 100)), Image.new("RGB", (50, 100)), pairs, height=100, gap=10)
+    assert picture.size == (200 + 10 + 50, 100)
+    assert picture.getpixel((100, 25)) != (0, 0, 0)  # the line's end at the query's pixel
+
+
+# ---------------------------------------------------------------------------- the bundled backbone, real photos
+@pytest.fixture(scope="module")
+def lite0():
+    from retrieval.encoder import load_encoder
+
+    return load_encoder()
+
+
+def _photo(name: str, size: tuple[int, int]) -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(getattr(data, name)()).convert("RGB").resize(size)
+
+
+def _pairs(encoder, query: Image.Image, matches: list[Image.Image], count: int = 12) -> tuple[np.ndarray, torch.Tensor]:
+    encoded = encoder.encode_full([query, *matches])
+    every = parts(encoded.fine())
+    found = strongest_pairs(every[0], every[1:], count)
+    return found.numpy(), part_scores(every[0], every[1:])
+
+
+@pytest.mark.slow
+def test_the_reranker_prefers_the_same_object_on_another_background_to_the_same_background(lite0):
+    """A cat's head pasted onto grass is the query; the same head, smaller and mirrored, on brick must come before
+    a coffee cup pasted at the same place onto the same grass, whose cells match the query's background pixel for
+    pixel (the stride-16 features of a texture match well: without the focus weights and the geometric check the
+    same background won by parts, 0.61 against 0.25)."""
+
+    def scene(background: str, thing: str, box: tuple[int, int, int, int], mirrored: bool = False) -> Image.Image:
+        canvas = _photo(background, (448, 448))
+        from skimage import data
+
+        pasted = (
+            Image.fromarray(getattr(data, thing)())
+            .convert("RGB")
+            .crop((80, 0, 380, 260) if thing == "chelsea" else (0, 0, 400, 400))
+        )
+        pasted = pasted.resize((box[2] - box[0], box[3] - box[1]))
+        canvas.paste(pasted.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirrored else pasted, box[:2])
+        return canvas
+
+    query = scene("grass", "chelsea", (120, 100, 320, 280))
+    same_object = scene("brick", "chelsea", (200, 180, 370, 333), mirrored=True)
+    same_background = scene("grass", "coffee", (120, 100, 320, 280))
+    encoded = lite0.encode_full([query, same_background, same_object])  # the same background listed first
+    every = parts(encoded.fine())
+    cosines = F.cosine_similarity(encoded.pooled[:1], encoded.pooled[1:])
+    order, _ = rerank(cosines, part_scores(every[0], every[1:]), PartMatch().blend)
+    assert order.tolist() == [1, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crop", [None, (0, 0, 320, 320), (96, 64, 448, 384), (160, 0, 512, 512)])
+def test_correspondences_map_back_to_the_right_pixels_under_flips_and_crops(lite0, crop):
+    """Property: the match is the query photo cropped (x0, y0, x1, y1) and mirrored; a matched pair's match pixel,
+    unmirrored and shifted back by the crop, lands within a cell of its query pixel (a cell: 1/14 of each photo
+    side at stride 16), for most pairs — a cell's feature also sees its neighbours."""
+    query = _photo("astronaut", (512, 512))
+    x0, y0, x1, y1 = crop or (0, 0, 512, 512)
+    match = query.crop((x0, y0, x1, y1)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    found, _ = _pairs(lite0, query, [match], count=12)
+    rows = in_pixels(found[0][found[0][:, 4] > 0], query.size, match.size)
+    assert len(rows) >= 6
+    close = 0
+    for row in rows:
+        mx, my = row["match_xy"]
+        back = (x0 + (match.width - mx), y0 + my)  # the match's pixel in the query photo
+        cell = max(query.width / 14, match.width / 14 * 1.0)
+        close += math.dist(back, row["query_xy"]) <= 1.5 * cell
+    assert close >= 0.8 * len(rows)
+
+
+# ---------------------------------------------------------------------------- the CLI
+def test_search_rerank_returns_a_permutation_of_the_top_n_with_part_scores_and_correspondences(
+    capsys, indexed, gallery
+):
+    query = gallery / "pic0.jpg"
+    _, plain = run_json(capsys, "search", query, "--home", indexed, "-k", "6", "--explain", "none")
+    _, reranked = run_json(capsys, "search", query, "--home", indexed, "-k", "6", "--rerank", "6")
+    assert sorted(r["image_id"] for r in reranked["results"]) == sorted(r["image_id"] for r in plain["results"])
+    assert [r["rank"] for r in reranked["results"]] == list(range(1, 7))
+    assert reranked["rerank"] == 6 and plain["rerank"] == 0
+    with Image.open(query) as image:
+        width, height = image.size
+    for row in reranked["results"]:
+        assert 0.0 <= row["part_score"] <= 1.0 + 1e-6
+        for pair in row["correspondences"]:
+            assert 0 <= pair["query_xy"][0] <= width and 0 <= pair["query_xy"][1] <= height
+            assert pair["score"] > 0
+    assert "part_score" not in plain["results"][0] and "correspondences" not in plain["results"][0]
+
+
+def test_search_rerank_has_an_env_twin_and_refuses_negative_values(capsys, indexed, gallery, monkeypatch):
+    monkeypatch.setenv("FAMSEARCH_RERANK", "4")
+    _, result = run_json(capsys, "search", gallery / "pic1.png", "--home", indexed, "-k", "2", "--explain", "none")
+    assert result["rerank"] == 4 and "part_score" in result["results"][0]
+    code, out, err = run_cli(capsys, "search", gallery / "pic1.png", "--home", indexed, "--rerank", "-1")
+    assert code == 2 and "--rerank" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_search_expand_searches_again_with_the_expanded_query(capsys, indexed, gallery):
+    _, result = run_json(capsys, "search", gallery / "pic2.jpg", "--home", indexed, "-k", "3", "--expand", "2")
+    assert result["expand"] == 2 and len(result["results"]) == 3
+
+
+def test_explain_writes_the_correspondences_as_a_picture_and_json(capsys, indexed, gallery, tmp_path):
+    out = tmp_path / "why"
+    code, result = run_json(
+        capsys, "explain", gallery / "pic0.jpg", gallery / "pic0.jpg", "--home", indexed, "--out", out
+    )
+    assert code == 0
+    saved = json.loads((out / "correspondences.json").read_text())
+    assert saved["correspondences"] == result["correspondences"] and saved["correspondences"]
+    for pair in saved["correspondences"]:  # a photo against itself: every pair joins a cell to itself
+        assert pair["query_xy"] == pytest.approx(pair["match_xy"])
+    with Image.open(out / "correspondences.png") as picture:
+        assert picture.height == 384
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_eval_reranks_each_query_s_top_n_in_place_and_leaves_the_rest(seed):
+    from evaluation.evaluate import EmbeddedItems, rerank_ranking
+
+    g = torch.Generator().manual_seed(seed)
+
+    def items(count: int) -> EmbeddedItems:
+        fine = FineInputs(
+            torch.rand(count, 8, 3, 3, generator=g),
+            torch.rand(count, 3, 3, generator=g),
+            torch.rand(count, 6, 6, generator=g),
+            torch.rand(count, 5, 6, 6, generator=g),
+        )
+        return EmbeddedItems(fine.whole_map, torch.rand(count, 8, generator=g), [(32, 32)] * count, fine)
+
+    query, gallery = items(4), items(12)
+    ranking = np.stack([np.random.default_rng([seed, q]).permutation(12) for q in range(4)])
+    reranked = rerank_ranking(query, gallery, ranking, 5)
+    for before, after in zip(ranking, reranked):
+        assert sorted(after[:5]) == sorted(before[:5]) and list(after[5:]) == list(before[5:])
