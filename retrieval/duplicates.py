@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from retrieval.search import normalise_rows
 
@@ -66,6 +64,9 @@ def _neighbours(index: faiss.Index, queries: np.ndarray, threshold: float) -> tu
 def connected_groups(ids: np.ndarray, pairs: np.ndarray) -> list[np.ndarray]:
     """The connected components of the graph whose edges are ``pairs`` (P, 2) of ``ids`` (n,), components of two
     or more photos only: a list of id arrays, each sorted, largest first (then by smallest id)."""
+    from scipy.sparse import coo_matrix  # here, not at the top: a search (which imports this module) needs no scipy
+    from scipy.sparse.csgraph import connected_components
+
     position = {int(image_id): i for i, image_id in enumerate(ids)}
     rows = np.array([position[int(a)] for a in pairs[:, 0]], np.int64)
     cols = np.array([position[int(b)] for b in pairs[:, 1]], np.int64)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from indexer.commands.common import EXIT_OK, add_flag, common_flags, open_engine, save_map
+from indexer.commands.common import EXIT_OK, add_flag, common_flags, open_engine, runtime_flag, save_map
 from retrieval.config import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_EXPLAINER, EXPLAINER_NAMES
 from retrieval.errors import UsageError
 
@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "then the others by their score (cosine) to the keep.",
     )
     common_flags(p)
+    runtime_flag(p)
     add_flag(
         p,
         "--threshold",
