@@ -189,29 +189,35 @@ class DecodeDataset(Dataset):
 
     def __getitem__(self, i: int) -> Decoded:
         row_id, stat = self.items[i]
-        try:
-            data, stat = read_file(stat.path)
-        except FileNotFoundError:  # deleted since the scan
-            return Decoded(row_id, stat, vanished=True)
-        except OSError as error:
-            return Decoded(row_id, stat, error=f"cannot read: {error.strerror or error}")
-        digest = content_hash(data)
-        if row_id is not None and self.known_hashes.get(row_id) == digest:
-            return Decoded(row_id, stat, digest=digest, same_content=True)
-        return self._decode(row_id, stat, data, digest)
+        known = None if row_id is None else self.known_hashes.get(row_id)
+        return decode_file(row_id, stat, self.preprocess, self.max_megapixels, known)
 
-    def _decode(self, row_id: int | None, stat: FileStat, data: bytes, digest: str) -> Decoded:
-        meta = photo_meta(data, stat.mtime_ns)
-        try:
-            raw = is_raw_path(stat.path)
-            image, size = decode_image(data, self.max_megapixels, draft_size=self.preprocess.input_size, raw=raw)
-            return Decoded(row_id, stat, self.preprocess(image), digest, size, meta=meta)
-        except ImageError as error:
-            return Decoded(row_id, stat, digest=digest, error=str(error), meta=meta)
-        except Exception as error:  # a decoder bug on one hostile file must stop neither this run nor the next
-            LOGGER.exception("decoding %s", stat.path)
-            error_text = f"cannot decode: {type(error).__name__}: {error}"
-            return Decoded(row_id, stat, digest=digest, error=error_text, meta=meta)
+
+def decode_file(
+    row_id: int | None, stat: FileStat, preprocess: Preprocess, max_megapixels: float, known_hash: str | None = None
+) -> Decoded:
+    """Read, hash, decode and preprocess one file (a DataLoader worker's or a Ray task's unit of work).
+    A file whose bytes hash to ``known_hash`` (its row's) is not decoded: only its stat is new."""
+    try:
+        data, stat = read_file(stat.path)
+    except FileNotFoundError:  # deleted since the scan
+        return Decoded(row_id, stat, vanished=True)
+    except OSError as error:
+        return Decoded(row_id, stat, error=f"cannot read: {error.strerror or error}")
+    digest = content_hash(data)
+    if row_id is not None and known_hash == digest:
+        return Decoded(row_id, stat, digest=digest, same_content=True)
+    meta = photo_meta(data, stat.mtime_ns)
+    try:
+        raw = is_raw_path(stat.path)
+        image, size = decode_image(data, max_megapixels, draft_size=preprocess.input_size, raw=raw)
+        return Decoded(row_id, stat, preprocess(image), digest, size, meta=meta)
+    except ImageError as error:
+        return Decoded(row_id, stat, digest=digest, error=str(error), meta=meta)
+    except Exception as error:  # a decoder bug on one hostile file must stop neither this run nor the next
+        LOGGER.exception("decoding %s", stat.path)
+        error_text = f"cannot decode: {type(error).__name__}: {error}"
+        return Decoded(row_id, stat, digest=digest, error=error_text, meta=meta)
 
 
 def _collate(batch: list[Decoded]) -> list[Decoded]:
@@ -231,6 +237,7 @@ class IndexOptions:
     excludes: tuple[str, ...] = DEFAULT_EXCLUDES
     progress: bool = True
     map_cache: bool = True  # keep each image's feature map for the explainers (retrieval.featcache)
+    ray: str | None = None  # decode + encode on Ray: an address, "local" (a local instance) or None (here)
 
 
 def _write_batch(store: Store, batch: list[Decoded], pooled: dict[int, np.ndarray]) -> Counter:
@@ -327,18 +334,21 @@ def inference_threads(workers: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def embed_files(
-    store: Store,
-    encoder: Encoder,
-    items: list[tuple[int | None, FileStat]],
-    options: IndexOptions,
-    cache: FeatureCache | None = None,
-    known_hashes: dict[int, str] | None = None,
-) -> Counter:
-    """Decode (workers), encode (batches) and commit each batch. Returns the outcome counts
-    of `_write_batch` (failed, same, vanished_new, vanished_old)."""
-    if not items:
-        return Counter()
+@dataclass
+class EncodedBatch:
+    """A batch out of the decode + encode step, ready to commit: the files as read, z of those that were
+    encoded keyed by their position in ``items``, and their packed maps in that order (`Encoded.pack`:
+    (len(pooled), N + 6 + 4C, h, w), a tensor or float16 array; None without the map cache or encodings)."""
+
+    items: list[Decoded]
+    pooled: dict[int, np.ndarray]
+    packed: torch.Tensor | np.ndarray | None = None
+
+
+def encode_locally(
+    encoder: Encoder, items: list[tuple[int | None, FileStat]], options: IndexOptions, known_hashes: dict[int, str]
+) -> Iterator[EncodedBatch]:
+    """Decode in `options.workers` DataLoader processes, encode here in batches of `options.batch_size`."""
     dataset = DecodeDataset(items, encoder.preprocess, options.max_megapixels, known_hashes)
     loader = DataLoader(
         dataset,
@@ -348,23 +358,52 @@ def embed_files(
         prefetch_factor=4 if options.workers else None,
         persistent_workers=False,
     )
-    outcomes: Counter = Counter()
-    with (
-        inference_threads(options.workers),
-        tqdm(total=len(items), unit="img", disable=not options.progress, desc="embedding") as bar,
-    ):
+    with inference_threads(options.workers):
         for batch in loader:
-            same = [item for item in batch if item.same_content]  # only their stat changes: kept out of the hook
-            batch = [item for item in batch if not item.same_content]
             good = [i for i, item in enumerate(batch) if item.tensor is not None]
-            pooled: dict[int, np.ndarray] = {}
-            if good:
-                encoded = encoder.encode_batch(torch.stack([batch[i].tensor for i in good]))
-                pooled = dict(zip(good, encoded.pooled.cpu().numpy()))  # (B, N) rows
-            outcomes += _write_batch(store, batch + same, pooled)
-            if cache is not None:  # map cache hook: what the explainers read, keyed by the ids just committed
-                cache_batch(cache, store, [item.stat.path for item in batch], good, encoded.pack() if good else None)
-            bar.update(len(batch) + len(same))
+            if not good:
+                yield EncodedBatch(batch, {})
+                continue
+            encoded = encoder.encode_batch(torch.stack([batch[i].tensor for i in good]))
+            pooled = dict(zip(good, encoded.pooled.cpu().numpy()))  # (B, N) rows
+            yield EncodedBatch(batch, pooled, encoded.pack() if options.map_cache else None)
+
+
+def commit_batch(store: Store, batch: EncodedBatch, cache: FeatureCache | None) -> Counter:
+    """One DB transaction for the batch's rows, then its maps into the cache (keyed by the ids just
+    committed). Returns `_write_batch`'s outcome counts."""
+    outcomes = _write_batch(store, batch.items, batch.pooled)
+    if cache is not None:
+        kept = [i for i, item in enumerate(batch.items) if not item.same_content]  # only their stat changed
+        good = sorted(batch.pooled)
+        paths = [batch.items[i].stat.path for i in kept]
+        cache_batch(cache, store, paths, [kept.index(i) for i in good], batch.packed if good else None)
+    return outcomes
+
+
+def embed_files(
+    store: Store,
+    encoder: Encoder,
+    items: list[tuple[int | None, FileStat]],
+    options: IndexOptions,
+    cache: FeatureCache | None = None,
+    known_hashes: dict[int, str] | None = None,
+) -> Counter:
+    """Decode, encode (here, or on a Ray cluster with `options.ray`) and commit each batch here. Returns the
+    outcome counts of `_write_batch` (failed, same, vanished_new, vanished_old)."""
+    if not items:
+        return Counter()
+    if options.ray is not None:
+        from indexer.cluster import encode_on_ray
+
+        batches = encode_on_ray(encoder, items, options, known_hashes or {})
+    else:
+        batches = encode_locally(encoder, items, options, known_hashes or {})
+    outcomes: Counter = Counter()
+    with tqdm(total=len(items), unit="img", disable=not options.progress, desc="embedding") as bar:
+        for batch in batches:
+            outcomes += commit_batch(store, batch, cache)
+            bar.update(len(batch.items))
     return outcomes
 
 

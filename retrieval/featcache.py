@@ -273,7 +273,7 @@ def cache_batch(cache: FeatureCache, store, paths: list[str], good: list[int], p
     Args:
         paths: the batch's file paths; good: positions of those that were embedded.
         packed: (len(good), N + 6 + 4C, h, w) `Encoded.pack` of the
-            good ones, None if none.
+            good ones (a tensor, or an array from a Ray actor), None if none.
     """
     from sqlalchemy import select
 
@@ -284,6 +284,6 @@ def cache_batch(cache: FeatureCache, store, paths: list[str], good: list[int], p
     failed = [ids[p] for i, p in enumerate(paths) if i not in set(good) and p in ids]
     cache.delete(failed)
     if good:
-        packed = packed.float().cpu().numpy()  # (G, N + 6 + 4C, h, w)
+        packed = packed.float().cpu().numpy() if hasattr(packed, "cpu") else np.asarray(packed)  # (G, N + 6 + 4C, h, w)
         keep = [j for j, i in enumerate(good) if paths[i] in ids]
         cache.put([ids[paths[good[j]]] for j in keep], packed[keep])
