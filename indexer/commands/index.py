@@ -49,6 +49,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_flag(p, "--batch-size", type=int, default=4, help="images per forward pass (and per DB commit)")
     add_flag(p, "--workers", type=int, default=2, help="decoding processes (0: decode in the main process)")
+    add_flag(
+        p,
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="decode and embed on a Ray cluster (decoding in tasks, the model in a pool of actors, one GPU each "
+        "where the cluster has GPUs); this process still scans, commits and builds the index. ADDRESS: the "
+        "head's HOST:PORT, auto, or ray://HOST:PORT; --ray alone starts a local Ray instance. The photos must "
+        "be readable at the same path on every node. Needs pip install 'famsearch[cluster]'",
+    )
     add_flag(p, "--max-megapixels", type=float, default=150.0, help="refuse larger images (decompression bombs)")
     add_flag(p, "--no-progress", action="store_true", help="no progress bar (for cron)")
     add_flag(
@@ -116,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--watch indexes what changes; it cannot be a --dry-run")
     if args.settle <= 0:
         raise UsageError(f"--settle {args.settle:g}: give a number of seconds above 0")
+    if args.ray is not None:
+        from indexer.cluster import require_ray
+
+        require_ray()  # before anything is scanned: says how to install it
     settings.home.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.database_url)
     try:
@@ -141,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             excludes=DEFAULT_EXCLUDES + tuple(args.exclude),
             progress=not args.no_progress,
             map_cache=not args.no_map_cache,
+            ray=args.ray,
         )
 
         def labelled(summary: dict) -> dict:
