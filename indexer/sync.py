@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from sqlalchemy import select
@@ -33,8 +34,9 @@ from retrieval.engine import check_identity, index_from_store, model_identity
 from retrieval.featcache import FeatureCache, cache_batch, open_for_indexing
 from retrieval.head import Head, head_from_choice
 from retrieval.images import DEFAULT_MAX_MEGAPIXELS, ImageError, PhotoMeta, decode_image, is_raw_path, photo_meta
+from retrieval.ondisk import build_ondisk_index
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image
-from retrieval.search import save_index
+from retrieval.search import index_type_of, needs_ondisk, save_index
 from retrieval.store import Store, embedding_to_bytes, upsert_meta
 
 LOGGER = logging.getLogger(__name__)
@@ -431,6 +433,27 @@ def resolve_head(store: Store, choice: str | None) -> Head:
     return head_from_choice(choice, gallery_pooled)
 
 
+def write_index_from_store(store: Store, head: Head, index_file: Path) -> faiss.Index:
+    """Build the index from the rows through the head and write it to ``index_file``: in RAM as
+    `retrieval.search.choose_index_type` picks, or streamed into an on-disk IVF-SQ8 (retrieval/ondisk.py)
+    once gathering the vectors would take more than `retrieval.search.ONDISK_MIN_BYTES`."""
+    n_ok = store.counts()["images"]
+    first = next(store.ok_embeddings(batch_size=1), None)
+    dim = 0 if first is None else int(head(torch.from_numpy(first[1])).shape[1])
+    if not needs_ondisk(n_ok, dim):
+        index = index_from_store(store, head)
+        save_index(index, index_file)
+        return index
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for ids, pooled in store.ok_embeddings():
+            yield ids, head(torch.from_numpy(pooled)).numpy()  # (B, N) -> (B, J)
+
+    index, report = build_ondisk_index(batches, n_ok, dim, index_file)
+    LOGGER.info("built %s", report)
+    return index
+
+
 def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choice: str | None) -> Head:
     """Fit/load the head, rebuild FAISS from the rows into the next generation's files, then
     record model + generation and clear `dirty` in one transaction; drop generations before the
@@ -445,8 +468,7 @@ def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choic
     generation = index_generation(info) + 1
     store.set_meta("index", {**info, "dirty": True})
     head = resolve_head(store, head_choice)
-    index = index_from_store(store, head)
-    save_index(index, settings.index_file(generation))
+    index = write_index_from_store(store, head, settings.index_file(generation))
     if head.weight is not None:
         tmp = settings.head_file(generation).with_suffix(".tmp")
         head.save(tmp)
@@ -457,7 +479,7 @@ def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choic
             "dirty": False,
             "generation": generation,
             "vectors": int(index.ntotal),
-            "type": type(index.index).__name__,
+            "type": index_type_of(index),
             "built_at": datetime.now(timezone.utc).isoformat(),
         },
     }

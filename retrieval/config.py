@@ -95,7 +95,7 @@ class Settings:
     def generation_files(self) -> dict[int, list[Path]]:
         """{generation: its index/head files present in the home}."""
         found: dict[int, list[Path]] = {}
-        for path in [*self.home.glob("index*.faiss"), *self.home.glob("head*.pt")]:
+        for path in [*self.home.glob("index*.faiss"), *self.home.glob("index*.ivfdata"), *self.home.glob("head*.pt")]:
             stem = path.stem.partition("-")[2]
             if path.stem in ("index", "head") or stem.isdigit():
                 found.setdefault(int(stem or 0), []).append(path)

@@ -10,6 +10,8 @@ bench/bench_scale.py on the 2-core dev machine):
     ivf      inverted lists over k-means cells, float32 vectors: approximate, ~nprobe/nlist of a scan
     ivf-sq8  the same with 8-bit scalar-quantised vectors: d bytes a vector instead of 4d
     hnsw     graph search (manual choice: slow to build at d = 1280 on two cores)
+    ivf-sq8-ondisk  ivf-sq8 with its inverted lists in a file next to the index, memory-mapped
+             (retrieval/ondisk.py), built in batches: for collections whose vectors outgrow RAM
 
 Approximate types are tuned at build time: nprobe (IVF) or efSearch (HNSW) grows until the
 measured recall@10 against an exact scan reaches `TARGET_RECALL`; both are saved in the file.
@@ -17,10 +19,13 @@ measured recall@10 against an exact scan reaches `TARGET_RECALL`; both are saved
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +44,9 @@ FLAT_MAX_FLOATS = 20_000_000
 # Above this many bytes of float32 vectors, store 8-bit codes (ivf-sq8): 1M x 1280 is 5.1 GB
 # as float32, 1.3 GB as SQ8, and the machine is shared.
 FLOAT_VECTORS_MAX_BYTES = 2 * 1024**3
+# Above this many bytes of float32 vectors a rebuild no longer gathers them in RAM: it streams them into an
+# IVF-SQ8 index whose inverted lists live on disk (retrieval/ondisk.py; 1.68M vectors of 1280).
+ONDISK_MIN_BYTES = 8 * 1024**3
 TARGET_RECALL = 0.95
 CALIBRATION_QUERIES = 200
 ADD_CHUNK = 65_536  # rows normalised and added at a time (embs may be a memory map)
@@ -51,6 +59,7 @@ SMALL_BATCH = 20  # fewer queries than this are searched on one thread
 # (`_overfetch`): at 10 % the selector scan and the plain one cost the same (bench/results/filter.txt).
 OVERFETCH_MIN_SHARE = 0.1
 HNSW_EF_CONSTRUCTION = 80
+_FD1_LOCK = threading.Lock()
 
 
 @dataclass
@@ -80,6 +89,19 @@ def choose_index_type(n_vectors: int, dim: int = 1280) -> str:
     if n_vectors * dim <= FLAT_MAX_FLOATS:
         return "flat"
     return "ivf" if n_vectors * dim * 4 <= FLOAT_VECTORS_MAX_BYTES else "ivf-sq8"
+
+
+def needs_ondisk(n_vectors: int, dim: int) -> bool:
+    """Would gathering the float32 vectors for a build take more than `ONDISK_MIN_BYTES`?"""
+    return n_vectors * dim * 4 > ONDISK_MIN_BYTES
+
+
+def is_ondisk(index: faiss.Index) -> bool:
+    """Does this index keep its inverted lists in a file (`OnDiskInvertedLists`)?"""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    ivf = faiss.try_extract_index_ivf(inner)
+    lists = None if ivf is None else ivf.invlists
+    return lists is not None and isinstance(faiss.downcast_InvertedLists(lists), faiss.OnDiskInvertedLists)
 
 
 def ivf_cells(n_vectors: int) -> int:
@@ -332,7 +354,7 @@ def to_gpu_if_available(index: faiss.Index) -> faiss.Index:
     """
     if faiss.get_num_gpus() == 0:
         return index
-    if index_type_of(index).startswith("IndexHNSW"):
+    if index_type_of(index).startswith("IndexHNSW") or is_ondisk(index):  # on disk: the lists would not fit
         return index
     try:
         return faiss.index_cpu_to_all_gpus(index)
@@ -357,9 +379,39 @@ def save_index(index: faiss.Index, path: Path) -> None:
 
 
 def load_index(path: Path) -> faiss.Index:
-    return faiss.read_index(str(path))
+    """Read an index file; an on-disk index's lists file is looked for next to it (a home may move)."""
+    with c_stdout_to_stderr():  # FAISS printf()s that it looked there (search --json owns stdout)
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
 
 
-def index_ids(index: faiss.IndexIDMap) -> np.ndarray:
-    """The int64 ids held by an IndexIDMap, (ntotal,)."""
-    return faiss.vector_to_array(index.id_map).astype(np.int64)
+@contextmanager
+def c_stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 points at stderr meanwhile (FAISS's C++ printf()s); C's stdout buffer is flushed into
+    it before it is restored."""
+    libc = ctypes.CDLL(None)
+    with _FD1_LOCK:  # threads (the UI's, the API's) must not save each other's redirection as the original
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            os.dup2(2, 1)
+            yield
+        finally:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """The int64 ids an index holds, (ntotal,): an IndexIDMap's in insertion order, an IVF's (the on-disk
+    index, which keeps ids in its lists) list by list."""
+    if isinstance(index, faiss.IndexIDMap):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    assert lists is not None  # an IVF index always has its lists
+    found = [np.zeros(0, np.int64)] + [
+        faiss.rev_swig_ptr(lists.get_ids(cell), lists.list_size(cell)).astype(np.int64)
+        for cell in range(ivf.nlist)
+        if lists.list_size(cell)
+    ]
+    return np.concatenate(found)
