@@ -239,6 +239,7 @@ class IndexOptions:
     excludes: tuple[str, ...] = DEFAULT_EXCLUDES
     progress: bool = True
     map_cache: bool = True  # keep each image's feature map for the explainers (retrieval.featcache)
+    map_cache_max_bytes: int | None = None  # the map cache's cap (oldest evicted beyond it); None: no cap
     ray: str | None = None  # decode + encode on Ray: an address, "local" (a local instance) or None (here)
 
 
@@ -550,7 +551,7 @@ def sync(
     if changed:
         store.set_meta("index", {**index_meta, "dirty": True})
     apply_moves_and_deletes(store, plan)
-    cache = open_for_indexing(settings.home, encoder.identity, options.map_cache)  # None: --no-map-cache
+    cache = open_for_indexing(settings.home, encoder.identity, options.map_cache, options.map_cache_max_bytes)
     try:
         if cache is not None:
             cache.delete(plan.deleted)

@@ -9,6 +9,7 @@ from pathlib import Path
 import platformdirs
 
 ENV_PREFIX = "FAMSEARCH_"
+MAP_CACHE_MAX_GB = 20.0  # index --map-cache-max-gb: ~125,000 photos at 166 KiB (retrieval/featcache.py)
 # Names only (loading lives in retrieval.backbone): the CLI lists them without importing torch/timm.
 BACKBONES = ("efficientnet_lite0", "resnet50", "toy")
 # Backbone arithmetic: fp32 (default), bf16, or auto = bf16 on CPUs with native bf16 (AVX512-BF16/AMX).

@@ -17,6 +17,10 @@ Layout (one folder per home, ``HOME/featcache``):
                        name and renamed into place, so a reader never sees half a file
     slots.db           SQLite (WAL): entries(image_id PK -> file, row), meta(identity)
 
+Size: the indexer caps the batch files (``index --map-cache-max-gb``, default `retrieval.config.MAP_CACHE_MAX_GB`): past the cap the
+oldest files go with their entries (`evict`), and those images' match maps are recomputed from their files when
+asked for (a decode and a backbone pass each), as for any entry that is absent.
+
 Crash safety: a batch file is renamed into place before its rows are committed, so a run
 killed in between leaves an orphan file (swept by ``sweep``) and no entry. Every read is
 verified: the entry's spatial mean must equal the row's pooled vector z (float16 tolerance),
@@ -47,6 +51,7 @@ _OPEN_FILES = 64  # memory maps kept open between queries
 # most 2^-11 relatively; a changed image or model moves z by orders of magnitude more.
 _VERIFY_RTOL = 4e-3
 LAYOUT = 2  # 1: the map z is the mean of (N, h, w); 2: Encoded.pack
+EVICT_TO = 0.9  # an eviction frees a tenth of the cap, so that it runs once per ~10% of the cap indexed
 
 
 def cache_folder(home: Path) -> Path:
@@ -60,13 +65,15 @@ class FeatureCache:
     the cache) and for reading by the query engine (a different identity: ``open`` gives None).
     """
 
-    def __init__(self, folder: Path, identity: dict, writable: bool = False):
+    def __init__(self, folder: Path, identity: dict, writable: bool = False, max_bytes: int | None = None):
         self.folder = Path(folder)
         self.identity: dict[str, Any] = {
             key: identity.get(key) for key in ("backbone", "weights_sha256", "pooling", "input_size")
         }
         self.identity["layout"] = LAYOUT  # entries of another layout are another cache
         self.writable = writable
+        self.max_bytes = max_bytes  # the batch files' cap: beyond it the oldest go (`evict`); None: no cap
+        self._bytes: int | None = None  # the batch files' total, counted on the first put under a cap
         if writable:
             self.folder.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.folder / "slots.db", timeout=30, isolation_level=None, check_same_thread=False)
@@ -77,6 +84,9 @@ class FeatureCache:
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS entries_file ON entries(file)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._db.execute(  # the order files were put in, for eviction (a cache from before it: its files count oldest)
+            "CREATE TABLE IF NOT EXISTS files (seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL)"
+        )
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
         stored = self._stored_identity()
         if writable and stored != self.identity:
@@ -121,7 +131,46 @@ class FeatureCache:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("INSERT OR REPLACE INTO entries (image_id, file, row) VALUES (?, ?, ?)", rows)
+            self._db.execute("INSERT INTO files (name) VALUES (?)", (name,))
+        if self._bytes is not None:
+            self._bytes += (self.folder / name).stat().st_size
         self._drop_dead_files(replaced)
+        if self.max_bytes is not None:
+            self._keep_under_cap(self.max_bytes)
+
+    def _keep_under_cap(self, max_bytes: int) -> None:
+        """Evict down to `EVICT_TO` of the cap once the running total passes it (one folder scan per eviction)."""
+        if self._bytes is None:
+            self._bytes = sum(path.stat().st_size for path in self.folder.glob("batch-*.npy"))
+        if self._bytes > max_bytes:
+            self.evict(int(max_bytes * EVICT_TO))
+
+    def evict(self, max_bytes: int) -> int:
+        """Drop the batch files put first, with their entries, until the rest take at most ``max_bytes``; their
+        images' maps are then recomputed when asked for. Returns how many files went."""
+        order = (
+            "SELECT e.file FROM entries e LEFT JOIN files f ON f.name = e.file "
+            "GROUP BY e.file ORDER BY MIN(COALESCE(f.seq, 0)), e.file"
+        )
+        files = [(name, _size(self.folder / name)) for (name,) in self._db.execute(order).fetchall()]
+        total = sum(size for _, size in files)
+        doomed: list[str] = []
+        for name, size in files:
+            if total <= max_bytes:
+                break
+            doomed.append(name)
+            total -= size
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("DELETE FROM entries WHERE file = ?", [(name,) for name in doomed])
+            self._db.executemany("DELETE FROM files WHERE name = ?", [(name,) for name in doomed])
+        for name in doomed:  # entries first: a reader never finds an entry whose file is gone on purpose
+            self._maps.pop(name, None)
+            (self.folder / name).unlink(missing_ok=True)
+        self._bytes = total
+        if doomed:
+            LOGGER.info("map cache over its cap: evicted the %d oldest batch files", len(doomed))
+        return len(doomed)
 
     def delete(self, image_ids: Sequence[int]) -> None:
         """Forget these ids (deleted or failed rows); files left without live rows are removed."""
@@ -146,7 +195,11 @@ class FeatureCache:
         for name in files:
             if self._db.execute("SELECT 1 FROM entries WHERE file = ? LIMIT 1", (name,)).fetchone() is None:
                 self._maps.pop(name, None)
-                (self.folder / name).unlink(missing_ok=True)
+                path = self.folder / name
+                if self._bytes is not None and path.exists():
+                    self._bytes -= path.stat().st_size
+                path.unlink(missing_ok=True)
+                self._db.execute("DELETE FROM files WHERE name = ?", (name,))
 
     def sweep(self) -> int:
         """Remove batch files no entry points to (left by a killed run). Returns how many."""
@@ -154,6 +207,7 @@ class FeatureCache:
         orphans = [p for p in self.folder.glob("batch-*.npy*") if p.name not in live]
         for path in orphans:
             path.unlink(missing_ok=True)
+        self._db.execute("DELETE FROM files WHERE name NOT IN (SELECT DISTINCT file FROM entries)")
         return len(orphans)
 
     def clear(self) -> None:
@@ -164,6 +218,7 @@ class FeatureCache:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM entries")
+            self._db.execute("DELETE FROM files")
             self._db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('identity', ?)", (json.dumps(self.identity),)
             )
@@ -250,18 +305,30 @@ def _matches_pooled(packed: np.ndarray, pooled: np.ndarray, pooling: str) -> boo
     return bool(np.abs(again - pooled).max() <= _VERIFY_RTOL * scale)
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone already: nothing to free
+        return 0
+
+
 def remove_cache(home: Path) -> None:
     """Delete the home's map cache (index --no-map-cache)."""
     shutil.rmtree(cache_folder(home), ignore_errors=True)
 
 
-def open_for_indexing(home: Path, identity: dict, enabled: bool = True) -> FeatureCache | None:
-    """The indexer's cache (orphans of a killed run swept), or None with the cache removed when disabled."""
+def open_for_indexing(
+    home: Path, identity: dict, enabled: bool = True, max_bytes: int | None = None
+) -> FeatureCache | None:
+    """The indexer's cache (orphans of a killed run swept, cut to ``max_bytes`` if it holds more), or None with
+    the cache removed when disabled."""
     if not enabled:
         remove_cache(home)
         return None
-    cache = FeatureCache(cache_folder(home), identity, writable=True)
+    cache = FeatureCache(cache_folder(home), identity, writable=True, max_bytes=max_bytes)
     cache.sweep()
+    if max_bytes is not None:
+        cache.evict(max_bytes)
     return cache
 
 

@@ -104,7 +104,7 @@ def test_maps_that_would_overflow_float16_are_left_to_recompute(tmp_path):
 
 
 # ----------------------------------------------------------------------------- through the engine
-def _query_both_ways(home, picture, explainer):
+def _query_both_ways(home, picture, explainer, cached_matches=5):
     engine = QueryEngine(Settings(home=home), device="cpu")
     try:
         assert engine.feature_cache is not None
@@ -112,10 +112,11 @@ def _query_both_ways(home, picture, explainer):
         encode = engine.encoder.encode_full
         engine.encoder.encode_full = lambda images, boxes=None: calls.append(len(images)) or encode(images, boxes)
         cached = engine.query_path(picture, 5, explainer)
-        assert calls == [1], "with the cache only the query goes through the backbone"
+        recomputed_matches = [5 - cached_matches] if cached_matches < 5 else []
+        assert calls == [1, *recomputed_matches], "with the cache only the query and uncached matches go through"
         engine.feature_cache = None
         recomputed = engine.query_path(picture, 5, explainer)
-        assert calls[1:] == [1, 5]
+        assert calls[len(recomputed_matches) + 1 :] == [1, 5]
     finally:
         engine.close()
     return cached, recomputed
@@ -173,3 +174,40 @@ def test_deleted_files_leave_the_cache_and_no_map_cache_removes_it(capsys, index
     assert not cache_folder(indexed).exists()
     code, result = run_json(capsys, "search", gallery / "pic0.jpg", "--home", indexed, "-k", "3")
     assert code == 0 and len(result["results"]) == 3
+
+
+def test_past_its_cap_the_cache_drops_the_files_put_first_and_serves_the_rest(tmp_path):
+    cache = FeatureCache(tmp_path / "fc", IDENTITY, writable=True)
+    entries = [maps(10 + i, n=2) for i in range(6)]
+    pooled = {2 * i + 1 + j: z for i, e in enumerate(entries) for j, z in enumerate(pooled_of(e))}  # id -> z
+
+    def served(ids: list[int]) -> list[int]:
+        return sorted(cache.get(ids, np.stack([pooled[i] for i in ids])))
+
+    cache.put([1, 2], entries[0])
+    one_file = next((tmp_path / "fc").glob("batch-*.npy")).stat().st_size  # every file: two entries, one size
+    cache.max_bytes = 3 * one_file
+    for i in (1, 2):
+        cache.put([2 * i + 1, 2 * i + 2], entries[i])
+    assert served(list(range(1, 7))) == [1, 2, 3, 4, 5, 6]  # three files: at the cap, not past it
+    cache.put([7, 8], entries[3])  # four files: evicted down to 0.9 x 3 files, i.e. the two put last
+    assert served(list(range(1, 9))) == [5, 6, 7, 8] and cache.stats()["files"] == 2
+    cache.put([9, 10], entries[4])
+    cache.put([5, 6], entries[2])  # re-put: their old file dies, the new one is the newest; three files
+    assert served(list(range(1, 11))) == [5, 6, 7, 8, 9, 10]
+    cache.put([11, 12], entries[5])  # four: the two put first (7, 8 then 9, 10) go, the re-put 5, 6 stay
+    assert served(list(range(1, 13))) == [5, 6, 11, 12]
+
+
+def test_a_capped_cache_serves_the_same_maps_recomputing_what_it_dropped(capsys, gallery, home):
+    code, _ = run_json(capsys, "index", gallery, "--home", home, "--map-cache-max-gb", "1e-9", *TOY)  # ~1 byte
+    assert code == 0
+    assert FeatureCache(cache_folder(home), {}).stats()["entries"] == 0  # every batch file went past the cap
+    _assert_same_maps(*_query_both_ways(home, gallery / "pic0.jpg", "fam", cached_matches=0))
+
+
+def test_a_cap_that_is_not_positive_is_refused(capsys, gallery, home):
+    from tests.conftest import run_cli
+
+    code, out, err = run_cli(capsys, "index", gallery, "--home", home, "--map-cache-max-gb", "0", *TOY)
+    assert code == 2 and "--map-cache-max-gb must be > 0" in err and out == ""

@@ -16,7 +16,7 @@ from indexer.commands.common import (
     settings_from,
 )
 from indexer.scan import DEFAULT_EXCLUDES
-from retrieval.config import default_device
+from retrieval.config import MAP_CACHE_MAX_GB, default_device
 from retrieval.errors import UsageError
 
 
@@ -68,6 +68,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--no-map-cache",
         action="store_true",
         help="do not keep feature maps for fast match maps (saves ~166 KiB per image at 224 px; maps then re-run the model)",
+    )
+    add_flag(
+        p,
+        "--map-cache-max-gb",
+        type=float,
+        default=MAP_CACHE_MAX_GB,
+        metavar="GB",
+        help="cap the map cache at this many GiB (~125,000 photos at 20); past it the maps of the photos indexed "
+        "longest ago are dropped, and theirs are recomputed (one backbone pass a match) when a search shows them",
     )
     add_flag(
         p,
@@ -128,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--watch indexes what changes; it cannot be a --dry-run")
     if args.settle <= 0:
         raise UsageError(f"--settle {args.settle:g}: give a number of seconds above 0")
+    if not args.map_cache_max_gb > 0:
+        raise UsageError(f"--map-cache-max-gb must be > 0 (got {args.map_cache_max_gb}); --no-map-cache turns it off")
     if args.ray is not None:
         from indexer.cluster import require_ray
 
@@ -157,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
             excludes=DEFAULT_EXCLUDES + tuple(args.exclude),
             progress=not args.no_progress,
             map_cache=not args.no_map_cache,
+            map_cache_max_bytes=int(args.map_cache_max_gb * 2**30),
             ray=args.ray,
         )
 
