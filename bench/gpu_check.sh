@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks (docs/DESIGN.md §8, §13): GPU FAISS and the encoder on CUDA. Run on a machine with a GPU:
+# GPU checks (docs/DESIGN.md §8, §13): GPU FAISS, the encoder on CUDA, index --ray on GPU actors. Run on a machine
+# with a GPU (and the cluster extra: pip install '.[cluster]'):
 #     bash bench/gpu_check.sh [--quick]      (from the repository root; writes bench/results/gpu.txt)
 # --quick skips the 10k-gallery query benchmark (which indexes 10,000 images on first use).
 # Exits 3 when no GPU is visible, so a CPU-only run says so instead of "passing".
@@ -80,6 +81,26 @@ for name in fam.EXPLAINERS:
         fam.explain(name, feature_maps, embs, embs[:, None].roll(1, 0))
     torch.cuda.synchronize()
     print(f"{name:<10} on GPU: {(time.perf_counter() - start) / 20 / 32 * 1000:.4f} ms/map (batch of 32)")
+PY
+echo; echo "## index --ray: GPU actors (num_gpus=1 each) against the single-process path on CUDA, 300 photos"
+"$PY" - <<'PY'
+import json, subprocess, sys, tempfile, time
+from pathlib import Path
+import ray
+from bench.bench_cluster import compare, index
+from bench.bench_query import make_gallery
+work = Path(tempfile.mkdtemp(prefix="famsearch-gpu-ray-"))
+make_gallery(work / "gallery", 300)
+single = index(work / "gallery", work / "home-single", "--device", "cuda")
+on_ray = index(work / "gallery", work / "home-ray", "--ray")  # a local Ray instance: it sees this machine's GPUs
+ray.init(log_to_driver=False)
+print("a local Ray instance offers", json.dumps(ray.cluster_resources()))
+ray.shutdown()
+for name, r in (("single process, cuda", single), ("Ray, GPU actors", on_ray)):
+    print(f"{name:<22} {r['images_per_s']:7.1f} images/s  wall {r['wall_s']} s  driver peak RSS {r['driver_peak_rss_mib']} MiB")
+result = compare(work / "home-single", work / "home-ray")
+print("identical results:", json.dumps(result))
+assert result["same_rows_and_statuses"] and result["relative_to_max_z"] < 1e-3, "GPU actors must give the CUDA path's z"
 PY
 if [[ "${1:-}" != "--quick" ]]; then
   echo; echo "## bench_query on CUDA (10k gallery, 12 MP query)"
