@@ -24,6 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def count_encoded(engine) -> list[int]:
+    """Images through the backbone, call by call, from now on: the query, then any match whose map is not cached."""
+    encoded: list[int] = []
+    encode = engine.encoder.encode_full
+    engine.encoder.encode_full = lambda images, boxes=None: encoded.append(len(images)) or encode(images, boxes)
+    return encoded
+
+
 def main() -> None:
     from retrieval.config import Settings
     from retrieval.engine import QueryEngine
@@ -62,9 +70,7 @@ def main() -> None:
         engine.close()
         engine = QueryEngine(Settings(home=home), device="cpu")
         engine.query_path(queries[0], 10, args.explainer)  # warm-up
-        encoded: list[int] = []  # images through the backbone per call: the query, then any match not cached
-        encode = engine.encoder.encode_full
-        engine.encoder.encode_full = lambda images, boxes=None: encoded.append(len(images)) or encode(images, boxes)
+        encoded = count_encoded(engine)
         times, total = [], 0
         for query in queries:
             for _ in range(3):
