@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -74,14 +75,34 @@ def index(gallery: Path, home: Path, *extra: str) -> dict:
     }
 
 
+def use_token(work: Path) -> None:
+    """Ray's token authentication with a token of this run (every node, the drivers and this process read the
+    environment), so nothing is read from or written to ~/.ray."""
+    token = work / "ray-auth-token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+
+
 def start_cluster(work: Path, worker_cpus: int) -> tuple[str, list[subprocess.Popen]]:
+    """A head that runs nothing and two worker nodes, each a `ray start --block` process (stopped by its pid).
+    Stops whatever it started when a node does not come up."""
+    nodes: list[subprocess.Popen] = []
+    try:
+        return _start_nodes(work, worker_cpus, nodes), nodes
+    except BaseException:
+        stop_cluster(nodes)
+        raise
+
+
+def _start_nodes(work: Path, worker_cpus: int, nodes: list[subprocess.Popen]) -> str:
     ray = str(Path(sys.executable).with_name("ray"))
     port = free_port()
     common = ["--block", "--disable-usage-stats", "--object-store-memory", str(400 * 2**20)]
     log = open(work / "ray-nodes.log", "w")  # noqa: SIM115 (closed with the processes)
     head = [ray, "start", "--head", "--port", str(port), "--num-cpus", "0", "--include-dashboard", "false"]
     env = {**os.environ, "RAY_TMPDIR": str(work / "ray")}
-    nodes = [subprocess.Popen(head + common + ["--temp-dir", str(work / "ray")], stdout=log, stderr=log, env=env)]
+    nodes.append(subprocess.Popen(head + common + ["--temp-dir", str(work / "ray")], stdout=log, stderr=log, env=env))
     address = f"127.0.0.1:{port}"
     time.sleep(15)  # the head's GCS must be up before workers join
     for _ in range(2):
@@ -96,7 +117,7 @@ def start_cluster(work: Path, worker_cpus: int) -> tuple[str, list[subprocess.Po
     resources, alive = ray_module.cluster_resources(), sum(node["Alive"] for node in ray_module.nodes())
     ray_module.shutdown()
     print(f"cluster at {address}: {alive} nodes alive, resources {json.dumps(resources)}")
-    return address, nodes
+    return address
 
 
 def stop_cluster(nodes: list[subprocess.Popen]) -> None:
@@ -163,6 +184,7 @@ def main() -> None:
     homes = {"single": args.work / "home-single", "ray": args.work / "home-ray"}
     for home in homes.values():
         subprocess.run(["rm", "-rf", str(home)], check=True)
+    use_token(args.work)
     results = {"single": index(gallery, homes["single"])}
     address, nodes = start_cluster(args.work, args.worker_cpus)
     try:
