@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -219,11 +220,23 @@ def encode_on_ray(
     """The files decoded and encoded on the cluster at `options.ray`, streamed back in batches of
     `options.batch_size` as the actors finish them (in no particular order)."""
     assert options.ray is not None
+    start = time.perf_counter()
     started = connect(options.ray)
+    joined, first, streamed = time.perf_counter(), None, 0
     try:
         dataset = pipeline(encoder, items, options, known_hashes)
         for columns in dataset.iter_batches(batch_size=options.batch_size, batch_format="numpy", prefetch_batches=2):
+            if first is None:
+                first = time.perf_counter()
+            else:
+                streamed += len(columns["meta"])  # after the first batch: the steady rate, start-up left out
             yield batch_of(columns)
+        if first is not None:
+            after = time.perf_counter() - first
+            LOGGER.info(
+                "ray: joined in %.1f s, first batch after %.1f s more, then %d images in %.1f s (%.2f images/s)",
+                joined - start, first - joined, streamed, after, streamed / after if after > 0 else 0.0,
+            )  # fmt: skip
     finally:
         if started:
             import ray
