@@ -3,8 +3,8 @@ recall@10 against an exact scan; and the arithmetic that carries the figures to 
 
     nice -n 19 .venv/bin/python bench/bench_ondisk.py --sizes 250000 1000000 --work /tmp/famsearch-ondisk
 
-Each size runs in a fresh process (its peak RSS is its own). Vectors (d = 1280, as Lite0's z) are made on the
-fly, batch by batch from seeds, never all at once: 512 random centres plus 0.7 x Gaussian noise.
+Each size runs in a fresh process (its peak RSS is its own). Vectors (d = 1280, as Lite0's z) are bench_scale.py's
+clustered law, made on the fly, batch by batch from seeds, never all at once.
 """
 
 from __future__ import annotations
@@ -24,34 +24,28 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_scale import draw  # noqa: E402
+
 DIM = 1280
 BATCH = 10_000  # rows a batch, as `Store.ok_embeddings` yields them
-NOISE = 0.7
 
 
 class Synthetic:
-    """n vectors around 512 random centres with Gaussian noise (as bench/gpu_check.sh draws them), made batch by
-    batch from seeds, so every pass over them gives the same rows without keeping them."""
+    """n vectors of bench/bench_scale.py's law (a Gaussian mixture of 4,096 centres in a 64-d latent space, lifted
+    to 1280-d, plus isotropic noise; bench/results/scale.txt measured the in-RAM ivf-sq8 on it), made batch by
+    batch from seeds, so every pass gives the same rows without keeping them."""
 
     def __init__(self, n: int, seed: int = 0):
         self.n, self.seed = n, seed
-        self.centres = np.random.default_rng(seed).standard_normal((512, DIM)).astype(np.float32)
-
-    def draw(self, count: int, rng: np.random.Generator) -> np.ndarray:
-        noise = rng.standard_normal((count, DIM), dtype=np.float32)
-        return self.centres[rng.integers(0, 512, count)] + NOISE * noise
 
     def batches(self):
         for number, begin in enumerate(range(0, self.n, BATCH)):
             end = min(self.n, begin + BATCH)
-            yield (
-                np.arange(begin, end, dtype=np.int64),
-                self.draw(end - begin, np.random.default_rng((self.seed, number))),
-            )
+            yield np.arange(begin, end, dtype=np.int64), draw(end - begin, DIM, seed=1_000 * self.seed + number)
 
     def queries(self, count: int) -> np.ndarray:
-        """Vectors of the same law that are not in the index."""
-        return self.draw(count, np.random.default_rng((self.seed, 10**9)))
+        """Fresh draws of the same law, not in the index."""
+        return draw(count, DIM, seed=999_999)
 
 
 def peak_rss_mib() -> float:
