@@ -110,20 +110,40 @@ def _start_nodes(work: Path, worker_cpus: int, nodes: list[subprocess.Popen]) ->
     env = {**os.environ, "RAY_TMPDIR": str(work / "ray")}
     nodes.append(subprocess.Popen(head + common + ["--temp-dir", str(work / "ray")], stdout=log, stderr=log, env=env))
     address = f"127.0.0.1:{port}"
-    time.sleep(15)  # the head's GCS must be up before workers join
-    for _ in range(2):
-        worker = [ray, "start", "--address", address, "--num-cpus", str(worker_cpus)]
-        nodes.append(subprocess.Popen(worker + common, stdout=log, stderr=log, env=env))
     import ray as ray_module
 
-    ray_module.init(address=address, log_to_driver=False)
-    deadline = time.monotonic() + 120
-    while ray_module.cluster_resources().get("CPU", 0) < 2 * worker_cpus and time.monotonic() < deadline:
-        time.sleep(1)
-    resources, alive = ray_module.cluster_resources(), sum(node["Alive"] for node in ray_module.nodes())
-    ray_module.shutdown()
+    for _ in range(60):  # the head's GCS must be up before this process and the workers join
+        try:
+            ray_module.init(address=address, log_to_driver=False)
+            break
+        except ConnectionError:
+            time.sleep(2)
+    try:
+        for number in range(2):
+            _start_worker(ray, address, worker_cpus, number + 1, common, log, env, nodes, ray_module)
+        resources, alive = ray_module.cluster_resources(), sum(node["Alive"] for node in ray_module.nodes())
+    finally:
+        ray_module.shutdown()
     print(f"cluster at {address}: {alive} nodes alive, resources {json.dumps(resources)}")
     return address
+
+
+def _start_worker(ray, address, worker_cpus, number, common, log, env, nodes, ray_module) -> None:
+    """One worker node, started again (up to 3 times) when it dies first: on a loaded machine a raylet can miss
+    `ray start`'s fixed 30 s start-up deadline."""
+    for _ in range(3):
+        worker = subprocess.Popen(
+            [ray, "start", "--address", address, "--num-cpus", str(worker_cpus), *common],
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+        nodes.append(worker)
+        while worker.poll() is None:
+            if ray_module.cluster_resources().get("CPU", 0) >= number * worker_cpus:
+                return
+            time.sleep(1)
+    raise SystemExit(f"worker node {number} did not start (see the log of the nodes)")
 
 
 def stop_cluster(nodes: list[subprocess.Popen]) -> None:
