@@ -33,14 +33,14 @@ def count_encoded(engine) -> list[int]:
 
 
 def main() -> None:
-    from retrieval.config import Settings
+    from retrieval.config import DEFAULT_EXPLAINER, Settings
     from retrieval.engine import QueryEngine
     from retrieval.featcache import FeatureCache, cache_folder
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--explainer", default="fam")
+    parser.add_argument("--explainer", default=DEFAULT_EXPLAINER, help="default: famsearch's default explainer")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="famsearch-mapcache-"))
     home = work / "home"
