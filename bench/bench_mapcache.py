@@ -40,6 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--shares", type=float, nargs="+", default=[1.0, 0.5, 0.1, 0.0], help="caps to time")
+    parser.add_argument("--rounds", type=int, default=3, help="timed calls per query")
     parser.add_argument("--explainer", default=DEFAULT_EXPLAINER, help="default: famsearch's default explainer")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="famsearch-mapcache-"))
@@ -55,14 +57,14 @@ def main() -> None:
     queries = [Path(p) for p in paths[:: max(1, len(paths) // args.queries)][: args.queries]]
     print(f"{photos} photos; uncapped cache {full['entries']} entries, {full['bytes_per_image'] / 1024:.1f} KiB/photo")
     print(
-        f"explainer {args.explainer}, top-10, query map + 10 match maps; {len(queries)} queries, p50 of 3 rounds each"
+        f"explainer {args.explainer}, top-10, query map + 10 match maps; {len(queries)} queries, p50 of {args.rounds} rounds each"
     )
     print()
     print(
         "| cap (share of the full cache) | cache bytes/photo | entries kept | match maps from the cache | query p50 ms |"
     )
     print("|---|---|---|---|---|")
-    for share in (1.0, 0.5, 0.1, 0.0):
+    for share in sorted(args.shares, reverse=True):
         cache = FeatureCache(cache_folder(home), engine.encoder.identity, writable=True)
         cache.evict(int(batch_bytes * share))
         kept = cache.stats()
@@ -73,7 +75,7 @@ def main() -> None:
         encoded = count_encoded(engine)
         times, total = [], 0
         for query in queries:
-            for _ in range(3):
+            for _ in range(args.rounds):
                 start = time.perf_counter()
                 result = engine.query_path(query, 10, args.explainer)
                 times.append((time.perf_counter() - start) * 1000)

@@ -379,7 +379,10 @@ def save_index(index: faiss.Index, path: Path) -> None:
 
 
 def load_index(path: Path) -> faiss.Index:
-    """Read an index file; an on-disk index's lists file is looked for next to it (a home may move)."""
+    """Read an index file; an on-disk index's lists file (``.ivfdata``, retrieval/ondisk.py) is looked for next
+    to it, so a moved home still finds it."""
+    if not path.with_suffix(".ivfdata").exists():
+        return faiss.read_index(str(path))
     with c_stdout_to_stderr():  # FAISS printf()s that it looked there (search --json owns stdout)
         return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
 

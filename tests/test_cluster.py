@@ -4,35 +4,110 @@ path as the oracle; a driver killed with SIGKILL mid-run, then run again."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from indexer.cluster import PACKAGE_ROOT
 from retrieval.featcache import FeatureCache
 from retrieval.store import open_store
 from tests.conftest import draw_picture, run_cli, run_json
 from tests.corpus import assert_consistent, bad_cases, write_cases
-from tests.test_crash import famsearch, kill_when_rows
+from tests.test_crash import count_rows
 
-ray = pytest.importorskip("ray", reason="Ray is the cluster extra: pip install '.[cluster]' (the test extra has it)")
+pytest.importorskip("ray", reason="Ray is the cluster extra: pip install '.[cluster]' (the test extra has it)")
 
 TOY = ("--model", "toy", "--input-size", "64", "--no-progress")
+SAFETY_TIMEOUT_S = 900  # only so that a hang fails; a loaded machine has taken 160 s to start Ray's actors
+
+
+def famsearch(*args, capture: bool = True) -> subprocess.Popen:
+    """`famsearch ...` in its own process group (a kill takes what it started); its output piped, or dropped
+    (a run nobody reads must not block on a full pipe)."""
+    command = [sys.executable, "-m", "indexer.cli", *map(str, args)]
+    cwd = Path(__file__).resolve().parents[1]
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(command, stdout=out, stderr=out, start_new_session=True, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
-def ray_address() -> str:
-    """One local Ray instance for this module's runs (each `--ray ADDRESS` joins it as a cluster's driver would)."""
-    ray.init(
-        num_cpus=2,
-        object_store_memory=256 * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"py_modules": [str(PACKAGE_ROOT / name) for name in ("retrieval", "indexer")]},
-    )
-    yield ray.get_runtime_context().gcs_address  # in-process runs reuse this connection; subprocesses join it
-    ray.shutdown()
+def ray_address() -> Iterator[str]:
+    """A one-node Ray cluster (`ray start --head --block`, 2 CPUs) in its own process, stopped by its pid. The
+    runs join it as drivers in their own processes: a driver whose raylet stops answering on a loaded machine
+    is ended by Ray, and that must not be the test process."""
+    folder = Path(tempfile.mkdtemp(prefix="fr-"))  # short: Ray's socket paths must fit in 107 bytes
+    token = folder / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_TMPDIR": str(folder)}
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port", str(port)]
+    command += ["--num-cpus", "2", "--object-store-memory", str(256 * 2**20), "--include-dashboard", "false"]
+    command += ["--disable-usage-stats", "--temp-dir", str(folder)]
+    log = open(folder / "head.log", "w")  # noqa: SIM115 (closed below)
+    head = subprocess.Popen(command, stdout=log, stderr=log, env=env)
+    try:
+        wait_for_port(port, head)
+        with pytest.MonkeyPatch.context() as patch:
+            for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR"):
+                patch.setenv(key, env[key])  # for the drivers this module starts
+            yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()  # `ray start --block` stops its node's processes on SIGTERM
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SAFETY_TIMEOUT_S
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(5)  # the GCS listens before the head's raylet has registered
+                return
+        time.sleep(0.5)
+    pytest.fail(f"the Ray head did not come up (exit {process.poll()})")
+
+
+def index_in_process_of_its_own(*args) -> tuple[int, dict]:
+    """`famsearch index ... --json` as its own process (a Ray driver); its exit code and summary."""
+    process = famsearch(*args, "--json")
+    out, err = process.communicate(timeout=SAFETY_TIMEOUT_S)
+    assert process.returncode in (0, 1), err.decode()[-3000:]
+    return process.returncode, json.loads(out.decode().strip().splitlines()[-1])
+
+
+def kill_when_committed(process: subprocess.Popen, home: Path, at_least: int) -> int:
+    """SIGKILL the driver once `at_least` rows are committed; returns the rows seen then."""
+    deadline = time.monotonic() + SAFETY_TIMEOUT_S
+    while process.poll() is None and time.monotonic() < deadline:
+        rows = count_rows(home)
+        if rows >= at_least:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return rows
+        time.sleep(0.05)
+    pytest.fail(f"the run ended (code {process.poll()}) before {at_least} rows were committed")
 
 
 def draw_rolls(folder: Path, count: int, first_seed: int) -> None:
@@ -103,9 +178,9 @@ def test_a_driver_killed_mid_run_then_rerun_loses_nothing_and_embeds_only_what_w
     draw_rolls(folder, 160, 1000)
     home = tmp_path / "home"
     args = ("index", folder, "--home", home, *TOY, "--batch-size", "2", "--ray", ray_address)
-    committed = kill_when_rows(famsearch(*args), home, 10)
+    committed = kill_when_committed(famsearch(*args, capture=False), home, 10)
     assert 10 <= committed < 160  # the kill landed mid-run
-    code, summary = run_json(capsys, *args)
+    code, summary = index_in_process_of_its_own(*args)
     assert code == 0
     assert summary["unchanged"] == committed and summary["added"] == 160 - committed  # nothing embedded twice
     state = assert_consistent(home, [folder])  # rows == vectors, none lost
