@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from indexer.scan import FileStat
 from indexer.sync import Decoded, EncodedBatch, IndexOptions, decode_file
 from retrieval.encoder import Encoder, Preprocess, load_encoder
 from retrieval.errors import UsageError
+from retrieval.images import PhotoMeta
 from retrieval.modelspec import ModelSpec
 
 if TYPE_CHECKING:
@@ -112,6 +114,7 @@ def _meta_of(item: Decoded) -> dict[str, Any]:
         "digest": item.digest,
         "size": list(item.size) if item.size else None,
         "error": item.error,
+        "meta": None if item.meta is None else {**vars(item.meta), "taken_at": item.meta.taken_at.isoformat()},
         "vanished": item.vanished,
         "same_content": item.same_content,
     }
@@ -120,8 +123,9 @@ def _meta_of(item: Decoded) -> dict[str, Any]:
 def _decoded_of(meta: dict[str, Any]) -> Decoded:
     path, size, mtime_ns = meta["stat"]
     image_size = tuple(meta["size"]) if meta["size"] else None
+    photo = meta["meta"] and PhotoMeta(**{**meta["meta"], "taken_at": datetime.fromisoformat(meta["meta"]["taken_at"])})
     return Decoded(meta["row_id"], FileStat(path, size, mtime_ns), None, meta["digest"], image_size,
-                   meta["error"], meta["vanished"], meta["same_content"])  # fmt: skip
+                   meta["error"], photo or None, meta["vanished"], meta["same_content"])  # fmt: skip
 
 
 class EmbedActor:

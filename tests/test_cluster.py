@@ -133,6 +133,14 @@ def cached_maps(home: Path, identity: dict, rows: dict) -> dict[str, np.ndarray]
     return {by_id[i]: packed for i, packed in found.items()}
 
 
+def photo_columns(home: Path) -> dict[str, tuple]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{home / 'famsearch.db'}?mode=ro", uri=True) as conn:
+        query = "SELECT path, taken_at, taken_from, camera_make, camera_model FROM images"
+        return {row[0]: row[1:] for row in conn.execute(query)}
+
+
 def model_identity(home: Path) -> dict:
     store = open_store(f"sqlite:///{home / 'famsearch.db'}")
     try:
@@ -160,6 +168,7 @@ def test_ray_gives_the_rows_vectors_failures_and_maps_of_the_single_process_path
         if embedding is not None:
             np.testing.assert_allclose(rows_ray[path][2], embedding, rtol=1e-5, atol=1e-6, err_msg=path)
     assert failures(capsys, on_ray) == failures(capsys, local)  # each bad file with the same reason
+    assert photo_columns(on_ray) == photo_columns(local)  # date taken and camera, as the search filters read them
     identity = model_identity(local)
     maps_local, maps_ray = cached_maps(local, identity, rows_local), cached_maps(on_ray, identity, rows_ray)
     assert (
