@@ -23,7 +23,6 @@ from retrieval.featcache import FeatureCache
 from retrieval.store import open_store
 from tests.conftest import draw_picture, run_cli, run_json
 from tests.corpus import assert_consistent, bad_cases, write_cases
-from tests.test_crash import count_rows
 
 pytest.importorskip("ray", reason="Ray is the cluster extra: pip install '.[cluster]' (the test extra has it)")
 
@@ -93,6 +92,16 @@ def index_in_process_of_its_own(*args) -> tuple[int, dict]:
     out, err = process.communicate(timeout=SAFETY_TIMEOUT_S)
     assert process.returncode in (0, 1), err.decode()[-3000:]
     return process.returncode, json.loads(out.decode().strip().splitlines()[-1])
+
+
+def count_rows(home: Path) -> int:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{home / 'famsearch.db'}?mode=ro", uri=True, timeout=10) as conn:
+            return conn.execute("SELECT count(*) FROM images").fetchone()[0]
+    except sqlite3.OperationalError:  # no database, or not migrated yet
+        return 0
 
 
 def kill_when_committed(process: subprocess.Popen, home: Path, at_least: int) -> int:
