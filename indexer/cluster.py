@@ -87,9 +87,13 @@ def _quiet_ray_data() -> None:
             handler.setLevel(logging.ERROR)
 
 
-def model_spec_of(encoder: Encoder) -> ModelSpec:
-    """The spec an actor rebuilds the driver's encoder from (precision as the driver resolved it)."""
-    return ModelSpec(encoder.backbone_name, encoder.weights, encoder.input_size, encoder.pooling, encoder.precision)
+def model_spec_of(encoder: Encoder, device: str) -> ModelSpec:
+    """The spec an actor rebuilds the driver's encoder from: precision and runtime as the driver resolved them for
+    CPU actors; a GPU actor resolves its runtime for its own device (`retrieval.encoder.resolve_runtime`)."""
+    runtime = encoder.runtime if device == "cpu" else None
+    return ModelSpec(
+        encoder.backbone_name, encoder.weights, encoder.input_size, encoder.pooling, encoder.precision, runtime
+    )
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -208,7 +212,11 @@ def pipeline(
         )
         .map_batches(
             EmbedActor,
-            fn_constructor_kwargs={"spec": model_spec_of(encoder), "device": device, "with_maps": options.map_cache},
+            fn_constructor_kwargs={
+                "spec": model_spec_of(encoder, device),
+                "device": device,
+                "with_maps": options.map_cache,
+            },
             batch_size=options.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
