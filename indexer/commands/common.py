@@ -164,7 +164,32 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return Settings(home=(args.home or default_home()).expanduser().absolute(), db_url=args.db)
+    """The home and database flags, checked: a --home that is a file, or a --db that is no URL, is a UsageError."""
+    home = (args.home or default_home()).expanduser().absolute()
+    if home.exists() and not home.is_dir():
+        raise UsageError(f"--home {home}: not a folder (famsearch keeps its database and index files in it)")
+    if args.db is not None:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(args.db)
+        except ArgumentError:
+            raise UsageError(f"--db {args.db!r} is not a database URL (e.g. sqlite:///path/to/famsearch.db)") from None
+    return Settings(home=home, db_url=args.db)
+
+
+def output_folder(folder: Path | None, flag: str) -> Path | None:
+    """Make the folder an output flag names (before anything slow runs); UsageError if it cannot be one."""
+    if folder is None:
+        return None
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder}: not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{flag} {folder}: cannot make this folder ({error.strerror or error})") from None
+    return folder
 
 
 def open_engine(args: argparse.Namespace) -> QueryEngine:
