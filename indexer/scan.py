@@ -6,6 +6,7 @@ import fnmatch
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,11 @@ def content_hash(data: bytes) -> str:
 
 
 def file_hash(path: str) -> str:
+    """`content_hash` of a regular file, read in chunks; OSError for anything else (a FIFO would block)."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise OSError(f"{path}: not a regular file")
         for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()

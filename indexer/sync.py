@@ -32,7 +32,15 @@ from retrieval.encoder import Encoder, Preprocess
 from retrieval.engine import check_identity, index_from_store, model_identity
 from retrieval.featcache import FeatureCache, cache_batch, open_for_indexing
 from retrieval.head import Head, head_from_choice
-from retrieval.images import DEFAULT_MAX_MEGAPIXELS, ImageError, PhotoMeta, decode_image, is_raw_path, photo_meta
+from retrieval.images import (
+    DEFAULT_MAX_MEGAPIXELS,
+    ImageError,
+    PhotoMeta,
+    decode_image,
+    is_raw_path,
+    photo_meta,
+    read_photo,
+)
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image
 from retrieval.search import save_index
 from retrieval.store import Store, embedding_to_bytes, upsert_meta
@@ -165,10 +173,10 @@ class Decoded:
 
 def read_file(path: str) -> tuple[bytes, FileStat]:
     """A file's bytes and its stat taken when it was opened. A file rewritten during or after
-    the read then has a newer mtime than the stored one, and the next run embeds it again."""
-    with open(path, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        return handle.read(), FileStat(path, info.st_size, info.st_mtime_ns)
+    the read then has a newer mtime than the stored one, and the next run embeds it again.
+    Only regular files up to `MAX_FILE_MB` are read (`read_photo`: a FIFO or a device is an ImageError)."""
+    data, info = read_photo(path)
+    return data, FileStat(path, info.st_size, info.st_mtime_ns)
 
 
 class DecodeDataset(Dataset):
@@ -195,6 +203,8 @@ class DecodeDataset(Dataset):
             return Decoded(row_id, stat, vanished=True)
         except OSError as error:
             return Decoded(row_id, stat, error=f"cannot read: {error.strerror or error}")
+        except ImageError as error:  # not a regular file, or too large to read
+            return Decoded(row_id, stat, error=str(error))
         digest = content_hash(data)
         if row_id is not None and self.known_hashes.get(row_id) == digest:
             return Decoded(row_id, stat, digest=digest, same_content=True)

@@ -5,11 +5,25 @@ Each test here failed before its fix; bench/probe_hostile.py runs the same probe
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import pickle
+import sqlite3
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.conftest import TOY_INDEX, run_cli
+from retrieval.images import ImageError, decode_image, read_photo
+from tests.conftest import TOY_INDEX, draw_picture, run_cli
+from ui.queries import read_upload
+
+ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 class _RunsCode:  # a pickle that would run a shell command when unpickled by plain pickle.load
@@ -65,3 +79,71 @@ def test_an_output_folder_that_is_a_file_is_a_usage_error(capsys, indexed, galle
     code, _, err = run_cli(capsys, command, *images, "--home", indexed, flag, a_file)
     _one_line_usage_error(code, err)
     assert flag in err
+
+
+def _index_in_a_subprocess(gallery, home, timeout=180):
+    """`famsearch index` as a person runs it, killed if it hangs (a FIFO blocked it forever before)."""
+    argv = [sys.executable, "-m", "indexer.cli", "index", str(gallery), "--home", str(home), *TOY_INDEX, "--json"]
+    argv[argv.index("0")] = "1"  # --workers 1: the decode worker process is where a FIFO hung
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_and_a_device_in_a_photo_folder_are_recorded_not_read(gallery, home):
+    os.mkfifo(gallery / "fifo.jpg")
+    (gallery / "zero.jpg").symlink_to("/dev/zero")
+    for _ in range(2):  # and the next run neither hangs
+        done = _index_in_a_subprocess(gallery, home)
+        assert done.returncode == 1, done.stderr  # partial: two files failed, the rest indexed
+        assert json.loads(done.stdout)["failed"] == 2
+    with sqlite3.connect(home / "famsearch.db") as db:
+        reasons = dict(db.execute("SELECT path, error FROM images WHERE status = 'failed'").fetchall())
+        (ok,) = db.execute("SELECT count(*) FROM images WHERE status = 'ok'").fetchone()
+    assert ok == 8
+    assert "a FIFO" in reasons[str(gallery / "fifo.jpg")]
+    assert "a character device" in reasons[str(gallery / "zero.jpg")]
+
+
+def test_reading_a_photo_refuses_what_is_not_a_regular_file_before_reading(tmp_path):
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    with pytest.raises(ImageError, match="character device"):
+        read_photo(tmp_path / "zero.jpg")
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff" * 3 * 1024 * 1024)
+    with pytest.raises(ImageError, match="over 2 MB"):
+        read_photo(big, max_mb=2)
+    data, info = read_photo(big, max_mb=4)
+    assert len(data) == info.st_size == 3 * 1024 * 1024
+
+
+def _png(width: int, height: int, idat: bytes, after_pixels: bytes = b"") -> bytes:
+    """A PNG from its parts (8-bit RGBA), every CRC right: the header is all a decoder reads before the pixels."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + after_pixels + chunk(b"IEND", b"")
+
+
+def test_the_megapixel_cap_refuses_a_png_from_its_header_before_decoding():
+    # 20000 x 20000 RGBA would be 1.6 GB decoded. Its IDAT here is not even zlib data: a decoder that gets as far
+    # as the pixels says "cannot decode"; the cap, read from IHDR, must answer first.
+    bomb = _png(20000, 20000, b"not zlib data")
+    with pytest.raises(ImageError, match="over the 150 megapixel cap"):
+        decode_image(bomb)
+    with pytest.raises(ImageError, match="over the 60 megapixel cap"):
+        read_upload("bomb.png", bomb, input_size=64)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_a_large_png_is_decoded_reduced_like_a_jpeg_in_draft_mode(mode):
+    # A PNG has no DCT scaling: the decoded bitmap is reduced by the largest whole factor that keeps both sides
+    # >= the draft size before its copies (orientation, RGB) are made. 1000 x 600 at draft 224: factor 2.
+    picture = draw_picture(3, size=600).resize((1000, 600)).convert(mode)
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    image, size = decode_image(buffer.getvalue(), draft_size=224)
+    assert size == (1000, 600) and image.size == (500, 300)
+    expected = picture.convert("RGB").reduce(2)
+    assert np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16)).max() <= 1
