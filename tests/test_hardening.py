@@ -5,6 +5,8 @@ Each test here failed before its fix; bench/probe_hostile.py runs the same probe
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
@@ -13,13 +15,17 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from retrieval import store as store_module
 from retrieval.images import ImageError, decode_image, read_photo
+from retrieval.store import open_store, sqlite_url
 from tests.conftest import TOY_INDEX, draw_picture, run_cli
 from ui.queries import read_upload
 
@@ -147,3 +153,57 @@ def test_a_large_png_is_decoded_reduced_like_a_jpeg_in_draft_mode(mode):
     assert size == (1000, 600) and image.size == (500, 300)
     expected = picture.convert("RGB").reduce(2)
     assert np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16)).max() <= 1
+
+
+def test_readers_take_no_write_lock(tmp_path, monkeypatch):
+    # Every UI rerun, search and info opened the store with an Alembic upgrade under BEGIN IMMEDIATE: while the
+    # indexer held the write lock they waited, and while they held it the indexer failed with "database is locked".
+    url = sqlite_url(tmp_path / "famsearch.db")
+    open_store(url).close()  # created and migrated
+    monkeypatch.setattr(store_module, "_BUSY_TIMEOUT_S", 0.2)
+    with contextlib.closing(sqlite3.connect(tmp_path / "famsearch.db", isolation_level=None)) as indexer:
+        indexer.execute("BEGIN IMMEDIATE")  # the indexer in the middle of a batch
+        with open_store(url) as reader:
+            assert reader.counts() == {"images": 0, "failed": 0}
+            assert reader.get_metas(("model", "index")) == {}
+        indexer.execute("ROLLBACK")
+
+
+def test_a_writer_waits_for_the_write_lock_instead_of_failing(tmp_path):
+    # A deferred transaction that reads and then writes, while another connection commits in between, fails at
+    # once with "database is locked" (its snapshot is stale; SQLite's busy handler cannot help). The indexer's
+    # store begins every transaction with BEGIN IMMEDIATE, so it waits.
+    path = tmp_path / "famsearch.db"
+    open_store(sqlite_url(path)).close()
+    holding, errors = threading.Event(), []
+
+    def other_writer():
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            db.execute("BEGIN IMMEDIATE")
+            holding.set()
+            time.sleep(1.0)  # long enough for the writer below to have read its snapshot and be waiting
+            db.execute("INSERT INTO meta (key, value) VALUES ('other', '1')")
+            db.execute("COMMIT")
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    holding.wait()
+    try:
+        with open_store(sqlite_url(path), writer=True) as writer:
+            writer.set_meta("index", {"dirty": True})
+            assert writer.get_meta("other") == 1
+    except Exception as error:  # collected, so that the thread is joined either way
+        errors.append(error)
+    thread.join()
+    assert errors == []
+
+
+def test_a_second_index_run_on_a_home_stops_in_one_line_with_exit_75(capsys, gallery, home):
+    home.mkdir()
+    with open(home / "index.lock", "a+") as held:  # what a running `famsearch index` holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = run_cli(capsys, "index", gallery, "--home", home, *TOY_INDEX)
+    assert code == 75, err
+    assert "another famsearch index" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "index", gallery, "--home", home, *TOY_INDEX)  # released: the next run works
+    assert code == 0, err

@@ -33,6 +33,7 @@ EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 # factor), not full size: a 59 MP PNG would cost gigabytes of copies, and an overlay needs no more.
 OVERLAY_SIDE = 1024
 EXIT_BUG = 70  # EX_SOFTWARE: an internal error, reported with its traceback
+EXIT_BUSY = 75  # EX_TEMPFAIL: another `famsearch index` holds the home's lock; nothing was done, try again later
 ENV_TRUE = ("1", "true", "yes", "on")
 
 
