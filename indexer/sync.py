@@ -43,6 +43,7 @@ from retrieval.images import (
 )
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image
 from retrieval.search import save_index
+from retrieval.statefiles import damaged_files, file_record
 from retrieval.store import Store, embedding_to_bytes, upsert_meta
 
 LOGGER = logging.getLogger(__name__)
@@ -417,11 +418,13 @@ def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choic
     store.set_meta("index", {**info, "dirty": True})
     head = resolve_head(store, head_choice)
     index = index_from_store(store, head)
-    save_index(index, settings.index_file(generation))
+    written = [settings.index_file(generation)]
+    save_index(index, written[0])
     if head.weight is not None:
-        tmp = settings.head_file(generation).with_suffix(".tmp")
+        written.append(settings.head_file(generation))
+        tmp = written[1].with_suffix(".tmp")
         head.save(tmp)
-        os.replace(tmp, settings.head_file(generation))
+        os.replace(tmp, written[1])
     meta: dict[str, object] = {
         "model": {**model_identity(encoder, head), "weights_path": encoder.weights},
         "index": {
@@ -430,6 +433,7 @@ def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choic
             "vectors": int(index.ntotal),
             "type": type(index.index).__name__,
             "built_at": datetime.now(timezone.utc).isoformat(),
+            "files": {path.name: file_record(path) for path in written},  # what readers check the files against
         },
     }
     if head_choice:
@@ -510,8 +514,10 @@ def sync(
     summary = _settle(summary, outcomes)
     summary["metadata_read"] = fill_photo_meta(store, root_names, options.progress)
     head_changed = options.head is not None and options.head != store.get_meta("head_choice")
-    index_file = settings.index_file(index_generation(index_meta))
-    if changed or head_changed or index_meta.get("dirty", True) or not index_file.exists() or full:
+    damaged = damaged_files(settings, index_meta, stored, strict=True)
+    for path in damaged if stored else []:  # a new home has no files yet: nothing to say
+        LOGGER.warning("%s is missing, damaged or unrecorded; it is rebuilt from the rows", path)
+    if changed or head_changed or index_meta.get("dirty", True) or damaged or full:
         rebuild_index(store, settings, encoder, options.head)
     seconds = time.perf_counter() - start
     embedded = summary["added"] + summary["updated"]

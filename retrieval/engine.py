@@ -27,7 +27,7 @@ from retrieval.duplicates import (
     similar_pairs,
 )
 from retrieval.encoder import Encoded, Encoder, load_encoder
-from retrieval.errors import IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
+from retrieval.errors import DamagedStateError, IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
 from retrieval.fam import FineInputs
 from retrieval.featcache import FeatureCache
 from retrieval.filters import SearchFilter, matching_ids
@@ -39,7 +39,8 @@ from retrieval.rerank import PartMatch, Parts, expand_query, part_scores, parts,
 from retrieval.rerank import rerank as rerank_order
 from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
-from retrieval.search import build_index, index_type_of, load_index, search, to_gpu_if_available
+from retrieval.search import build_index, index_type_of, search, to_gpu_if_available
+from retrieval.statefiles import intact, load_intact_index
 from retrieval.store import Store, bytes_to_embedding, code_point_order, open_store
 
 LOGGER = logging.getLogger(__name__)
@@ -261,18 +262,26 @@ class QueryEngine:
     def _load_head(self, stored: dict, generation: int) -> Head:
         """The head file of this generation, checked against the model it was stored with."""
         head_file = self.settings.head_file(generation)
-        head = load_head(head_file) if stored.get("head", "none") != "none" else Head()
+        if stored.get("head", "none") == "none":
+            head = Head()
+        elif not intact(head_file, (self.index_info.get("files") or {}).get(head_file.name)):
+            raise DamagedStateError(
+                f"{head_file} is missing or damaged; famsearch index PHOTO_FOLDER --home {self.settings.home} "
+                "rebuilds it from the rows"
+            )
+        else:
+            head = load_head(head_file)
         if head.digest != stored.get("head_sha256", "identity"):
             raise ModelMismatchError(f"{head_file} is not the head the index was built with; re-run famsearch index")
         return head
 
     def _load_or_rebuild_index(self, path: Path):
-        n_ok = self.store.counts()["images"]
-        if path.exists() and not self.index_info.get("dirty"):
-            index = load_index(path)
-            if index.ntotal == n_ok:
-                return index
-        LOGGER.warning("index file missing or stale; rebuilding it in memory from the database")
+        """The generation's index file when it is intact and current, else one rebuilt in memory from the rows
+        (a run killed before it committed, a damaged file: the next `famsearch index` writes it again)."""
+        index = load_intact_index(path, self.index_info)
+        if index is not None and index.ntotal == self.store.counts()["images"]:
+            return index
+        LOGGER.warning("index file missing, stale or damaged; rebuilding it in memory from the database")
         return index_from_store(self.store, self.head.to("cpu"))
 
     @property

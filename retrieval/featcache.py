@@ -90,7 +90,13 @@ class FeatureCache:
         folder = cache_folder(home)
         if not (folder / "slots.db").exists():
             return None
-        cache = cls(folder, identity)
+        try:
+            cache = cls(folder, identity)
+        except sqlite3.DatabaseError as error:  # garbage or truncated slots.db: a cache, so do without it
+            LOGGER.warning(
+                "the map cache in %s is damaged (%s); match maps are computed from the photos", folder, error
+            )
+            return None
         if cache._stored_identity() != cache.identity:
             cache.close()
             return None
@@ -181,10 +187,14 @@ class FeatureCache:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        slots = {
-            i: (f, r)
-            for i, f, r in self._db.execute(f"SELECT image_id, file, row FROM entries WHERE image_id IN ({marks})", ids)
-        }
+        try:
+            rows = self._db.execute(f"SELECT image_id, file, row FROM entries WHERE image_id IN ({marks})", ids)
+            slots = {i: (f, r) for i, f, r in rows}
+        except sqlite3.DatabaseError as error:  # damaged after it was opened: every entry is absent
+            LOGGER.warning(
+                "the map cache in %s is damaged (%s); match maps are computed from the photos", self.folder, error
+            )
+            return {}
         found: dict[int, np.ndarray] = {}
         for image_id, z in zip(ids, np.asarray(pooled, dtype=np.float32)):
             if image_id not in slots:
@@ -260,7 +270,12 @@ def open_for_indexing(home: Path, identity: dict, enabled: bool = True) -> Featu
     if not enabled:
         remove_cache(home)
         return None
-    cache = FeatureCache(cache_folder(home), identity, writable=True)
+    try:
+        cache = FeatureCache(cache_folder(home), identity, writable=True)
+    except sqlite3.DatabaseError as error:  # garbage or truncated slots.db: a cache, so it starts afresh
+        LOGGER.warning("the map cache was damaged (%s); it starts afresh (run index --full to refill it)", error)
+        remove_cache(home)
+        cache = FeatureCache(cache_folder(home), identity, writable=True)
     cache.sweep()
     return cache
 

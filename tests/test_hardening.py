@@ -26,7 +26,7 @@ import pytest
 from retrieval import store as store_module
 from retrieval.images import ImageError, decode_image, read_photo
 from retrieval.store import open_store, sqlite_url
-from tests.conftest import TOY_INDEX, draw_picture, run_cli
+from tests.conftest import TOY_INDEX, copy_home, draw_picture, run_cli
 from ui.queries import read_upload
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -207,3 +207,112 @@ def test_a_second_index_run_on_a_home_stops_in_one_line_with_exit_75(capsys, gal
     assert "another famsearch index" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "index", gallery, "--home", home, *TOY_INDEX)  # released: the next run works
     assert code == 0, err
+
+
+def _meta(home, key):
+    with contextlib.closing(sqlite3.connect(home / "famsearch.db")) as db:
+        return json.loads(db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+
+def _set_meta(home, key, value):
+    with contextlib.closing(sqlite3.connect(home / "famsearch.db")) as db, db:
+        db.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(value), key))
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "deleted":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # garbage of the same size: only the checksum tells
+        path.write_bytes(os.urandom(path.stat().st_size))
+
+
+def _search_ok(capsys, home, photo) -> list[dict]:
+    code, out, err = run_cli(capsys, "search", photo, "--home", home, "-k", "3", "--json")
+    assert code == 0 and "Traceback" not in err, err
+    return json.loads(out)["results"]
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "deleted", "garbage, no record"])
+def test_a_damaged_index_file_is_searched_around_and_rebuilt_by_the_next_plain_run(capsys, indexed, gallery, how):
+    index_meta = _meta(indexed, "index")
+    index_file = indexed / f"index-{index_meta['generation']}.faiss"
+    if how.endswith("no record"):  # a home indexed before the records: FAISS itself must be caught refusing it
+        _set_meta(indexed, "index", {key: value for key, value in index_meta.items() if key != "files"})
+    _damage(index_file, how.split(",")[0])
+    assert _search_ok(capsys, indexed, gallery / "pic0.jpg")[0]["path"] == str(gallery / "pic0.jpg")
+    code, out, err = run_cli(capsys, "info", "--home", indexed, "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert (info["vectors"], info["index_state"]) == (8, "missing" if how == "deleted" else "damaged")
+    code, out, err = run_cli(capsys, "index", gallery, "--home", indexed, *TOY_INDEX, "--json")
+    assert code == 0 and json.loads(out)["unchanged"] == 8, err
+    rebuilt = _meta(indexed, "index")
+    assert rebuilt["generation"] == index_meta["generation"] + 1 and not rebuilt["dirty"]
+    code, out, err = run_cli(capsys, "info", "--home", indexed, "--json")
+    assert json.loads(out)["index_state"] == "ok" and json.loads(out)["index_type"] == "IndexFlatIP"
+
+
+@pytest.fixture
+def pcaw_indexed(gallery: Path, home: Path, gallery_template: Path, index_template) -> Path:
+    """`indexed` with a pcaw head: the home has a head file for every generation."""
+    template_home, _ = index_template(gallery_template, "--head", "pcaw")
+    return copy_home(template_home, gallery_template, gallery, home)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "deleted"])
+def test_a_damaged_head_file_is_named_in_one_line_and_rebuilt_by_the_next_plain_run(capsys, pcaw_indexed, gallery, how):
+    generation = _meta(pcaw_indexed, "index")["generation"]
+    _damage(pcaw_indexed / f"head-{generation}.pt", how)
+    code, _, err = run_cli(capsys, "search", gallery / "pic0.jpg", "--home", pcaw_indexed)
+    _one_line_usage_error(code, err)
+    assert f"head-{generation}.pt" in err and "famsearch index" in err
+    code, _, err = run_cli(capsys, "index", gallery, "--home", pcaw_indexed, *TOY_INDEX)
+    assert code == 0, err
+    assert _search_ok(capsys, pcaw_indexed, gallery / "pic0.jpg")[0]["path"] == str(gallery / "pic0.jpg")
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_a_damaged_map_cache_is_done_without_and_started_afresh(capsys, indexed, gallery, tmp_path, how):
+    slots = indexed / "featcache" / "slots.db"
+    for extra in slots.parent.glob("slots.db-*"):  # the WAL and its index go with the file they belong to
+        extra.unlink()
+    _damage(slots, how)
+    maps = tmp_path / "maps"
+    code, out, err = run_cli(capsys, "search", gallery / "pic0.jpg", "--home", indexed, "-k", "2", "--maps-dir", maps)
+    assert code == 0 and "Traceback" not in err, err
+    assert len(list(maps.rglob("*.npy"))) == 4
+    code, _, err = run_cli(capsys, "index", gallery, "--home", indexed, *TOY_INDEX)
+    assert code == 0 and "Traceback" not in err, err
+    assert sqlite3.connect(slots).execute("SELECT count(*) FROM entries").fetchone() == (0,)  # afresh, and readable
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_a_damaged_database_is_named_in_one_line_by_every_command(capsys, indexed, gallery, how):
+    database = indexed / "famsearch.db"
+    for extra in indexed.glob("famsearch.db-*"):
+        extra.unlink()
+    if how == "truncated":  # the first pages survive: SQLite opens it and finds the damage reading the rows
+        database.write_bytes(database.read_bytes()[: 3 * 4096])
+    else:
+        _damage(database, how)
+    before = database.read_bytes()
+    for argv in (["info"], ["search", gallery / "pic0.jpg"], ["index", gallery, *TOY_INDEX]):
+        code, _, err = run_cli(capsys, *argv, "--home", indexed)
+        _one_line_usage_error(code, err)
+        assert "famsearch.db is damaged" in err
+    assert database.read_bytes() == before  # nothing written over what is left
+
+
+def test_info_after_a_killed_run_counts_what_a_search_uses(capsys, indexed, gallery):
+    # A run killed after committing its batches leaves `dirty` set and the index file behind the rows (here: one
+    # photo deleted from the rows, the file still holds 8). Searches rebuild from the rows; info said 8.
+    index_meta = _meta(indexed, "index")
+    _set_meta(indexed, "index", {**index_meta, "dirty": True})
+    with contextlib.closing(sqlite3.connect(indexed / "famsearch.db")) as db, db:
+        db.execute("DELETE FROM images WHERE path = ?", (str(gallery / "pic3.png"),))
+    code, out, err = run_cli(capsys, "info", "--home", indexed, "--json")
+    assert code == 0, err
+    assert (json.loads(out)["vectors"], json.loads(out)["index_state"]) == (7, "stale")
+    assert len(_search_ok(capsys, indexed, gallery / "pic0.jpg")) == 3
