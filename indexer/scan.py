@@ -77,7 +77,8 @@ def scan(
 
 
 def content_hash(data: bytes) -> str:
-    """Hash of a file's bytes: how a renamed or moved file is recognised."""
+    """Hash of a file's bytes: how a renamed or moved file is recognised (`retrieval.images.content_hash`, which
+    checks a photo before it is served, is the same; not imported here so `famsearch --help` needs no Pillow)."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 

@@ -32,7 +32,14 @@ from retrieval.fam import FineInputs
 from retrieval.featcache import FeatureCache
 from retrieval.filters import SearchFilter, matching_ids
 from retrieval.head import Head, load_head
-from retrieval.images import camera_name, is_image_path, load_image, load_image_sized
+from retrieval.images import (
+    camera_name,
+    decode_image,
+    is_image_path,
+    load_image,
+    load_image_sized,
+    read_indexed_photo,
+)
 from retrieval.modelspec import stored_model_spec
 from retrieval.regions import Auto, Box, fit_box
 from retrieval.rerank import PartMatch, Parts, expand_query, part_scores, parts, strongest_pairs
@@ -218,6 +225,10 @@ def _stacked(photos: list[Embedded]) -> Embedded:
     )
 
 
+def _indexed_bytes(row: ImageRow) -> bytes:
+    return read_indexed_photo(row.path, row.size, row.content_hash)
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
@@ -342,7 +353,7 @@ class QueryEngine:
         missing = [i for i in range(len(rows)) if i not in packed]
         if missing:
             computed = self.encoder.encode_full(
-                [load_image(rows[i].path, draft_size=self.encoder.input_size) for i in missing]
+                [decode_image(_indexed_bytes(rows[i]), draft_size=self.encoder.input_size)[0] for i in missing]
             ).pack()
             for i, entry in zip(missing, computed):
                 packed[i] = entry
@@ -351,6 +362,15 @@ class QueryEngine:
         entries = torch.stack([packed[i].to(device, torch.float32) for i in range(len(rows))])  # (K, N + 6 + 4C, h, w)
         encoded = Encoded.unpack(entries, pooled.shape[1], pooled)
         return Embedded.of(encoded, self.head(pooled)), [row.path for row in rows]
+
+    def photo_bytes(self, image_id: int) -> bytes:
+        """An indexed photo's file, only while its bytes are those indexed (`read_indexed_photo`): what the UI
+        shows and maps are drawn over. UsageError for an id with no indexed photo, ImageError for a file gone or
+        changed since."""
+        rows = self.store.images_by_ids([image_id])
+        if not rows or rows[0].status != STATUS_OK:
+            raise UsageError(f"no indexed image has id {image_id}")
+        return _indexed_bytes(rows[0])
 
     def _explain(self, explainer: str, subject: Embedded, partner_embs: torch.Tensor):
         heat, offset = explainers.explain(

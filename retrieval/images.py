@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -226,6 +227,30 @@ def read_photo(path: str | Path, max_mb: float = MAX_FILE_MB) -> tuple[bytes, os
     if len(data) > max_mb * 1024 * 1024:  # grew while being read
         raise ImageError(f"over {max_mb:g} MB; photos up to that size are read")
     return data, info
+
+
+def content_hash(data: bytes) -> str:
+    """Hash of a file's bytes (blake2b-128, hex): how the indexer recognises a moved file, and how a photo is
+    checked to be the one that was indexed before it is served."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def read_indexed_photo(path: str | Path, size: int, digest: str | None) -> bytes:
+    """The bytes of an indexed photo, only while they are the bytes that were indexed (size and content hash of
+    its row): a file deleted, edited or swapped for a symlink to another photo since is an ImageError, so the UI
+    and the API never show what was not indexed. Symlinks are followed, as the indexer followed them."""
+    name = Path(path).name
+    try:
+        data, info = read_photo(path)
+    except FileNotFoundError:
+        raise ImageError(
+            f"{name} is missing: deleted or moved since it was indexed (famsearch index updates it)"
+        ) from None
+    except OSError as error:
+        raise ImageError(f"{name} cannot be read: {error.strerror or error}") from None
+    if info.st_size != size or digest is None or content_hash(data) != digest:
+        raise ImageError(f"{name} has changed since it was indexed; famsearch index indexes it again")
+    return data
 
 
 def _check_regular(info: os.stat_result, max_mb: float) -> None:

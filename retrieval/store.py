@@ -134,6 +134,11 @@ def read_meta(url: str, key: str, default: Any = None) -> Any:
         return default
     try:
         return _read_meta_from(reader, key, default)
+    except Exception as error:
+        damage = damage_message(error, url)
+        if damage:
+            raise DamagedStateError(damage) from None
+        raise
     finally:
         reader.dispose()
 

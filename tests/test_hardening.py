@@ -22,11 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from indexer.service import create_app
 from retrieval import store as store_module
+from retrieval.config import Settings
+from retrieval.engine import QueryEngine
 from retrieval.images import ImageError, decode_image, read_photo
 from retrieval.store import open_store, sqlite_url
 from tests.conftest import TOY_INDEX, copy_home, draw_picture, run_cli
+from tests.test_api import make_key
+from tests.test_ui import _app, _captions, _pick
 from ui.queries import read_upload
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -316,3 +322,56 @@ def test_info_after_a_killed_run_counts_what_a_search_uses(capsys, indexed, gall
     assert code == 0, err
     assert (json.loads(out)["vectors"], json.loads(out)["index_state"]) == (7, "stale")
     assert len(_search_ok(capsys, indexed, gallery / "pic0.jpg")) == 3
+
+
+def test_a_photo_deleted_after_indexing_is_marked_in_the_grid_and_the_rest_shown(indexed, gallery, monkeypatch):
+    (gallery / "pic5.png").unlink()
+    at = _app(indexed, monkeypatch)
+    at = _pick(at, "pic3.png")
+    assert not at.exception, at.exception
+    captions = _captions(at)
+    assert len(captions) == 8 + 1  # the query photo and every match, the deleted one among them
+    gone = [caption for caption in captions if "pic5" in caption]
+    assert len(gone) == 1 and "missing" in gone[0]
+    why = {b.key: b.disabled for b in at.button if b.key and b.key.startswith("why_")}
+    assert len(why) == 8 and sum(why.values()) == 1  # only the missing one cannot be opened
+
+
+def test_a_file_swapped_for_a_symlink_to_another_photo_is_not_served(indexed, gallery, tmp_path, capsys):
+    # Indexing follows symlinks; serving serves only the bytes that were indexed. An indexed file replaced by a
+    # link to a photo outside the folders (same name, other bytes) is refused by the engine, the UI and the API.
+    outside = tmp_path / "outside" / "private.png"
+    outside.parent.mkdir()
+    draw_picture(99).save(outside)
+    swapped = gallery / "pic1.png"
+    swapped.unlink()
+    swapped.symlink_to(outside)
+    with contextlib.closing(sqlite3.connect(indexed / "famsearch.db")) as db:
+        (image_id,) = db.execute("SELECT id FROM images WHERE path = ?", (str(swapped),)).fetchone()
+    key = make_key(capsys, indexed)
+    with TestClient(create_app(Settings(home=indexed), device="cpu")) as client:
+        for route in (f"/images/{image_id}", f"/images/{image_id}/thumbnail"):
+            assert client.get(route, headers={"x-api-key": key}).status_code == 404
+    engine = QueryEngine(Settings(home=indexed), device="cpu")
+    try:
+        with pytest.raises(ImageError, match="changed since it was indexed"):
+            engine.photo_bytes(image_id)
+        assert engine.photo_bytes(engine.store.image_by_path(str(gallery / "pic0.jpg")).id)
+    finally:
+        engine.close()
+
+
+def test_a_symlink_to_a_photo_outside_the_folder_is_indexed_and_served(capsys, gallery, home, tmp_path):
+    # The rule the README states: symlinks in an indexed folder are followed when indexing (a linked folder or
+    # photo is what people mean), and the photo is served while its bytes are the ones indexed.
+    outside = tmp_path / "elsewhere.png"
+    draw_picture(42).save(outside)
+    (gallery / "linked.png").symlink_to(outside)
+    code, _, err = run_cli(capsys, "index", gallery, "--home", home, *TOY_INDEX)
+    assert code == 0, err
+    engine = QueryEngine(Settings(home=home), device="cpu")
+    try:
+        row = engine.store.image_by_path(str(gallery / "linked.png"))
+        assert engine.photo_bytes(row.id) == outside.read_bytes()
+    finally:
+        engine.close()
