@@ -63,7 +63,13 @@ def famsearch(code_dir: Path, *argv, timeout: float = LIMIT_S) -> tuple[int | No
 
 def python(code_dir: Path, *argv, timeout: float = LIMIT_S, env: dict | None = None):
     command = ["/usr/bin/time", "-f", "PEAK_RSS_KIB=%M", sys.executable, *map(str, argv)]
-    environ = {**os.environ, "PYTHONPATH": str(code_dir), "OMP_NUM_THREADS": "1", **(env or {})}
+    environ = {
+        **os.environ,
+        "PYTHONPATH": str(code_dir),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONFAULTHANDLER": "1",
+        **(env or {}),
+    }
     start = time.perf_counter()
     process = subprocess.Popen(
         command,
@@ -78,13 +84,31 @@ def python(code_dir: Path, *argv, timeout: float = LIMIT_S, env: dict | None = N
         out, err = process.communicate(timeout=timeout)
         code: int | None = process.returncode
     except subprocess.TimeoutExpired:
+        for pid in _group(process.pid)[1:]:  # the pythons under /usr/bin/time: faulthandler prints their stacks
+            os.kill(pid, 6)
+        time.sleep(3)
         os.killpg(process.pid, 9)  # the command and its decoding workers
         out, err = process.communicate()
         code = None
+        dump = WORK / f"hang-{int(time.time())}.txt"
+        dump.write_text(" ".join(map(str, argv)) + "\n" + err)
+        err += f"\nhung: stacks in {dump}"
     seconds = time.perf_counter() - start
     peak = next((int(line.split("=")[1]) for line in err.splitlines() if line.startswith("PEAK_RSS_KIB=")), 0)
     err = "\n".join(line for line in err.splitlines() if not line.startswith(("PEAK_RSS_KIB=", "Command exited")))
     return code, out, err, seconds, peak / 1024
+
+
+def _group(pgid: int) -> list[int]:
+    """The pids of a process group, its leader first."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.getpgid(int(entry)) == pgid:
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return sorted(pids, key=lambda pid: pid != pgid)
 
 
 def outcome(case: str, label: str, result, rows: str = "", note: str = "") -> Outcome:
