@@ -295,7 +295,11 @@ def photo_meta(data: bytes | Path, mtime_ns: int) -> PhotoMeta:
     from its header only (no pixels decoded). A file whose header cannot be read gets the mtime and no camera."""
     fallback = PhotoMeta(datetime.fromtimestamp(mtime_ns / 1e9), "mtime")
     try:
+        if isinstance(data, Path) and not stat.S_ISREG(os.stat(data).st_mode):  # a FIFO would block the open
+            return fallback
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            if image.format == "PNG" and "exif" not in image.info:  # its EXIF follows the pixels: asking decodes them
+                return fallback
             exif = image.getexif()
             taken = _exif_datetime(exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.DateTimeOriginal))
             make, model = _exif_text(exif.get(ExifTags.Base.Make)), _exif_text(exif.get(ExifTags.Base.Model))

@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import PngImagePlugin
 
 from indexer.service import create_app
 from retrieval import store as store_module
 from retrieval.config import Settings
 from retrieval.engine import QueryEngine
-from retrieval.images import ImageError, decode_image, read_photo
+from retrieval.images import ImageError, decode_image, photo_meta, read_photo
 from retrieval.store import open_store, sqlite_url
 from tests.conftest import TOY_INDEX, copy_home, draw_picture, run_cli
 from tests.test_api import make_key
@@ -375,3 +376,20 @@ def test_a_symlink_to_a_photo_outside_the_folder_is_indexed_and_served(capsys, g
         assert engine.photo_bytes(row.id) == outside.read_bytes()
     finally:
         engine.close()
+
+
+def test_reading_a_png_bombs_date_taken_decodes_no_pixels(tmp_path, monkeypatch):
+    # photo_meta runs on every indexed file before decode_image: asking a PNG whose EXIF follows its pixels for
+    # that EXIF made Pillow decode the whole image (1.6 GB for this one), past the megapixel cap.
+    class PixelsDecoded(BaseException):  # not an Exception: photo_meta's fallback must not swallow it
+        pass
+
+    def refuse(self, *args, **kwargs):
+        raise PixelsDecoded
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", refuse)
+    bomb = _png(20000, 20000, b"not zlib data")
+    meta = photo_meta(bomb, 0)
+    assert meta.taken_from == "mtime" and meta.camera_make is None
+    os.mkfifo(tmp_path / "fifo.png")
+    assert photo_meta(tmp_path / "fifo.png", 0).taken_from == "mtime"  # and a FIFO is not opened (it would block)
