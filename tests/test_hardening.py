@@ -6,7 +6,6 @@ Each test here failed before its fix; bench/probe_hostile.py runs the same probe
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import os
@@ -207,13 +206,28 @@ def test_a_writer_waits_for_the_write_lock_instead_of_failing(tmp_path):
 
 def test_a_second_index_run_on_a_home_stops_in_one_line_with_exit_75(capsys, gallery, home):
     home.mkdir()
-    with open(home / "index.lock", "a+") as held:  # what a running `famsearch index` holds
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder = subprocess.Popen(  # another process holding what a running `famsearch index` holds
+        [sys.executable, "-c", _HOLD_LOCK, str(home / "index.lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
         code, _, err = run_cli(capsys, "index", gallery, "--home", home, *TOY_INDEX)
+    finally:
+        holder.kill()
+        holder.wait()
     assert code == 75, err
     assert "another famsearch index" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "index", gallery, "--home", home, *TOY_INDEX)  # released: the next run works
     assert code == 0, err
+
+
+_HOLD_LOCK = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("held", flush=True)
+time.sleep(600)
+"""
 
 
 def _meta(home, key):
