@@ -73,8 +73,11 @@ class QueryPhoto:
 
 def decode_query(label: str, data: bytes, input_size: int, max_megapixels: float = MAX_UPLOAD_MEGAPIXELS) -> QueryPhoto:
     """Bytes -> QueryPhoto (ImageError if they are not a photo we can read)."""
-    display, _ = decode_image(data, max_megapixels, draft_size=DISPLAY_SIDE)
-    image = decode_image(data, max_megapixels, draft_size=input_size)[0] if data.startswith(_JPEG_MAGIC) else display
+    display, size = decode_image(data, max_megapixels, draft_size=DISPLAY_SIDE)
+    # What the model sees is decoded as the indexer decodes it (at the input size): JPEGs by DCT scaling, other
+    # photos of 2x the input size or more reduced by a whole factor (`decode_image`), so an indexed photo scores 1.
+    redecode = data.startswith(_JPEG_MAGIC) or min(size) >= 2 * input_size
+    image = decode_image(data, max_megapixels, draft_size=input_size)[0] if redecode else display
     return QueryPhoto(label, image, fit_within(display, DISPLAY_SIDE), digest(data))
 
 
