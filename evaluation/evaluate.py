@@ -125,20 +125,21 @@ def parse_explainers(text: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------- index and embed
 def index_gallery(settings: Settings, gallery: list[Item], options: EvalOptions) -> dict:
     """Index (incrementally) the gallery split's files into the home; returns the sync summary."""
+    from indexer.homelock import home_lock
     from indexer.sync import IndexOptions, sync
     from retrieval.encoder import load_encoder
     from retrieval.store import open_store
 
-    settings.home.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.database_url)
-    try:
-        encoder = load_encoder(options.model, default_device(options.device), export_dir=settings.export_dir)
-        index_options = IndexOptions(
-            batch_size=options.batch_size, workers=options.workers, head=options.head, progress=options.progress
-        )
-        return sync(store, settings, encoder, [item.path for item in gallery], index_options)
-    finally:
-        store.close()
+    with home_lock(settings.home):  # a writer like `famsearch index`: one at a time per home
+        store = open_store(settings.database_url, writer=True)
+        try:
+            encoder = load_encoder(options.model, default_device(options.device), export_dir=settings.export_dir)
+            index_options = IndexOptions(
+                batch_size=options.batch_size, workers=options.workers, head=options.head, progress=options.progress
+            )
+            return sync(store, settings, encoder, [item.path for item in gallery], index_options)
+        finally:
+            store.close()
 
 
 class EncoderAndHead(Protocol):

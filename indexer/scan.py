@@ -6,6 +6,7 @@ import fnmatch
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +77,17 @@ def scan(
 
 
 def content_hash(data: bytes) -> str:
-    """Hash of a file's bytes: how a renamed or moved file is recognised."""
+    """Hash of a file's bytes: how a renamed or moved file is recognised (`retrieval.images.content_hash`, which
+    checks a photo before it is served, is the same; not imported here so `famsearch --help` needs no Pillow)."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def file_hash(path: str) -> str:
+    """`content_hash` of a regular file, read in chunks; OSError for anything else (a FIFO would block)."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise OSError(f"{path}: not a regular file")
         for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()

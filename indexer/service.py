@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import mimetypes
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -19,7 +20,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, Security, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 
@@ -36,7 +37,7 @@ from retrieval.config import (
 )
 from retrieval.engine import QueryEngine, QueryResult
 from retrieval.errors import FamsearchError, ImageError, IndexMissingError, ModelMismatchError
-from retrieval.images import decode_image, load_image, overlay
+from retrieval.images import decode_image, overlay, read_indexed_photo
 from retrieval.regions import Auto, Box, fit_box, parse_box
 from retrieval.schema import STATUS_OK
 from retrieval.status import home_status
@@ -150,17 +151,24 @@ def decode_photo(
         raise ImageError(f"{label}: not a readable image ({error})") from None
 
 
-def indexed_path(backend: Backend, image_id: int) -> Path:
-    """The file of an indexed photo (status ok, still there); 404 otherwise."""
+def indexed_photo(backend: Backend, image_id: int) -> tuple[Path, bytes]:
+    """The path and bytes of an indexed photo (status ok), only while they are the bytes indexed
+    (`read_indexed_photo`: not gone, not edited, not swapped for a link to another photo); 404 otherwise."""
     store = backend.store()
     rows = store.images_by_ids([image_id]) if store is not None else []
-    if not rows or rows[0].status != STATUS_OK or not Path(rows[0].path).is_file():
+    if not rows or rows[0].status != STATUS_OK:
         raise HTTPException(404, f"no indexed photo has id {image_id}")
-    return Path(rows[0].path)
+    try:
+        return Path(rows[0].path), read_indexed_photo(rows[0].path, rows[0].size, rows[0].content_hash)
+    except ImageError as error:
+        raise HTTPException(404, f"indexed photo {image_id}: {error}") from None
 
 
-def search_overlays(result: QueryResult, rows: list[dict], query: bytes, label: str, max_megapixels: float) -> None:
-    """Each row's query and match overlays (base64 PNG) in place; the query photo decoded once at display size."""
+def search_overlays(
+    backend: Backend, result: QueryResult, rows: list[dict], query: bytes, label: str, max_megapixels: float
+) -> None:
+    """Each row's query and match overlays (base64 PNG) in place; the query photo decoded once at display size.
+    A match whose file is gone or changed since it was indexed gets no match overlay (null)."""
     shown = None
     for match, row in zip(result.matches, rows):
         if match.match_map is None:
@@ -169,7 +177,12 @@ def search_overlays(result: QueryResult, rows: list[dict], query: bytes, label: 
         if shown is None:
             shown = decode_photo(label, query, OVERLAY_SIDE, max_megapixels)[0]
         row["query_overlay"] = drawn(shown, match.query_map)
-        row["match_overlay"] = drawn(load_image(match.path, draft_size=OVERLAY_SIDE), match.match_map)
+        try:
+            photo = decode_image(indexed_photo(backend, match.image_id)[1], draft_size=OVERLAY_SIDE)[0]
+        except (HTTPException, ImageError):
+            row["match_overlay"] = None
+            continue
+        row["match_overlay"] = drawn(photo, match.match_map)
 
 
 router = APIRouter(dependencies=[Security(require_key)])
@@ -204,15 +217,15 @@ def search(
         label, data, cap = file.filename or "upload", read_upload(file), MAX_UPLOAD_MEGAPIXELS
     else:
         assert image_id is not None
-        path = indexed_path(backend, image_id)
-        label, data, cap = str(path), path.read_bytes(), float("inf")  # vetted by the indexer
+        path, data = indexed_photo(backend, image_id)
+        label, cap = str(path), float("inf")  # vetted by the indexer
     with backend.engine() as engine:
         image, size = decode_photo(label, data, engine.encoder.input_size, cap)
         image_box: Box | Auto | None = fit_box(region, size, image.size) if region is not None else None
         result = engine.query(image, k or k_q or 10, explainer, "none", image_box)
         model = engine.model
     rows = result_rows(result, None)
-    search_overlays(result, rows, data, label, cap)
+    search_overlays(backend, result, rows, data, label, cap)
     return search_record(label, model, result, rows, region)
 
 
@@ -245,16 +258,17 @@ def explain(
     }
 
 
-@router.get("/images/{image_id}", response_class=FileResponse)
-def image_file(request: Request, image_id: int) -> FileResponse:
-    """The file of an indexed photo, as it is on disk."""
-    return FileResponse(indexed_path(_backend(request), image_id))
+@router.get("/images/{image_id}", response_class=Response)
+def image_file(request: Request, image_id: int) -> Response:
+    """The file of an indexed photo, as it was indexed (404 once it is gone or changed)."""
+    path, data = indexed_photo(_backend(request), image_id)
+    return Response(data, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
 
 
 @router.get("/images/{image_id}/thumbnail", response_class=Response)
 def thumbnail(request: Request, image_id: int) -> Response:
     """An indexed photo as a JPEG at most THUMBNAIL_SIDE pixels on its longer side, upright."""
-    image = load_image(indexed_path(_backend(request), image_id), draft_size=THUMBNAIL_SIDE)
+    image = decode_image(indexed_photo(_backend(request), image_id)[1], draft_size=THUMBNAIL_SIDE)[0]
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)

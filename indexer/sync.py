@@ -33,10 +33,19 @@ from retrieval.encoder import Encoder, Preprocess
 from retrieval.engine import check_identity, index_from_store, model_identity
 from retrieval.featcache import FeatureCache, cache_batch, open_for_indexing
 from retrieval.head import Head, head_from_choice
-from retrieval.images import DEFAULT_MAX_MEGAPIXELS, ImageError, PhotoMeta, decode_image, is_raw_path, photo_meta
+from retrieval.images import (
+    DEFAULT_MAX_MEGAPIXELS,
+    ImageError,
+    PhotoMeta,
+    decode_image,
+    is_raw_path,
+    photo_meta,
+    read_photo,
+)
 from retrieval.ondisk import build_ondisk_index
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image
 from retrieval.search import index_type_of, needs_ondisk, save_index
+from retrieval.statefiles import damaged_files, file_record
 from retrieval.store import Store, embedding_to_bytes, upsert_meta
 
 LOGGER = logging.getLogger(__name__)
@@ -167,10 +176,10 @@ class Decoded:
 
 def read_file(path: str) -> tuple[bytes, FileStat]:
     """A file's bytes and its stat taken when it was opened. A file rewritten during or after
-    the read then has a newer mtime than the stored one, and the next run embeds it again."""
-    with open(path, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        return handle.read(), FileStat(path, info.st_size, info.st_mtime_ns)
+    the read then has a newer mtime than the stored one, and the next run embeds it again.
+    Only regular files up to `MAX_FILE_MB` are read (`read_photo`: a FIFO or a device is an ImageError)."""
+    data, info = read_photo(path)
+    return data, FileStat(path, info.st_size, info.st_mtime_ns)
 
 
 class DecodeDataset(Dataset):
@@ -206,6 +215,8 @@ def decode_file(
         return Decoded(row_id, stat, vanished=True)
     except OSError as error:
         return Decoded(row_id, stat, error=f"cannot read: {error.strerror or error}")
+    except ImageError as error:  # not a regular file, or too large to read
+        return Decoded(row_id, stat, error=str(error))
     digest = content_hash(data)
     if row_id is not None and known_hash == digest:
         return Decoded(row_id, stat, digest=digest, same_content=True)
@@ -470,10 +481,12 @@ def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choic
     store.set_meta("index", {**info, "dirty": True})
     head = resolve_head(store, head_choice)
     index = write_index_from_store(store, head, settings.index_file(generation))
+    written = [settings.index_file(generation)]  # an on-disk index's .ivfdata (GBs) is not checksummed
     if head.weight is not None:
-        tmp = settings.head_file(generation).with_suffix(".tmp")
+        written.append(settings.head_file(generation))
+        tmp = written[1].with_suffix(".tmp")
         head.save(tmp)
-        os.replace(tmp, settings.head_file(generation))
+        os.replace(tmp, written[1])
     meta: dict[str, object] = {
         "model": {**model_identity(encoder, head), "weights_path": encoder.weights},
         "index": {
@@ -482,6 +495,7 @@ def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choic
             "vectors": int(index.ntotal),
             "type": index_type_of(index),
             "built_at": datetime.now(timezone.utc).isoformat(),
+            "files": {path.name: file_record(path) for path in written},  # what readers check the files against
         },
     }
     if head_choice:
@@ -562,8 +576,10 @@ def sync(
     summary = _settle(summary, outcomes)
     summary["metadata_read"] = fill_photo_meta(store, root_names, options.progress)
     head_changed = options.head is not None and options.head != store.get_meta("head_choice")
-    index_file = settings.index_file(index_generation(index_meta))
-    if changed or head_changed or index_meta.get("dirty", True) or not index_file.exists() or full:
+    damaged = damaged_files(settings, index_meta, stored, strict=True)
+    for path in damaged if stored else []:  # a new home has no files yet: nothing to say
+        LOGGER.warning("%s is missing, damaged or unrecorded; it is rebuilt from the rows", path)
+    if changed or head_changed or index_meta.get("dirty", True) or damaged or full:
         rebuild_index(store, settings, encoder, options.head)
     seconds = time.perf_counter() - start
     embedded = summary["added"] + summary["updated"]

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from retrieval.config import BACKBONES  # re-exported: the names live with the settings
 from retrieval.errors import UsageError
+from retrieval.weightsfile import load_weights
 
 if TYPE_CHECKING:
     from torchvision.models import ResNet
@@ -191,7 +192,7 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
 
         path = lite0_weights_path(weights)
         model = EfficientNetLite0()
-        load_lite0_state(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
+        load_lite0_state(model, load_weights(path, "--weights"), str(path))
         model.eval().fuse_batchnorm_()  # inference only: BN folded into the convs, ~1.8x faster
     elif name == "resnet50":
         import torchvision
@@ -199,7 +200,7 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
         assert weights is not None  # describe_backbone refused resnet50 without weights
         path = Path(weights)
         model = _ResNetFeatures(torchvision.models.resnet50(weights=None))
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_weights(path, "--weights")
         try:
             model.net.load_state_dict(checkpoint, strict=True)
         except RuntimeError as err:  # same error type as a mismatched EfficientNet file

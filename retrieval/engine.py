@@ -27,19 +27,27 @@ from retrieval.duplicates import (
     similar_pairs,
 )
 from retrieval.encoder import Encoded, Encoder, load_encoder
-from retrieval.errors import IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
+from retrieval.errors import DamagedStateError, IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
 from retrieval.fam import FineInputs
 from retrieval.featcache import FeatureCache
 from retrieval.filters import SearchFilter, matching_ids
 from retrieval.head import Head, load_head
-from retrieval.images import camera_name, is_image_path, load_image, load_image_sized
+from retrieval.images import (
+    camera_name,
+    decode_image,
+    is_image_path,
+    load_image,
+    load_image_sized,
+    read_indexed_photo,
+)
 from retrieval.modelspec import stored_model_spec
 from retrieval.regions import Auto, Box, fit_box
 from retrieval.rerank import PartMatch, Parts, expand_query, part_scores, parts, strongest_pairs
 from retrieval.rerank import rerank as rerank_order
 from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
-from retrieval.search import build_index, index_type_of, load_index, search, to_gpu_if_available
+from retrieval.search import build_index, index_type_of, search, to_gpu_if_available
+from retrieval.statefiles import intact, load_intact_index
 from retrieval.store import Store, bytes_to_embedding, code_point_order, open_store
 
 LOGGER = logging.getLogger(__name__)
@@ -217,6 +225,10 @@ def _stacked(photos: list[Embedded]) -> Embedded:
     )
 
 
+def _indexed_bytes(row: ImageRow) -> bytes:
+    return read_indexed_photo(row.path, row.size, row.content_hash)
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
@@ -261,18 +273,26 @@ class QueryEngine:
     def _load_head(self, stored: dict, generation: int) -> Head:
         """The head file of this generation, checked against the model it was stored with."""
         head_file = self.settings.head_file(generation)
-        head = load_head(head_file) if stored.get("head", "none") != "none" else Head()
+        if stored.get("head", "none") == "none":
+            head = Head()
+        elif not intact(head_file, (self.index_info.get("files") or {}).get(head_file.name)):
+            raise DamagedStateError(
+                f"{head_file} is missing or damaged; famsearch index PHOTO_FOLDER --home {self.settings.home} "
+                "rebuilds it from the rows"
+            )
+        else:
+            head = load_head(head_file)
         if head.digest != stored.get("head_sha256", "identity"):
             raise ModelMismatchError(f"{head_file} is not the head the index was built with; re-run famsearch index")
         return head
 
     def _load_or_rebuild_index(self, path: Path):
-        n_ok = self.store.counts()["images"]
-        if path.exists() and not self.index_info.get("dirty"):
-            index = load_index(path)
-            if index.ntotal == n_ok:
-                return index
-        LOGGER.warning("index file missing or stale; rebuilding it in memory from the database")
+        """The generation's index file when it is intact and current, else one rebuilt in memory from the rows
+        (a run killed before it committed, a damaged file: the next `famsearch index` writes it again)."""
+        index = load_intact_index(path, self.index_info)
+        if index is not None and index.ntotal == self.store.counts()["images"]:
+            return index
+        LOGGER.warning("index file missing, stale or damaged; rebuilding it in memory from the database")
         return index_from_store(self.store, self.head.to("cpu"))
 
     @property
@@ -333,7 +353,7 @@ class QueryEngine:
         missing = [i for i in range(len(rows)) if i not in packed]
         if missing:
             computed = self.encoder.encode_full(
-                [load_image(rows[i].path, draft_size=self.encoder.input_size) for i in missing]
+                [decode_image(_indexed_bytes(rows[i]), draft_size=self.encoder.input_size)[0] for i in missing]
             ).pack()
             for i, entry in zip(missing, computed):
                 packed[i] = entry
@@ -342,6 +362,15 @@ class QueryEngine:
         entries = torch.stack([packed[i].to(device, torch.float32) for i in range(len(rows))])  # (K, N + 6 + 4C, h, w)
         encoded = Encoded.unpack(entries, pooled.shape[1], pooled)
         return Embedded.of(encoded, self.head(pooled)), [row.path for row in rows]
+
+    def photo_bytes(self, image_id: int) -> bytes:
+        """An indexed photo's file, only while its bytes are those indexed (`read_indexed_photo`): what the UI
+        shows and maps are drawn over. UsageError for an id with no indexed photo, ImageError for a file gone or
+        changed since."""
+        rows = self.store.images_by_ids([image_id])
+        if not rows or rows[0].status != STATUS_OK:
+            raise UsageError(f"no indexed image has id {image_id}")
+        return _indexed_bytes(rows[0])
 
     def _explain(self, explainer: str, subject: Embedded, partner_embs: torch.Tensor):
         heat, offset = explainers.explain(

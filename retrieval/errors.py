@@ -39,3 +39,11 @@ class NoAlbumsError(FamsearchError, ValueError):
 
     def __init__(self) -> None:
         super().__init__("no albums yet; label the gallery first: famsearch albums --from-folders PHOTO_FOLDER")
+
+
+class DamagedStateError(FamsearchError, ValueError):
+    """A file in the home is damaged and cannot be rebuilt from what is left: the message says which and what to do."""
+
+
+class HomeBusyError(FamsearchError):
+    """Another run is writing to this home (`famsearch index` holds its lock): try again once it has finished."""

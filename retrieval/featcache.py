@@ -100,7 +100,13 @@ class FeatureCache:
         folder = cache_folder(home)
         if not (folder / "slots.db").exists():
             return None
-        cache = cls(folder, identity)
+        try:
+            cache = cls(folder, identity)
+        except sqlite3.DatabaseError as error:  # garbage or truncated slots.db: a cache, so do without it
+            LOGGER.warning(
+                "the map cache in %s is damaged (%s); match maps are computed from the photos", folder, error
+            )
+            return None
         if cache._stored_identity() != cache.identity:
             cache.close()
             return None
@@ -236,10 +242,14 @@ class FeatureCache:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        slots = {
-            i: (f, r)
-            for i, f, r in self._db.execute(f"SELECT image_id, file, row FROM entries WHERE image_id IN ({marks})", ids)
-        }
+        try:
+            rows = self._db.execute(f"SELECT image_id, file, row FROM entries WHERE image_id IN ({marks})", ids)
+            slots = {i: (f, r) for i, f, r in rows}
+        except sqlite3.DatabaseError as error:  # damaged after it was opened: every entry is absent
+            LOGGER.warning(
+                "the map cache in %s is damaged (%s); match maps are computed from the photos", self.folder, error
+            )
+            return {}
         found: dict[int, np.ndarray] = {}
         for image_id, z in zip(ids, np.asarray(pooled, dtype=np.float32)):
             if image_id not in slots:
@@ -325,7 +335,12 @@ def open_for_indexing(
     if not enabled:
         remove_cache(home)
         return None
-    cache = FeatureCache(cache_folder(home), identity, writable=True, max_bytes=max_bytes)
+    try:
+        cache = FeatureCache(cache_folder(home), identity, writable=True, max_bytes=max_bytes)
+    except sqlite3.DatabaseError as error:  # garbage or truncated slots.db: a cache, so it starts afresh
+        LOGGER.warning("the map cache was damaged (%s); it starts afresh (run index --full to refill it)", error)
+        remove_cache(home)
+        cache = FeatureCache(cache_folder(home), identity, writable=True, max_bytes=max_bytes)
     cache.sweep()
     if max_bytes is not None:
         cache.evict(max_bytes)

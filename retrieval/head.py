@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from retrieval.errors import UsageError
+from retrieval.weightsfile import load_weights
 
 HEAD_KINDS = ("none", "pcaw")
 
@@ -76,10 +77,7 @@ def head_from_choice(choice: str, gallery_pooled: Tensor | None = None) -> Head:
 
 def load_head(path: str | Path) -> Head:
     """Read a head file (`famsearch train` output or a saved pcaw head)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as error:
-        raise UsageError(f"cannot read head file {path}: {error}") from None
+    state = load_weights(path, "head file")
     if not isinstance(state, dict) or "weight" not in state:
         raise UsageError(f"{path} is not a famsearch head file (no 'weight')")
     weight, bias = state["weight"], state.get("bias")
@@ -90,10 +88,7 @@ def load_head(path: str | Path) -> Head:
 
 def head_meta(path: str | Path) -> dict:
     """The `meta` a head file was saved with (backbone, pooling, input size...), {} if none."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as error:
-        raise UsageError(f"cannot read head file {path}: {error}") from None
+    state = load_weights(path, "head file")
     return dict(state.get("meta") or {}) if isinstance(state, dict) else {}
 
 

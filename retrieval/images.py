@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import stat
 import struct
 import warnings
 import zlib
@@ -18,6 +21,9 @@ from retrieval.errors import ImageError  # re-exported: callers import it from h
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 HEIF_SUFFIXES = frozenset({".heic", ".heif"})
 DEFAULT_MAX_MEGAPIXELS = 150.0
+# Files over this are refused before they are read: a photo in any format famsearch reads is smaller than this at
+# the megapixel cap, and it bounds what one read costs whatever the file is.
+MAX_FILE_MB = 512
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -124,14 +130,18 @@ def decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            size = upright_size(image)
-            if size[0] * size[1] > max_megapixels * 1e6:
-                raise ImageError(f"{size[0]}x{size[1]} is over the {max_megapixels:g} megapixel cap (--max-megapixels)")
+            # The cap is checked on the header's size, before anything else is read: a PNG's EXIF may follow its
+            # pixels, and asking for it decodes the whole image. Rotation keeps the area.
+            width, height = image.size
+            if width * height > max_megapixels * 1e6:
+                raise ImageError(f"{width}x{height} is over the {max_megapixels:g} megapixel cap (--max-megapixels)")
             if draft_size and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
             image.seek(0)  # first frame of animations
             image.load()
-            return _to_rgb(ImageOps.exif_transpose(image)), size
+            rotated = image.getexif().get(0x0112, 1) in _ROTATING_ORIENTATIONS  # read once the pixels are in
+            size = (height, width) if rotated else (width, height)
+            return _to_rgb(ImageOps.exif_transpose(_reduced(image, draft_size))), size
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
@@ -187,6 +197,71 @@ def _raw_preview(raw, flip: int, max_megapixels: float, draft_size: int | None) 
 _FLIPS = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}
 
 
+def _reduced(image: Image.Image, draft_size: int | None) -> Image.Image:
+    """A decoded non-JPEG shrunk by the largest whole factor that keeps both sides >= draft_size (box filter),
+    before its copies are made (orientation, RGB, transparency on white): what JPEG draft mode does while
+    decoding, so a large PNG costs one bitmap instead of several."""
+    factor = min(image.size) // draft_size if draft_size else 1
+    if factor < 2 or image.mode in ("1", "P", "I;16", "I;16B", "I;16L"):  # modes Image.reduce does not take
+        return image
+    exif = image.getexif()
+    reduced = image.reduce(factor)
+    if exif:  # reduce keeps `info` but not the parsed EXIF, where a PNG's orientation may be
+        reduced.info["exif"] = exif.tobytes()
+    return reduced
+
+
+def read_photo(path: str | Path, max_mb: float = MAX_FILE_MB) -> tuple[bytes, os.stat_result]:
+    """A photo file's bytes and the stat taken when it was opened; ImageError for anything but a regular file of
+    at most ``max_mb`` (a FIFO would block the read forever, /dev/zero never end), OSError if it cannot be opened.
+
+    The file is stat'ed before it is opened (opening a device can have effects), opened non-blocking and
+    stat'ed again through the handle, so a file swapped in between is caught too.
+    """
+    _check_regular(os.stat(path), max_mb)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        _check_regular(info, max_mb)
+        data = handle.read(int(max_mb * 1024 * 1024) + 1)
+    if len(data) > max_mb * 1024 * 1024:  # grew while being read
+        raise ImageError(f"over {max_mb:g} MB; photos up to that size are read")
+    return data, info
+
+
+def content_hash(data: bytes) -> str:
+    """Hash of a file's bytes (blake2b-128, hex): how the indexer recognises a moved file, and how a photo is
+    checked to be the one that was indexed before it is served."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def read_indexed_photo(path: str | Path, size: int, digest: str | None) -> bytes:
+    """The bytes of an indexed photo, only while they are the bytes that were indexed (size and content hash of
+    its row): a file deleted, edited or swapped for a symlink to another photo since is an ImageError, so the UI
+    and the API never show what was not indexed. Symlinks are followed, as the indexer followed them."""
+    name = Path(path).name
+    try:
+        data, info = read_photo(path)
+    except FileNotFoundError:
+        raise ImageError(
+            f"{name} is missing: deleted or moved since it was indexed (famsearch index updates it)"
+        ) from None
+    except OSError as error:
+        raise ImageError(f"{name} cannot be read: {error.strerror or error}") from None
+    if info.st_size != size or digest is None or content_hash(data) != digest:
+        raise ImageError(f"{name} has changed since it was indexed; famsearch index indexes it again")
+    return data
+
+
+def _check_regular(info: os.stat_result, max_mb: float) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+        reason = kind.get(stat.S_IFMT(info.st_mode), "a socket" if stat.S_ISSOCK(info.st_mode) else "a folder")
+        raise ImageError(f"not a regular file ({reason}); only regular files are read")
+    if info.st_size > max_mb * 1024 * 1024:
+        raise ImageError(f"{info.st_size / 1024 / 1024:.0f} MB is over {max_mb:g} MB; photos up to that size are read")
+
+
 def load_image(
     path: str | Path, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, draft_size: int | None = None
 ) -> Image.Image:
@@ -199,7 +274,7 @@ def load_image_sized(
 ) -> tuple[Image.Image, tuple[int, int]]:
     """`load_image` and the photo's full-resolution upright (width, height)."""
     try:
-        data = Path(path).read_bytes()
+        data, _ = read_photo(path)
     except OSError as error:
         raise ImageError(f"cannot read: {error.strerror or error}") from None
     return decode_image(data, max_megapixels, draft_size, raw=is_raw_path(path))
@@ -220,7 +295,11 @@ def photo_meta(data: bytes | Path, mtime_ns: int) -> PhotoMeta:
     from its header only (no pixels decoded). A file whose header cannot be read gets the mtime and no camera."""
     fallback = PhotoMeta(datetime.fromtimestamp(mtime_ns / 1e9), "mtime")
     try:
+        if isinstance(data, Path) and not stat.S_ISREG(os.stat(data).st_mode):  # a FIFO would block the open
+            return fallback
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            if image.format == "PNG" and "exif" not in image.info:  # its EXIF follows the pixels: asking decodes them
+                return fallback
             exif = image.getexif()
             taken = _exif_datetime(exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.DateTimeOriginal))
             make, model = _exif_text(exif.get(ExifTags.Base.Make)), _exif_text(exif.get(ExifTags.Base.Model))

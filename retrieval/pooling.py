@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from retrieval.errors import UsageError
+from retrieval.weightsfile import load_weights
 
 POOLINGS = ("gap", "gem", "sqrt", "focus", "attn:FILE")
 GEM_P = 3.0
@@ -42,10 +43,7 @@ class Objectness:
 
 def load_objectness(path: str | Path) -> Objectness:
     """Read an objectness file written by `famsearch train`."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as error:
-        raise UsageError(f"cannot read objectness file {path}: {error}") from None
+    state = load_weights(path, "objectness file")
     if not isinstance(state, dict) or state.get("kind") != "objectness":
         raise UsageError(f"{path} is not a famsearch objectness file")
     return Objectness(state["weight"].float(), float(state["bias"]))

@@ -1,10 +1,11 @@
 """The metadata store: an SQLAlchemy engine over the Alembic-migrated schema of ``schema.py``.
 
 SQLite by default (WAL, busy timeout) or PostgreSQL (psycopg), both tested; any SQLAlchemy URL
-allowed. The schema is made only by the migrations; ``open_store`` upgrades to head every time it
-opens a database, ``read_meta`` reads one value and never migrates or writes. The queries are
-dialect-neutral but for three things the two databases do differently: the lock a first migration
-takes, the upsert of a meta value and the collation of an ORDER BY on text.
+allowed. The schema is made only by the migrations; ``open_store`` upgrades a database that is
+not at head (readers of one that is take no lock), ``read_meta`` reads one value and never
+migrates or writes. The queries are dialect-neutral but for three things the two databases do
+differently: the lock a first migration takes, the upsert of a meta value and the collation of an
+ORDER BY on text.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, Ope
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
-from retrieval.errors import UsageError
+from retrieval.errors import DamagedStateError, UsageError
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
 
 _EMBEDDING_DTYPE = np.dtype("<f4")  # float32 little-endian, whatever the host
@@ -81,15 +82,42 @@ def migrate(url: str) -> None:
         engine.dispose()
 
 
-def open_store(url: str) -> Store:
-    """Open (creating and migrating as needed) the database at ``url``."""
+def open_store(url: str, writer: bool = False) -> Store:
+    """Open (creating and migrating as needed) the database at ``url``.
+
+    The schema version is read first, which locks nothing: a database already at the newest schema is not
+    upgraded, so readers (every UI rerun, search, info) never take SQLite's write lock, which crashed a
+    concurrent `famsearch index` with "database is locked". An older one is upgraded under BEGIN IMMEDIATE.
+    ``writer`` (the indexer): every transaction of this store begins with BEGIN IMMEDIATE on SQLite, so it
+    waits for the write lock up front (busy timeout) instead of failing when a read turns into a write.
+    """
     engine = _create_engine(url)
     try:
-        _upgrade(engine)
-    except BaseException:
+        if not _at_head(engine):
+            _upgrade(engine)
+    except BaseException as error:
         engine.dispose()
+        damage = damage_message(error, url) if isinstance(error, Exception) else None
+        if damage:
+            raise DamagedStateError(damage) from None
         raise
+    if writer and engine.dialect.name == "sqlite":
+        engine = engine.execution_options(**{_SQLITE_BEGIN: "BEGIN IMMEDIATE"})
     return Store(engine)
+
+
+def damage_message(error: Exception, url: str) -> str | None:
+    """One line for a SQLite file that is not a database or is damaged (what SQLite says of it), else None."""
+    from sqlalchemy.exc import DatabaseError
+
+    orig = getattr(error, "orig", None) if isinstance(error, DatabaseError) else None
+    if not isinstance(orig, sqlite3.DatabaseError) or isinstance(orig, sqlite3.OperationalError):
+        return None
+    database = make_url(url).database or url
+    return (
+        f"{database} is damaged ({orig}); it holds the rows every index file is rebuilt from and cannot be rebuilt "
+        "itself: restore it from a backup, or move it away and run famsearch index on your folders again"
+    )
 
 
 def read_meta(url: str, key: str, default: Any = None) -> Any:
@@ -106,6 +134,11 @@ def read_meta(url: str, key: str, default: Any = None) -> Any:
         return default
     try:
         return _read_meta_from(reader, key, default)
+    except Exception as error:
+        damage = damage_message(error, url)
+        if damage:
+            raise DamagedStateError(damage) from None
+        raise
     finally:
         reader.dispose()
 
@@ -321,6 +354,25 @@ def _switch_to_wal(cursor: Any) -> None:
 
 def _on_sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql(conn.get_execution_options().get(_SQLITE_BEGIN, "BEGIN"))
+
+
+def _at_head(engine: Engine) -> bool:
+    """Whether the database is at the newest schema, read without a write lock; UsageError when it is at a revision
+    this famsearch does not know (made by a newer version)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    script = ScriptDirectory.from_config(config)
+    with _connect(engine) as conn:
+        current = set(MigrationContext.configure(conn).get_current_heads())
+    known = {revision.revision for revision in script.walk_revisions()}
+    unknown = sorted(current - known)
+    if unknown:
+        raise UsageError(
+            f"the database's schema ({', '.join(unknown)}) comes from a newer famsearch: upgrade famsearch"
+        )
+    return current == set(script.get_heads())
 
 
 def _upgrade(engine: Engine) -> None:

@@ -16,9 +16,16 @@ from retrieval import correspondences
 from retrieval.config import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_EXPLAINER, Settings
 from retrieval.duplicates import KEEP_RULE, DuplicateGroup
 from retrieval.engine import Match, QueryEngine
-from retrieval.errors import FamsearchError, IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
+from retrieval.errors import (
+    DamagedStateError,
+    FamsearchError,
+    IndexMissingError,
+    ModelMismatchError,
+    NoAlbumsError,
+    UsageError,
+)
 from retrieval.fam import EXPLAINERS
-from retrieval.images import load_image
+from retrieval.images import ImageError, decode_image
 from ui import login, pictures, queries
 from ui.state import memo
 
@@ -36,13 +43,15 @@ def load_engine(home: str, db_url: str | None, stamp: int | None) -> QueryEngine
 
 
 @st.cache_data(max_entries=2048, show_spinner=False)
-def grid_thumbnail(path: str, stamp: int | None):
-    return queries.padded_thumbnail(path)
+def grid_thumbnail(_engine: QueryEngine, image_id: int, stamp: int | None):
+    """ImageError (not cached) while the photo's file is gone or changed since it was indexed."""
+    return queries.padded_thumbnail(_engine.photo_bytes(image_id))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def match_photo(path: str, stamp: int | None):
-    return pictures.fit_within(load_image(path, draft_size=queries.DISPLAY_SIDE), queries.DISPLAY_SIDE)
+def match_photo(_engine: QueryEngine, image_id: int, stamp: int | None):
+    photo = decode_image(_engine.photo_bytes(image_id), draft_size=queries.DISPLAY_SIDE)[0]
+    return pictures.fit_within(photo, queries.DISPLAY_SIDE)
 
 
 def select(rank: int | None) -> None:
@@ -118,7 +127,7 @@ def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
             contains = left.text_input("Filter by name", key="pick_filter", placeholder="e.g. cat")
             paths = [path for _, path in engine.indexed_paths(contains)]
             path = right.selectbox("Indexed photo", paths, index=None, key="pick", placeholder="Choose a photo")
-            return queries.read_indexed(Path(path), engine.encoder.input_size) if path else None
+            return queries.read_indexed(Path(path), engine.encoder.input_size, engine) if path else None
         if source == UPLOAD:
             uploaded = st.file_uploader(
                 f"Photo (up to {queries.MAX_UPLOAD_MB} MB)", type=queries.UPLOAD_TYPES, key="upload"
@@ -128,7 +137,9 @@ def query_photo(engine: QueryEngine) -> queries.QueryPhoto | None:
             )
         text = st.text_input("Absolute path of a photo inside the indexed folders", key="typed")
         text = text.replace(queries.WORD_JOINER, "")  # a path copied from a caption (queries.plain) still works
-        return queries.read_indexed(engine.resolve_user_path(text), engine.encoder.input_size) if text.strip() else None
+        if not text.strip():
+            return None
+        return queries.read_indexed(engine.resolve_user_path(text), engine.encoder.input_size, engine)
     except (FamsearchError, OSError) as error:  # ImageError: not a photo; UsageError: a path outside the index
         st.error(queries.plain(str(error)))  # it quotes the upload name or the typed path
         return None
@@ -174,7 +185,7 @@ def match_framer(engine: QueryEngine, match, stamp: int | None):
         engine,
         "match_cells",
         (match.image_id, stamp, engine.encoder.input_size),
-        lambda: load_image(match.path, draft_size=engine.encoder.input_size),
+        lambda: decode_image(engine.photo_bytes(match.image_id), draft_size=engine.encoder.input_size)[0],
     )
 
 
@@ -209,18 +220,24 @@ def show_query(photo: queries.QueryPhoto, result, opacity: float, region, frame,
     )
 
 
-def show_grid(result, stamp: int | None) -> None:
+def show_grid(engine: QueryEngine, result, stamp: int | None) -> None:
     timing = queries.timing_text(result.timing_ms, result.group_map is not None)
     st.markdown(f"**Top {len(result.matches)}** · {timing} · click **Why?** for the maps")
     for start in range(0, len(result.matches), GRID_COLUMNS):
         for column, match in zip(st.columns(GRID_COLUMNS), result.matches[start : start + GRID_COLUMNS]):
+            caption = f"#{match.rank} · {match.score:.3f} · {queries.plain(queries.short_name(match.path))}"
+            try:
+                thumbnail, gone = grid_thumbnail(engine, match.image_id, stamp), False
+            except ImageError as error:  # deleted or changed since indexing: marked, the others still shown
+                thumbnail, gone = queries.missing_tile(), True
+                caption += f" · {queries.plain(str(error))}"
             with column:
-                st.image(
-                    grid_thumbnail(match.path, stamp),
-                    caption=f"#{match.rank} · {match.score:.3f} · {queries.plain(queries.short_name(match.path))}",
+                st.image(thumbnail, caption=caption)
+                st.button(
+                    "Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,), width="stretch", disabled=gone
                 )
-                st.button("Why?", key=f"why_{match.rank}", on_click=select, args=(match.rank,), width="stretch")
-                more_like_this(match.path, f"more_{match.rank}")
+                if not gone:
+                    more_like_this(match.path, f"more_{match.rank}")
 
 
 def show_overlay(
@@ -257,6 +274,12 @@ def show_why(
     """The Why? view of one match: both maps, the channels that carried the score; ``back``: (label, callback,
     its args) of the button that leaves it; ``sides``: the captions of the two maps."""
     explainer = settings["explainer"]
+    try:
+        photo_of_match = match_photo(engine, match.image_id, stamp)
+    except ImageError as error:  # gone or changed since it was indexed (and since the grid was drawn)
+        st.button("← All results", on_click=select, args=(None,), key="back")
+        st.error(queries.plain(str(error)))
+        return
     report = memo(
         "report",
         (photo.digest, match.image_id, explainer, stamp, region),
@@ -276,7 +299,6 @@ def show_why(
             f"Each map sums to the score minus its offset (query {report.offsets['first']:+.4f}, "
             f"match {report.offsets['second']:+.4f}; from the head's bias)."
         )
-    photo_of_match = match_photo(match.path, stamp)
     left, right = st.columns(2)
     additive = explainer == "fam-exact"  # its cells carry the score itself (`pictures.score_shares`)
     show_overlay(
@@ -423,7 +445,7 @@ def search_page(engine: QueryEngine, settings: dict, stamp: int | None) -> None:
     with right:
         selected = st.session_state.get("selected")
         if selected is None or selected > len(result.matches):
-            show_grid(result, stamp)
+            show_grid(engine, result, stamp)
         else:
             show_why(engine, photo, result.matches[selected - 1], settings, stamp, region, frame)
 
@@ -434,7 +456,7 @@ def open_pair(pair: tuple[int, int] | None) -> None:
     st.session_state.dup_pair = pair
 
 
-def show_group(group: DuplicateGroup, stamp: int | None) -> None:
+def show_group(engine: QueryEngine, group: DuplicateGroup, stamp: int | None) -> None:
     """One group as rows of thumbnails, the keep first; each other photo's Why? compares it with the keep."""
     keep = group.keep
     st.markdown(
@@ -444,10 +466,12 @@ def show_group(group: DuplicateGroup, stamp: int | None) -> None:
         for column, image in zip(st.columns(GRID_COLUMNS), group.images[start : start + GRID_COLUMNS]):
             with column:
                 label = "keep" if image is keep else f"{image.score:.3f}"
-                st.image(
-                    grid_thumbnail(image.path, stamp),
-                    caption=f"{label} · {queries.plain(queries.short_name(image.path))}",
-                )
+                caption = f"{label} · {queries.plain(queries.short_name(image.path))}"
+                try:
+                    thumbnail = grid_thumbnail(engine, image.image_id, stamp)
+                except ImageError as error:  # deleted or changed since indexing: marked, the others still shown
+                    thumbnail, caption = queries.missing_tile(), f"{caption} · {queries.plain(str(error))}"
+                st.image(thumbnail, caption=caption)
                 if image is not keep:
                     pair = (keep.image_id, image.image_id)
                     st.button("Why?", key=f"dup_why_{group.number}_{image.image_id}", on_click=open_pair, args=(pair,))
@@ -459,7 +483,9 @@ def show_pair(engine: QueryEngine, group: DuplicateGroup, position: int, setting
     keep, image = group.keep, group.images[position]
     try:
         photo = memo(
-            "dup_keep", (keep.path, stamp), lambda: queries.read_indexed(Path(keep.path), engine.encoder.input_size)
+            "dup_keep",
+            (keep.path, stamp),
+            lambda: queries.read_indexed(Path(keep.path), engine.encoder.input_size, engine),
         )
     except (FamsearchError, OSError) as error:  # the file went away since it was indexed
         st.error(queries.plain(str(error)))
@@ -513,7 +539,7 @@ def duplicates_page(engine: QueryEngine, settings: dict, stamp: int | None) -> N
     count = f"{len(groups)} group" + ("s" if len(groups) > 1 else "")
     st.markdown(f"**{count}** of {photos} photos{more} · click **Why?** to see what a photo shares with its keep")
     for group in shown:
-        show_group(group, stamp)
+        show_group(engine, group, stamp)
         st.divider()
 
 
@@ -547,13 +573,13 @@ def main() -> None:
         return
     settings = sidebar()
     env = queries.settings_from_env()
-    stamp = queries.index_stamp(env)
     try:
+        stamp = queries.index_stamp(env)
         engine = load_engine(str(env.home), env.db_url, stamp)
     except IndexMissingError as error:
         show_no_index(env, str(error))
         return
-    except (ModelMismatchError, UsageError) as error:  # another model's index, an unreadable head file
+    except (ModelMismatchError, UsageError, DamagedStateError) as error:  # another model's, a damaged file
         st.error(f"The index cannot be opened: {queries.plain(str(error))}")
         return
     if settings["page"] == STATUS:

@@ -16,7 +16,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from retrieval.config import (  # re-exported: the UI's limits are the API's
     ENV_PREFIX,
@@ -30,7 +30,7 @@ from retrieval.config import (  # re-exported: the UI's limits are the API's
 from retrieval.engine import QueryEngine
 from retrieval.errors import UsageError
 from retrieval.filters import SearchFilter, make_filter
-from retrieval.images import ImageError, decode_image, load_image
+from retrieval.images import ImageError, decode_image, read_photo
 from retrieval.regions import AUTO  # re-exported: in place of a region, the automatic focus (`search --box auto`)
 from retrieval.store import read_meta
 from ui.pictures import fit_within
@@ -73,8 +73,11 @@ class QueryPhoto:
 
 def decode_query(label: str, data: bytes, input_size: int, max_megapixels: float = MAX_UPLOAD_MEGAPIXELS) -> QueryPhoto:
     """Bytes -> QueryPhoto (ImageError if they are not a photo we can read)."""
-    display, _ = decode_image(data, max_megapixels, draft_size=DISPLAY_SIDE)
-    image = decode_image(data, max_megapixels, draft_size=input_size)[0] if data.startswith(_JPEG_MAGIC) else display
+    display, size = decode_image(data, max_megapixels, draft_size=DISPLAY_SIDE)
+    # What the model sees is decoded as the indexer decodes it (at the input size): JPEGs by DCT scaling, other
+    # photos of 2x the input size or more reduced by a whole factor (`decode_image`), so an indexed photo scores 1.
+    redecode = data.startswith(_JPEG_MAGIC) or min(size) >= 2 * input_size
+    image = decode_image(data, max_megapixels, draft_size=input_size)[0] if redecode else display
     return QueryPhoto(label, image, fit_within(display, DISPLAY_SIDE), digest(data))
 
 
@@ -110,9 +113,12 @@ def read_upload(
         raise ImageError(f"{name} cannot be used as a query photo: {error}") from None
 
 
-def read_indexed(path: Path, input_size: int) -> QueryPhoto:
-    """A photo the engine has vetted (`resolve_user_path` or the DB) as a query photo."""
-    return decode_query(str(path), path.read_bytes(), input_size, max_megapixels=float("inf"))
+def read_indexed(path: Path, input_size: int, engine: QueryEngine | None = None) -> QueryPhoto:
+    """A photo the engine has vetted (`resolve_user_path` or the DB) as a query photo. With the engine, a path
+    its DB holds is read only while its bytes are the ones indexed (`QueryEngine.photo_bytes`)."""
+    row = engine.store.image_by_path(str(path)) if engine is not None else None
+    data = engine.photo_bytes(row.id) if engine is not None and row is not None and row.status == "ok" else None
+    return decode_query(str(path), data or read_photo(path)[0], input_size, max_megapixels=float("inf"))
 
 
 def grid_request(k: int, explainer: str, group: bool) -> dict:
@@ -166,13 +172,27 @@ def channel_rows(shares: np.ndarray, n: int) -> list[dict]:
     return [{"channel": f"#{int(c)}", "share of the score": float(shares[c])} for c in top_channels(shares, n)]
 
 
-def padded_thumbnail(path: str, box: tuple[int, int] = (320, 240)) -> Image.Image:
-    """An indexed photo shrunk whole into a fixed box, padded, so the grid's rows line up.
+THUMBNAIL_BOX = (320, 240)
+_TILE_BACKGROUND = (240, 242, 246)
+
+
+def padded_thumbnail(data: bytes, box: tuple[int, int] = THUMBNAIL_BOX) -> Image.Image:
+    """An indexed photo's bytes shrunk whole into a fixed box, padded, so the grid's rows line up.
 
     JPEGs are decoded at a reduced scale (libjpeg draft), so big photos stay quick.
     """
-    image = load_image(path, draft_size=max(box))
-    return ImageOps.pad(image, box, Image.Resampling.LANCZOS, color=(240, 242, 246))
+    image = decode_image(data, draft_size=max(box))[0]
+    return ImageOps.pad(image, box, Image.Resampling.LANCZOS, color=_TILE_BACKGROUND)
+
+
+def missing_tile(box: tuple[int, int] = THUMBNAIL_BOX) -> Image.Image:
+    """The grid's tile for a match whose file is gone or changed since it was indexed: the thumbnail's
+    background, crossed out, so the other results keep their places."""
+    tile = Image.new("RGB", box, _TILE_BACKGROUND)
+    draw = ImageDraw.Draw(tile)
+    draw.line([(0, 0), box], fill=(200, 60, 60), width=3)
+    draw.line([(0, box[1]), (box[0], 0)], fill=(200, 60, 60), width=3)
+    return tile
 
 
 def key_value_rows(record: dict | None) -> list[dict]:

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     for root in args.from_folders or []:
         if not root.is_dir():
             raise UsageError(f"{root}: no such folder")
-    store = open_store(settings.database_url)
+    store = open_store(settings.database_url, writer=True)
     try:
         changes = label_gallery(
             store, "folders" if args.from_folders else None, args.from_file, args.from_folders or []

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from retrieval.store import open_store
 
     # No index needed: keys can be made before the first `famsearch index` (the database is made here then).
-    store = open_store(settings_from(args).database_url)
+    store = open_store(settings_from(args).database_url, writer=True)
     try:
         if args.action == "create":
             key = create_key(store, args.name)

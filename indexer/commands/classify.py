@@ -13,6 +13,7 @@ from indexer.commands.common import (
     box_flag,
     common_flags,
     open_engine,
+    output_folder,
     parse_box_flag,
     read_query,
     runtime_flag,
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("-k must be at least 1")
     box = parse_box_flag(args.box)
     images = [(path, *read_query(path, box=box)) for path in args.images]  # fail before loading the model
+    output_folder(args.out, "--out")
     engine = open_engine(args)
     try:
         for qi, (path, image, image_box) in enumerate(images):

@@ -29,7 +29,11 @@ if TYPE_CHECKING:
     from retrieval.regions import Auto, Box
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+# Photos that maps are drawn over are decoded at least this large (a JPEG by DCT scaling, others reduced by a whole
+# factor), not full size: a 59 MP PNG would cost gigabytes of copies, and an overlay needs no more.
+OVERLAY_SIDE = 1024
 EXIT_BUG = 70  # EX_SOFTWARE: an internal error, reported with its traceback
+EXIT_BUSY = 75  # EX_TEMPFAIL: another `famsearch index` holds the home's lock; nothing was done, try again later
 ENV_TRUE = ("1", "true", "yes", "on")
 
 
@@ -164,7 +168,32 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return Settings(home=(args.home or default_home()).expanduser().absolute(), db_url=args.db)
+    """The home and database flags, checked: a --home that is a file, or a --db that is no URL, is a UsageError."""
+    home = (args.home or default_home()).expanduser().absolute()
+    if home.exists() and not home.is_dir():
+        raise UsageError(f"--home {home}: not a folder (famsearch keeps its database and index files in it)")
+    if args.db is not None:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(args.db)
+        except ArgumentError:
+            raise UsageError(f"--db {args.db!r} is not a database URL (e.g. sqlite:///path/to/famsearch.db)") from None
+    return Settings(home=home, db_url=args.db)
+
+
+def output_folder(folder: Path | None, flag: str) -> Path | None:
+    """Make the folder an output flag names (before anything slow runs); UsageError if it cannot be one."""
+    if folder is None:
+        return None
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder}: not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{flag} {folder}: cannot make this folder ({error.strerror or error})") from None
+    return folder
 
 
 def open_engine(args: argparse.Namespace) -> QueryEngine:
@@ -177,7 +206,7 @@ def require_files(paths: list[Path]) -> None:
     """Fail on a missing file before anything slow (the model) is loaded."""
     for path in paths:
         if not path.is_file():
-            raise UsageError(f"{path}: no such file")
+            raise UsageError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
 
 
 def read_query(
@@ -185,17 +214,17 @@ def read_query(
 ) -> tuple[Image.Image, Box | Auto | None]:
     """Decode a query photo and move the box (pixels of the full-size photo) onto the decoded one.
 
-    With an engine the photo is draft-decoded at the model's input size (12 MP costs ~1/8); without one it
-    is decoded full size and the box stays as given, clipped.
+    With an engine the photo is draft-decoded at the model's input size (12 MP costs ~1/8); without one (maps
+    drawn over it: explain, classify) at `OVERLAY_SIDE` or more, and the box moves onto that.
     """
-    from retrieval.images import load_image
-    from retrieval.regions import clip_box
+    from retrieval.images import load_image_sized
+    from retrieval.regions import fit_box
 
     require_files([path])
     try:
         if engine is None:
-            image = load_image(path)
-            return image, (clip_box(box, image.size) if isinstance(box, tuple) else box)
+            image, size = load_image_sized(path, draft_size=OVERLAY_SIDE)
+            return image, (fit_box(box, size, image.size) if box is not None else None)
         return engine.load_query_box(path, box) if box is not None else (engine.load_query(path), None)
     except ImageError as error:
         raise UsageError(f"{path}: not a readable image ({error})") from None

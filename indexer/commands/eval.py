@@ -6,7 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from indexer.commands.common import EXIT_OK, add_flag, common_flags, model_flags, model_spec, settings_from
+from indexer.commands.common import (
+    EXIT_OK,
+    add_flag,
+    common_flags,
+    model_flags,
+    model_spec,
+    output_folder,
+    settings_from,
+)
 from indexer.commands.search import rerank_flags
 from retrieval.config import EXPLAINER_NAMES
 from retrieval.errors import UsageError
@@ -121,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         rerank=args.rerank,
         expand=args.expand,
     )
-    home = args.home.expanduser() if args.home else None
+    output_folder(args.out, "--out")
+    home = settings_from(args).home if args.home else None
     evaluation = evaluate(args.dataset, options, home=home, db_url=args.db)
     if args.out:
         write_report(args.out, evaluation, options)
@@ -142,6 +151,7 @@ def _run_fewshot(args: argparse.Namespace) -> int:
         raise UsageError("choose --episodes (few-shot) or --knn (k-NN), not both")
     if min(args.way, args.shot, args.queries, args.batch_size) < 1 or min(args.episodes, args.knn) < 0:
         raise UsageError("--way, --shot, --queries and --batch-size must be >= 1; --episodes and --knn >= 0")
+    output_folder(args.out, "--out")
     options = FewShotOptions(
         episodes=args.episodes,
         way=args.way,

@@ -6,7 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from indexer.commands.common import EXIT_OK, add_flag, common_flags, open_engine, read_query, runtime_flag, save_map
+from indexer.commands.common import (
+    EXIT_OK,
+    add_flag,
+    common_flags,
+    open_engine,
+    output_folder,
+    read_query,
+    runtime_flag,
+    save_map,
+)
 from retrieval.config import DEFAULT_EXPLAINER, EXPLAINER_NAMES
 
 
@@ -31,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     (query, _), (match, _) = read_query(args.query), read_query(args.match)
+    output_folder(args.out, "--out")
     engine = open_engine(args)
     try:
         report = engine.compare(query, match, args.explain)

@@ -15,8 +15,9 @@ from indexer.commands.common import (
     model_flags,
     settings_from,
 )
+from indexer.homelock import home_lock
 from indexer.scan import DEFAULT_EXCLUDES
-from retrieval.config import MAP_CACHE_MAX_GB, default_device
+from retrieval.config import MAP_CACHE_MAX_GB, Settings, default_device
 from retrieval.errors import UsageError
 
 
@@ -123,12 +124,6 @@ def _roots(args: argparse.Namespace, home: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from indexer.labels import label_gallery
-    from indexer.sync import IndexOptions, sync
-    from retrieval.encoder import load_encoder
-    from retrieval.modelspec import check_head_model, index_model_spec, trained_head_meta
-    from retrieval.store import open_store
-
     settings = settings_from(args)
     roots = _roots(args, settings.home)
     if args.batch_size < 1 or args.workers < 0:
@@ -143,8 +138,22 @@ def run(args: argparse.Namespace) -> int:
         from indexer.cluster import require_ray
 
         require_ray()  # before anything is scanned: says how to install it
-    settings.home.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.database_url)
+    with home_lock(settings.home):  # one writer per home (--watch holds it while it watches): a second gets 75
+        summary = _index(args, settings, roots)
+    if isinstance(summary, int):  # --watch: its runs were reported as they came
+        return summary
+    _report(args, summary, roots, settings.home)
+    return EXIT_PARTIAL if summary["failed"] else EXIT_OK
+
+
+def _index(args: argparse.Namespace, settings: Settings, roots: list[Path]) -> dict | int:
+    from indexer.labels import label_gallery
+    from indexer.sync import IndexOptions, sync
+    from retrieval.encoder import load_encoder
+    from retrieval.modelspec import check_head_model, index_model_spec, trained_head_meta
+    from retrieval.store import open_store
+
+    store = open_store(settings.database_url, writer=True)
     try:
         trained = trained_head_meta(args.head)
         asked = {
@@ -182,8 +191,7 @@ def run(args: argparse.Namespace) -> int:
         summary = labelled(sync(store, settings, encoder, roots, options))
     finally:
         store.close()
-    _report(args, summary, roots, settings.home)
-    return EXIT_PARTIAL if summary["failed"] else EXIT_OK
+    return summary
 
 
 def _watch(args, store, settings, encoder, roots, options, labelled) -> int:

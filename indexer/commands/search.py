@@ -13,6 +13,7 @@ from indexer.commands.common import (
     box_flag,
     common_flags,
     open_engine,
+    output_folder,
     parse_box_flag,
     read_query,
     require_files,
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     box = parse_box_flag(args.box)
     search_filter = search_filter_from(args)
     require_files(args.images)  # before loading the model
+    output_folder(args.maps_dir, "--maps-dir")
     engine = open_engine(args)
     try:
         # draft-decoded: 12 MP costs ~1/8; a box is checked against each photo before any search
