@@ -340,6 +340,11 @@ def test_info_after_a_killed_run_counts_what_a_search_uses(capsys, indexed, gall
 
 
 def test_a_photo_deleted_after_indexing_is_marked_in_the_grid_and_the_rest_shown(indexed, gallery, monkeypatch):
+    import streamlit as st
+
+    # Thumbnails are cached per process by (image id, generation): another test's home in this pytest worker can
+    # hold the same id and generation, and its cached picture would hide that this file is gone.
+    st.cache_data.clear()
     (gallery / "pic5.png").unlink()
     at = _app(indexed, monkeypatch)
     at = _pick(at, "pic3.png")
