@@ -37,6 +37,9 @@ from retrieval.search import (
     normalise_rows,
     save_index,
 )
+from retrieval.search import (
+    exact_top_ids as search_exact_top_ids,
+)
 
 Batches = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 SHARD_VECTORS = 500_000  # vectors added to one in-RAM shard before it is written out (d bytes each as SQ8)
@@ -125,18 +128,12 @@ def _write_shard(shard: faiss.Index, folder: Path, number: int) -> Path:
 
 def exact_top_ids(batches: Batches, queries: np.ndarray, k: int) -> np.ndarray:
     """Ids of the exact top-k rows by cosine over every batch, chunked: (Q, J) -> (Q, k)."""
-    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
-    best_ids = np.zeros((len(queries), 0), np.int64)
-    for ids, embs in batches():
-        for begin in range(0, len(ids), EXACT_CHUNK):
-            scores = queries @ normalise_rows(embs[begin : begin + EXACT_CHUNK]).T  # (Q, J) @ (J, c) -> (Q, c)
-            chunk_ids = np.broadcast_to(np.asarray(ids[begin : begin + EXACT_CHUNK], np.int64), scores.shape)
-            best_scores = np.concatenate([best_scores, scores], axis=1)
-            best_ids = np.concatenate([best_ids, chunk_ids], axis=1)
-            keep = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]  # (Q, k + c) -> (Q, k)
-            best_scores = np.take_along_axis(best_scores, keep, 1)
-            best_ids = np.take_along_axis(best_ids, keep, 1)
-    return best_ids
+    chunks = (
+        (ids[begin : begin + EXACT_CHUNK], embs[begin : begin + EXACT_CHUNK])
+        for ids, embs in batches()
+        for begin in range(0, len(ids), EXACT_CHUNK)
+    )
+    return search_exact_top_ids(chunks, queries, k)
 
 
 def calibrate_nprobe(

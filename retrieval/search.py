@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,18 +175,28 @@ def build_index(embs: np.ndarray, ids: np.ndarray, index_type: str = "auto") -> 
 
 def exact_top_k(embs: np.ndarray, queries: np.ndarray, k: int, chunk: int = ADD_CHUNK) -> np.ndarray:
     """Positions of the exact top-k rows of embs by cosine, chunked: (n, d), (Q, d) -> (Q, k)."""
+    chunks = (
+        (np.arange(begin, min(begin + chunk, len(embs))), embs[begin : begin + chunk])
+        for begin in range(0, len(embs), chunk)
+    )
+    return exact_top_ids(chunks, queries, k)
+
+
+def exact_top_ids(chunks: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the exact top-k rows by cosine over a stream of (ids (c,), rows (c, d)) chunks, never holding more than
+    one chunk's scores: (Q, d) -> (Q, k). Ties keep the earlier row."""
     queries = normalise_rows(queries)
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
-    best_rows = np.zeros((len(queries), 0), np.int64)
-    for begin in range(0, len(embs), chunk):
-        scores = queries @ normalise_rows(embs[begin : begin + chunk]).T  # (Q, d) @ (d, c) -> (Q, c)
-        rows = np.broadcast_to(np.arange(begin, begin + scores.shape[1]), scores.shape)
+    best_ids = np.zeros((len(queries), 0), np.int64)
+    for ids, rows in chunks:
+        scores = queries @ normalise_rows(rows).T  # (Q, d) @ (d, c) -> (Q, c)
+        chunk_ids = np.broadcast_to(np.asarray(ids, np.int64), scores.shape)
         best_scores = np.concatenate([best_scores, scores], axis=1)
-        best_rows = np.concatenate([best_rows, rows], axis=1)
+        best_ids = np.concatenate([best_ids, chunk_ids], axis=1)
         keep = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]  # (Q, k + c) -> (Q, k)
         best_scores = np.take_along_axis(best_scores, keep, 1)
-        best_rows = np.take_along_axis(best_rows, keep, 1)
-    return best_rows
+        best_ids = np.take_along_axis(best_ids, keep, 1)
+    return best_ids
 
 
 def neighbour_recall(found: np.ndarray, truth: np.ndarray) -> float:
