@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from retrieval.fam import cosine, explain, gradcam_autograd
 from retrieval.head import head_meta, load_head
 from tests.conftest import draw_picture, run_cli, run_json
-from training.data import read_labelled
+from training.data import read_labelled, read_styles
 from training.metric import TrainOptions, recall_at_1, split_labels, train_head
 
 
@@ -314,3 +314,91 @@ def test_attn_training_writes_a_probe_that_index_and_explain_use_exactly(capsys,
 
     query_map = np.load(result["query_map"])
     assert abs(query_map.sum() + result["offset"]["query"] - result["score"]) < 1e-4
+
+
+def test_train_with_no_flags_uses_the_best_measured_recipe(monkeypatch):
+    """docs/heads.md: focus pooling, 320 px, last stage tuned (on a backbone that has one), no masks needed."""
+    from indexer.cli import build_parser
+    from indexer.commands.train import finetune_for
+
+    for name in ("FAMSEARCH_INPUT_SIZE", "FAMSEARCH_POOLING", "FAMSEARCH_FINETUNE", "FAMSEARCH_VAL"):
+        monkeypatch.delenv(name, raising=False)
+    args = build_parser().parse_args(["train", "data", "--out", "head.pt"])
+    assert (args.pooling, args.input_size, args.val, args.flip) == ("focus", 320, None, False)
+    assert finetune_for(args) is True
+    assert finetune_for(build_parser().parse_args(["train", "d", "--out", "h", "--model", "toy"])) is False
+    assert finetune_for(build_parser().parse_args(["train", "d", "--out", "h", "--no-finetune"])) is False
+    monkeypatch.setenv("FAMSEARCH_FINETUNE", "0")
+    assert finetune_for(build_parser().parse_args(["train", "d", "--out", "h"])) is False
+
+
+def test_validation_holds_out_whole_styles_when_the_rows_carry_one():
+    labels = [f"l{i // 4}" for i in range(48)]  # 12 labels of 4 images, 3 labels a style
+    styles = [f"s{i // 16}" for i in range(48)]
+    train, val = split_labels(labels, 0.3, seed=0, styles=styles)
+    assert {styles[i] for i in train}.isdisjoint({styles[i] for i in val})
+    assert sorted(train + val) == list(range(48)) and len({styles[i] for i in val}) == 1
+
+
+def test_a_given_validation_set_is_the_validation_set():
+    labels = [f"l{i // 4}" for i in range(40)]
+    held_out = [i >= 32 for i in range(40)]
+    assert split_labels(labels, 0.2, seed=0, held_out=held_out) == (list(range(32)), list(range(32, 40)))
+
+
+def test_early_stopping_keeps_the_best_validation_epoch():
+    """The returned head is the best epoch's (its validation Recall@1 is recomputed here), and training stops
+    `patience` epochs after it. Validation on labels of another 'style': a differently drawn feature set."""
+    pooled, labels = _clustered_features(0, n_labels=32)
+    other, other_labels = _clustered_features(5, n_labels=8)
+    inputs = torch.cat([pooled, other])
+    all_labels = labels + [f"val-{label}" for label in other_labels]
+    held_out = [False] * len(labels) + [True] * len(other_labels)
+    options = TrainOptions(dim=16, epochs=40, lr=3e-1, batch_size=32, patience=2, seed=0, progress=False)
+    head, history = train_head(inputs, all_labels, options, log=lambda line: None, held_out=held_out)
+    recalls = [row["val_recall_at_1"] for row in history.epochs]
+    assert len(recalls) < 40, "a learning rate this high overfits: it must stop early"
+    assert history.best_recall == max([history.initial_recall, *recalls])
+    assert len(recalls) == history.best_epoch + options.patience
+    codes = torch.tensor([sorted(set(other_labels)).index(label) for label in other_labels])
+    assert recall_at_1(head(other), codes) == pytest.approx(history.best_recall)
+
+
+def test_a_validation_dataset_reads_every_split_and_a_style_field(tmp_path):
+    data = tmp_path / "annotated"
+    (data / "images").mkdir(parents=True)
+    rows = []
+    for i in range(10):
+        draw_picture(i).save(data / "images" / f"{i}.png")
+        rows.append({"path": f"images/{i}.png", "label": f"o{i // 2}", "split": "gallery" if i < 8 else "query"})
+        rows[-1]["style"] = "icons" if i < 4 else "photos"
+    (data / "annotations.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    paths, labels = read_labelled(data, split=None)
+    assert len(paths) == 10 and labels[-2:] == ["o4", "o4"]
+    assert read_styles(data, split=None) == ["icons"] * 4 + ["photos"] * 6
+    assert read_styles(_labelled_folders(tmp_path / "folders")) is None
+
+
+def test_train_validates_on_a_held_out_dataset_when_given_one(capsys, tmp_path, home):
+    code, summary = run_json(
+        capsys,
+        "train",
+        _labelled_folders(tmp_path / "labelled"),
+        "--val",
+        _labelled_folders(tmp_path / "other-style", n_labels=4),
+        "--out",
+        tmp_path / "head.pt",
+        "--model",
+        "toy",
+        "--input-size",
+        "64",
+        "--epochs",
+        "2",
+        "--dim",
+        "8",
+        "--no-progress",
+        "--home",
+        home,
+    )
+    assert code == 0 and summary["validation"] == {"on": "held-out dataset", "images": 12, "labels": 4}
+    assert summary["labels"] == 6  # every training label is trained on

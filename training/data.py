@@ -1,6 +1,7 @@
 """Training data: labelled images of a dataset, their pooled vectors (memoised on disk) and object masks.
 
 read_labelled(DATASET)            -> paths, labels   (annotations.jsonl `train` split, or sub-folders)
+read_styles(DATASET)              -> styles | None   (the rows' `style` field, when every row has one)
 embed_pooled(encoder, paths)      -> z (M, N)        (cached as .npy under --cache-dir)
 """
 
@@ -17,19 +18,26 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from evaluation.dataset import read_dataset
+from evaluation.dataset import Item, read_dataset
 from retrieval.encoder import Encoder
 from retrieval.errors import UsageError
 from retrieval.images import is_image_path, load_image
 
 
-def read_labelled(dataset: Path, split: str = "train") -> tuple[list[Path], list[str]]:
-    """Image paths and labels of a dataset: docs/DESIGN.md §6 `annotations.jsonl` rows of `split`, or
-    else labelled sub-folders (folder name = label, images anywhere below it)."""
+def _rows(dataset: Path, split: str | None) -> list[Item]:
+    """The annotation rows of `split` (None: every row)."""
+    data = read_dataset(dataset)
+    return list(data.items) if split is None else data.split(split)
+
+
+def read_labelled(dataset: Path, split: str | None = "train") -> tuple[list[Path], list[str]]:
+    """Image paths and labels of a dataset: docs/DESIGN.md §6 `annotations.jsonl` rows of `split` (None:
+    every row, as for a validation set), or else labelled sub-folders (folder name = label, images anywhere
+    below it)."""
     dataset = Path(dataset)
     annotations = dataset / "annotations.jsonl"
     if annotations.is_file():
-        items = read_dataset(dataset).split(split)
+        items = _rows(dataset, split)
         paths, labels = [item.path for item in items], [item.label for item in items]
     elif dataset.is_dir():
         pairs = [
@@ -42,11 +50,22 @@ def read_labelled(dataset: Path, split: str = "train") -> tuple[list[Path], list
     else:
         raise UsageError(f"{dataset}: no such dataset folder")
     if not paths:
-        raise UsageError(f"{dataset}: no labelled images (no '{split}' rows in annotations.jsonl, no sub-folders)")
+        raise UsageError(
+            f"{dataset}: no labelled images (no '{split or 'any'}' rows in annotations.jsonl, no sub-folders)"
+        )
     counts = {label: labels.count(label) for label in set(labels)}
     if sum(c >= 2 for c in counts.values()) < 4:
         raise UsageError(f"{dataset}: need at least 4 labels with 2+ images each to learn similarities")
     return paths, labels
+
+
+def read_styles(dataset: Path, split: str | None = "train") -> list[str] | None:
+    """The `style` field of each `read_labelled` row (what kind of object or picture it is), or None
+    when the dataset has no annotations.jsonl or a row has no style."""
+    if not (Path(dataset) / "annotations.jsonl").is_file():
+        return None
+    styles = [item.extra.get("style") for item in _rows(Path(dataset), split)]
+    return None if any(style is None for style in styles) else [str(style) for style in styles]
 
 
 def embed_pooled(

@@ -168,11 +168,13 @@ def finetune(
     objectness: Objectness | None,
     options: TrainOptions,
     log: Callable[[str], None] = LOGGER.info,
+    styles: list[str] | None = None,
+    held_out: list[bool] | None = None,
 ) -> tuple[tuple[dict, Head], History]:
     """Train tail + head on trunk features (M, 192, h, w) (+ focus weights, `trunk_features`); returns the
-    best-validation (tail state, head)."""
+    best-validation (tail state, head); validation as in `training.metric.split_labels`."""
     generator = seed_everything(options.seed)
-    train_idx, _ = split_labels(labels, options.val_fraction, options.seed)
+    train_idx, _ = split_labels(labels, options.val_fraction, options.seed, styles, held_out)
     # the head starts as `train` would start it, on the untuned tail's z
     trunk, region = split_focus(features[train_idx], pooling)
     pooled = pool_feature_map(
@@ -184,4 +186,4 @@ def finetune(
         {"params": tail.head.parameters()},
         {"params": tail.tail_parameters(), "lr": options.lr * TAIL_LR_SCALE},
     ]
-    return fit_metric(tail, features, labels, options, groups, tail.snapshot, log=log)
+    return fit_metric(tail, features, labels, options, groups, tail.snapshot, log=log, styles=styles, held_out=held_out)

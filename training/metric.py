@@ -3,8 +3,9 @@
 The backbone stays frozen: every training image is embedded once to its pooled vector z (`training.data`),
 then only (W, b) are optimised, so FAM's inversion through the head (docs/DESIGN.md §4, Eq. 16-18) and the exact
 fam-exact / closed-form Grad-CAM identities keep holding. W starts random (or, with init="pcaw", at
-PCA-whitening of the training features). Validation is Recall@1 among held-out *labels* (unseen objects,
-the retrieval setting); the best epoch is kept and training stops after `patience` epochs without gain.
+PCA-whitening of the training features). Validation is Recall@1 among unseen objects (the retrieval setting):
+a validation set of another style when given (`famsearch train --val`), else held-out styles when the
+annotations carry a `style` field, else held-out *labels* of the training style; the best epoch is kept and training stops after `patience` epochs without gain.
 `fit_metric` is the loop, shared with last-stage fine-tuning (`training.finetune`).
 
     train_head(z, labels, options)    -> Head, history
@@ -30,17 +31,34 @@ LOGGER = logging.getLogger(__name__)
 Snapshot = TypeVar("Snapshot")  # what `fit_metric` keeps of the best epoch
 
 
-def split_labels(labels: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of a train / validation split by *label* (validation objects are unseen)."""
+def split_labels(
+    labels: list[str],
+    val_fraction: float,
+    seed: int,
+    styles: list[str] | None = None,
+    held_out: list[bool] | None = None,
+) -> tuple[list[int], list[int]]:
+    """Indices of a train / validation split: the rows marked `held_out` when given (a validation set of
+    another style); else whole `styles` (one per row) held out, when the rows carry two or more; else whole
+    labels (validation objects are unseen, of the training style). `val_fraction` 0: no validation."""
+    if held_out is not None:
+        return [i for i, out in enumerate(held_out) if not out], [i for i, out in enumerate(held_out) if out]
+    if styles is not None and len(set(styles)) >= 2 and val_fraction > 0:
+        distinct = sorted(set(styles))
+        random.Random(seed).shuffle(distinct)
+        n_val = min(max(1, int(round(len(distinct) * val_fraction))), len(distinct) - 1)
+        out_styles = set(distinct[:n_val])
+        return _split_by(styles, out_styles)
     distinct = sorted(set(labels))
     random.Random(seed).shuffle(distinct)
     n_val = int(round(len(distinct) * val_fraction))
     if val_fraction > 0 and not 2 <= n_val <= len(distinct) - 2:
         raise UsageError(f"--val-fraction {val_fraction} leaves {n_val} of {len(distinct)} labels for validation")
-    held_out = set(distinct[:n_val])
-    train = [i for i, label in enumerate(labels) if label not in held_out]
-    val = [i for i, label in enumerate(labels) if label in held_out]
-    return train, val
+    return _split_by(labels, set(distinct[:n_val]))
+
+
+def _split_by(keys: list[str], out: set[str]) -> tuple[list[int], list[int]]:
+    return [i for i, key in enumerate(keys) if key not in out], [i for i, key in enumerate(keys) if key in out]
 
 
 def recall_at_1(embs: Tensor, labels: Tensor) -> float:
@@ -134,19 +152,23 @@ def train_head(
     labels: list[str],
     options: TrainOptions = TrainOptions(),
     log: Callable[[str], None] = LOGGER.info,
+    styles: list[str] | None = None,
+    held_out: list[bool] | None = None,
 ) -> tuple[Head, History]:
     """Fit a linear head on pooled vectors (M, N) with labels; returns the best-validation head.
 
-    With val_fraction = 0 there is no validation: all epochs run and the last head is kept.
+    Validation: `split_labels` (the `held_out` rows, else held-out `styles`, else held-out labels). With
+    val_fraction = 0 and nothing held out there is no validation: all epochs run and the last head is kept.
     """
     generator = seed_everything(options.seed)
-    train_idx, _ = split_labels(labels, options.val_fraction, options.seed)
+    train_idx, _ = split_labels(labels, options.val_fraction, options.seed, styles, held_out)
     pooled = pooled.float()
     start = initial_head(
         pooled[train_idx], min(options.dim, pooled.shape[1]), options.init, options.shrinkage, generator
     )
     model = LinearHead.from_head(start)
-    return fit_metric(model, pooled, labels, options, [{"params": model.parameters()}], model.frozen, log=log)
+    groups = [{"params": model.parameters()}]
+    return fit_metric(model, pooled, labels, options, groups, model.frozen, log=log, styles=styles, held_out=held_out)
 
 
 def fit_metric(
@@ -158,19 +180,21 @@ def fit_metric(
     snapshot: Callable[[], Snapshot],
     log: Callable[[str], None] = LOGGER.info,
     val_batch: int = 256,
+    styles: list[str] | None = None,
+    held_out: list[bool] | None = None,
 ) -> tuple[Snapshot, History]:
     """The Multi-Similarity training loop shared by `train_head` and last-stage fine-tuning.
 
     `model` maps rows of `inputs` (pooled vectors, or cached backbone activations) to embeddings;
     AdamW over `param_groups`; batches of `per_label` images per label (MPerClassSampler); after
-    each epoch Recall@1 among the held-out labels; `snapshot()` of the best epoch is returned,
+    each epoch Recall@1 on the validation rows (`split_labels`); `snapshot()` of the best epoch is returned,
     and training stops after `patience` epochs without gain. Seeded by `options.seed`.
     """
     from pytorch_metric_learning.samplers import MPerClassSampler
 
     seed_everything(options.seed)
     codes = torch.tensor([sorted(set(labels)).index(label) for label in labels])
-    train_idx, val_idx = split_labels(labels, options.val_fraction, options.seed)
+    train_idx, val_idx = split_labels(labels, options.val_fraction, options.seed, styles, held_out)
     train_x, train_y = inputs[train_idx], codes[train_idx]
     val_x, val_y = inputs[val_idx], codes[val_idx]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,8 +15,8 @@ from retrieval.encoder import Encoder, load_encoder
 from retrieval.head import Head
 from retrieval.modelspec import ModelSpec
 from training import finetune as ft
-from training.data import cached_pooled, memoised, read_labelled
-from training.metric import History, TrainOptions, train_head
+from training.data import cached_pooled, memoised, read_labelled, read_styles
+from training.metric import History, TrainOptions, split_labels, train_head
 from training.objectness import fit_probe
 
 LOGGER = logging.getLogger(__name__)
@@ -31,29 +32,91 @@ def run_training(
     flip: bool = False,
     finetune: bool = False,
     log: Callable[[str], None] = LOGGER.info,
+    val: Path | None = None,
 ) -> dict:
     """Read, embed (cached), train, write the head file (and with `finetune` the tuned backbone
     weights, OUT with suffix .backbone.pth); returns the summary printed by the CLI.
 
     ``spec.pooling`` is focus, gap, gem, sqrt or attn (attn fits the objectness probe on the dataset's masks
-    and writes it next to OUT as .objectness.pt)."""
+    and writes it next to OUT as .objectness.pt). Early stopping validates on `val` (every labelled row of
+    that dataset: objects of another style) when given, else on held-out styles when the rows carry a
+    `style` field, else on held-out labels (`training.metric.split_labels`)."""
     paths, labels = read_labelled(dataset)
+    styles = read_styles(dataset)
+    validation = Validation(*read_labelled(val, split=None)) if val is not None else None
     log(
         f"{len(paths)} images of {len(set(labels))} labels; embedding with {spec.backbone} @{spec.input_size}px, "
-        f"{spec.pooling}" + (", last stage fine-tuned" if finetune else "")
+        f"{spec.pooling}" + (", last stage fine-tuned" if finetune else "") + _validation_line(validation, styles)
     )
     if finetune:
-        return _run_finetune(dataset, out, options, paths, labels, spec, device, cache_dir, flip, log)
+        return _run_finetune(
+            dataset, out, options, paths, labels, spec, device, cache_dir, flip, log, validation, styles
+        )
     if spec.pooling == "attn":
         encoder, pooled = _objectness_pooled(dataset, out, paths, spec, device, cache_dir, options, log)
     else:
         encoder = load_encoder(spec, device)
         pooled = cached_pooled(encoder, paths, cache_dir, progress=options.progress)
+    train_labels = labels
     if flip:
         mirrored = cached_pooled(encoder, paths, cache_dir, flip=True, progress=options.progress)
-        pooled, labels = torch.cat([pooled, mirrored]), labels + labels
-    head, history = train_head(pooled, labels, options, log=log)
-    return _write_head(head, history, out, encoder, dataset, options, paths, labels)
+        pooled, labels, styles = torch.cat([pooled, mirrored]), labels + labels, styles and styles + styles
+    if validation is not None:
+        validation.inputs = cached_pooled(encoder, validation.paths, cache_dir, progress=options.progress)
+    inputs, all_labels, held_out = _with_validation(pooled, labels, validation)
+    head, history = train_head(inputs, all_labels, options, log=log, styles=styles, held_out=held_out)
+    summary = _validation_summary(all_labels, options, styles, held_out)
+    return _write_head(head, history, out, encoder, dataset, options, paths, train_labels, validation=summary)
+
+
+@dataclass
+class Validation:
+    """A validation set of another style (`famsearch train --val`): its images, labels and, once embedded,
+    the model's inputs for them (pooled vectors, or trunk features under --finetune)."""
+
+    paths: list[Path]
+    labels: list[str]
+    inputs: torch.Tensor | None = None
+
+
+def _validation_line(validation: Validation | None, styles: list[str] | None) -> str:
+    if validation is not None:
+        return f"; validation on another dataset ({len(validation.paths)} images)"
+    if styles is not None and len(set(styles)) >= 2:
+        return f"; validation on held-out styles of {len(set(styles))}"
+    return "; validation on held-out labels (give --val DATASET to validate on another style)"
+
+
+def _with_validation(
+    inputs: torch.Tensor, labels: list[str], validation: Validation | None
+) -> tuple[torch.Tensor, list[str], list[bool] | None]:
+    """Training rows followed by the validation set's (its labels kept apart), and which rows are held out."""
+    if validation is None:
+        return inputs, labels, None
+    assert validation.inputs is not None, "embed the validation set first"
+    held_out = [False] * len(labels) + [True] * len(validation.labels)
+    val_labels = [f"\0val:{label}" for label in validation.labels]  # never equal to a training label
+    return torch.cat([inputs, validation.inputs.to(inputs.dtype)]), labels + val_labels, held_out
+
+
+def _validation_summary(
+    labels: list[str], options: TrainOptions, styles: list[str] | None, held_out: list[bool] | None
+) -> dict:
+    """What early stopping validated on: {"on": ..., "images": n, "labels": n} (the JSON summary's `validation`)."""
+    _, val_idx = split_labels(labels, options.val_fraction, options.seed, styles, held_out)
+    if not val_idx:
+        return {"on": "none", "images": 0, "labels": 0}
+    if held_out is not None:
+        on = "held-out dataset"
+    elif styles is not None and len(set(styles)) >= 2:
+        on = "held-out styles"
+    else:
+        on = "held-out labels"
+    summary = {"on": on, "images": len(val_idx), "labels": len({labels[i] for i in val_idx})}
+    if on == "held-out styles":
+        assert styles is not None
+        summary["styles"] = sorted({styles[i] for i in val_idx})
+    return summary
 
 
 def _write_head(
@@ -104,6 +167,8 @@ def _run_finetune(
     cache_dir: Path | None,
     flip: bool,
     log: Callable[[str], None],
+    validation: Validation | None = None,
+    styles: list[str] | None = None,
 ) -> dict:
     """--finetune: trunk features once (cached), objectness probe on the untuned maps for attn,
     tail + head trained together, tuned weights written next to the head."""
@@ -113,9 +178,17 @@ def _run_finetune(
     ft.check_finetunable(plain)
     focus = spec.pooling == "focus"  # the focus weights ride along with the trunk features
     tag = "trunk-focus" if focus else "trunk"
-    features = memoised(
-        plain, paths, cache_dir, [tag], lambda: ft.trunk_features(plain, paths, progress=options.progress, focus=focus)
-    )
+
+    def trunk(images: list[Path]) -> torch.Tensor:
+        return memoised(
+            plain,
+            images,
+            cache_dir,
+            [tag],
+            lambda: ft.trunk_features(plain, images, progress=options.progress, focus=focus),
+        )
+
+    features, train_labels = trunk(paths), labels
     if flip:
         mirrored = memoised(
             plain,
@@ -124,20 +197,37 @@ def _run_finetune(
             [tag + "-flip"],
             lambda: ft.trunk_features(plain, paths, progress=options.progress, flip=True, focus=focus),
         )
-        features, labels = torch.cat([features, mirrored]), labels + labels
+        features, labels, styles = torch.cat([features, mirrored]), labels + labels, styles and styles + styles
+    if validation is not None:
+        validation.inputs = trunk(validation.paths)
+    features, labels, held_out = _with_validation(features, labels, validation)
     backbone = ft.lite0_model(plain)
     objectness, pooling = None, spec.pooling
     if pooling == "attn":
         frozen_maps = ft.untuned_maps(backbone, features[: len(paths)])
         objectness, pooling = fit_probe(dataset, out, frozen_maps, log)
-    (tail_state, head), history = ft.finetune(features, labels, backbone, pooling, objectness, options, log=log)
+    (tail_state, head), history = ft.finetune(
+        features, labels, backbone, pooling, objectness, options, log=log, styles=styles, held_out=held_out
+    )
     packaged = torch.load(lite0_weights_path(spec.weights), map_location="cpu", weights_only=True)
     weights_out = Path(out).with_suffix(".backbone.pth")
     weights_out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ft.tuned_state(packaged, tail_state, ft.tail_pairs(backbone)), weights_out)
     log(f"fine-tuned backbone weights written to {weights_out}")
     encoder = load_encoder(spec.with_(weights=str(weights_out), pooling=pooling), device, lazy=True)
-    return _write_head(head, history, out, encoder, dataset, options, paths, labels, weights=str(weights_out))
+    validated = _validation_summary(labels, options, styles, held_out)
+    return _write_head(
+        head,
+        history,
+        out,
+        encoder,
+        dataset,
+        options,
+        paths,
+        train_labels,
+        weights=str(weights_out),
+        validation=validated,
+    )
 
 
 def _objectness_pooled(

@@ -45,7 +45,7 @@ def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: st
     """add_argument whose default comes from FAMSEARCH_<FLAG> when that is set."""
     env = os.environ.get(env_name(flag)) or None  # an empty twin (FAMSEARCH_PORT=) counts as unset
     if env is not None:
-        if kwargs.get("action") == "store_true":
+        if kwargs.get("action") in ("store_true", argparse.BooleanOptionalAction):
             kwargs["default"] = env.lower() in ENV_TRUE
         elif kwargs.get("action") == "append" or kwargs.get("nargs") in ("+", "*"):  # a list: PATH-like
             kwargs["default"] = [kwargs.get("type", str)(part) for part in env.split(os.pathsep)]
@@ -79,10 +79,12 @@ def common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
 
 
-def model_flags(parser: argparse.ArgumentParser, pooling: bool = True, from_home: bool = False) -> None:
+def model_flags(
+    parser: argparse.ArgumentParser, pooling: bool = True, from_home: bool = False, input_size: int = DEFAULT_INPUT_SIZE
+) -> None:
     """--model/--weights/--input-size/--precision[/--pooling]: what defines the pooled vectors z. ``from_home``
     (index): unset flags mean what a --head file was trained with, else what the home was indexed with
-    (`retrieval.modelspec.index_model_spec`)."""
+    (`retrieval.modelspec.index_model_spec`); `input_size`: the default without ``from_home`` (train's differs)."""
     kept = " (default: what a --head file was trained with, else what the home was indexed with, else %s)"
     add_flag(
         parser,
@@ -96,7 +98,7 @@ def model_flags(parser: argparse.ArgumentParser, pooling: bool = True, from_home
         parser,
         "--input-size",
         type=int,
-        default=None if from_home else DEFAULT_INPUT_SIZE,
+        default=None if from_home else input_size,
         help="images are resized whole to this square" + (kept % DEFAULT_INPUT_SIZE if from_home else ""),
     )
     add_flag(

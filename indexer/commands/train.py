@@ -11,17 +11,20 @@ from indexer.commands.common import EXIT_OK, add_flag, common_flags, model_flags
 from retrieval.config import DEFAULT_POOLING, default_device
 from retrieval.errors import UsageError
 
+TRAIN_INPUT_SIZE = 320  # the size the trained heads measured best at (docs/heads.md); search's default is 224
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="fit a linear embedding head (Multi-Similarity loss) on labelled images",
-        description="Train e = W^T z + b on a frozen backbone's pooled features; the head file "
-        "is then used by: famsearch index PATH --head FILE (the index takes the pooling, "
-        "input size and tuned weights the head was trained with). Best measured on object "
-        "composites: --pooling attn --input-size 320 (needs masks; Recall@1 78% vs 52% "
-        "for the untrained default), without masks --pooling focus --finetune "
-        "--input-size 320 (75%, and the best on unseen object styles; docs/heads.md).",
+        description="Train e = W^T z + b on the backbone's pooled features, with the backbone's last stage "
+        "(--finetune); the head file is then used by: famsearch index PATH --head FILE (the index takes the "
+        "pooling, input size and tuned weights the head was trained with). With no flags it trains the recipe "
+        "that measured best without masks: focus pooling, 320 px, last stage tuned (docs/heads.md: on object "
+        "composites Recall@1 75%% vs 52%% for the untrained default, and above it on unseen object styles). "
+        "Early stopping validates on --val DATASET (objects of another style) when given, else on held-out "
+        "styles when annotations.jsonl rows carry a 'style' field, else on held-out labels (--val-fraction).",
     )
     p.add_argument(
         "dataset",
@@ -37,7 +40,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--lr", type=float, default=1e-3, help="AdamW learning rate")
     add_flag(p, "--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     add_flag(p, "--batch-size", type=int, default=64, help="images per step (4 per label)")
-    add_flag(p, "--val-fraction", type=float, default=0.2, help="share of labels held out for validation (0: none)")
+    add_flag(
+        p,
+        "--val",
+        type=Path,
+        default=None,
+        metavar="DATASET",
+        help="validate on this dataset's labelled images (every split; annotations.jsonl or one sub-folder per "
+        "label), objects of another style than DATASET's, so early stopping keeps the epoch that generalises "
+        "(default: held-out styles when the rows carry a 'style' field, else held-out labels)",
+    )
+    add_flag(
+        p,
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="without --val: share of styles (or labels) held out for validation (0: none)",
+    )
     add_flag(p, "--patience", type=int, default=5, help="epochs without validation gain before stopping")
     add_flag(p, "--seed", type=int, default=0, help="seed of the label split, sampler and initialisation")
     add_flag(
@@ -47,11 +66,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_flag(
         p,
         "--finetune",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="also train the backbone's last stage (Lite0 block 15 + conv head, at a tenth of --lr) on cached "
-        "trunk features; writes the tuned weights next to --out as .backbone.pth (index --head picks them up)",
+        "trunk features; writes the tuned weights next to --out as .backbone.pth (index --head picks them up) "
+        "(default: on for efficientnet_lite0, the only backbone it is implemented for; --no-finetune: the head "
+        "alone)",
     )
-    model_flags(p, pooling=False)
+    model_flags(p, pooling=False, input_size=TRAIN_INPUT_SIZE)
     add_flag(
         p,
         "--pooling",
@@ -66,6 +88,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def finetune_for(args: argparse.Namespace) -> bool:
+    """--finetune as given, else on for the backbones it is implemented for."""
+    from training.finetune import FINETUNE_BACKBONES
+
+    return args.finetune if args.finetune is not None else args.model in FINETUNE_BACKBONES
+
+
 def run(args: argparse.Namespace) -> int:
     from training.metric import TrainOptions
     from training.recipe import run_training
@@ -74,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --out FILE for the trained head (e.g. --out head.pt)")
     if not args.dataset.is_dir():
         raise UsageError(f"{args.dataset}: no such dataset folder")
+    if args.val is not None and not args.val.is_dir():
+        raise UsageError(f"--val {args.val}: no such dataset folder")
     if args.epochs < 1 or args.dim < 1 or args.lr <= 0 or not 0 <= args.val_fraction < 1:
         raise UsageError("--epochs and --dim must be >= 1, --lr > 0 and --val-fraction in [0, 1)")
     options = TrainOptions(
@@ -99,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
         default_device(args.device),
         cache_dir,
         args.flip,
-        finetune=args.finetune,
+        finetune=finetune_for(args),
         log=log,
+        val=args.val,
     )
     if args.json:
         print(json.dumps(summary))
