@@ -31,7 +31,7 @@ focus, no head, 320 px|--pooling focus --head none --input-size 320
 focus + gallery pcaw, 320 px|--pooling focus --head pcaw --input-size 320"
 if [ "${TRAINED:-0}" = 1 ]; then
   for pooling in attn focus; do
-    "$FAMSEARCH" train "$DATA/clipart-train" --pooling $pooling --input-size 320 --out "$WORK/$pooling.pt" \
+    "$FAMSEARCH" train "$DATA/clipart-train" --pooling $pooling --input-size 320 --no-finetune --out "$WORK/$pooling.pt" \
       --home "$WORK/train-home" --no-progress > /dev/null
   done
   [ "${ONLY_TRAINED:-0}" = 1 ] && CONFIGS="" || CONFIGS="$CONFIGS

@@ -8,7 +8,7 @@
 #   bash bench/query_box_eval.sh > bench/results/query-box.txt
 source bench/composites_env.sh
 echo "# $(date -u +%F), load $(cut -d' ' -f1-3 /proc/loadavg); famsearch eval whole, --query-auto and --query-box"
-"$FAMSEARCH" train "$DATA/clipart-train" --pooling attn --input-size 320 --out "$WORK/head.pt" \
+"$FAMSEARCH" train "$DATA/clipart-train" --pooling attn --input-size 320 --no-finetune --out "$WORK/head.pt" \
   --home "$WORK/train-home" --no-progress > /dev/null
 row() {  # config, query kind; the JSON report on stdin -> one Markdown row
   .venv/bin/python -c '

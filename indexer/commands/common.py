@@ -99,7 +99,8 @@ def model_flags(
         "--input-size",
         type=int,
         default=None if from_home else input_size,
-        help="images are resized whole to this square" + (kept % DEFAULT_INPUT_SIZE if from_home else ""),
+        help="images are resized whole to this square"
+        + (kept % DEFAULT_INPUT_SIZE if from_home else f" (default: {input_size})"),
     )
     add_flag(
         parser,

@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(
             f"head ({summary['dim']}-d, best epoch {summary['best_epoch']}, val Recall@1 "
-            f"{summary['val_recall_at_1']}) written to {args.out}; use it with: famsearch index PATH "
+            f"{summary['val_recall_at_1']} on {summary['validation']['on']}) written to {args.out}; use it with: "
+            "famsearch index PATH "
             f"--head {args.out} (the index takes the model it was trained with: --pooling {summary['pooling']} "
             f"--input-size {args.input_size}"
             + (f" --weights {summary['weights']}" if "weights" in summary else "")
