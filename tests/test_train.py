@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from indexer.cli import build_parser
+from indexer.commands.common import head_model_spec
 from retrieval.fam import cosine, explain, gradcam_autograd
 from retrieval.head import head_meta, load_head
 from tests.conftest import draw_picture, run_cli, run_json
@@ -156,6 +158,11 @@ def test_train_writes_a_head_that_index_uses_and_identifies(capsys, tmp_path, ga
     head = load_head(out)
     assert head.kind == "linear" and head.weight.shape == (16, 8)
     assert head_meta(out)["backbone"] == "toy" and head_meta(out)["input_size"] == 64
+    # eval --head with no model flags evaluates the model the head was trained with, as index --head indexes it
+    spec = head_model_spec(build_parser().parse_args(["eval", str(data), "--head", str(out)]))
+    assert (spec.backbone, spec.input_size, spec.pooling) == ("toy", 64, "gap")
+    spec = head_model_spec(build_parser().parse_args(["eval", str(data), "--input-size", "96"]))
+    assert (spec.backbone, spec.input_size, spec.pooling) == ("efficientnet_lite0", 96, "focus")
     # no model flags: the index takes the model the head was trained with
     code, _ = run_json(capsys, "index", gallery, "--home", home, "--workers", "0", "--no-progress", "--head", out)
     assert code == 0
@@ -318,7 +325,6 @@ def test_attn_training_writes_a_probe_that_index_and_explain_use_exactly(capsys,
 
 def test_train_with_no_flags_uses_the_best_measured_recipe(monkeypatch):
     """docs/heads.md: focus pooling, 320 px, last stage tuned (on a backbone that has one), no masks needed."""
-    from indexer.cli import build_parser
     from indexer.commands.train import finetune_for
 
     for name in ("FAMSEARCH_INPUT_SIZE", "FAMSEARCH_POOLING", "FAMSEARCH_FINETUNE", "FAMSEARCH_VAL"):

@@ -80,12 +80,20 @@ def common_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def model_flags(
-    parser: argparse.ArgumentParser, pooling: bool = True, from_home: bool = False, input_size: int = DEFAULT_INPUT_SIZE
+    parser: argparse.ArgumentParser,
+    pooling: bool = True,
+    from_home: bool = False,
+    input_size: int = DEFAULT_INPUT_SIZE,
+    from_head: bool = False,
 ) -> None:
     """--model/--weights/--input-size/--precision[/--pooling]: what defines the pooled vectors z. ``from_home``
     (index): unset flags mean what a --head file was trained with, else what the home was indexed with
-    (`retrieval.modelspec.index_model_spec`); `input_size`: the default without ``from_home`` (train's differs)."""
+    (`retrieval.modelspec.index_model_spec`); ``from_head`` (eval): what a --head file was trained with, else
+    the default (`head_model_spec`); `input_size`: the default otherwise (train's differs)."""
     kept = " (default: what a --head file was trained with, else what the home was indexed with, else %s)"
+    if from_head:
+        kept = " (default: what a --head file was trained with, else %s)"
+    from_home = from_home or from_head
     add_flag(
         parser,
         "--model",
@@ -168,6 +176,23 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
     from retrieval.modelspec import ModelSpec
 
     return ModelSpec(args.model, args.weights, args.input_size, args.pooling, args.precision, args.runtime)
+
+
+def head_model_spec(args: argparse.Namespace) -> ModelSpec:
+    """eval's model (flags of `model_flags(from_head=True)`): each flag as given, else as a --head FILE was trained
+    with (its meta, and the tuned backbone `train` wrote next to it), else the default: what `index --head`
+    resolves, without a home's model."""
+    from retrieval.modelspec import index_model_spec, trained_head_meta
+
+    asked = {
+        "backbone": args.model,
+        "weights": args.weights,
+        "input_size": args.input_size,
+        "pooling": args.pooling,
+        "precision": args.precision,
+        "runtime": args.runtime,
+    }  # None: not given
+    return index_model_spec(asked, args.head, trained_head_meta(args.head), None)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -10,8 +10,8 @@ from indexer.commands.common import (
     EXIT_OK,
     add_flag,
     common_flags,
+    head_model_spec,
     model_flags,
-    model_spec,
     output_folder,
     settings_from,
 )
@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "few-shot/k-NN modes run the paper's three)",
     )
     add_flag(p, "--head", default=None, help="none, pcaw or a head file (default: the home's last choice, else none)")
-    model_flags(p)
+    model_flags(p, from_head=True)
     add_flag(p, "--batch-size", type=int, default=32, help="images per forward pass")
     add_flag(p, "--workers", type=int, default=2, help="decoding processes while indexing")
     add_flag(p, "--steps", type=int, default=10, help="deletion/insertion steps")
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     options = EvalOptions(
         explainers=parse_explainers(args.explain),
         head=args.head,
-        model=model_spec(args),
+        model=head_model_spec(args),
         batch_size=args.batch_size,
         workers=args.workers,
         steps=args.steps,
@@ -162,7 +162,7 @@ def _run_fewshot(args: argparse.Namespace) -> int:
         explainers=fewshot_explainers(args.explain),
         maps_episodes=args.maps_episodes,
         faithfulness_episodes=args.faithfulness_episodes,
-        model=model_spec(args),
+        model=head_model_spec(args),
         head=args.head,
         batch_size=args.batch_size,
         device=args.device,
