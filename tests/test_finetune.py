@@ -192,3 +192,30 @@ def test_every_tuned_tensor_of_the_tail_is_trained_and_nothing_else(lite0):
     trainable = {name for name, p in tail.net.named_parameters() if p.requires_grad}
     assert trainable == {f"{conv}.{kind}" for conv, _ in tail_pairs(lite0) for kind in ("weight", "bias")}
     assert set(tail.snapshot()[0]) == trainable
+
+
+@pytest.mark.slow
+def test_train_tunes_the_last_stage_by_default_and_validates_on_another_dataset(capsys, tmp_path, home):
+    from tests.test_train import _labelled_folders
+
+    code, summary = run_json(
+        capsys,
+        "train",
+        _masked_dataset(tmp_path / "masked"),
+        "--val",
+        _labelled_folders(tmp_path / "other-style", n_labels=4),
+        "--out",
+        tmp_path / "head.pt",
+        "--input-size",
+        "64",
+        "--epochs",
+        "2",
+        "--dim",
+        "8",
+        "--no-progress",
+        "--home",
+        home,
+    )
+    assert code == 0, summary
+    assert summary["weights"] == str(tmp_path / "head.backbone.pth") and summary["pooling"] == "focus"
+    assert summary["validation"] == {"on": "held-out dataset", "images": 12, "labels": 4}
