@@ -52,6 +52,20 @@ def test_joint_bilateral_upsampling_is_batched_like_a_loop_and_keeps_a_constant(
     torch.testing.assert_close(flat, torch.full((8, 8), 0.7))
 
 
+def test_joint_bilateral_upsampling_of_one_guide_repeated_equals_it_for_each_copy():
+    """The query side of a top-k up-samples k maps in one photo's guide, an expanded view of it (no copy): the
+    same as the guide copied k times, for a float64 and a float32 guide of other sizes in turn (nothing kept from
+    one call is used for another)."""
+    g = torch.Generator().manual_seed(1)
+    for dtype, (h, w), (fine_h, fine_w) in ((torch.float64, (4, 4), (8, 8)), (torch.float32, (3, 5), (6, 10))):
+        coarse = torch.rand(5, h, w, generator=g, dtype=dtype)
+        guide = torch.rand(7, fine_h, fine_w, generator=g, dtype=dtype)
+        repeated = fam.joint_bilateral_upsample(coarse, guide.expand(5, *guide.shape))  # (5, H, W)
+        copied = torch.stack([fam.joint_bilateral_upsample(coarse[i], guide.clone()) for i in range(5)])
+        torch.testing.assert_close(repeated, copied)
+        torch.testing.assert_close(repeated[2], _jbu_loop(coarse[2], guide).to(dtype))
+
+
 def test_a_value_spreads_along_its_features_not_across_an_edge():
     # Golden: left half of the guide one feature, right half another; a coarse map lit on the left column of
     # cells only. Up-sampled, the right half (other features) stays near 0 even next to the edge.

@@ -69,6 +69,21 @@ def test_mutual_nearest_neighbours_match_a_loop(seed):
             assert float(found.similarity[k, p]) == pytest.approx(float(sims[p, m]))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_many_photos_matched_at_once_score_and_pair_as_each_photo_alone(seed):
+    """Property: the re-ranker and the correspondences compare K photos in one batch; each photo's part score and
+    strongest pairs are those it gets compared alone (a copy of the query among them: exact matches and ties)."""
+    query = random_parts(seed, 1, grid=(6, 6))[0]
+    gallery = random_parts(seed + 20, 5, grid=(6, 6))
+    gallery = Parts(
+        torch.cat([gallery.cells, query.cells[None]]), torch.cat([gallery.weights, query.weights[None]]), (6, 6)
+    )
+    scores, pairs = part_scores(query, gallery), strongest_pairs(query, gallery, 12)
+    for k in range(6):
+        torch.testing.assert_close(scores[k : k + 1], part_scores(query, gallery[k : k + 1]))
+        torch.testing.assert_close(pairs[k : k + 1], strongest_pairs(query, gallery[k : k + 1], 12))
+
+
 @pytest.mark.parametrize("mirrored", [False, True])
 def test_the_geometric_check_finds_a_similarity_transform_among_outliers(mirrored):
     """Golden: 12 points moved by a rotation of 30°, a scale of 1.5 and a shift (after a mirror image of the
@@ -232,6 +247,34 @@ def test_search_rerank_returns_a_permutation_of_the_top_n_with_part_scores_and_c
             assert 0 <= pair["query_xy"][0] <= width and 0 <= pair["query_xy"][1] <= height
             assert pair["score"] > 0
     assert "part_score" not in plain["results"][0] and "correspondences" not in plain["results"][0]
+
+
+def test_a_reranked_query_has_each_match_s_maps_pairs_and_part_score_as_that_pair_compared_alone(indexed, gallery):
+    """Oracle for the batched query: every match of a re-ranked top-6 carries the maps and correspondences that
+    comparing the query with that photo alone gives (`compare_indexed`), the part score of that photo alone, and
+    the top-6 is ordered by cosine + blend x part score."""
+    from retrieval.config import Settings
+    from retrieval.engine import PART_MATCH, QueryEngine, _parts
+
+    engine = QueryEngine(Settings(home=indexed), device="cpu")
+    try:
+        for rerank_n in (0, 6):
+            result = engine.query_path(gallery / "pic0.jpg", 6, rerank=rerank_n)
+            image = engine.load_query(gallery / "pic0.jpg")
+            query = _parts(engine.embed(image).fine)
+            for match in result.matches:
+                alone = engine.compare_indexed(image, match.image_id)
+                np.testing.assert_allclose(match.query_map, alone.first_map, rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(match.match_map, alone.second_map, rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(match.correspondences, alone.correspondences, rtol=1e-5, atol=1e-6)
+                if rerank_n:
+                    photo = _parts(engine.embed_gallery([match.image_id])[0].fine)
+                    assert match.part_score == pytest.approx(part_scores(query, photo, PART_MATCH).item(), abs=1e-6)
+            if rerank_n:
+                combined = [m.score + PART_MATCH.blend * m.part_score for m in result.matches]
+                assert combined == sorted(combined, reverse=True)
+    finally:
+        engine.close()
 
 
 def test_search_rerank_has_an_env_twin_and_refuses_negative_values(capsys, indexed, gallery, monkeypatch):
