@@ -26,6 +26,7 @@ The head's bias b is kept out of every map: it shifts e but lives at no location
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -161,26 +162,51 @@ def joint_bilateral_upsample(coarse: Tensor, guide: Tensor, reach: float = 0.75,
     """Up-sample a map in the model's own finer features (joint bilateral up-sampling, Kopf et al. 2007):
     (..., h, w), (..., C, H, W) -> (..., H, W). Each fine cell averages the coarse cells near it (Gaussian of
     ``reach`` coarse cells) weighted by exp((cos - 1) / sigma), the cosine between its guide feature and the
-    coarse cell's mean guide feature, so a value spreads along the object it was found on, not across its edge."""
+    coarse cell's mean guide feature, so a value spreads along the object it was found on, not across its edge.
+
+    A guide repeated along a leading axis (an expanded view, as the query side of a top-k passes its one photo's)
+    has its weights computed once and shared by the maps along that axis."""
     h, w = coarse.shape[-2:]
+    fine_h, fine_w = guide.shape[-2:]
+    weights = _bilateral_weights(_once_per_repeat(guide), (h, w), reach, sigma)  # (..., HW, hw)
+    values = weights @ coarse.reshape(*coarse.shape[:-2], h * w, 1)  # (..., HW, hw) @ (..., hw, 1) -> (..., HW, 1)
+    out = values[..., 0] / weights.sum(dim=-1).clamp_min(_EPS)  # (..., HW)
+    return out.reshape(*out.shape[:-1], fine_h, fine_w)
+
+
+def _once_per_repeat(guide: Tensor) -> Tensor:
+    """The guide (..., C, H, W) cut to length 1 along each leading axis it is only repeated along (stride 0)."""
+    for dim in range(guide.dim() - 3):
+        if guide.stride(dim) == 0:
+            guide = guide.narrow(dim, 0, 1)
+    return guide
+
+
+def _bilateral_weights(guide: Tensor, coarse: tuple[int, int], reach: float, sigma: float) -> Tensor:
+    """Each fine cell's weight on each coarse cell, spatial kernel times guide affinity: (..., C, H, W) ->
+    (..., HW, hw), not normalised."""
+    h, w = coarse
     channels, fine_h, fine_w = guide.shape[-3:]
-    lead = guide.shape[:-3]
     flat = guide.reshape(-1, channels, fine_h, fine_w)  # (B, C, H, W)
     unit = F.normalize(flat, dim=1).flatten(2)  # (B, C, HW)
     coarse_unit = F.normalize(F.adaptive_avg_pool2d(flat, (h, w)), dim=1).flatten(2)  # (B, C, hw)
     similarity = unit.transpose(1, 2) @ coarse_unit  # (B, HW, C) @ (B, C, hw) -> (B, HW, hw)
-    weights = _spatial_kernel((h, w), (fine_h, fine_w), reach, guide) * torch.exp((similarity - 1) / sigma)
-    values = weights @ coarse.reshape(-1, h * w, 1)  # (B, HW, hw) @ (B, hw, 1) -> (B, HW, 1)
-    return (values[..., 0] / weights.sum(dim=-1).clamp_min(_EPS)).reshape(*lead, fine_h, fine_w)
+    spatial = _spatial_kernel((h, w), (fine_h, fine_w), reach, guide.dtype, guide.device)  # (HW, hw)
+    weights = spatial * torch.exp((similarity - 1) / sigma)
+    return weights.reshape(*guide.shape[:-3], fine_h * fine_w, h * w)
 
 
-def _spatial_kernel(coarse: tuple[int, int], fine: tuple[int, int], reach: float, like: Tensor) -> Tensor:
-    """exp(-d² / 2 reach²) between fine and coarse cell centres, in coarse cells: -> (HW, hw)."""
+@functools.lru_cache(maxsize=16)
+def _spatial_kernel(
+    coarse: tuple[int, int], fine: tuple[int, int], reach: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """exp(-d² / 2 reach²) between fine and coarse cell centres, in coarse cells: -> (HW, hw). Cached: every map
+    of a query (and of every query) at one input size is up-sampled with the same one; callers never write it."""
     (h, w), (fine_h, fine_w) = coarse, fine
-    fine_y = (torch.arange(fine_h, dtype=like.dtype, device=like.device) + 0.5) * h / fine_h
-    fine_x = (torch.arange(fine_w, dtype=like.dtype, device=like.device) + 0.5) * w / fine_w
-    centre_y = torch.arange(h, dtype=like.dtype, device=like.device) + 0.5
-    centre_x = torch.arange(w, dtype=like.dtype, device=like.device) + 0.5
+    fine_y = (torch.arange(fine_h, dtype=dtype, device=device) + 0.5) * h / fine_h
+    fine_x = (torch.arange(fine_w, dtype=dtype, device=device) + 0.5) * w / fine_w
+    centre_y = torch.arange(h, dtype=dtype, device=device) + 0.5
+    centre_x = torch.arange(w, dtype=dtype, device=device) + 0.5
     distance2 = (fine_y[:, None, None, None] - centre_y[None, None, :, None]) ** 2 + (
         fine_x[None, :, None, None] - centre_x[None, None, None, :]
     ) ** 2  # (H, W, h, w)
