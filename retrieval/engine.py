@@ -348,7 +348,7 @@ class QueryEngine:
         """
         rows = self.store.images_by_ids(image_ids)
         stored = np.stack([_stored_pooled(row) for row in rows])  # (K, N)
-        cached = self.feature_cache.get([row.id for row in rows], stored) if self.feature_cache else {}
+        cached = self.feature_cache.get([row.id for row in rows], stored, np.float32) if self.feature_cache else {}
         packed = {i: torch.from_numpy(cached[row.id]) for i, row in enumerate(rows) if row.id in cached}
         missing = [i for i in range(len(rows)) if i not in packed]
         if missing:

@@ -230,13 +230,15 @@ class FeatureCache:
             )
 
     # ------------------------------------------------------------------ reading
-    def get(self, image_ids: Sequence[int], pooled: np.ndarray) -> dict[int, np.ndarray]:
-        """Verified float16 maps (N, h, w) of the ids that have one; the rest are absent.
+    def get(self, image_ids: Sequence[int], pooled: np.ndarray, dtype: Any = CACHE_DTYPE) -> dict[int, np.ndarray]:
+        """Verified maps (N, h, w) of the ids that have one, in ``dtype``; the rest are absent.
 
         Args:
             image_ids: K image ids.
             pooled: (K, N) their pooled vectors z from the DB; an entry whose spatial mean is
                 not z (stale, another model, damaged) is not returned.
+            dtype: float16 (as stored), or float32 for arithmetic: converted once, as it is copied out of the
+                file, and verified in it.
         """
         ids = [int(i) for i in image_ids]
         if not ids:
@@ -254,12 +256,12 @@ class FeatureCache:
         for image_id, z in zip(ids, np.asarray(pooled, dtype=np.float32)):
             if image_id not in slots:
                 continue
-            feature_map = self._read(*slots[image_id])
+            feature_map = self._read(*slots[image_id], dtype)
             if feature_map is not None and _matches_pooled(feature_map, z, self.identity["pooling"]):
                 found[image_id] = feature_map
         return found
 
-    def _read(self, name: str, row: int) -> np.ndarray | None:
+    def _read(self, name: str, row: int, dtype: Any = CACHE_DTYPE) -> np.ndarray | None:
         try:
             maps = self._maps.get(name)
             if maps is None:
@@ -269,7 +271,7 @@ class FeatureCache:
                     self._maps.popitem(last=False)
             else:
                 self._maps.move_to_end(name)
-            return np.array(maps[row]) if maps.ndim == 4 and row < len(maps) else None
+            return np.array(maps[row], dtype=dtype) if maps.ndim == 4 and row < len(maps) else None
         except (OSError, ValueError) as error:  # vanished, truncated or damaged: recompute instead
             LOGGER.debug("map cache entry %s[%d] unreadable: %s", name, row, error)
             self._maps.pop(name, None)
@@ -303,14 +305,15 @@ def _matches_pooled(packed: np.ndarray, pooled: np.ndarray, pooling: str) -> boo
     n = pooled.shape[0]
     if packed.shape[0] < n + 6 or (packed.shape[0] - n - 6) % 4:
         return False
-    inside = packed[n].astype(np.float32)  # the region's cells, 0/1 (`Encoded.pack`)
-    values = packed[:n].astype(np.float32) * (inside * inside.size / max(float(inside.sum()), 1.0))
+    inside = packed[n].astype(np.float32).ravel()  # the region's cells, 0/1 (`Encoded.pack`)
+    maps = packed[:n].reshape(n, -1).astype(np.float32, copy=False)  # (N, hw)
     if pooling == "gem":
         from retrieval.pooling import GEM_P
 
-        again = (np.clip(values, 1e-6, None) ** GEM_P).mean(axis=(1, 2)) ** (1.0 / GEM_P)  # (N, h, w) -> (N,)
+        values = maps * (inside * inside.size / max(float(inside.sum()), 1.0))
+        again = (np.clip(values, 1e-6, None) ** GEM_P).mean(axis=1) ** (1.0 / GEM_P)  # (N, hw) -> (N,)
     else:
-        again = values.mean(axis=(1, 2))  # (N, h, w) -> (N,)
+        again = maps @ (inside / max(float(inside.sum()), 1.0))  # the mean over the region: (N, hw) -> (N,)
     scale = float(np.abs(pooled).max()) or 1.0
     return bool(np.abs(again - pooled).max() <= _VERIFY_RTOL * scale)
 

@@ -47,6 +47,28 @@ def test_an_entry_whose_pooled_vector_changed_is_not_served(tmp_path):
     assert sorted(cache.get([1, 2, 3], pooled)) == [1, 3]
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_an_entry_read_in_float32_is_the_float16_one_converted_and_verified_alike(tmp_path, dtype):
+    """The engine reads entries in float32 (one conversion, as they leave the file): the same values as the
+    float16 entry, and the same verification, also of an entry pooled over part of its cells (z: the mean of
+    the whole map over the region's cells)."""
+    cache = FeatureCache(tmp_path / "fc", IDENTITY, writable=True)
+    feature_maps = maps(4)
+    feature_maps[1, 6, :2] = 0.0  # image 2 pooled over its lower half only
+    pooled = pooled_of(feature_maps)
+    pooled[1] = feature_maps[1, :6, 2:].mean(axis=(1, 2))
+    cache.put([1, 2, 3], feature_maps)
+    stale = pooled.copy()
+    stale[2] += 0.05
+    got = cache.get([1, 2, 3], stale, dtype)
+    assert sorted(got) == [1, 2]
+    for image_id in (1, 2):
+        assert got[image_id].dtype == dtype
+        np.testing.assert_array_equal(got[image_id], feature_maps[image_id - 1].astype(np.float16).astype(dtype))
+    pooled[1] = pooled_of(feature_maps)[1]  # the whole photo's mean is not what it was pooled to
+    assert sorted(cache.get([1, 2, 3], pooled, dtype)) == [1, 3]
+
+
 def test_deleted_ids_are_gone_and_a_file_without_live_entries_is_removed(tmp_path):
     cache = FeatureCache(tmp_path / "fc", IDENTITY, writable=True)
     cache.put([1, 2], maps(2, n=2))
