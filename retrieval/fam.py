@@ -51,7 +51,10 @@ def weighted_map(feature_map: Tensor, weights: Tensor) -> Tensor:
         raise ValueError(
             f"feature_map {tuple(feature_map.shape)} and weights {tuple(weights.shape)} disagree on (..., N)"
         )
-    return torch.einsum("...nhw,...n->...hw", feature_map, weights)
+    # As a batched matrix-vector product: an expanded (repeated) feature map is read in place, where einsum
+    # copied it first; (..., 1, N) @ (..., N, hw) -> (..., 1, hw)
+    flat = weights.unsqueeze(-2) @ feature_map.flatten(-2)
+    return flat.reshape(feature_map.shape[:-3] + feature_map.shape[-2:])
 
 
 def cosine(emb: Tensor, partner_embs: Tensor) -> Tensor:
