@@ -90,7 +90,7 @@ def cell_matches(query: Parts, gallery: Parts) -> CellMatches:
     """Mutual nearest neighbours between one photo's cells (P, d) and each of K photos' cells (K, M, d)."""
     sims = torch.einsum("pd,kmd->kpm", query.cells, gallery.cells)  # (K, P, M)
     similarity, partner = sims.max(dim=2)  # (K, P): each query cell's best gallery cell
-    back = sims.argmax(dim=1)  # (K, M): each gallery cell's best query cell
+    back = sims.max(dim=1).indices  # (K, M): each gallery cell's best query cell (the first of ties, as argmax, faster)
     mutual = back.gather(1, partner) == torch.arange(sims.shape[1], device=sims.device)
     return CellMatches(partner, similarity, mutual)
 
