@@ -42,7 +42,16 @@ from retrieval.images import (
 )
 from retrieval.modelspec import stored_model_spec
 from retrieval.regions import Auto, Box, fit_box
-from retrieval.rerank import PartMatch, Parts, expand_query, part_scores, parts, strongest_pairs
+from retrieval.rerank import (
+    PartMatch,
+    Parts,
+    expand_query,
+    match_strengths,
+    part_share,
+    parts,
+    strongest_pairs,
+    top_pairs,
+)
 from retrieval.rerank import rerank as rerank_order
 from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
@@ -212,6 +221,12 @@ def _stored_pooled(row: ImageRow) -> np.ndarray:
 def _parts(fine: FineInputs) -> Parts:
     """The parts the re-ranker and the correspondences compare (`PART_MATCH`)."""
     return parts(fine, PART_MATCH.layer, PART_MATCH.weight_power)
+
+
+def _found(pairs: torch.Tensor) -> list[np.ndarray]:
+    """`strongest_pairs`' (K, C, 5) as each photo's pairs, without the padding: K arrays (C', 5)."""
+    found = pairs.float().cpu().numpy()
+    return [rows[rows[:, 4] > 0] for rows in found]
 
 
 def _stacked(photos: list[Embedded]) -> Embedded:
@@ -408,13 +423,13 @@ class QueryEngine:
         query = self.embed(image, box)
         timing = {"embed": _ms(start)}
         tick = time.perf_counter()
-        matches, known = self._ranked(query, query.emb, max(k, rerank), rerank, search_filter)
+        matches, known, pairs = self._ranked(query, query.emb, max(k, rerank), rerank, search_filter)
         if expand and matches:
             firsts = [m.image_id for m in matches[:expand]]
             top = self._embedded(firsts, known)
             scores = torch.tensor([m.score for m in matches[:expand]])
             expanded = expand_query(query.emb.cpu(), top.emb.cpu(), scores).to(query.emb)
-            matches, known = self._ranked(query, expanded, max(k, rerank), rerank, search_filter)
+            matches, known, pairs = self._ranked(query, expanded, max(k, rerank), rerank, search_filter)
         matches = matches[:k]
         for rank, match in enumerate(matches, start=1):
             match.rank = rank
@@ -422,7 +437,7 @@ class QueryEngine:
         tick = time.perf_counter()
         group_map = None
         if explainer != "none" and matches:
-            group_map = self._explain_matches(query, matches, explainer, group, known)
+            group_map = self._explain_matches(query, matches, explainer, group, known, pairs)
         timing["explain"] = _ms(tick)
         timing["total"] = _ms(start)
         return QueryResult(explainer, matches, timing, group_map)
@@ -439,10 +454,10 @@ class QueryEngine:
 
     def _ranked(
         self, query: Embedded, query_emb: torch.Tensor, n: int, rerank: int, search_filter: SearchFilter | None
-    ) -> tuple[list[Match], dict[int, Embedded]]:
+    ) -> tuple[list[Match], dict[int, Embedded], dict[int, np.ndarray]]:
         """The top n for ``query_emb`` (the query's embedding, or an expanded one) within the filter, the first
-        ``rerank`` of them re-ranked by matched parts; and the photos embedded on the way (image id -> Embedded;
-        empty without)."""
+        ``rerank`` of them re-ranked by matched parts; the photos embedded on the way (image id -> Embedded) and
+        their correspondences, found while matching their parts (image id -> (C, 5) pairs); both empty without."""
         hits = self._search(query_emb[None].float().cpu().numpy(), n, search_filter)
         rows = {row.id: row for row in self.store.images_by_ids([i for i, _ in hits])}
         matches = [
@@ -450,39 +465,54 @@ class QueryEngine:
             for rank, (image_id, score) in enumerate(((i, s) for i, s in hits if i in rows), start=1)
         ]
         if not rerank or len(matches) < 2:
-            return matches, {}
+            return matches, {}, {}
         head, tail = matches[:rerank], matches[rerank:]
         gallery, _ = self.embed_gallery([m.image_id for m in head])
-        part = part_scores(_parts(query.fine), _parts(gallery.fine), PART_MATCH)  # (N,)
+        query_parts, gallery_parts = _parts(query.fine), _parts(gallery.fine)
+        cells, strength = match_strengths(query_parts, gallery_parts, PART_MATCH)  # (N, P)
+        part = part_share(query_parts, strength)  # (N,)
+        pairs = _found(top_pairs(cells, strength, query_parts.grid, gallery_parts.grid, CORRESPONDENCES))
         order, _ = rerank_order(torch.tensor([m.score for m in head]), part.float().cpu(), PART_MATCH.blend)
         for match, value in zip(head, part.tolist()):
             match.part_score = value
         known = {m.image_id: gallery[i] for i, m in enumerate(head)}
-        return [head[i] for i in order.tolist()] + tail, known
+        return [head[i] for i in order.tolist()] + tail, known, {m.image_id: pairs[i] for i, m in enumerate(head)}
 
     def _embedded(self, image_ids: list[int], known: dict[int, Embedded]) -> Embedded:
         """Indexed photos as one batch: those in ``known`` as they are, the rest from the map cache."""
         missing = [i for i in dict.fromkeys(image_ids) if i not in known]
+        if missing == image_ids:  # none known, each once: the batch as loaded, not split and stacked again
+            return self.embed_gallery(image_ids)[0]
         if missing:
             loaded, _ = self.embed_gallery(missing)
             known = {**known, **{image_id: loaded[i] for i, image_id in enumerate(missing)}}
         return _stacked([known[i] for i in image_ids])
 
     def _explain_matches(
-        self, query: Embedded, matches: list[Match], explainer: str, group: str, known: dict[int, Embedded]
+        self,
+        query: Embedded,
+        matches: list[Match],
+        explainer: str,
+        group: str,
+        known: dict[int, Embedded],
+        pairs: dict[int, np.ndarray],
     ):
-        """Maps on both sides and the strongest matched cell pairs of every match (``known``: as `_embedded`)."""
+        """Maps on both sides and the strongest matched cell pairs of every match (``known``, ``pairs``: what
+        `_ranked` found already)."""
         gallery = self._embedded([m.image_id for m in matches], known)
         n = len(matches)
         query_side = query.repeated(n)
         query_maps, query_offsets = self._explain(explainer, query_side, gallery.emb[:, None])  # K = 1 each
         match_maps, match_offsets = self._explain(explainer, gallery, query.emb.expand(n, -1)[:, None])
-        pairs = strongest_pairs(_parts(query.fine), _parts(gallery.fine), CORRESPONDENCES, PART_MATCH)
-        pairs_np = pairs.float().cpu().numpy()  # (K, C, 5)
+        unpaired = [i for i, m in enumerate(matches) if m.image_id not in pairs]
+        if unpaired:
+            photos = gallery.fine if len(unpaired) == n else gallery.fine[torch.tensor(unpaired)]
+            found = strongest_pairs(_parts(query.fine), _parts(photos), CORRESPONDENCES, PART_MATCH)
+            pairs = {**pairs, **{matches[i].image_id: rows for i, rows in zip(unpaired, _found(found))}}
         for i, match in enumerate(matches):
             match.query_map, match.match_map = query_maps[i], match_maps[i]
             match.offsets = {"query": float(query_offsets[i]), "match": float(match_offsets[i])}
-            match.correspondences = pairs_np[i][pairs_np[i][:, 4] > 0]
+            match.correspondences = pairs[match.image_id]
         if group == "topk":
             return self._explain(explainer, query, gallery.emb)[0]  # K = top-k (Eq. 11, 15)
         return None

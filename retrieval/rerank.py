@@ -184,6 +184,11 @@ def part_scores(query: Parts, gallery: Parts, settings: PartMatch = PartMatch())
     """How much of the query is found in each of K photos, (K,) in [0, 1]: the matched strength over the query's
     total weight. ``query`` is one photo (P, d), ``gallery`` K photos (K, M, d) of the same layer."""
     _, strength = match_strengths(query, gallery, settings)
+    return part_share(query, strength)
+
+
+def part_share(query: Parts, strength: Tensor) -> Tensor:
+    """`part_scores` from the strengths `match_strengths` found: (K, P) -> (K,)."""
     return strength.sum(dim=1) / query.weights.sum().clamp_min(_EPS)
 
 
@@ -208,9 +213,16 @@ def strongest_pairs(query: Parts, gallery: Parts, count: int, settings: PartMatc
     (K, count, 5) as (query x, query y, match x, match y, strength), x and y in [0, 1] of each photo (cell centres);
     rows of strength 0 are padding (fewer matches than ``count``)."""
     matches, strength = match_strengths(query, gallery, settings)
+    return top_pairs(matches, strength, query.grid, gallery.grid, count)
+
+
+def top_pairs(
+    matches: CellMatches, strength: Tensor, query_grid: tuple[int, int], gallery_grid: tuple[int, int], count: int
+) -> Tensor:
+    """`strongest_pairs` from what `match_strengths` found (so a re-ranker that has them pairs for free)."""
     count = min(count, strength.shape[1])
     top = strength.topk(count, dim=1)  # (K, count)
-    query_xy = cell_centres(query.grid, strength)[top.indices]  # (K, count, 2)
+    query_xy = cell_centres(query_grid, strength)[top.indices]  # (K, count, 2)
     match_cell = matches.partner.gather(1, top.indices)  # (K, count)
-    match_xy = cell_centres(gallery.grid, strength)[match_cell]  # (K, count, 2)
+    match_xy = cell_centres(gallery_grid, strength)[match_cell]  # (K, count, 2)
     return torch.cat([query_xy, match_xy, top.values[..., None]], dim=-1)
