@@ -68,26 +68,33 @@ PART_MATCH = PartMatch()
 
 @dataclass
 class Embedded:
-    """Photos through the model: A (..., N, h, w), z (..., N), e (..., J) and what the default map reads
-    (`FineInputs`): one photo, or rows of the gallery along a leading axis (`embed_gallery`)."""
+    """Photos through the model: the cell weights z was pooled with (..., h, w), z (..., N), e (..., J) and what
+    the default map reads (`FineInputs`): one photo, or rows of the gallery along a leading axis (`embed_gallery`).
+    A (`feature_map`) is made from them when an explainer asks for it."""
 
-    feature_map: torch.Tensor
+    regions: torch.Tensor
     pooled: torch.Tensor
     emb: torch.Tensor
     fine: FineInputs
 
     @classmethod
     def of(cls, encoded: Encoded, embs: torch.Tensor) -> Embedded:
-        return cls(encoded.explained_maps, encoded.pooled, embs, encoded.fine())
+        return cls(encoded.regions, encoded.pooled, embs, encoded.fine())
+
+    @property
+    def feature_map(self) -> torch.Tensor:
+        """A (..., N, h, w), the map z is the spatial mean of (`Encoded.explained_maps`), which the paper's
+        explainers weight; fam-fine reads `fine` instead, so a default query never makes it."""
+        return self.fine.whole_map * self.regions.unsqueeze(-3)
 
     def __getitem__(self, index: int) -> Embedded:
         """One photo of a batch."""
-        return Embedded(self.feature_map[index], self.pooled[index], self.emb[index], self.fine[index])
+        return Embedded(self.regions[index], self.pooled[index], self.emb[index], self.fine[index])
 
     def repeated(self, n: int) -> Embedded:
         """One photo as a batch of n views of it (no copy)."""
         return Embedded(
-            self.feature_map.expand(n, *self.feature_map.shape),
+            self.regions.expand(n, *self.regions.shape),
             self.pooled.expand(n, -1),
             self.emb.expand(n, -1),
             self.fine.repeated(n),
@@ -233,7 +240,7 @@ def _stacked(photos: list[Embedded]) -> Embedded:
     """Single photos (no batch axis) as one batch."""
     fine = FineInputs(*(torch.stack([getattr(p.fine, f.name) for p in photos]) for f in fields(FineInputs)))
     return Embedded(
-        torch.stack([p.feature_map for p in photos]),
+        torch.stack([p.regions for p in photos]),
         torch.stack([p.pooled for p in photos]),
         torch.stack([p.emb for p in photos]),
         fine,
@@ -388,8 +395,10 @@ class QueryEngine:
         return _indexed_bytes(rows[0])
 
     def _explain(self, explainer: str, subject: Embedded, partner_embs: torch.Tensor):
+        # fam-fine reads only `fine` (and the map's shape): A, a product over every channel, is not made for it
+        feature_map = subject.fine.whole_map if explainer == explainers.FINE_EXPLAINER else subject.feature_map
         heat, offset = explainers.explain(
-            explainer, subject.feature_map, subject.emb, partner_embs, self.head.weight, self.head.bias, subject.fine
+            explainer, feature_map, subject.emb, partner_embs, self.head.weight, self.head.bias, subject.fine
         )
         return heat.float().cpu().numpy(), offset.float().cpu().numpy()
 
