@@ -86,13 +86,20 @@ class CellMatches:
     mutual: Tensor
 
 
-def cell_matches(query: Parts, gallery: Parts) -> CellMatches:
-    """Mutual nearest neighbours between one photo's cells (P, d) and each of K photos' cells (K, M, d)."""
-    sims = torch.einsum("pd,kmd->kpm", query.cells, gallery.cells)  # (K, P, M)
+def cell_matches(query: Parts, gallery: Parts, chunk: int = 8) -> CellMatches:
+    """Mutual nearest neighbours between one photo's cells (P, d) and each of K photos' cells (K, M, d), ``chunk``
+    photos at a time: their similarities (chunk, P, M) stay in the CPU's cache for both reductions over them."""
+    found = [_mutual(query.cells, gallery.cells[k : k + chunk]) for k in range(0, max(len(gallery.cells), 1), chunk)]
+    return CellMatches(*(torch.cat(column) for column in zip(*found)))
+
+
+def _mutual(query_cells: Tensor, gallery_cells: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`cell_matches` of (P, d) and (K, M, d): partner, similarity, mutual, each (K, P)."""
+    sims = torch.einsum("pd,kmd->kpm", query_cells, gallery_cells)  # (K, P, M)
     similarity, partner = sims.max(dim=2)  # (K, P): each query cell's best gallery cell
     back = sims.max(dim=1).indices  # (K, M): each gallery cell's best query cell (the first of ties, as argmax, faster)
     mutual = back.gather(1, partner) == torch.arange(sims.shape[1], device=sims.device)
-    return CellMatches(partner, similarity, mutual)
+    return partner, similarity, mutual
 
 
 def consistent(

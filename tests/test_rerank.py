@@ -57,9 +57,10 @@ def test_blend_zero_keeps_the_cosine_order_and_ties_keep_it_too():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_mutual_nearest_neighbours_match_a_loop(seed):
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+def test_mutual_nearest_neighbours_match_a_loop(seed, chunk):
     query, gallery = random_parts(seed, 1)[0], random_parts(seed + 10, 3)
-    found = cell_matches(query, gallery)
+    found = cell_matches(query, gallery, chunk)
     for k in range(3):
         sims = query.cells @ gallery.cells[k].T  # (P, M)
         for p in range(sims.shape[0]):
