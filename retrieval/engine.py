@@ -362,13 +362,14 @@ class QueryEngine:
         result.timing_ms["total"] = _ms(start)
         return result
 
-    def embed_gallery(self, image_ids: list[int]) -> tuple[Embedded, list[str]]:
+    def embed_gallery(self, image_ids: list[int], rows: list[ImageRow] | None = None) -> tuple[Embedded, list[str]]:
         """Indexed images, batched: A (K, N, h, w), z (K, N), e (K, J) and their `FineInputs`.
 
         z is the stored row vector (what FAISS scored); the rest comes from the map cache where it
-        holds a verified entry, else from decoding the file and a backbone pass.
+        holds a verified entry, else from decoding the file and a backbone pass. ``rows``: the images' rows, in
+        the order of ``image_ids``, when the caller has just read them (else they are read here).
         """
-        rows = self.store.images_by_ids(image_ids)
+        rows = self.store.images_by_ids(image_ids) if rows is None else rows
         stored = np.stack([_stored_pooled(row) for row in rows])  # (K, N)
         cached = self.feature_cache.get([row.id for row in rows], stored, np.float32) if self.feature_cache else {}
         packed = {i: torch.from_numpy(cached[row.id]) for i, row in enumerate(rows) if row.id in cached}
@@ -476,7 +477,7 @@ class QueryEngine:
         if not rerank or len(matches) < 2:
             return matches, {}, {}
         head, tail = matches[:rerank], matches[rerank:]
-        gallery, _ = self.embed_gallery([m.image_id for m in head])
+        gallery, _ = self.embed_gallery([m.image_id for m in head], [rows[m.image_id] for m in head])
         query_parts, gallery_parts = _parts(query.fine), _parts(gallery.fine)
         cells, strength = match_strengths(query_parts, gallery_parts, PART_MATCH)  # (N, P)
         part = part_share(query_parts, strength)  # (N,)
