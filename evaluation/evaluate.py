@@ -30,7 +30,7 @@ from tqdm import tqdm
 from evaluation import metrics
 from evaluation.dataset import Dataset, Item, item_box, read_dataset
 from retrieval import fam as explainers
-from retrieval.config import DEFAULT_EXPLAINER, Settings, default_device
+from retrieval.config import DEFAULT_EXPLAINER, DEFAULT_RERANK, Settings, default_device
 from retrieval.encoder import Encoder
 from retrieval.engine import QueryEngine
 from retrieval.errors import UsageError
@@ -64,7 +64,7 @@ class EvalOptions:
     seed: int = 0
     query_box: str | None = None  # "annotated": pool each query over its annotated box only (a user's box around
     # the object); "auto": over the cells retrieval.regions.focus_weights picks (no annotation used)
-    rerank: int = 0  # re-rank each query's top N by matched parts (retrieval/rerank.py), as `search --rerank`
+    rerank: int = DEFAULT_RERANK  # re-rank each query's top N by matched parts (retrieval/rerank.py), as `search`
     expand: int = 0  # α-QE over the first N (after re-ranking), searched again, as `search --expand`
 
 

@@ -32,6 +32,7 @@ from retrieval.config import (
     MAX_UPLOAD_MB,
     MAX_UPLOAD_MEGAPIXELS,
     Settings,
+    default_rerank,
     home_has_index,
     index_generation,
 )
@@ -222,11 +223,12 @@ def search(
     with backend.engine() as engine:
         image, size = decode_photo(label, data, engine.encoder.input_size, cap)
         image_box: Box | Auto | None = fit_box(region, size, image.size) if region is not None else None
-        result = engine.query(image, k or k_q or 10, explainer, "none", image_box)
+        rerank = default_rerank()
+        result = engine.query(image, k or k_q or 10, explainer, "none", image_box, rerank=rerank)
         model = engine.model
     rows = result_rows(result, None)
     search_overlays(backend, result, rows, data, label, cap)
-    return search_record(label, model, result, rows, region)
+    return search_record(label, model, result, rows, region, rerank)
 
 
 @router.post("/explain")

@@ -41,9 +41,17 @@ DEFAULT_DUPLICATE_THRESHOLD = 0.88
 # decoding, and over this many pixels before decoding them (a small file can still decode to a huge bitmap).
 MAX_UPLOAD_MB = 20
 MAX_UPLOAD_MEGAPIXELS = 60.0
-# How many of the top results `famsearch search` re-ranks by matched parts unless asked otherwise (retrieval/rerank.py;
-# README, Measured): 0 = off.
-DEFAULT_RERANK = 0
+# How many of the top results a search (`famsearch search`, the UI, the API) and `famsearch eval` re-rank by matched
+# parts unless asked otherwise (retrieval/rerank.py; README, Measured: bench/results/query-speed.txt): 0 = off.
+DEFAULT_RERANK = 50
+
+
+def default_rerank() -> int:
+    """The UI's and the API's re-ranking: $FAMSEARCH_RERANK (the twin of `search --rerank`), else `DEFAULT_RERANK`."""
+    text = os.environ.get(ENV_PREFIX + "RERANK") or ""
+    return int(text) if text.strip().isdigit() else DEFAULT_RERANK
+
+
 DEFAULT_INPUT_SIZE = 224  # the square side photos are resized to; 320 measured better at 2x the cost (README)
 
 

@@ -17,7 +17,14 @@ from PIL import Image
 from sqlalchemy import select
 
 from retrieval import fam as explainers
-from retrieval.config import DEFAULT_EXPLAINER, Settings, default_device, home_has_index, index_generation
+from retrieval.config import (
+    DEFAULT_EXPLAINER,
+    DEFAULT_RERANK,
+    Settings,
+    default_device,
+    home_has_index,
+    index_generation,
+)
 from retrieval.duplicates import (
     DuplicateGroup,
     DuplicateImage,
@@ -350,7 +357,7 @@ class QueryEngine:
         group: str = "none",
         box: Box | Auto | None = None,
         search_filter: SearchFilter | None = None,
-        rerank: int = 0,
+        rerank: int = DEFAULT_RERANK,
         expand: int = 0,
     ) -> QueryResult:
         """`query` on a photo file (box in pixels of the full-size photo); the decode counts in `embed` and `total`."""
@@ -411,7 +418,7 @@ class QueryEngine:
         group: str = "none",
         box: Box | Auto | None = None,
         search_filter: SearchFilter | None = None,
-        rerank: int = 0,
+        rerank: int = DEFAULT_RERANK,
         expand: int = 0,
     ) -> QueryResult:
         """Top-k matches of one photo, with query- and match-side maps and correspondences unless explainer == 'none'.

@@ -235,8 +235,10 @@ def test_search_rerank_returns_a_permutation_of_the_top_n_with_part_scores_and_c
     capsys, indexed, gallery
 ):
     query = gallery / "pic0.jpg"
-    _, plain = run_json(capsys, "search", query, "--home", indexed, "-k", "6", "--explain", "none")
+    _, plain = run_json(capsys, "search", query, "--home", indexed, "-k", "6", "--explain", "none", "--rerank", "0")
     _, reranked = run_json(capsys, "search", query, "--home", indexed, "-k", "6", "--rerank", "6")
+    _, default = run_json(capsys, "search", query, "--home", indexed, "-k", "6", "--explain", "none")
+    assert default["rerank"] == 50 and "part_score" in default["results"][0]  # on by default: the top 50
     assert sorted(r["image_id"] for r in reranked["results"]) == sorted(r["image_id"] for r in plain["results"])
     assert [r["rank"] for r in reranked["results"]] == list(range(1, 7))
     assert reranked["rerank"] == 6 and plain["rerank"] == 0
@@ -325,3 +327,13 @@ def test_eval_reranks_each_query_s_top_n_in_place_and_leaves_the_rest(seed):
     reranked = rerank_ranking(query, gallery, ranking, 5)
     for before, after in zip(ranking, reranked):
         assert sorted(after[:5]) == sorted(before[:5]) and list(after[5:]) == list(before[5:])
+
+
+def test_the_ui_and_the_api_re_rank_the_top_50_unless_famsearch_rerank_says_otherwise(monkeypatch):
+    from retrieval.config import default_rerank
+    from ui.queries import grid_request
+
+    monkeypatch.delenv("FAMSEARCH_RERANK", raising=False)
+    assert default_rerank() == 50 and grid_request(10, "fam-fine", False)["rerank"] == 50
+    monkeypatch.setenv("FAMSEARCH_RERANK", "0")
+    assert default_rerank() == 0 and grid_request(10, "fam-fine", True)["rerank"] == 0

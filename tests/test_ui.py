@@ -165,9 +165,10 @@ def test_a_query_jpeg_is_decoded_for_the_model_exactly_as_the_indexer_decodes_it
     assert photo.display.size == (1024, 768)  # people see it sharper than the model does
 
 
-def test_the_grid_asks_for_maps_only_when_the_group_map_is_on():
-    assert queries.grid_request(7, "gradcam", False) == {"k": 7, "explainer": "none", "group": "none"}
-    assert queries.grid_request(7, "gradcam", True) == {"k": 7, "explainer": "gradcam", "group": "topk"}
+def test_the_grid_asks_for_maps_only_when_the_group_map_is_on(monkeypatch):
+    monkeypatch.delenv("FAMSEARCH_RERANK", raising=False)
+    assert queries.grid_request(7, "gradcam", False) == {"k": 7, "explainer": "none", "group": "none", "rerank": 50}
+    assert queries.grid_request(7, "gradcam", True) == {"k": 7, "explainer": "gradcam", "group": "topk", "rerank": 50}
 
 
 def test_top_channels_are_the_largest_shares_largest_first():
@@ -557,7 +558,9 @@ def test_the_spotlight_dims_every_cell_but_the_picked_ones():
 
 def test_picking_the_part_automatically_searches_for_what_stands_out(gap_indexed, monkeypatch):
     """The tiled photo: picture 1 eight times and picture 5 once; the whole photo finds picture 1, the
-    automatic focus picture 5 (as `famsearch search --box auto` does), and the Why? maps stay on its cells."""
+    automatic focus picture 5 (as `famsearch search --box auto` does), and the Why? maps stay on its cells.
+    Ranked by cosine (FAMSEARCH_RERANK=0): the toy model's parts match at random."""
+    monkeypatch.setenv("FAMSEARCH_RERANK", "0")
     canvas = Image.new("RGB", (192, 192))
     for x in range(3):
         for y in range(3):

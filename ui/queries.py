@@ -24,6 +24,7 @@ from retrieval.config import (  # re-exported: the UI's limits are the API's
     MAX_UPLOAD_MEGAPIXELS,
     Settings,
     default_home,
+    default_rerank,
     home_has_index,
     index_generation,
 )
@@ -127,7 +128,12 @@ def grid_request(k: int, explainer: str, group: bool) -> dict:
     The grid shows scores; per-match maps are computed when a match is opened (one pair),
     so a query costs one embedding and one search instead of k+1 embeddings.
     """
-    return {"k": k, "explainer": explainer if group else "none", "group": "topk" if group else "none"}
+    return {
+        "k": k,
+        "explainer": explainer if group else "none",
+        "group": "topk" if group else "none",
+        "rerank": default_rerank(),
+    }
 
 
 Region = tuple[float, float, float, float]  # x1, y1, x2, y2 as fractions of the photo's width and height

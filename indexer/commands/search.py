@@ -89,7 +89,7 @@ def rerank_flags(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="re-rank the top N by matched parts: the query's salient cells matched to each photo's (mutual "
         "nearest neighbours that one similarity transform, mirrored or not, explains), added to the cosine; "
-        "0: off (README, Measured)",
+        f"default {DEFAULT_RERANK}; 0: off (README, Measured)",
     )
     add_flag(
         p,
