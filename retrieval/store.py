@@ -17,12 +17,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, SQLColumnExpression, create_engine, event, func, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
@@ -32,6 +30,9 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from retrieval.errors import DamagedStateError, UsageError
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image, Meta
+
+if TYPE_CHECKING:  # Alembic is imported only to migrate, or to read a revision that is not `migrations.HEAD`
+    from alembic.config import Config
 
 _EMBEDDING_DTYPE = np.dtype("<f4")  # float32 little-endian, whatever the host
 _BUSY_TIMEOUT_S = 30.0  # how long a connection waits for another's lock (busy_timeout, the WAL switch)
@@ -67,6 +68,8 @@ def bytes_to_embedding(b: bytes) -> np.ndarray:
 
 def alembic_config(url: str) -> Config:
     """An Alembic config for ``url`` with the packaged migrations (no alembic.ini)."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
@@ -358,7 +361,11 @@ def _on_sqlite_begin(conn: Connection) -> None:
 
 def _at_head(engine: Engine) -> bool:
     """Whether the database is at the newest schema, read without a write lock; UsageError when it is at a revision
-    this famsearch does not know (made by a newer version)."""
+    this famsearch does not know (made by a newer version). A database at `migrations.HEAD` is told by one query;
+    Alembic is imported for any other."""
+    with _connect(engine) as conn:
+        if schema_revisions(conn) == {migrations.HEAD}:
+            return True
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
@@ -375,7 +382,16 @@ def _at_head(engine: Engine) -> bool:
     return current == set(script.get_heads())
 
 
+def schema_revisions(conn: Connection) -> set[str]:
+    """The revisions in the database's version table, as Alembic records them (none before the first migration)."""
+    if not inspect(conn).has_table("alembic_version"):
+        return set()
+    return set(conn.scalars(text("SELECT version_num FROM alembic_version")))
+
+
 def _upgrade(engine: Engine) -> None:
+    from alembic import command
+
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     with _connect(engine) as conn:
         # Two processes opening a new database at once: the second waits for the first's migration and

@@ -12,6 +12,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
+import migrations
 from retrieval.errors import UsageError
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Base, Image
 from retrieval.store import (
@@ -21,6 +22,7 @@ from retrieval.store import (
     migrate,
     open_store,
     read_meta,
+    schema_revisions,
     sqlite_url,
 )
 
@@ -400,3 +402,27 @@ def test_a_name_longer_than_its_column_is_a_usage_error_on_every_database(store)
         with pytest.raises(UsageError, match="longer than 255"):
             write()
     add_to_album(store, "n" * 255, [])  # the longest that fits
+
+
+def test_the_head_revision_opened_without_alembic_is_alembics_head():
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    assert set(script.get_heads()) == {migrations.HEAD}
+
+
+def test_a_database_at_an_older_revision_is_upgraded_on_open(url):
+    migrate(url)
+    command.downgrade(alembic_config(url), "0003")
+    with open_store(url) as store:
+        with store.engine.connect() as conn:
+            assert schema_revisions(conn) == {migrations.HEAD}
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_a_database_at_an_unknown_revision_is_refused_though_head_is_checked_without_alembic(url):
+    migrate(url)
+    with open_store(url) as store, store.session() as session:
+        session.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(UsageError, match="newer famsearch"):
+        open_store(url)
