@@ -107,7 +107,7 @@ def decode_row(row: dict[str, Any], preprocess: Preprocess, max_megapixels: floa
     row_id = None if row["row_id"] < 0 else int(row["row_id"])
     stat = FileStat(row["path"], int(row["size"]), int(row["mtime_ns"]))
     item = decode_file(row_id, stat, preprocess, max_megapixels, row["known_hash"] or None)
-    pixels = b"" if item.tensor is None else item.tensor.numpy().astype(np.float32).tobytes()  # (3, S, S)
+    pixels = b"" if item.pixels is None else item.pixels.astype(np.float32).tobytes()  # (3, S, S)
     return {"meta": json.dumps(_meta_of(item)), "pixels": pixels}
 
 

@@ -11,28 +11,26 @@ file that changes under the indexer is embedded again next time, never kept stal
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import signal
+import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
-import torch
 from sqlalchemy import select
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from indexer.scan import DEFAULT_EXCLUDES, FileStat, content_hash, file_hash, scan
 from retrieval.config import Settings, index_generation
-from retrieval.encoder import Encoder, Preprocess
-from retrieval.engine import check_identity, index_from_store, model_identity
 from retrieval.featcache import FeatureCache, cache_batch, open_for_indexing
-from retrieval.head import Head, head_from_choice
 from retrieval.images import (
     DEFAULT_MAX_MEGAPIXELS,
     ImageError,
@@ -42,11 +40,17 @@ from retrieval.images import (
     photo_meta,
     read_photo,
 )
-from retrieval.ondisk import build_ondisk_index
+from retrieval.modelspec import PendingEncoder, check_identity
+from retrieval.preprocess import Preprocess
 from retrieval.schema import STATUS_FAILED, STATUS_OK, Image
-from retrieval.search import index_type_of, needs_ondisk, save_index
-from retrieval.statefiles import damaged_files, file_record
 from retrieval.store import Store, embedding_to_bytes, upsert_meta
+
+if TYPE_CHECKING:  # torch, FAISS and the model are imported once the files are decoding (`sync`)
+    import faiss
+    import torch
+
+    from retrieval.encoder import Encoder
+    from retrieval.head import Head
 
 LOGGER = logging.getLogger(__name__)
 
@@ -160,12 +164,12 @@ def _same_content(stat: FileStat, candidates: list[Row]) -> Row | None:
 
 @dataclass
 class Decoded:
-    """A worker's output for one file: a tensor, the reason it failed, or neither when the
+    """A worker's output for one file: its pixels (3, S, S) float32, the reason it failed, or neither when the
     file vanished or kept its bytes (`same_content`: only its new stat is to be stored)."""
 
     row_id: int | None
     stat: FileStat
-    tensor: torch.Tensor | None = None
+    pixels: np.ndarray | None = None
     digest: str | None = None
     size: tuple[int, int] | None = None
     error: str | None = None
@@ -180,28 +184,6 @@ def read_file(path: str) -> tuple[bytes, FileStat]:
     Only regular files up to `MAX_FILE_MB` are read (`read_photo`: a FIFO or a device is an ImageError)."""
     data, info = read_photo(path)
     return data, FileStat(path, info.st_size, info.st_mtime_ns)
-
-
-class DecodeDataset(Dataset):
-    """Reads, hashes, decodes and preprocesses files (in DataLoader worker processes)."""
-
-    def __init__(
-        self,
-        items: list[tuple[int | None, FileStat]],
-        preprocess: Preprocess,
-        max_megapixels: float,
-        known_hashes: dict[int, str] | None = None,
-    ):
-        self.items, self.preprocess, self.max_megapixels = items, preprocess, max_megapixels
-        self.known_hashes = known_hashes or {}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Decoded:
-        row_id, stat = self.items[i]
-        known = None if row_id is None else self.known_hashes.get(row_id)
-        return decode_file(row_id, stat, self.preprocess, self.max_megapixels, known)
 
 
 def decode_file(
@@ -224,7 +206,7 @@ def decode_file(
     try:
         raw = is_raw_path(stat.path)
         image, size = decode_image(data, max_megapixels, draft_size=preprocess.input_size, raw=raw)
-        return Decoded(row_id, stat, preprocess(image), digest, size, meta=meta)
+        return Decoded(row_id, stat, preprocess.pixels(image), digest, size, meta=meta)
     except ImageError as error:
         return Decoded(row_id, stat, digest=digest, error=str(error), meta=meta)
     except Exception as error:  # a decoder bug on one hostile file must stop neither this run nor the next
@@ -233,8 +215,76 @@ def decode_file(
         return Decoded(row_id, stat, digest=digest, error=error_text, meta=meta)
 
 
-def _collate(batch: list[Decoded]) -> list[Decoded]:
-    return batch
+# How many bytes of decoded pixels the decoding workers may hold ahead of the encoder: enough to keep decoding
+# through the parent's torch import and model load (~2 s: `sync`), bounded so a large gallery is not held in memory.
+DECODE_AHEAD_BYTES = 256 * 2**20
+
+
+class DecodePool:
+    """`decode_file` over the planned files, in order, in ``workers`` processes forked on construction (0: here, as
+    each is taken), at most `DECODE_AHEAD_BYTES` of pixels ahead of the one last taken. Forked before `sync` imports
+    torch, the workers never import it; numpy arrays cross the process boundary. `close` stops them."""
+
+    def __init__(
+        self,
+        items: list[tuple[int | None, FileStat]],
+        preprocess: Preprocess,
+        max_megapixels: float,
+        known_hashes: dict[int, str],
+        workers: int,
+    ):
+        self.jobs = iter(
+            [
+                (row_id, stat, preprocess, max_megapixels, None if row_id is None else known_hashes.get(row_id))
+                for row_id, stat in items
+            ]
+        )
+        per_file = 3 * preprocess.input_size**2 * 4  # (3, S, S) float32
+        self.ahead = max(4 * workers, DECODE_AHEAD_BYTES // per_file)
+        self.pending: deque = deque()  # multiprocessing AsyncResults, in the order of the files
+        self.pool = multiprocessing.get_context("fork").Pool(workers, _decoder_started) if workers else None
+        self._submit()
+
+    def _submit(self) -> None:
+        while self.pool is not None and len(self.pending) < self.ahead:
+            job = next(self.jobs, None)
+            if job is None:
+                return
+            self.pending.append(self.pool.apply_async(decode_file, job))
+
+    def __iter__(self) -> Iterator[Decoded]:
+        if self.pool is None:
+            yield from (decode_file(*job) for job in self.jobs)
+            return
+        while self.pending:
+            result = self.pending.popleft()
+            self._submit()
+            yield result.get()
+
+    def batches(self, size: int) -> Iterator[list[Decoded]]:
+        batch: list[Decoded] = []
+        for item in self:
+            batch.append(item)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _decoder_started() -> None:
+    """In each decoding worker: Ctrl+C is the parent's to handle (it stops the pool), and a worker whose parent was
+    killed (kill -9) exits instead of waiting for work forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -336,6 +386,8 @@ def fill_photo_meta(store: Store, roots: list[str], progress: bool = True, chunk
 
 @contextmanager
 def inference_threads(workers: int) -> Iterator[None]:
+    import torch
+
     """Torch threads for the encoder while `workers` processes decode: the cores they leave (at
     least one), unless OMP_NUM_THREADS is set. On 2 cores, 2 decoders and 2 torch threads
     oversubscribe; bench/bench_index.py measured 1 thread faster there (bench/results/index.txt)."""
@@ -359,26 +411,19 @@ class EncodedBatch:
     packed: torch.Tensor | np.ndarray | None = None
 
 
-def encode_locally(
-    encoder: Encoder, items: list[tuple[int | None, FileStat]], options: IndexOptions, known_hashes: dict[int, str]
-) -> Iterator[EncodedBatch]:
-    """Decode in `options.workers` DataLoader processes, encode here in batches of `options.batch_size`."""
-    dataset = DecodeDataset(items, encoder.preprocess, options.max_megapixels, known_hashes)
-    loader = DataLoader(
-        dataset,
-        batch_size=options.batch_size,
-        num_workers=options.workers,
-        collate_fn=_collate,
-        prefetch_factor=4 if options.workers else None,
-        persistent_workers=False,
-    )
+def encode_locally(encoder: Encoder, decoding: DecodePool, options: IndexOptions) -> Iterator[EncodedBatch]:
+    """Encode here, in batches of `options.batch_size`, what the decoding pool yields."""
+    import torch
+
     with inference_threads(options.workers):
-        for batch in loader:
-            good = [i for i, item in enumerate(batch) if item.tensor is not None]
+        for batch in decoding.batches(options.batch_size):
+            decoded = {i: item.pixels for i, item in enumerate(batch) if item.pixels is not None}
+            good = list(decoded)
             if not good:
                 yield EncodedBatch(batch, {})
                 continue
-            encoded = encoder.encode_batch(torch.stack([batch[i].tensor for i in good]))
+            pixels = torch.from_numpy(np.stack(list(decoded.values())))  # (B, 3, S, S)
+            encoded = encoder.encode_batch(pixels)
             pooled = dict(zip(good, encoded.pooled.cpu().numpy()))  # (B, N) rows
             yield EncodedBatch(batch, pooled, encoded.pack() if options.map_cache else None)
 
@@ -402,23 +447,46 @@ def embed_files(
     options: IndexOptions,
     cache: FeatureCache | None = None,
     known_hashes: dict[int, str] | None = None,
+    decoding: DecodePool | None = None,
 ) -> Counter:
-    """Decode, encode (here, or on a Ray cluster with `options.ray`) and commit each batch here. Returns the
-    outcome counts of `_write_batch` (failed, same, vanished_new, vanished_old)."""
+    """Decode (in ``decoding``, started by the caller; else here), encode (here, or on a Ray cluster with
+    `options.ray`) and commit each batch here. Returns the outcome counts of `_write_batch` (failed, same,
+    vanished_new, vanished_old)."""
     if not items:
         return Counter()
     if options.ray is not None:
         from indexer.cluster import encode_on_ray
 
         batches = encode_on_ray(encoder, items, options, known_hashes or {})
+    elif decoding is None:
+        with _decode_pool(items, encoder.preprocess, options, known_hashes or {}) as started:
+            return embed_files(store, encoder, items, options, cache, known_hashes, started)
     else:
-        batches = encode_locally(encoder, items, options, known_hashes or {})
+        batches = encode_locally(encoder, decoding, options)
     outcomes: Counter = Counter()
     with tqdm(total=len(items), unit="img", disable=not options.progress, desc="embedding") as bar:
         for batch in batches:
             outcomes += commit_batch(store, batch, cache)
             bar.update(len(batch.items))
     return outcomes
+
+
+@contextmanager
+def _decode_pool(
+    items: list[tuple[int | None, FileStat]],
+    preprocess: Preprocess,
+    options: IndexOptions,
+    known_hashes: dict[int, str],
+) -> Iterator[DecodePool | None]:
+    """The files decoding in `options.workers` processes from now on (None on Ray: its tasks decode)."""
+    pool = None
+    if options.ray is None and items:
+        pool = DecodePool(items, preprocess, options.max_megapixels, known_hashes, options.workers)
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def apply_moves_and_deletes(store: Store, plan: Plan) -> None:
@@ -434,6 +502,10 @@ def apply_moves_and_deletes(store: Store, plan: Plan) -> None:
 
 def resolve_head(store: Store, choice: str | None) -> Head:
     """The head for this run: 'none', 'pcaw' (refitted on the current gallery) or a head file."""
+    import torch
+
+    from retrieval.head import Head, head_from_choice
+
     choice = choice or store.get_meta("head_choice") or "none"
     gallery_pooled = None
     if choice == "pcaw":
@@ -449,6 +521,12 @@ def write_index_from_store(store: Store, head: Head, index_file: Path) -> faiss.
     """Build the index from the rows through the head and write it to ``index_file``: in RAM as
     `retrieval.search.choose_index_type` picks, or streamed into an on-disk IVF-SQ8 (retrieval/ondisk.py)
     once gathering the vectors would take more than `retrieval.search.ONDISK_MIN_BYTES`."""
+    import torch
+
+    from retrieval.engine import index_from_store
+    from retrieval.ondisk import build_ondisk_index
+    from retrieval.search import needs_ondisk, save_index
+
     n_ok = store.counts()["images"]
     first = next(store.ok_embeddings(batch_size=1), None)
     dim = 0 if first is None else int(head(torch.from_numpy(first[1])).shape[1])
@@ -476,6 +554,10 @@ def rebuild_index(store: Store, settings: Settings, encoder: Encoder, head_choic
     stay on disk until the generation after next is committed: a pcaw refit never pairs an old
     head with a new index, or the reverse.
     """
+    from retrieval.engine import model_identity
+    from retrieval.search import index_type_of
+    from retrieval.statefiles import file_record
+
     info = store.get_meta("index") or {}
     generation = index_generation(info) + 1
     store.set_meta("index", {**info, "dirty": True})
@@ -530,13 +612,16 @@ def _settle(summary: dict, outcomes: Counter) -> dict:
 def sync(
     store: Store,
     settings: Settings,
-    encoder: Encoder,
+    encoder: Encoder | PendingEncoder,
     roots: list[Path],
     options: IndexOptions,
     hold: Collection[str] = (),
 ) -> dict:
     """Bring the DB and the index in line with the folders. Returns the run summary.
 
+    A `PendingEncoder` is loaded (torch imported, the encoder built) once the planned files are decoding, before
+    anything is written: what it cannot run here is a usage error that changes nothing. The summary's ``seconds``
+    leave that load out, as they did when it came before the run (the decoders' head start meanwhile is in them).
     `hold`: paths left out of this run as if it had not looked at them (a watched file still being written):
     not embedded if new or changed, not deleted if gone."""
     start = time.perf_counter()
@@ -558,31 +643,54 @@ def sync(
         "failed": 0,
     }
     if options.dry_run:
+        _loaded(encoder)  # what the run could not do is a usage error here too
         summary["metadata_read"] = len(rows_without_meta(store, root_names))  # what the run would read
         return {**summary, "dry_run": True, "seconds": round(time.perf_counter() - start, 3), "images_per_s": 0.0}
-    changed = bool(plan.embed or plan.moved or plan.deleted)
-    index_meta = store.get_meta("index") or {}
-    if changed:
+    with _decode_pool(plan.embed, encoder.preprocess, options, plan.hashes) as decoding:
+        loading = time.perf_counter()
+        loaded = _loaded(encoder)
+        start += time.perf_counter() - loading  # torch's import and the model's build stay out of `seconds`, as before
+        index_meta = store.get_meta("index") or {}
+        summary = _settle(summary, _apply(store, settings, loaded, plan, options, index_meta, decoding))
+    from retrieval.statefiles import damaged_files
+
+    summary["metadata_read"] = fill_photo_meta(store, root_names, options.progress)
+    head_changed = options.head is not None and options.head != store.get_meta("head_choice")
+    damaged = damaged_files(settings, index_meta, stored, strict=True)
+    for path in damaged if stored else []:  # a new home has no files yet: nothing to say
+        LOGGER.warning("%s is missing, damaged or unrecorded; it is rebuilt from the rows", path)
+    if plan.embed or plan.moved or plan.deleted or head_changed or index_meta.get("dirty", True) or damaged or full:
+        rebuild_index(store, settings, loaded, options.head)
+    seconds = time.perf_counter() - start
+    embedded = summary["added"] + summary["updated"]
+    summary.update(seconds=round(seconds, 3), images_per_s=round(embedded / seconds, 2) if embedded else 0.0)
+    store.set_meta("last_run", {**summary, "roots": root_names, "finished_at": datetime.now(timezone.utc).isoformat()})
+    return summary
+
+
+def _loaded(encoder: Encoder | PendingEncoder) -> Encoder:
+    return encoder.load() if isinstance(encoder, PendingEncoder) else encoder
+
+
+def _apply(
+    store: Store,
+    settings: Settings,
+    encoder: Encoder,
+    plan: Plan,
+    options: IndexOptions,
+    index_meta: dict,
+    decoding: DecodePool | None,
+) -> Counter:
+    """The plan's moves and deletions, then its files embedded (``decoding`` them) and committed batch by batch,
+    under the `dirty` mark. Returns `_write_batch`'s outcome counts."""
+    if plan.embed or plan.moved or plan.deleted:
         store.set_meta("index", {**index_meta, "dirty": True})
     apply_moves_and_deletes(store, plan)
     cache = open_for_indexing(settings.home, encoder.identity, options.map_cache, options.map_cache_max_bytes)
     try:
         if cache is not None:
             cache.delete(plan.deleted)
-        outcomes = embed_files(store, encoder, plan.embed, options, cache, plan.hashes)
+        return embed_files(store, encoder, plan.embed, options, cache, plan.hashes, decoding)
     finally:
         if cache is not None:
             cache.close()
-    summary = _settle(summary, outcomes)
-    summary["metadata_read"] = fill_photo_meta(store, root_names, options.progress)
-    head_changed = options.head is not None and options.head != store.get_meta("head_choice")
-    damaged = damaged_files(settings, index_meta, stored, strict=True)
-    for path in damaged if stored else []:  # a new home has no files yet: nothing to say
-        LOGGER.warning("%s is missing, damaged or unrecorded; it is rebuilt from the rows", path)
-    if changed or head_changed or index_meta.get("dirty", True) or damaged or full:
-        rebuild_index(store, settings, encoder, options.head)
-    seconds = time.perf_counter() - start
-    embedded = summary["added"] + summary["updated"]
-    summary.update(seconds=round(seconds, 3), images_per_s=round(embedded / seconds, 2) if embedded else 0.0)
-    store.set_meta("last_run", {**summary, "roots": root_names, "finished_at": datetime.now(timezone.utc).isoformat()})
-    return summary

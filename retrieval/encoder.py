@@ -21,19 +21,19 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from retrieval.backbone import Backbone, describe_backbone, load_backbone, network_class, randomised_tail
+from retrieval.backbone import Backbone, load_backbone, network_class, randomised_tail
 from retrieval.config import DEFAULT_INPUT_SIZE, DEFAULT_POOLING, PRECISIONS, RUNTIMES
 from retrieval.errors import UsageError
 from retrieval.fam import FineInputs
-from retrieval.modelspec import ModelSpec
+from retrieval.modelspec import ModelSpec, describe_backbone
 from retrieval.onnxbackbone import OnnxBackbone, export_backbone, export_file, onnx_available
 from retrieval.pooling import POOLINGS, Objectness, explained_feature_map, load_objectness, pool_feature_map
+from retrieval.preprocess import Preprocess
 from retrieval.regions import (
     AUTO,
     Auto,
@@ -81,22 +81,6 @@ def resolve_runtime(runtime: str | None, device: torch.device, precision: str) -
             return "torch"
         raise UsageError("--runtime onnx needs the packages onnxruntime and onnx (pip install onnxruntime onnx)")
     return "onnx"
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """RGB PIL image -> normalised (3, S, S) float tensor, whole image kept (picklable for workers)."""
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        resized = image.convert("RGB").resize((self.input_size, self.input_size), Image.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)  # (S, S, 3)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (pixels.permute(2, 0, 1) - mean) / std  # (S, S, 3) -> (3, S, S)
 
 
 @dataclass

@@ -47,7 +47,7 @@ from retrieval.images import (
     load_image_sized,
     read_indexed_photo,
 )
-from retrieval.modelspec import stored_model_spec
+from retrieval.modelspec import check_identity, stored_model_spec  # check_identity: re-exported
 from retrieval.regions import Auto, Box, fit_box
 from retrieval.rerank import (
     PartMatch,
@@ -191,20 +191,6 @@ def channel_shares(
 
 def model_identity(encoder: Encoder, head: Head) -> dict:
     return {**encoder.identity, **head.identity}
-
-
-def check_identity(stored: dict, current: dict) -> None:
-    """Raise if the stored pooled vectors came from another backbone/weights/pooling/input size."""
-    keys = ("backbone", "weights_sha256", "pooling", "input_size")
-    diffs = [
-        f"{k}: index has {stored.get(k)!r}, model is {current.get(k)!r}"
-        for k in keys
-        if stored.get(k) != current.get(k)
-    ]
-    if diffs:
-        raise ModelMismatchError(
-            "the index was built by another model (" + "; ".join(diffs) + "); re-index with --full"
-        )
 
 
 def index_from_store(store: Store, head: Head, index_type: str = "auto"):

@@ -1,5 +1,7 @@
 """What each command imports before it answers: `--help` no numpy, Pillow or torch; `info` no torch; `search` none of
-the UI's or the API's libraries. A fresh interpreter per case, since the test process has imported everything."""
+the UI's or the API's libraries, and no Alembic on a database already at the newest schema; `index`'s decoding
+workers never torch (they are forked before the indexer imports it). A fresh interpreter per case, since the test
+process has imported everything."""
 
 from __future__ import annotations
 
@@ -20,15 +22,32 @@ print(json.dumps({"code": code, "modules": sorted({name.split(".")[0] for name i
 """
 
 
-def _imported(*argv: str) -> set[str]:
-    """The top-level packages a fresh `famsearch ARGV` has imported when it returns."""
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+# Put before PROBE: every file's decoding also records what the process decoding it had imported (one file a pid).
+RECORD_DECODERS = """
+import json, os, sys
+import indexer.sync
+real_decode_file = indexer.sync.decode_file
+def recording_decode_file(*args):
+    with open(os.path.join(os.environ["PROBE_OUT"], str(os.getpid())), "w") as out:
+        json.dump(sorted({name.split(".")[0] for name in sys.modules}), out)
+    return real_decode_file(*args)
+indexer.sync.decode_file = recording_decode_file
+"""
+
+
+def _run_probe(probe: str, argv: tuple[str, ...], **env: str) -> dict:
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", **env}
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", probe, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     record = json.loads(done.stdout.splitlines()[-1])
     assert record["code"] == 0, done.stderr
-    return set(record["modules"])
+    return record
+
+
+def _imported(*argv: str) -> set[str]:
+    """The top-level packages a fresh `famsearch ARGV` has imported when it returns."""
+    return set(_run_probe(PROBE, argv)["modules"])
 
 
 def _home(tmp_path: Path) -> Path:
@@ -53,3 +72,32 @@ def test_search_imports_none_of_the_ui_or_api_libraries(tmp_path):
     home = _home(tmp_path)
     imported = _imported("search", str(tmp_path / "gallery" / "p1.png"), "--home", str(home), "--json")
     assert not imported & {"streamlit", "fastapi", "uvicorn", "matplotlib", "scipy", "skimage", "torchvision", "timm"}
+
+
+def test_search_does_not_import_alembic_on_a_database_at_the_newest_schema(tmp_path):
+    home = _home(tmp_path)
+    imported = _imported("search", str(tmp_path / "gallery" / "p1.png"), "--home", str(home), "--json")
+    assert "alembic" not in imported
+    assert {"torch", "sqlalchemy"} <= imported  # the probe sees what search does import
+
+
+def test_index_imports_alembic_only_to_make_the_schema(tmp_path):
+    home = _home(tmp_path)
+    argv = ("index", str(tmp_path / "gallery"), "--home", str(home), *TOY_INDEX)
+    assert "alembic" not in _imported(*argv)  # a re-run: the schema is current
+    assert "alembic" in _imported(*argv[:2], "--home", str(tmp_path / "new-home"), *TOY_INDEX)
+
+
+def test_index_decodes_in_worker_processes_that_never_import_torch(tmp_path):
+    gallery, out = tmp_path / "gallery", tmp_path / "decoders"
+    gallery.mkdir()
+    out.mkdir()
+    for seed in range(6):
+        draw_picture(seed).save(gallery / f"p{seed}.png")
+    argv = ("index", str(gallery), "--home", str(tmp_path / "home"), "--model", "toy", "--input-size", "64")
+    record = _run_probe(RECORD_DECODERS + PROBE, (*argv, "--workers", "2", "--no-progress"), PROBE_OUT=str(out))
+    decoders = {path.name: set(json.loads(path.read_text())) for path in out.iterdir()}
+    assert decoders and "torch" in record["modules"]  # the files were decoded, and the indexer did import torch
+    for pid, modules in decoders.items():
+        assert "torch" not in modules, f"decoding worker {pid} imported torch"
+        assert {"numpy", "PIL"} <= modules

@@ -309,6 +309,30 @@ def test_dry_run_reports_the_plan_and_changes_nothing(capsys, gallery, home):
     assert index(capsys, home, gallery)[1]["added"] == 1  # the real run still has it all to do
 
 
+def test_decoding_in_worker_processes_stores_what_decoding_here_does(capsys, tmp_path, gallery):
+    homes = {workers: tmp_path / f"workers-{workers}" for workers in ("0", "2")}
+    for workers, home in homes.items():
+        code, _ = run_json(capsys, "index", gallery, "--home", home, *TOY, "--workers", workers)
+        assert code == 0
+    here, forked = (snapshot(home).rows for home in homes.values())
+    assert sorted(here) == sorted(forked)
+    for path, (_, status, emb) in here.items():  # numpy pixels across the process boundary: the same bits
+        assert forked[path][1] == status
+        assert (emb is None and forked[path][2] is None) or np.array_equal(emb, forked[path][2]), path
+
+
+def test_a_runtime_this_machine_cannot_run_is_refused_before_anything_changes(capsys, gallery, home):
+    index(capsys, home, gallery)
+    (gallery / "pic3.png").unlink()
+    save_picture(gallery / "new.png", 31)
+    before = snapshot(home)
+    code, _, err = run_cli(capsys, "index", gallery, "--home", home, *TOY, "--runtime", "onnx", "--device", "cuda")
+    assert code == 2 and "CPU only" in err  # the model is loaded once the files are decoding, still before writing
+    after = snapshot(home)
+    assert {p: r[:2] for p, r in after.rows.items()} == {p: r[:2] for p, r in before.rows.items()}
+    assert (after.index_ids, after.dirty) == (before.index_ids, before.dirty)
+
+
 def test_exclude_globs_skip_files_and_folders_and_drop_what_they_newly_exclude(capsys, gallery, home):
     save_picture(gallery / "private" / "secret.jpg", 40)
     save_picture(gallery / "scan.gif", 41)

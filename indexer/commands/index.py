@@ -17,7 +17,7 @@ from indexer.commands.common import (
 )
 from indexer.homelock import home_lock
 from indexer.scan import DEFAULT_EXCLUDES
-from retrieval.config import MAP_CACHE_MAX_GB, Settings, default_device
+from retrieval.config import MAP_CACHE_MAX_GB, Settings
 from retrieval.errors import UsageError
 
 
@@ -149,8 +149,7 @@ def run(args: argparse.Namespace) -> int:
 def _index(args: argparse.Namespace, settings: Settings, roots: list[Path]) -> dict | int:
     from indexer.labels import label_gallery
     from indexer.sync import IndexOptions, sync
-    from retrieval.encoder import load_encoder
-    from retrieval.modelspec import check_head_model, index_model_spec, trained_head_meta
+    from retrieval.modelspec import PendingEncoder, check_head_model, index_model_spec, trained_head_meta
     from retrieval.store import open_store
 
     store = open_store(settings.database_url, writer=True)
@@ -165,7 +164,8 @@ def _index(args: argparse.Namespace, settings: Settings, roots: list[Path]) -> d
             "runtime": args.runtime,
         }  # None: not given
         spec = index_model_spec(asked, args.head, trained, store.get_meta("model"))
-        encoder = load_encoder(spec, default_device(args.device), lazy=True, export_dir=settings.export_dir)
+        # Built by `sync` once the files are decoding: torch's import and the model load overlap the decoders.
+        encoder = PendingEncoder(spec, args.device, export_dir=settings.export_dir)
         check_head_model(args.head, trained, encoder.identity)
         options = IndexOptions(
             batch_size=args.batch_size,
