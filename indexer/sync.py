@@ -215,9 +215,9 @@ def decode_file(
         return Decoded(row_id, stat, digest=digest, error=error_text, meta=meta)
 
 
-# How many bytes of decoded pixels the decoding workers may hold ahead of the encoder: enough to keep decoding
-# through the parent's torch import and model load (~2 s: `sync`), bounded so a large gallery is not held in memory.
-DECODE_AHEAD_BYTES = 256 * 2**20
+# How many bytes of decoded pixels the decoding workers may hold ahead of the encoder (~110 photos at 224 px): enough
+# to keep two decoding through the parent's torch import and model load (~2 s, `sync`), a bound on what waits in RAM.
+DECODE_AHEAD_BYTES = 64 * 2**20
 
 
 class DecodePool:
