@@ -18,7 +18,7 @@ import contextlib, io, json, sys
 from indexer.cli import main
 with contextlib.redirect_stdout(io.StringIO()):
     code = main(sys.argv[1:])
-print(json.dumps({"code": code, "modules": sorted({name.split(".")[0] for name in sys.modules})}))
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
 """
 
 
@@ -47,6 +47,11 @@ def _run_probe(probe: str, argv: tuple[str, ...], **env: str) -> dict:
 
 def _imported(*argv: str) -> set[str]:
     """The top-level packages a fresh `famsearch ARGV` has imported when it returns."""
+    return {name.split(".")[0] for name in _imported_modules(*argv)}
+
+
+def _imported_modules(*argv: str) -> set[str]:
+    """Every module a fresh `famsearch ARGV` has imported when it returns."""
     return set(_run_probe(PROBE, argv)["modules"])
 
 
@@ -101,3 +106,11 @@ def test_index_decodes_in_worker_processes_that_never_import_torch(tmp_path):
     for pid, modules in decoders.items():
         assert "torch" not in modules, f"decoding worker {pid} imported torch"
         assert {"numpy", "PIL"} <= modules
+
+
+def test_a_sqlite_home_does_not_import_the_postgresql_dialect(tmp_path):
+    home = _home(tmp_path)
+    for argv in (("info", "--home", str(home)), ("index", str(tmp_path / "gallery"), "--home", str(home), *TOY_INDEX)):
+        imported = _imported_modules(*argv)
+        assert "sqlalchemy.dialects.sqlite" in imported
+        assert "sqlalchemy.dialects.postgresql" not in imported, argv
