@@ -18,6 +18,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Collection, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -241,8 +242,10 @@ class DecodePool:
         )
         per_file = 3 * preprocess.input_size**2 * 4  # (3, S, S) float32
         self.ahead = max(4 * workers, DECODE_AHEAD_BYTES // per_file)
-        self.pending: deque = deque()  # multiprocessing AsyncResults, in the order of the files
-        self.pool = multiprocessing.get_context("fork").Pool(workers, _decoder_started) if workers else None
+        self.pending: deque[Future[Decoded]] = deque()  # in the order of the files
+        self.pool = None
+        if workers:  # forked, not spawned: the workers start at once and share the parent's pages
+            self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _decoder_started)
         self._submit()
 
     def _submit(self) -> None:
@@ -250,16 +253,16 @@ class DecodePool:
             job = next(self.jobs, None)
             if job is None:
                 return
-            self.pending.append(self.pool.apply_async(decode_file, job))
+            self.pending.append(self.pool.submit(decode_file, *job))
 
     def __iter__(self) -> Iterator[Decoded]:
         if self.pool is None:
             yield from (decode_file(*job) for job in self.jobs)
             return
         while self.pending:
-            result = self.pending.popleft()
+            decoded = self.pending.popleft()
             self._submit()
-            yield result.get()
+            yield decoded.result()  # BrokenProcessPool when a worker died (killed, out of memory): the run stops
 
     def batches(self, size: int) -> Iterator[list[Decoded]]:
         batch: list[Decoded] = []
@@ -273,8 +276,7 @@ class DecodePool:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _decoder_started() -> None:

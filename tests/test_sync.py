@@ -476,6 +476,21 @@ def test_a_run_that_dies_mid_embedding_keeps_its_committed_batches(capsys, tmp_p
     assert_same_as_fresh(capsys, tmp_path, home, gallery)
 
 
+@pytest.mark.timeout(300)
+def test_a_decoding_worker_that_dies_stops_the_run_instead_of_hanging_it(capsys, tmp_path, gallery, home, monkeypatch):
+    real_read = sync_module.read_file
+    victim = str(gallery / "pic3.png")
+    # In the forked worker only: os._exit is a crash (the OOM killer, a segfault in a decoder), not an exception.
+    monkeypatch.setattr(sync_module, "read_file", lambda path: os._exit(9) if path == victim else real_read(path))
+    code, _, _ = run_cli(capsys, "index", gallery, "--home", home, *TOY, "--workers", "2")
+    assert code == 70  # an internal error, logged with its traceback (BrokenProcessPool)
+    monkeypatch.undo()
+    code, summary = index(capsys, home, gallery)
+    assert code == 0 and summary["failed"] == 0
+    assert_consistent(home, [gallery])
+    assert_same_as_fresh(capsys, tmp_path, home, gallery)
+
+
 def test_heic_photos_are_indexed_when_pillow_heif_is_installed(capsys, gallery, home):
     pillow_heif = pytest.importorskip("pillow_heif")
     pillow_heif.from_pillow(draw_picture(90)).save(gallery / "IMG_0042.HEIC", quality=95)
