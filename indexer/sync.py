@@ -1,7 +1,8 @@
 """Incremental, crash-safe indexing of photo folders into the DB rows and the FAISS index.
 
-scan -> plan (new / changed / moved / deleted / unchanged) -> moves and deletions -> read,
-hash and decode in worker processes -> encode in batches -> one DB transaction per batch ->
+scan -> plan (new / changed / moved / deleted / unchanged) -> read, hash and decode start in
+worker processes, then torch and the model load -> moves and deletions -> encode in batches -> one DB
+transaction per batch ->
 head + FAISS rebuilt from the rows and renamed into place. The rows are the truth: a run
 killed at any moment leaves committed batches in the DB and the `dirty` mark set, and the
 next run rebuilds the index. A file is stored with the stat it had when it was read, so a
@@ -190,7 +191,7 @@ def read_file(path: str) -> tuple[bytes, FileStat]:
 def decode_file(
     row_id: int | None, stat: FileStat, preprocess: Preprocess, max_megapixels: float, known_hash: str | None = None
 ) -> Decoded:
-    """Read, hash, decode and preprocess one file (a DataLoader worker's or a Ray task's unit of work).
+    """Read, hash, decode and preprocess one file (a decoding worker's or a Ray task's unit of work).
     A file whose bytes hash to ``known_hash`` (its row's) is not decoded: only its stat is new."""
     try:
         data, stat = read_file(stat.path)
