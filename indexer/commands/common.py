@@ -184,15 +184,19 @@ def head_model_spec(args: argparse.Namespace) -> ModelSpec:
     resolves, without a home's model."""
     from retrieval.modelspec import index_model_spec, trained_head_meta
 
-    asked = {
+    return index_model_spec(asked_model(args), args.head, trained_head_meta(args.head), None)
+
+
+def asked_model(args: argparse.Namespace) -> dict:
+    """The model flags as given ({field: value}, None where not given), for `index_model_spec` to complete."""
+    return {
         "backbone": args.model,
         "weights": args.weights,
         "input_size": args.input_size,
         "pooling": args.pooling,
         "precision": args.precision,
         "runtime": args.runtime,
-    }  # None: not given
-    return index_model_spec(asked, args.head, trained_head_meta(args.head), None)
+    }
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -11,6 +11,7 @@ from indexer.commands.common import (
     EXIT_OK,
     EXIT_PARTIAL,
     add_flag,
+    asked_model,
     common_flags,
     model_flags,
     settings_from,
@@ -155,15 +156,7 @@ def _index(args: argparse.Namespace, settings: Settings, roots: list[Path]) -> d
     store = open_store(settings.database_url, writer=True)
     try:
         trained = trained_head_meta(args.head)
-        asked = {
-            "backbone": args.model,
-            "weights": args.weights,
-            "input_size": args.input_size,
-            "pooling": args.pooling,
-            "precision": args.precision,
-            "runtime": args.runtime,
-        }  # None: not given
-        spec = index_model_spec(asked, args.head, trained, store.get_meta("model"))
+        spec = index_model_spec(asked_model(args), args.head, trained, store.get_meta("model"))
         # Built by `sync` once the files are decoding: torch's import and the model load overlap the decoders.
         encoder = PendingEncoder(spec, args.device, export_dir=settings.export_dir)
         check_head_model(args.head, trained, encoder.identity)
