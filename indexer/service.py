@@ -31,6 +31,7 @@ from retrieval.config import (
     EXPLAINER_NAMES,
     MAX_UPLOAD_MB,
     MAX_UPLOAD_MEGAPIXELS,
+    QUERY_THREADS,
     Settings,
     default_rerank,
     home_has_index,
@@ -80,7 +81,7 @@ class Backend:
                 self._engine.close()
                 self._engine = None
             if self._engine is None:
-                self._engine = QueryEngine(self.settings, device=self.device)
+                self._engine = QueryEngine(self.settings, device=self.device, threads=QUERY_THREADS)
             yield self._engine
 
     def key_is_valid(self, key: str) -> bool:

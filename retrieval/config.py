@@ -44,6 +44,11 @@ MAX_UPLOAD_MEGAPIXELS = 60.0
 # How many of the top results a search (`famsearch search`, the UI, the API) and `famsearch eval` re-rank by matched
 # parts unless asked otherwise (retrieval/rerank.py; README, Measured: bench/results/query-speed.txt): 0 = off.
 DEFAULT_RERANK = 50
+# Threads a QueryEngine that answers queries (search, explain, the UI, the API) gives torch and ONNX Runtime on a CPU:
+# one query's operations are small, and on this project's 2-core machine two threads made a query slower, not faster
+# (p50 49.6 -> 32.3 ms at one thread; --rerank 50: 93.4 -> 55.2 ms; bench/results/query-threads.txt). Concurrent
+# queries (UI sessions, API requests) use the other cores. Batch work (eval, duplicates, index) keeps every core.
+QUERY_THREADS = 1
 
 
 def default_rerank() -> int:

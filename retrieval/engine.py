@@ -251,7 +251,13 @@ def _ms(start: float) -> float:
 class QueryEngine:
     """Loads once, answers many queries (warm latency is what `timing_ms` shows)."""
 
-    def __init__(self, settings: Settings, device: str | None = None, runtime: str | None = None):
+    def __init__(
+        self, settings: Settings, device: str | None = None, runtime: str | None = None, threads: int | None = None
+    ):
+        """``threads``: set torch's (and so ONNX Runtime's, whose session takes torch's count) CPU threads for this
+        process first, e.g. `QUERY_THREADS` for an engine that answers queries; None leaves them."""
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.settings = settings
         if not home_has_index(settings):
             raise IndexMissingError(settings.home)

@@ -149,3 +149,26 @@ def test_search_answers_the_same_under_both_runtimes_and_the_flag_has_an_env_twi
     monkeypatch.delenv("FAMSEARCH_RUNTIME")
     code, _, err = run_cli(capsys, "search", query, "--home", home, "--runtime", "onnx", "--device", "cuda")
     assert code == 2 and "CPU only" in err and "Traceback" not in err
+
+
+def test_an_engine_that_answers_queries_runs_torch_and_onnx_runtime_on_query_threads(tmp_path):
+    from retrieval.config import QUERY_THREADS, Settings
+    from retrieval.engine import QueryEngine
+
+    gallery, home = tmp_path / "gallery", tmp_path / "home"
+    gallery.mkdir()
+    for seed in range(3):
+        draw_picture(seed).save(gallery / f"p{seed}.png")
+    index_quietly(gallery, home, *TOY_INDEX)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        QueryEngine(Settings(home), device="cpu").close()
+        assert torch.get_num_threads() == 2  # no threads asked: left as they were
+        engine = QueryEngine(Settings(home), device="cpu", threads=QUERY_THREADS)
+        engine.query(draw_picture(1), 2)
+        options = engine.encoder.onnx.session.get_session_options()
+        assert (torch.get_num_threads(), options.intra_op_num_threads) == (QUERY_THREADS, QUERY_THREADS) == (1, 1)
+        engine.close()
+    finally:
+        torch.set_num_threads(before)

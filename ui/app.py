@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from retrieval import correspondences
-from retrieval.config import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_EXPLAINER, Settings
+from retrieval.config import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_EXPLAINER, QUERY_THREADS, Settings
 from retrieval.duplicates import KEEP_RULE, DuplicateGroup
 from retrieval.engine import Match, QueryEngine
 from retrieval.errors import (
@@ -39,7 +39,7 @@ MAX_GROUPS_SHOWN = 30  # groups drawn on the Duplicates page; `famsearch duplica
 @st.cache_resource(max_entries=2, show_spinner="Loading the model and the index…")
 def load_engine(home: str, db_url: str | None, stamp: int | None) -> QueryEngine:
     """One engine per index version, shared by every session (read-only after loading)."""
-    return queries.warm_up(QueryEngine(Settings(Path(home), db_url)))
+    return queries.warm_up(QueryEngine(Settings(Path(home), db_url), threads=QUERY_THREADS))
 
 
 @st.cache_data(max_entries=2048, show_spinner=False)

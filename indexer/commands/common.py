@@ -228,10 +228,11 @@ def output_folder(folder: Path | None, flag: str) -> Path | None:
     return folder
 
 
-def open_engine(args: argparse.Namespace) -> QueryEngine:
+def open_engine(args: argparse.Namespace, threads: int | None = None) -> QueryEngine:
+    """The home's engine (``threads`` as `QueryEngine` takes them: `QUERY_THREADS` to answer queries)."""
     from retrieval.engine import QueryEngine
 
-    return QueryEngine(settings_from(args), device=args.device, runtime=args.runtime)
+    return QueryEngine(settings_from(args), device=args.device, runtime=args.runtime, threads=threads)
 
 
 def require_files(paths: list[Path]) -> None:

@@ -16,7 +16,7 @@ from indexer.commands.common import (
     runtime_flag,
     save_map,
 )
-from retrieval.config import DEFAULT_EXPLAINER, EXPLAINER_NAMES
+from retrieval.config import DEFAULT_EXPLAINER, EXPLAINER_NAMES, QUERY_THREADS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     (query, _), (match, _) = read_query(args.query), read_query(args.match)
     output_folder(args.out, "--out")
-    engine = open_engine(args)
+    engine = open_engine(args, QUERY_THREADS)
     try:
         report = engine.compare(query, match, args.explain)
     finally:

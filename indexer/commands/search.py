@@ -20,7 +20,7 @@ from indexer.commands.common import (
     runtime_flag,
     save_map,
 )
-from retrieval.config import DEFAULT_EXPLAINER, DEFAULT_RERANK, EXPLAINER_NAMES
+from retrieval.config import DEFAULT_EXPLAINER, DEFAULT_RERANK, EXPLAINER_NAMES, QUERY_THREADS
 from retrieval.errors import UsageError
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     search_filter = search_filter_from(args)
     require_files(args.images)  # before loading the model
     output_folder(args.maps_dir, "--maps-dir")
-    engine = open_engine(args)
+    engine = open_engine(args, QUERY_THREADS)
     try:
         # draft-decoded: 12 MP costs ~1/8; a box is checked against each photo before any search
         images = [(path, *read_query(path, engine, box)) for path in args.images]
