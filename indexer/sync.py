@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from indexer.scan import DEFAULT_EXCLUDES, FileStat, content_hash, file_hash, scan
 from retrieval.config import Settings, index_generation
+from retrieval.featcache import FeatureCache, cache_batch, open_for_indexing
 from retrieval.images import (
     DEFAULT_MAX_MEGAPIXELS,
     ImageError,
@@ -51,7 +52,6 @@ if TYPE_CHECKING:  # torch, FAISS and the model are imported once the files are 
     import torch
 
     from retrieval.encoder import Encoder
-    from retrieval.featcache import FeatureCache  # imports torch
     from retrieval.head import Head
 
 LOGGER = logging.getLogger(__name__)
@@ -434,8 +434,6 @@ def encode_locally(encoder: Encoder, decoding: DecodePool, options: IndexOptions
 def commit_batch(store: Store, batch: EncodedBatch, cache: FeatureCache | None) -> Counter:
     """One DB transaction for the batch's rows, then its maps into the cache (keyed by the ids just
     committed). Returns `_write_batch`'s outcome counts."""
-    from retrieval.featcache import cache_batch
-
     outcomes = _write_batch(store, batch.items, batch.pooled)
     if cache is not None:
         kept = [i for i, item in enumerate(batch.items) if not item.same_content]  # only their stat changed
@@ -688,8 +686,6 @@ def _apply(
 ) -> Counter:
     """The plan's moves and deletions, then its files embedded (``decoding`` them) and committed batch by batch,
     under the `dirty` mark. Returns `_write_batch`'s outcome counts."""
-    from retrieval.featcache import open_for_indexing
-
     if plan.embed or plan.moved or plan.deleted:
         store.set_meta("index", {**index_meta, "dirty": True})
     apply_moves_and_deletes(store, plan)

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 LOGGER = logging.getLogger(__name__)
 FOLDER_NAME = "featcache"
@@ -299,7 +298,10 @@ class FeatureCache:
 
 
 def _float32(stored: np.ndarray) -> np.ndarray:
-    """A float16 entry in float32, converted by torch (vectorised: ~10x numpy's conversion, the check's main cost)."""
+    """A float16 entry in float32, converted by torch (vectorised: ~10x numpy's conversion, the check's main cost).
+    Only readers convert: torch is imported here, so indexing can open the cache before torch is loaded."""
+    import torch
+
     return torch.from_numpy(stored).float().numpy()
 
 
