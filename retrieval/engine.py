@@ -587,8 +587,7 @@ class QueryEngine:
         first_map, first_offset = self._explain(explainer, a, b.emb[None])
         second_map, second_offset = self._explain(explainer, b, a.emb[None])
         shares = channel_shares(a.pooled, a.emb, b.emb, self.head.weight)
-        second = _parts(b.fine)
-        pairs = strongest_pairs(_parts(a.fine), second[None], CORRESPONDENCES, PART_MATCH)[0].float().cpu().numpy()
+        pairs = _found(strongest_pairs(_parts(a.fine), _parts(b.fine)[None], CORRESPONDENCES, PART_MATCH))[0]
         return PairReport(
             float(explainers.cosine(a.emb, b.emb[None])[0]),
             first_map,
@@ -597,7 +596,7 @@ class QueryEngine:
             shares.float().cpu().numpy(),
             a.feature_map.float().cpu().numpy(),
             b.feature_map.float().cpu().numpy(),
-            pairs[pairs[:, 4] > 0],
+            pairs,
         )
 
     def duplicates(self, threshold: float, progress: Callable[[int], None] | None = None) -> list[DuplicateGroup]:
