@@ -27,10 +27,10 @@ from PIL import Image
 from torch import Tensor
 
 from retrieval.backbone import Backbone, load_backbone, network_class, randomised_tail
-from retrieval.config import DEFAULT_INPUT_SIZE, DEFAULT_POOLING, PRECISIONS, RUNTIMES
+from retrieval.config import DEFAULT_INPUT_SIZE, DEFAULT_POOLING
 from retrieval.errors import UsageError
 from retrieval.fam import FineInputs
-from retrieval.modelspec import ModelSpec, describe_backbone
+from retrieval.modelspec import ModelSpec, check_precision, check_runtime, describe_backbone
 from retrieval.onnxbackbone import OnnxBackbone, export_backbone, export_file, onnx_available
 from retrieval.pooling import POOLINGS, Objectness, explained_feature_map, load_objectness, pool_feature_map
 from retrieval.preprocess import Preprocess
@@ -59,8 +59,7 @@ def native_bf16() -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> 'bf16' on a CPU with native bf16, else 'fp32'; 'fp32'/'bf16' are kept."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cpu" and native_bf16() else "fp32"
@@ -70,8 +69,7 @@ def resolve_runtime(runtime: str | None, device: torch.device, precision: str) -
     """What runs the backbone's forward pass: None -> 'onnx' (ONNX Runtime, faster than torch on a CPU: see
     `retrieval.config.RUNTIMES`) for fp32 on the CPU when onnxruntime is installed, else 'torch'. An explicit 'onnx'
     where it cannot run (a GPU, bf16, not installed) is a usage error."""
-    if runtime is not None and runtime not in RUNTIMES:
-        raise UsageError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    check_runtime(runtime)
     if runtime == "torch" or (runtime is None and (device.type != "cpu" or precision != "fp32")):
         return "torch"
     if device.type != "cpu" or precision != "fp32":

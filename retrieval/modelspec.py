@@ -185,6 +185,18 @@ def check_identity(stored: dict, current: dict) -> None:
         )
 
 
+def check_precision(precision: str) -> None:
+    """UsageError unless ``precision`` is one of `PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+def check_runtime(runtime: str | None) -> None:
+    """UsageError unless ``runtime`` is None (the default) or one of `RUNTIMES`."""
+    if runtime is not None and runtime not in RUNTIMES:
+        raise UsageError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+
+
 class PendingEncoder:
     """The encoder of a spec before it is built: its identity and preprocessing now, without torch; the encoder
     (`retrieval.encoder.load_encoder`, lazily: the backbone or ONNX session on first use) on `load`, once.
@@ -193,10 +205,8 @@ class PendingEncoder:
     input size); the loaded encoder's adds the precision and an attn probe's digest."""
 
     def __init__(self, spec: ModelSpec, device: str | None = None, export_dir: Path | None = None) -> None:
-        if spec.precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {spec.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if spec.runtime is not None and spec.runtime not in RUNTIMES:
-            raise UsageError(f"unknown runtime {spec.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        check_precision(spec.precision)
+        check_runtime(spec.runtime)
         weights = None if spec.weights is None else str(Path(spec.weights).resolve())
         self.spec, self.device, self.export_dir = replace(spec, weights=weights), device, export_dir
         self.mean, self.std, self._backbone_identity = describe_backbone(spec.backbone, weights)
