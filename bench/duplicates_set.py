@@ -18,14 +18,18 @@ import argparse
 import json
 import random
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from retrieval.images import load_image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SOURCES = [Path("/usr/share/backgrounds/mate"), Path("/usr/share/doc/opencv-doc/examples/data")]
+from bench.real_photo_crops import SOURCES  # noqa: E402
+from bench.real_photo_crops import photos as distinct_photos  # noqa: E402
+from retrieval.images import load_image  # noqa: E402
+
 LONG_SIDE = 1024  # originals are stored at most this large (the wallpapers are up to 5640 px)
 SMALL_EDITS = {"ela_modified": "ela_original"}  # a real retouched copy: a duplicate of its original
 # Distinct photos that look alike (the negatives): name patterns of each family of originals.
@@ -54,17 +58,7 @@ def lookalike_family(name: str) -> str | None:
 def originals() -> list[Path]:
     """One file per photo (a wallpaper kept at several sizes once), at least 200 px across; the small edits of
     `SMALL_EDITS` are left out here (they join their original's group as they are)."""
-    seen, kept = set(), []
-    for source in SOURCES:
-        for path in sorted(source.rglob("*")):
-            if path.suffix.lower() not in (".jpg", ".jpeg", ".png") or path.stem in SMALL_EDITS:
-                continue
-            name = re.sub(r"_\d+x\d+$", "", path.stem)
-            if name in seen or min(load_image(path, draft_size=256).size) < 200:
-                continue
-            seen.add(name)
-            kept.append(path)
-    return kept
+    return distinct_photos(skip=lambda stem: stem in SMALL_EDITS)
 
 
 def crop_share(share: float, rng: random.Random) -> Callable[[Image.Image], Image.Image]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,12 +27,18 @@ from retrieval.modelspec import ModelSpec
 SOURCES = [Path("/usr/share/backgrounds/mate"), Path("/usr/share/doc/opencv-doc/examples/data")]
 
 
-def photos() -> list[Path]:
-    """Distinct photos: one per wallpaper name (sizes dropped), no chessboard shots, at least 200 px across."""
+def chessboard_shot(stem: str) -> bool:
+    """OpenCV's calibration photos (left01, right13, ...): the same chessboard again and again."""
+    return re.match(r"(left|right)\d", stem) is not None
+
+
+def photos(skip: Callable[[str], bool] = chessboard_shot) -> list[Path]:
+    """Distinct photos: one per wallpaper name (sizes dropped), none whose file stem ``skip`` names (by default no
+    chessboard shots), at least 200 px across."""
     seen, kept = set(), []
     for source in SOURCES:
         for path in sorted(source.rglob("*")):
-            if path.suffix.lower() not in (".jpg", ".jpeg", ".png") or re.match(r"(left|right)\d", path.stem):
+            if path.suffix.lower() not in (".jpg", ".jpeg", ".png") or skip(path.stem):
                 continue
             name = re.sub(r"_\d+x\d+$", "", path.stem)
             if name in seen or min(load_image(path, draft_size=256).size) < 200:
