@@ -389,11 +389,11 @@ def fill_photo_meta(store: Store, roots: list[str], progress: bool = True, chunk
 
 @contextmanager
 def inference_threads(workers: int) -> Iterator[None]:
-    import torch
-
     """Torch threads for the encoder while `workers` processes decode: the cores they leave (at
     least one), unless OMP_NUM_THREADS is set. On 2 cores, 2 decoders and 2 torch threads
     oversubscribe; bench/bench_index.py measured 1 thread faster there (bench/results/index.txt)."""
+    import torch
+
     before = torch.get_num_threads()
     if workers and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - workers))
