@@ -41,9 +41,11 @@ def split_labels(
     """Indices of a train / validation split: the rows marked `held_out` when given (a validation set of
     another style); else whole `styles` (one per row) held out, when the rows carry two or more; else whole
     labels (validation objects are unseen, of the training style). `val_fraction` 0: no validation."""
+    kind = validation_kind(held_out is not None, styles)
     if held_out is not None:
         return [i for i, out in enumerate(held_out) if not out], [i for i, out in enumerate(held_out) if out]
-    if styles is not None and len(set(styles)) >= 2 and val_fraction > 0:
+    if kind == "held-out styles" and val_fraction > 0:
+        assert styles is not None
         distinct = sorted(set(styles))
         random.Random(seed).shuffle(distinct)
         n_val = min(max(1, int(round(len(distinct) * val_fraction))), len(distinct) - 1)
@@ -55,6 +57,16 @@ def split_labels(
     if val_fraction > 0 and not 2 <= n_val <= len(distinct) - 2:
         raise UsageError(f"--val-fraction {val_fraction} leaves {n_val} of {len(distinct)} labels for validation")
     return _split_by(labels, set(distinct[:n_val]))
+
+
+def validation_kind(held_out: bool, styles: list[str] | None) -> str:
+    """What early stopping validates on, in `split_labels`' order: "held-out dataset" (rows held out: a validation
+    set of another style), else "held-out styles" (the rows carry two or more), else "held-out labels"."""
+    if held_out:
+        return "held-out dataset"
+    if styles is not None and len(set(styles)) >= 2:
+        return "held-out styles"
+    return "held-out labels"
 
 
 def _split_by(keys: list[str], out: set[str]) -> tuple[list[int], list[int]]:

@@ -16,7 +16,7 @@ from retrieval.head import Head
 from retrieval.modelspec import ModelSpec
 from training import finetune as ft
 from training.data import cached_pooled, memoised, read_labelled, read_styles
-from training.metric import History, TrainOptions, split_labels, train_head
+from training.metric import History, TrainOptions, split_labels, train_head, validation_kind
 from training.objectness import fit_probe
 
 LOGGER = logging.getLogger(__name__)
@@ -80,9 +80,11 @@ class Validation:
 
 
 def _validation_line(validation: Validation | None, styles: list[str] | None) -> str:
+    kind = validation_kind(validation is not None, styles)
     if validation is not None:
         return f"; validation on another dataset ({len(validation.paths)} images)"
-    if styles is not None and len(set(styles)) >= 2:
+    if kind == "held-out styles":
+        assert styles is not None
         return f"; validation on held-out styles of {len(set(styles))}"
     return "; validation on held-out labels (give --val DATASET to validate on another style)"
 
@@ -106,12 +108,7 @@ def _validation_summary(
     _, val_idx = split_labels(labels, options.val_fraction, options.seed, styles, held_out)
     if not val_idx:
         return {"on": "none", "images": 0, "labels": 0}
-    if held_out is not None:
-        on = "held-out dataset"
-    elif styles is not None and len(set(styles)) >= 2:
-        on = "held-out styles"
-    else:
-        on = "held-out labels"
+    on = validation_kind(held_out is not None, styles)
     summary = {"on": on, "images": len(val_idx), "labels": len({labels[i] for i in val_idx})}
     if on == "held-out styles":
         assert styles is not None
