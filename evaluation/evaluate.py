@@ -30,6 +30,7 @@ from tqdm import tqdm
 from evaluation import metrics
 from evaluation.dataset import Dataset, Item, item_box, read_dataset
 from retrieval import fam as explainers
+from retrieval.boxes import AUTO
 from retrieval.config import DEFAULT_EXPLAINER, DEFAULT_RERANK, Settings, default_device
 from retrieval.encoder import Encoder
 from retrieval.engine import QueryEngine
@@ -38,7 +39,6 @@ from retrieval.fam import FineInputs
 from retrieval.head import Head
 from retrieval.images import load_image, upsample
 from retrieval.modelspec import ModelSpec
-from retrieval.regions import AUTO
 from retrieval.search import search
 
 LOGGER = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ from PIL import Image
 
 from indexer.commands.search import result_rows, search_record
 from retrieval.apikeys import key_is_valid
+from retrieval.boxes import Auto, Box, fit_box, parse_box
 from retrieval.config import (
     DEFAULT_EXPLAINER,
     EXPLAINER_NAMES,
@@ -40,7 +41,6 @@ from retrieval.config import (
 from retrieval.engine import QueryEngine, QueryResult
 from retrieval.errors import FamsearchError, ImageError, IndexMissingError, ModelMismatchError
 from retrieval.images import decode_image, overlay, read_indexed_photo
-from retrieval.regions import Auto, Box, fit_box, parse_box
 from retrieval.schema import STATUS_OK
 from retrieval.status import home_status
 from retrieval.store import Store, open_store, read_meta

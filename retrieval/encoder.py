@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from retrieval.backbone import Backbone, load_backbone, network_class, randomised_tail
+from retrieval.boxes import AUTO, Auto, Box  # noqa: F401 (AUTO re-exported: callers import it from here)
 from retrieval.config import DEFAULT_INPUT_SIZE, DEFAULT_POOLING
 from retrieval.errors import UsageError
 from retrieval.fam import FineInputs
@@ -35,9 +36,6 @@ from retrieval.onnxbackbone import OnnxBackbone, export_backbone, export_file, o
 from retrieval.pooling import POOLINGS, Objectness, explained_feature_map, load_objectness, pool_feature_map
 from retrieval.preprocess import Preprocess
 from retrieval.regions import (
-    AUTO,
-    Auto,
-    Box,
     box_weights,
     focus_scores,
     focus_weights,

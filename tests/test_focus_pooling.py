@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from retrieval.boxes import AUTO
 from retrieval.encoder import load_encoder
 from retrieval.modelspec import ModelSpec
 from retrieval.pooling import explained_feature_map, pool_feature_map
-from retrieval.regions import AUTO
 from tests.conftest import copy_home, draw_picture, run_json
 
 

@@ -8,11 +8,11 @@ import torch
 from skimage import data
 
 from retrieval.backbone import lite0_weights_path
+from retrieval.boxes import AUTO
 from retrieval.encoder import load_encoder, resolve_runtime
 from retrieval.errors import UsageError
 from retrieval.modelspec import ModelSpec
 from retrieval.onnxbackbone import export_file
-from retrieval.regions import AUTO
 from tests.conftest import TOY_INDEX, draw_picture, index_quietly, run_cli, run_json
 
 pytest.importorskip("onnxruntime")

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from retrieval.boxes import parse_box
 from retrieval.encoder import load_encoder
 from retrieval.modelspec import ModelSpec
 from retrieval.pooling import pool_feature_map
-from retrieval.regions import box_weights, parse_box
+from retrieval.regions import box_weights
 from tests.conftest import draw_picture, run_cli, run_json
 
 
@@ -278,7 +279,7 @@ def test_the_automatic_focus_ignores_the_map_s_scale_and_follows_the_spot(seed):
 def test_auto_pools_the_query_over_the_cells_the_focus_picks():
     """Oracle: z under `AUTO` is the mean of A over the cells `forward_features_and_focus` keeps, and the
     explained map is zero elsewhere and still averages to z."""
-    from retrieval.regions import AUTO
+    from retrieval.boxes import AUTO
 
     encoder = load_encoder(ModelSpec("toy", input_size=64, pooling="gap"))
     image = draw_picture(7, size=96)
@@ -294,7 +295,7 @@ def test_auto_pools_the_query_over_the_cells_the_focus_picks():
 
 
 def test_parse_box_takes_auto():
-    from retrieval.regions import AUTO, clip_box, fit_box
+    from retrieval.boxes import AUTO, clip_box, fit_box
 
     assert parse_box("auto") == parse_box(" AUTO ") == AUTO
     assert clip_box(AUTO, (10, 10)) == fit_box(AUTO, (100, 100), (10, 10)) == AUTO

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from retrieval.boxes import AUTO  # re-exported: in place of a region, the automatic focus (`search --box auto`)
 from retrieval.config import (  # re-exported: the UI's limits are the API's
     ENV_PREFIX,
     MAX_UPLOAD_MB,
@@ -32,7 +33,6 @@ from retrieval.engine import QueryEngine
 from retrieval.errors import UsageError
 from retrieval.filters import SearchFilter, make_filter
 from retrieval.images import ImageError, decode_image, read_photo
-from retrieval.regions import AUTO  # re-exported: in place of a region, the automatic focus (`search --box auto`)
 from retrieval.store import read_meta
 from ui.pictures import fit_within
 

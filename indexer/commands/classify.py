@@ -25,8 +25,8 @@ from retrieval.errors import UsageError
 if TYPE_CHECKING:
     from PIL import Image
 
+    from retrieval.boxes import Auto, Box
     from retrieval.engine import Classification, QueryEngine
-    from retrieval.regions import Auto, Box
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +86,7 @@ def _classify_one(
     box: Box | Auto | None,
 ) -> None:
     """Classify one photo and print a sentence (or a JSON line) for it."""
-    from retrieval.regions import box_json
+    from retrieval.boxes import box_json
 
     result = engine.classify(image, args.rule, args.k, args.explain, image_box)
     files = save_maps(folder, image, result) if folder else {}

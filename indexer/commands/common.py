@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
+    from retrieval.boxes import Auto, Box
     from retrieval.engine import QueryEngine
     from retrieval.modelspec import ModelSpec
-    from retrieval.regions import Auto, Box
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 # Photos that maps are drawn over are decoded at least this large (a JPEG by DCT scaling, others reduced by a whole
@@ -160,7 +160,7 @@ def box_flag(parser: argparse.ArgumentParser, verb: str) -> None:
 
 def parse_box_flag(text: str | None) -> Box | Auto | None:
     """--box as given -> a box, `AUTO` or None; UsageError naming the flag."""
-    from retrieval.regions import parse_box
+    from retrieval.boxes import parse_box
 
     if text is None:
         return None
@@ -250,8 +250,8 @@ def read_query(
     With an engine the photo is draft-decoded at the model's input size (12 MP costs ~1/8); without one (maps
     drawn over it: explain, classify) at `OVERLAY_SIDE` or more, and the box moves onto that.
     """
+    from retrieval.boxes import fit_box
     from retrieval.images import load_image_sized
-    from retrieval.regions import fit_box
 
     require_files([path])
     try:

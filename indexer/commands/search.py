@@ -24,9 +24,9 @@ from retrieval.config import DEFAULT_EXPLAINER, DEFAULT_RERANK, EXPLAINER_NAMES,
 from retrieval.errors import UsageError
 
 if TYPE_CHECKING:
+    from retrieval.boxes import Auto, Box
     from retrieval.engine import QueryResult
     from retrieval.filters import SearchFilter
-    from retrieval.regions import Auto, Box
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -143,7 +143,7 @@ def search_record(
     expand: int = 0,
 ) -> dict:
     """The `search --json` object of one query (docs/DESIGN.md §5); ``box`` as the person gave it."""
-    from retrieval.regions import box_json
+    from retrieval.boxes import box_json
 
     record = {
         "query": query,
