@@ -31,7 +31,7 @@ from retrieval.encoder import Encoded, Encoder, load_encoder
 from retrieval.errors import DamagedStateError, IndexMissingError, ModelMismatchError, NoAlbumsError, UsageError
 from retrieval.fam import FineInputs
 from retrieval.featcache import FeatureCache
-from retrieval.flow import CORRESPONDENCES, GROUP_CHOICES, PART_MATCH, SearchFlow, ms_since  # noqa: F401 (re-exported)
+from retrieval.flow import CORRESPONDENCES, GROUP_CHOICES, PART_MATCH, SearchFlow, ms_since, unpadded  # noqa: F401 (re-exported)
 from retrieval.head import Head, load_head
 from retrieval.images import is_image_path
 from retrieval.modelspec import check_identity, stored_model_spec  # check_identity: re-exported
@@ -125,8 +125,7 @@ def _parts(fine: FineInputs) -> Parts:
 
 def _found(pairs: torch.Tensor) -> list[np.ndarray]:
     """`strongest_pairs`' (K, C, 5) as each photo's pairs, without the padding: K arrays (C', 5)."""
-    found = pairs.float().cpu().numpy()
-    return [rows[rows[:, 4] > 0] for rows in found]
+    return unpadded(pairs.float().cpu().numpy())
 
 
 def _stacked(photos: list[Embedded]) -> Embedded:

@@ -54,6 +54,12 @@ def rerank_order(scores: np.ndarray, part: np.ndarray, blend: float) -> np.ndarr
     return np.argsort(-combined, kind="stable")
 
 
+def unpadded(pairs: np.ndarray) -> list[np.ndarray]:
+    """Strongest matched cell pairs (K, C, 5) as each photo's, without the padding rows (strength 0): K arrays
+    (C', 5)."""
+    return [rows[rows[:, 4] > 0] for rows in np.asarray(pairs, np.float32)]
+
+
 class SearchFlow(Generic[E]):
     """The home's store, index and map cache, and the query flow over them (see the module docstring)."""
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from retrieval.boxes import Auto, Box
     from retrieval.engine import QueryEngine
+    from retrieval.flow import SearchFlow
     from retrieval.modelspec import ModelSpec
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
@@ -243,7 +244,7 @@ def require_files(paths: list[Path]) -> None:
 
 
 def read_query(
-    path: Path, engine: QueryEngine | None = None, box: Box | Auto | None = None
+    path: Path, engine: SearchFlow | None = None, box: Box | Auto | None = None
 ) -> tuple[Image.Image, Box | Auto | None]:
     """Decode a query photo and move the box (pixels of the full-size photo) onto the decoded one.
 

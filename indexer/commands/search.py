@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,14 +20,18 @@ from indexer.commands.common import (
     require_files,
     runtime_flag,
     save_map,
+    settings_from,
 )
 from retrieval.config import DEFAULT_EXPLAINER, DEFAULT_RERANK, EXPLAINER_NAMES, QUERY_THREADS
 from retrieval.errors import UsageError
 
 if TYPE_CHECKING:
     from retrieval.boxes import Auto, Box
-    from retrieval.engine import QueryResult
     from retrieval.filters import SearchFilter
+    from retrieval.flow import SearchFlow
+    from retrieval.results import QueryResult
+
+LOGGER = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -111,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     search_filter = search_filter_from(args)
     require_files(args.images)  # before loading the model
     output_folder(args.maps_dir, "--maps-dir")
-    engine = open_engine(args, QUERY_THREADS)
+    engine = open_search_engine(args, box)
     try:
         # draft-decoded: 12 MP costs ~1/8; a box is checked against each photo before any search
         images = [(path, *read_query(path, engine, box)) for path in args.images]
@@ -131,6 +136,20 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return EXIT_OK
+
+
+def open_search_engine(args: argparse.Namespace, box: Box | Auto | None) -> SearchFlow:
+    """The lean engine (no torch: `retrieval.lean`) when it covers this home and these flags, else the torch one."""
+    from retrieval.lean.engine import LeanEngine, NotLean, why_not_lean
+
+    why = why_not_lean(args.device, args.runtime, args.explain, args.group, box)
+    if not why:
+        try:
+            return LeanEngine(settings_from(args), QUERY_THREADS)
+        except NotLean as error:
+            why = str(error)
+    LOGGER.debug("search runs on the torch engine: %s", why)
+    return open_engine(args, QUERY_THREADS)
 
 
 def search_record(

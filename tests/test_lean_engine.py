@@ -1,0 +1,150 @@
+"""The lean engine (retrieval/lean: ONNX Runtime and numpy) answers a query as the torch engine does, number for
+number, without importing torch; where it does not cover a home or a query, `famsearch search` falls back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.config import Settings
+from retrieval.engine import QueryEngine
+from retrieval.lean.engine import LeanEngine, NotLean, why_not_lean
+from tests.conftest import index_quietly, run_json
+
+pytest.importorskip("onnxruntime")
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSITES = Path("/work/shared/data/clipart-composites")
+
+
+def assert_same_answers(lean, reference) -> None:
+    """Same matches in the same order, scores and part scores to float32 rounding, maps and correspondences close."""
+    assert [m.image_id for m in lean.matches] == [m.image_id for m in reference.matches]
+    for a, b in zip(lean.matches, reference.matches):
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+        assert (a.part_score is None) == (b.part_score is None)
+        if b.part_score is not None:
+            assert a.part_score == pytest.approx(b.part_score, abs=1e-5)
+        for side in ("query_map", "match_map"):
+            expected = getattr(b, side)
+            np.testing.assert_allclose(getattr(a, side), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+        assert a.correspondences.shape == b.correspondences.shape
+        np.testing.assert_allclose(a.correspondences, b.correspondences, rtol=1e-4, atol=1e-5)
+        assert a.offsets == b.offsets
+
+
+def both_engines(home: Path) -> tuple[LeanEngine, QueryEngine]:
+    return LeanEngine(Settings(home)), QueryEngine(Settings(home), device="cpu")
+
+
+# ------------------------------------------------------------------------------------- real photos, the real model
+@pytest.fixture(scope="module")
+def real_home(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """30 photos of clipart-composites' gallery indexed with the defaults (Lite0, focus, ONNX Runtime), and 4 of its
+    queries (their objects are in the gallery). Skipped where the dataset is not at hand."""
+    if not (COMPOSITES / "annotations.jsonl").is_file():
+        pytest.skip("clipart-composites is not here")
+    rows = [json.loads(line) for line in (COMPOSITES / "annotations.jsonl").read_text().splitlines() if line.strip()]
+    queries = [COMPOSITES / r["path"] for r in rows if r.get("split") == "query"][:4]
+    gallery = [COMPOSITES / r["path"] for r in rows if r.get("split") == "gallery"][:30]
+    folder = tmp_path_factory.mktemp("lean") / "photos"
+    folder.mkdir()
+    for path in gallery:
+        shutil.copy(path, folder / path.name)
+    home = folder.parent / "home"
+    index_quietly(folder, home, "--workers", "0", "--no-progress")
+    return home, queries
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rerank, expand", [(50, 0), (0, 0), (5, 2)])
+def test_the_lean_engine_answers_as_the_torch_engine_on_real_photos(real_home, rerank, expand):
+    home, queries = real_home
+    lean, reference = both_engines(home)
+    try:
+        for query in queries:
+            assert_same_answers(
+                lean.query_path(query, 10, rerank=rerank, expand=expand),
+                reference.query_path(query, 10, rerank=rerank, expand=expand),
+            )
+    finally:
+        lean.close()
+        reference.close()
+
+
+@pytest.mark.slow
+def test_photos_missing_from_the_map_cache_are_encoded_again_as_the_torch_engine_does(real_home):
+    home, queries = real_home
+    lean, reference = both_engines(home)
+    try:
+        lean.feature_cache = reference.feature_cache = None  # every match decoded and run through the model
+        assert_same_answers(lean.query_path(queries[0], 5), reference.query_path(queries[0], 5))
+    finally:
+        lean.close()
+        reference.close()
+
+
+# ---------------------------------------------------------------------------------- the toy model, the command line
+SEARCH_WITHOUT_TORCH = """
+import json, sys
+from indexer.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
+"""
+
+
+def _search_in_a_fresh_process(*argv) -> tuple[dict, dict]:
+    """(the search's JSON line, {"code", "torch": whether torch was imported}) of `famsearch search` in a new process."""
+    out = subprocess.run(
+        [sys.executable, "-c", SEARCH_WITHOUT_TORCH, "search", *map(str, argv), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    return json.loads(out[-2]), json.loads(out[-1])
+
+
+def test_search_with_the_defaults_never_imports_torch_and_answers_as_the_torch_engine(
+    indexed, gallery, monkeypatch, capsys
+):
+    record, process = _search_in_a_fresh_process(gallery / "pic0.jpg", "--home", indexed, "-k", "4")
+    assert process == {"code": 0, "torch": False}
+    monkeypatch.setenv("FAMSEARCH_LEAN", "0")
+    _, reference = run_json(capsys, "search", gallery / "pic0.jpg", "--home", indexed, "-k", "4")
+    assert [r["image_id"] for r in record["results"]] == [r["image_id"] for r in reference["results"]]
+    for a, b in zip(record["results"], reference["results"]):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+        assert a["part_score"] == pytest.approx(b["part_score"], abs=1e-5)
+        assert [p["query_xy"] for p in a["correspondences"]] == [p["query_xy"] for p in b["correspondences"]]
+    assert record["map_shape"] == reference["map_shape"]
+
+
+def test_what_the_lean_engine_does_not_cover_goes_to_the_torch_engine(indexed, gallery, capsys):
+    for flags in (["--explain", "fam"], ["--box", "0,0,32,32"], ["--runtime", "torch"], ["--group", "topk"]):
+        _, process = _search_in_a_fresh_process(gallery / "pic0.jpg", "--home", indexed, "-k", "2", *flags)
+        assert process == {"code": 0, "torch": True}, flags
+    assert why_not_lean(None, None, "fam-fine", "none", None) in ("", "a GPU")
+    assert why_not_lean("cuda", None, "fam-fine", "none", None) == "a GPU"
+    assert why_not_lean("cpu", None, "gradcam", "none", None) == "explainer gradcam"
+
+
+def test_a_home_with_a_head_or_without_its_cached_export_is_not_lean(indexed, gallery, capsys):
+    (export,) = (indexed / "onnx").glob("*.onnx")
+    export.unlink()
+    with pytest.raises(NotLean, match="export"):
+        LeanEngine(Settings(indexed))
+    _, record = run_json(capsys, "search", gallery / "pic1.png", "--home", indexed, "-k", "2")
+    assert len(record["results"]) == 2  # the torch engine answered, and exported the backbone again
+    assert export.is_file()
+    LeanEngine(Settings(indexed)).close()
+    run_json(capsys, "index", gallery, "--home", indexed, "--head", "pcaw")
+    with pytest.raises(NotLean, match="head"):
+        LeanEngine(Settings(indexed))
+    _, process = _search_in_a_fresh_process(gallery / "pic0.jpg", "--home", indexed, "-k", "2")
+    assert process == {"code": 0, "torch": True}
