@@ -354,3 +354,12 @@ def test_real_photos_get_torch_s_part_scores_order_and_correspondences(real_phot
     assert matched.sum() > 20  # photos of the query's object share matched parts with it
     np.testing.assert_array_equal(found_pairs[..., 4] > 0, matched)
     np.testing.assert_allclose(found_pairs[matched], pairs[matched], **FLOAT)
+
+
+def test_emphasis_and_guide_of_another_dtype_are_read_as_the_map_s():
+    """As torch's `.to(coarse)`: float16 emphasis and guide (a cache's) give the map of their float32 values."""
+    inputs = random_fine(0, 2)
+    half = FineInputs(inputs.whole_map, inputs.emphasis.half(), inputs.fine_emphasis.half(), inputs.guide.half())
+    emb, partners = random_embs(1, (2,), 16), random_embs(2, (2, 1), 16)
+    found = lean_fine.fine_fam(as_numpy(half), emb.numpy(), partners.numpy())
+    assert_close(found, fam.fine_fam(half, emb, partners))

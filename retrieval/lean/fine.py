@@ -159,5 +159,8 @@ def fine_fam(
     """The default map (`retrieval.fam.fine_fam`): FAM weights on the whole photo's map, emphasised where the photo
     was pooled, up-sampled in the guide features: (..., J), (..., K, J) -> (..., H, W), >= 0."""
     coarse = weighted_map(inputs.whole_map, fam_weights(emb, partner_embs, head_weight))  # (..., h, w)
-    coarse = coarse * inputs.emphasis ** np.float32(COARSE_EMPHASIS_POWER)
-    return joint_bilateral_upsample(coarse, inputs.guide) * inputs.fine_emphasis
+    emphasis, fine_emphasis, guide = (  # read in the map's dtype, as torch's .to(coarse)
+        a.astype(coarse.dtype, copy=False) for a in (inputs.emphasis, inputs.fine_emphasis, inputs.guide)
+    )
+    coarse = coarse * emphasis ** np.float32(COARSE_EMPHASIS_POWER)
+    return joint_bilateral_upsample(coarse, guide) * fine_emphasis
