@@ -32,6 +32,11 @@ DEFAULT_POOLING = "focus"
 DEFAULT_EXPLAINER = "fam-fine"
 # Names only (the maths lives in retrieval.fam): the CLI lists them without importing torch.
 EXPLAINER_NAMES = ("fam-fine", "fam", "fam-exact", "gradcam")
+FINE_EXPLAINER = "fam-fine"  # the one that reads `FineInputs` (retrieval.fam.fine_fam, retrieval.lean.fine.fine_fam)
+# fam-fine's emphasis e_c^2 on the coarse map, e_f on the fine one: chosen with experiments/explore_fine_maps.py
+# (bench/results/fine-maps.txt) among floors 0-0.2 and powers 0.5-3. Here, not in retrieval.fam, so that the torch
+# map and its numpy twin (retrieval.lean.fine) read one value.
+COARSE_EMPHASIS_POWER = 2.0
 # `famsearch duplicates`: the least cosine of two photos that counts them as near-duplicates. On 1,233 real photos
 # and edited copies with look-alike photos among them, 0.88 grouped with the best F1 (precision 62.0 %, recall
 # 75.6 %; mirror images 89 %, 20 % crops 38 %), keeping all but 9 of 55 look-alike photos apart

@@ -34,13 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retrieval.config import EXPLAINER_NAMES
+from retrieval.config import COARSE_EMPHASIS_POWER, EXPLAINER_NAMES, FINE_EXPLAINER
 
 EXPLAINERS = EXPLAINER_NAMES  # the default first
 PAPER_EXPLAINERS = ("fam", "fam-exact", "gradcam")  # maps of the map z is the mean of, at its resolution
-FINE_EXPLAINER = "fam-fine"
-COARSE_EMPHASIS_POWER = 2.0  # emphasis e_c^2 on the coarse map, e_f on the fine one: chosen with
-# experiments/explore_fine_maps.py (bench/results/fine-maps.txt) among floors 0-0.2 and powers 0.5-3
 _EPS = 1e-12
 
 

@@ -13,7 +13,8 @@ the map cache keeps) and a centre in the photo's own coordinates ([0, 1]², x ri
     expand_query(...)            α-weighted average query expansion (Radenović et al., α-QE)
 
 The variant (layer, weights, geometry, blend) was chosen on clipart-train (experiments/explore_rerank.py,
-bench/results/rerank-explore.txt) and is `PartMatch()`'s defaults.
+bench/results/rerank-explore.txt) and is `PartMatch()`'s defaults (defined in retrieval.lean.parts, torch-free, and
+imported here).
 """
 
 from __future__ import annotations
@@ -25,22 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.fam import FineInputs
+from retrieval.lean.parts import LAYERS, PartMatch  # the settings, shared with the numpy twin
 
-LAYERS = ("last", "mid")  # the last conv map (stride 32, the one z pools) or the guide layer (stride 16)
 _EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class PartMatch:
-    """How two photos' parts are compared (defaults: the measured best, docs/DESIGN.md §4b)."""
-
-    layer: str = "mid"
-    weight_power: float = 2.0  # cell weight = graded focus score ** power (0: every cell counts the same)
-    geometric: bool = True  # keep only matches one similarity transform of the cell centres explains
-    tolerance: float = 1.0  # an inlier lands within this many cells of where the transform puts it
-    hypotheses: int = 8  # the strongest matches that seed transform hypotheses (every ordered pair of them)
-    checked: int = 16  # the strongest matches checked against them; weaker ones are dropped
-    blend: float = 4.0  # combined score = cosine + blend * part score
 
 
 @dataclass(frozen=True)
