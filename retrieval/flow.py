@@ -26,7 +26,7 @@ from retrieval.errors import IndexMissingError, UsageError
 from retrieval.featcache import FeatureCache
 from retrieval.filters import SearchFilter, matching_ids
 from retrieval.images import decode_image, load_image, load_image_sized, read_indexed_photo
-from retrieval.rerank import PartMatch  # TEMP until retrieval.lean.parts lands
+from retrieval.lean.parts import PartMatch, rerank_order
 from retrieval.results import Match, QueryResult, match_of, stored_pooled
 from retrieval.schema import Image as ImageRow
 from retrieval.search import index_type_of, search
@@ -45,13 +45,6 @@ def indexed_bytes(row: ImageRow) -> bytes:
 
 def ms_since(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
-
-
-def rerank_order(scores: np.ndarray, part: np.ndarray, blend: float) -> np.ndarray:
-    """The top-N reordered by cosine + blend · part score, in float32: (N,), (N,) -> a permutation of range(N). Ties
-    keep the cosine order (a stable sort, as `retrieval.rerank.rerank`)."""
-    combined = scores.astype(np.float32) + np.float32(blend) * part.astype(np.float32)
-    return np.argsort(-combined, kind="stable")
 
 
 def unpadded(pairs: np.ndarray) -> list[np.ndarray]:
@@ -261,7 +254,7 @@ class SearchFlow(Generic[E]):
         head, tail = matches[:rerank], matches[rerank:]
         gallery, _ = self.embed_gallery([m.image_id for m in head], [rows[m.image_id] for m in head])
         part, pairs = self._match_parts(query, gallery)
-        order = rerank_order(np.array([m.score for m in head], np.float32), part, PART_MATCH.blend)
+        order, _ = rerank_order(np.array([m.score for m in head], np.float32), part, PART_MATCH.blend)
         for match, value in zip(head, part.tolist()):
             match.part_score = value
         known = {m.image_id: gallery[i] for i, m in enumerate(head)}  # type: ignore[index]
