@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.backbone import Backbone
+from retrieval.config import FOCUS_SHARE  # re-exported: the torch-free twin (retrieval.lean.encode) reads it too
 from retrieval.errors import UsageError
 
-FOCUS_SHARE = 0.1  # share of the cells `focus_weights` keeps (chosen on clipart-train, docs/heads.md)
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the photo, x2 / y2 exclusive
 Auto = Literal["auto"]  # the type of AUTO: after `box == AUTO` fails, a type checker knows box is a Box
 AUTO: Final[Auto] = "auto"  # in place of a box: let `focus_weights` pick the part of the photo
