@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from retrieval.backbone import Backbone
-from retrieval.onnxsession import EXPORT_LAYOUT, OnnxSession, export_file, onnx_available
+from retrieval.onnxsession import EXPORT_LAYOUT, OnnxSession, export_file, load_errors, onnx_available
 from retrieval.regions import layer_outputs
 
 if TYPE_CHECKING:
@@ -103,21 +103,12 @@ class OnnxBackbone:
         if path is not None and path.is_file():
             try:
                 return cls(str(path), layers, threads)
-            except _load_errors() as error:
+            except load_errors() as error:
                 LOGGER.warning("cached ONNX export %s is unusable (%s); exporting it again", path, error)
         model = export()
         if path is not None:
             _write_atomically(path, model)
         return cls(model, layers, threads)
-
-
-def _load_errors() -> tuple[type[BaseException], ...]:
-    """What loading a bad export raises: onnxruntime's own types (not OSError or RuntimeError subclasses) for a
-    truncated or corrupt file, ValueError for one with other outputs."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    kinds = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "RuntimeException")
-    return (OSError, ValueError, *(getattr(state, kind) for kind in kinds if hasattr(state, kind)))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -66,3 +66,12 @@ class OnnxSession:
             raise ValueError(f"this export takes {self.input_size}x{self.input_size} input, got {tuple(pixels.shape)}")
         outputs = self.session.run(None, {"x": np.ascontiguousarray(pixels, dtype=np.float32)})
         return outputs[0], dict(zip(self.layers, outputs[1:]))
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What `OnnxSession` raises for a bad export: onnxruntime's own types (not OSError or RuntimeError subclasses)
+    for a truncated or corrupt file, ValueError for one with other outputs."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    kinds = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "RuntimeException")
+    return (OSError, ValueError, *(getattr(state, kind) for kind in kinds if hasattr(state, kind)))

@@ -18,8 +18,8 @@ from retrieval import encoder as torch_encoder
 from retrieval import regions
 from retrieval.encoder import load_encoder
 from retrieval.lean.encode import Encoded, encode, focus_scores, resize_bilinear, top_cells
-from retrieval.modelspec import ModelSpec, backbone_layers
-from retrieval.onnxsession import OnnxSession, spec_export_file
+from retrieval.modelspec import ModelSpec, backbone_layers, read_layers
+from retrieval.onnxsession import OnnxSession, load_errors, spec_export_file
 
 pytest.importorskip("onnxruntime")
 CLIPART = Path("/work/shared/data/clipart-composites/images")
@@ -140,3 +140,12 @@ def test_a_session_refuses_an_export_with_other_outputs(tmp_path):
     load_encoder(spec, export_dir=tmp_path)
     with pytest.raises(ValueError, match="outputs"):
         OnnxSession(str(spec_export_file(tmp_path, spec)), ("conv2",), 1)
+
+
+def test_a_truncated_export_raises_one_of_the_load_errors_the_caller_falls_back_on(tmp_path):
+    spec = ModelSpec("toy", input_size=64, runtime="onnx")
+    load_encoder(spec, export_dir=tmp_path)
+    path = spec_export_file(tmp_path, spec)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(load_errors()):
+        OnnxSession(str(path), read_layers("toy"), 1)
