@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from retrieval.config import BACKBONES  # re-exported: the names live with the settings
+from retrieval.config import BACKBONE_LAYERS, BACKBONES  # BACKBONES re-exported: the names live with the settings
 from retrieval.errors import UsageError
 from retrieval.modelspec import describe_backbone, lite0_weights_path  # re-exported: torch-free, with the specs
 from retrieval.weightsfile import load_weights
@@ -75,9 +75,9 @@ class Backbone:
 class _ResNetFeatures(FeatureNet):
     """torchvision ResNet split at layer4 so it offers forward_features/forward_head like Lite0."""
 
-    focus_layer = "net.layer3"  # stride 16, 1024 channels: the mid-level map `--box auto` reads
+    focus_layer = BACKBONE_LAYERS["resnet50"]["focus"]
     random_tail = ("net.layer3", "net.layer4")
-    guide_layer = "net.layer3"
+    guide_layer = BACKBONE_LAYERS["resnet50"]["guide"]
 
     def __init__(self, net: ResNet) -> None:
         super().__init__()
@@ -107,9 +107,9 @@ class _ToyNet(FeatureNet):
     """
 
     num_features = 16
-    focus_layer = "conv1"
+    focus_layer = BACKBONE_LAYERS["toy"]["focus"]
     random_tail = ("conv2",)
-    guide_layer = "conv1"
+    guide_layer = BACKBONE_LAYERS["toy"]["guide"]
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()

@@ -12,6 +12,16 @@ ENV_PREFIX = "FAMSEARCH_"
 MAP_CACHE_MAX_GB = 20.0  # index --map-cache-max-gb: ~125,000 photos at 166 KiB (retrieval/featcache.py)
 # Names only (loading lives in retrieval.backbone): the CLI lists them without importing torch/timm.
 BACKBONES = ("efficientnet_lite0", "resnet50", "toy")
+# The inner layers the encoder reads of each backbone, by submodule name, so that the torch-free query path names
+# them without importing torch (the network classes take theirs from here). focus: the mid-level map
+# `retrieval.regions.focus_weights` reads (Lite0: stage 6's first block, 192 ch, stride 32; ResNet-50: layer3, 1024
+# ch, stride 16); guide: a finer map (stride 16) whose features up-sample the graded maps (Lite0: stage 5's last
+# block, 112 ch).
+BACKBONE_LAYERS = {
+    "efficientnet_lite0": {"focus": "_blocks.11", "guide": "_blocks.10"},
+    "resnet50": {"focus": "net.layer3", "guide": "net.layer3"},
+    "toy": {"focus": "conv1", "guide": "conv1"},
+}
 # Backbone arithmetic: fp32 (default), bf16, or auto = bf16 on CPUs with native bf16 (AVX512-BF16/AMX).
 # bf16 halves the forward time there but moved one of 60 top-1 answers on clipart-composites
 # (Recall@1 11.7 -> 10.0, bench/results/precision.txt), more than the 1-point allowance of docs/DESIGN.md §13.
@@ -25,6 +35,7 @@ RUNTIMES = ("torch", "onnx")
 # photo) found the object rather than the background on clipart-composites, Recall@1 51.7% vs 11.7% for GAP at
 # 224 px with no training, and localised better (bench/results/pooling.txt, docs/heads.md). GAP stays "gap".
 DEFAULT_POOLING = "focus"
+FOCUS_SHARE = 0.1  # share of the cells `focus_weights` keeps (chosen on clipart-train, docs/heads.md)
 # What famsearch shows unless asked otherwise: fam-fine, the paper's FAM weights on the whole photo's map, graded
 # by how much each cell counts in the pooling, at twice the resolution (retrieval.fam.fine_fam). On
 # clipart-composites it beat the paper's map (`fam`, still there by name) on IoU, the pointing game, AD, IC,
@@ -105,7 +116,7 @@ class Settings:
 
     @property
     def export_dir(self) -> Path:
-        """Where the backbone's ONNX exports are cached (`retrieval.onnxbackbone.export_file`)."""
+        """Where the backbone's ONNX exports are cached (`retrieval.onnxsession.export_file`)."""
         return self.home / "onnx"
 
     def head_file(self, generation: int = 0) -> Path:

@@ -31,7 +31,7 @@ from retrieval.boxes import AUTO, Auto, Box  # noqa: F401 (AUTO re-exported: cal
 from retrieval.config import DEFAULT_INPUT_SIZE, DEFAULT_POOLING
 from retrieval.errors import UsageError
 from retrieval.fam import FineInputs
-from retrieval.modelspec import ModelSpec, check_precision, check_runtime, describe_backbone
+from retrieval.modelspec import ModelSpec, check_precision, check_runtime, describe_backbone, read_layers
 from retrieval.onnxbackbone import OnnxBackbone, export_backbone, export_file, onnx_available
 from retrieval.pooling import POOLINGS, Objectness, explained_feature_map, load_objectness, pool_feature_map
 from retrieval.preprocess import Preprocess
@@ -204,7 +204,7 @@ class Encoder:
     def read_layers(self) -> tuple[str, ...]:
         """The backbone's inner layers whose outputs `encode_batch` reads besides its last map (each once, in order).
         The ONNX export outputs exactly these, so a cached export needs no torch backbone built."""
-        return tuple(dict.fromkeys((self.focus_layer, self.guide_layer)))
+        return read_layers(self.backbone_name)
 
     @property
     def onnx(self) -> OnnxBackbone:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from retrieval.backbone import FeatureNet
+from retrieval.config import BACKBONE_LAYERS
 from retrieval.errors import UsageError
 
 BN_EPS = 1e-3
@@ -104,8 +105,8 @@ class EfficientNetLite0(FeatureNet):
     """The network; ``num_features`` = 1280 channels in the last conv map."""
 
     num_features = HEAD
-    focus_layer = "_blocks.11"  # stage 6's first block (192 ch, stride 32): the mid-level map `--box auto` reads
-    guide_layer = "_blocks.10"  # stage 5's last block (112 ch, stride 16): what up-samples the graded maps
+    focus_layer = BACKBONE_LAYERS["efficientnet_lite0"]["focus"]  # block 11: the mid-level map `--box auto` reads
+    guide_layer = BACKBONE_LAYERS["efficientnet_lite0"]["guide"]  # block 10: what up-samples the graded maps
     random_tail = ("_blocks.11", "_blocks.12", "_blocks.13", "_blocks.14", "_blocks.15", "_conv_head")  # stages 6-7
 
     def __init__(self, num_classes: int = 1000) -> None:

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retrieval.config import BACKBONES, DEFAULT_INPUT_SIZE, DEFAULT_POOLING, PRECISIONS, RUNTIMES
+from retrieval.config import BACKBONE_LAYERS, BACKBONES, DEFAULT_INPUT_SIZE, DEFAULT_POOLING, PRECISIONS, RUNTIMES
 from retrieval.errors import ModelMismatchError, UsageError
 from retrieval.preprocess import Preprocess
 
@@ -141,6 +141,20 @@ def describe_backbone(name: str = "efficientnet_lite0", weights: str | None = No
     if name == "toy":
         return (0.5,) * 3, (0.25,) * 3, {"backbone": "toy", "weights_sha256": "seed0"}
     raise UsageError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+
+
+def backbone_layers(name: str) -> tuple[str, str]:
+    """The (focus, guide) layers the encoder reads of a backbone (`retrieval.config.BACKBONE_LAYERS`), named without
+    importing torch. Raises UsageError for an unknown name."""
+    if name not in BACKBONE_LAYERS:
+        raise UsageError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    return BACKBONE_LAYERS[name]["focus"], BACKBONE_LAYERS[name]["guide"]
+
+
+def read_layers(name: str) -> tuple[str, ...]:
+    """The backbone's inner layers the encoder reads besides its last map, each once, in order (focus, guide): the
+    outputs of its ONNX export after the last map."""
+    return tuple(dict.fromkeys(backbone_layers(name)))
 
 
 def lite0_weights_path(weights: str | None) -> Path:

@@ -4,39 +4,36 @@ The loaded torch backbone is exported once (`export_backbone`) as one graph whos
 the output of every inner layer the encoder reads (its focus and guide layers; whatever `Encoder.read_layers`
 names), and cached as a file keyed by the weights' hash, the input size and those layers (`export_file`). A
 missing, unreadable or corrupt file is exported again, never fatal. Torch stays for training, gradients and the
-GPU; this module only runs a fixed-size forward pass in float32.
+GPU; this module only runs a fixed-size forward pass in float32, through the torch-free `retrieval.onnxsession`.
 
     OnnxBackbone(x)   (B, 3, S, S) -> A (B, N, h, w), {layer: (B, C, h', w')}
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import os
 import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from retrieval.backbone import Backbone
+from retrieval.onnxsession import EXPORT_LAYOUT, OnnxSession, export_file, load_errors, onnx_available
 from retrieval.regions import layer_outputs
 
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
+
+__all__ = ["EXPORT_LAYOUT", "OnnxBackbone", "export_backbone", "export_file", "onnx_available"]
+
 LOGGER = logging.getLogger(__name__)
-EXPORT_LAYOUT = 1  # bump when the exported graph changes for the same weights, size and layers
 OPSET = 17
-
-
-def onnx_available() -> bool:
-    """Whether ONNX Runtime (to run) and onnx (which torch.onnx.export writes with) are installed."""
-    import importlib.util
-
-    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
 class _LayerOutputs(nn.Module):
@@ -76,40 +73,26 @@ def export_backbone(backbone: Backbone, input_size: int, layers: tuple[str, ...]
     return buffer.getvalue()
 
 
-def export_file(folder: Path, identity: dict, input_size: int, layers: tuple[str, ...]) -> Path:
-    """Where the export of a backbone (its ``identity``: name and weights hash) at one input size with these output
-    layers is cached: any change in them is another file."""
-    key = json.dumps([identity.get("backbone"), identity.get("weights_sha256"), input_size, layers, EXPORT_LAYOUT])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return folder / f"{identity.get('backbone')}-{input_size}px-{digest}.onnx"
-
-
 class OnnxBackbone:
-    """An ONNX Runtime session over an exported backbone (`export_backbone`), fed and read as torch tensors."""
+    """`OnnxSession` (the export run in ONNX Runtime) fed and read as torch tensors."""
 
     def __init__(self, model: bytes | str, layers: tuple[str, ...], threads: int) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only
-        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.runner = OnnxSession(model, layers, threads)
         self.layers = layers
-        names = [output.name for output in self.session.get_outputs()]
-        if names != ["features", *layers]:
-            raise ValueError(f"the export's outputs are {names}, not features and {list(layers)}")
-        self.input_size = int(self.session.get_inputs()[0].shape[-1])
+
+    @property
+    def session(self) -> InferenceSession:
+        """The ONNX Runtime session itself (its options, inputs and outputs)."""
+        return self.runner.session
+
+    @property
+    def input_size(self) -> int:
+        return self.runner.input_size
 
     def __call__(self, batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """(B, 3, S, S) float32 -> the last map (B, N, h, w) and {layer: its output}, float32 on the CPU."""
-        if tuple(batch.shape[-2:]) != (self.input_size, self.input_size):
-            raise ValueError(f"this export takes {self.input_size}x{self.input_size} input, got {tuple(batch.shape)}")
-        pixels = batch.detach().float().cpu().contiguous().numpy()
-        outputs = self.session.run(None, {"x": pixels})
-        return torch.from_numpy(outputs[0]), {
-            name: torch.from_numpy(out) for name, out in zip(self.layers, outputs[1:])
-        }
+        feature_maps, caught = self.runner(batch.detach().float().cpu().contiguous().numpy())
+        return torch.from_numpy(feature_maps), {name: torch.from_numpy(out) for name, out in caught.items()}
 
     @classmethod
     def cached(
@@ -120,21 +103,12 @@ class OnnxBackbone:
         if path is not None and path.is_file():
             try:
                 return cls(str(path), layers, threads)
-            except _load_errors() as error:
+            except load_errors() as error:
                 LOGGER.warning("cached ONNX export %s is unusable (%s); exporting it again", path, error)
         model = export()
         if path is not None:
             _write_atomically(path, model)
         return cls(model, layers, threads)
-
-
-def _load_errors() -> tuple[type[BaseException], ...]:
-    """What loading a bad export raises: onnxruntime's own types (not OSError or RuntimeError subclasses) for a
-    truncated or corrupt file, ValueError for one with other outputs."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    kinds = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "RuntimeException")
-    return (OSError, ValueError, *(getattr(state, kind) for kind in kinds if hasattr(state, kind)))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

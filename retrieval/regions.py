@@ -16,8 +16,7 @@ from torch import Tensor
 
 from retrieval.backbone import Backbone
 from retrieval.boxes import Box, clip_box
-
-FOCUS_SHARE = 0.1  # share of the cells `focus_weights` keeps (chosen on clipart-train, docs/heads.md)
+from retrieval.config import FOCUS_SHARE  # re-exported: the torch-free twin (retrieval.lean.encode) reads it too
 
 
 def box_weights(box: Box, image_size: tuple[int, int], grid: tuple[int, int]) -> Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -67,6 +70,23 @@ def test_an_entry_read_in_float32_is_the_float16_one_converted_and_verified_alik
         np.testing.assert_array_equal(got[image_id], feature_maps[image_id - 1].astype(np.float16).astype(dtype))
     pooled[1] = pooled_of(feature_maps)[1]  # the whole photo's mean is not what it was pooled to
     assert sorted(cache.get([1, 2, 3], pooled, dtype)) == [1, 3]
+
+
+def test_reading_float32_entries_imports_no_torch_where_the_reader_had_none(tmp_path):
+    """The torch-free query path (retrieval.lean) reads entries in float32: numpy converts them unless torch (faster)
+    is imported already; both give the same values."""
+    feature_maps = maps(5)
+    FeatureCache(tmp_path / "fc", IDENTITY, writable=True).put([1, 2, 3], feature_maps)
+    np.save(tmp_path / "pooled.npy", pooled_of(feature_maps))
+    code = (
+        "import sys; import numpy as np; from pathlib import Path; from retrieval.featcache import FeatureCache; "
+        f"folder = Path({str(tmp_path)!r}); identity = {IDENTITY!r}; "
+        "got = FeatureCache(folder / 'fc', identity).get([1, 2, 3], np.load(folder / 'pooled.npy'), np.float32); "
+        "np.save(folder / 'got.npy', np.stack([got[i] for i in (1, 2, 3)])); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    np.testing.assert_array_equal(np.load(tmp_path / "got.npy"), feature_maps.astype(np.float16).astype(np.float32))
 
 
 def test_deleted_ids_are_gone_and_a_file_without_live_entries_is_removed(tmp_path):
