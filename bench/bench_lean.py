@@ -141,7 +141,9 @@ def main() -> None:
             f"{median('load cpu'):3.0f} {both:12.0f} {median('first query'):12.0f} {wall:7.0f} / {cpu:4.0f}"
             f"   torch imported: {rows[0]['torch imported']}; peak RSS {statistics.median(r['rss_mb'] for r in rows):.0f} MB"
         )
-    pairs = [(t["import"] + t["load"]) / (lean["import"] + lean["load"]) for lean, t in zip(runs["lean"], runs["torch"])]
+    pairs = [
+        (t["import"] + t["load"]) / (lean["import"] + lean["load"]) for lean, t in zip(runs["lean"], runs["torch"])
+    ]
     print(f"import+load torch / lean, pairwise: {', '.join(f'{r:.2f}' for r in pairs)}x")
 
     from retrieval.config import QUERY_THREADS, Settings
@@ -160,7 +162,9 @@ def main() -> None:
     for rerank in (50, 0):
         times = warm(engines, args.query, rerank, args.rounds, args.queries)
         for kind, values in times.items():
-            print(f"  --rerank {rerank:<3} {kind:<6} p50 {percentile(values, 50):6.1f}  p95 {percentile(values, 95):6.1f}")
+            print(
+                f"  --rerank {rerank:<3} {kind:<6} p50 {percentile(values, 50):6.1f}  p95 {percentile(values, 95):6.1f}"
+            )
         ratio = percentile(times["torch"], 50) / percentile(times["lean"], 50)
         print(f"  --rerank {rerank:<3} p50 torch / lean: {ratio:.2f}x")
     for engine in engines.values():

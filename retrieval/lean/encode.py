@@ -55,6 +55,13 @@ class Encoded:
 
         return Fine(self.whole_maps, self.emphasis, self.fine_emphasis, self.guides)
 
+    def pack(self) -> np.ndarray:
+        """One (B, N + 6 + 4C, h, w) array, as the map cache stores a photo (`retrieval.encoder.Encoded.pack`): the
+        whole map, the region (0/1), the emphasis, and the fine emphasis and guide folded 2x2 into channels."""
+        fine = np.concatenate([self.fine_emphasis[:, None], self.guides], axis=1)  # (B, 1 + C, 2h, 2w)
+        inside = (self.regions > 0).astype(self.whole_maps.dtype)
+        return np.concatenate([self.whole_maps, inside[:, None], self.emphasis[:, None], pixel_unshuffle(fine)], axis=1)
+
     @staticmethod
     def unpack(packed: np.ndarray, num_features: int, pooled: np.ndarray) -> Encoded:
         """A map-cache entry (`retrieval.encoder.Encoded.pack`) undone, for maps of ``num_features`` channels and
@@ -71,6 +78,13 @@ def pixel_shuffle(folded: np.ndarray) -> np.ndarray:
     b, c4, h, w = folded.shape
     cells = folded.reshape(b, c4 // 4, 2, 2, h, w).transpose(0, 1, 4, 2, 5, 3)  # (B, C, h, 2, w, 2)
     return cells.reshape(b, c4 // 4, 2 * h, 2 * w)
+
+
+def pixel_unshuffle(cells: np.ndarray) -> np.ndarray:
+    """F.pixel_unshuffle(x, 2), `pixel_shuffle` undone: (B, C, 2h, 2w) -> (B, 4C, h, w)."""
+    b, c, h2, w2 = cells.shape
+    folded = cells.reshape(b, c, h2 // 2, 2, w2 // 2, 2).transpose(0, 1, 3, 5, 2, 4)  # (B, C, 2, 2, h, w)
+    return folded.reshape(b, 4 * c, h2 // 2, w2 // 2)
 
 
 def encode(session: OnnxSession, pixels: np.ndarray, pooling: str, focus_layer: str, guide_layer: str) -> Encoded:

@@ -17,19 +17,17 @@ import numpy as np
 from PIL import Image
 
 from retrieval.boxes import Auto, Box
-from retrieval.config import ENV_PREFIX, QUERY_THREADS, Settings, home_has_index, index_generation
+from retrieval.config import ENV_PREFIX, FINE_EXPLAINER, QUERY_THREADS, Settings, home_has_index, index_generation
 from retrieval.errors import IndexMissingError
 from retrieval.featcache import FeatureCache
 from retrieval.flow import CORRESPONDENCES, PART_MATCH, SearchFlow, unpadded
-from retrieval.lean.encode import Encoded, OnnxSession, encode, export_path, read_layers
+from retrieval.lean.encode import LEAN_POOLINGS, Encoded, encode
 from retrieval.lean.fine import Fine, fine_fam
 from retrieval.lean.parts import expand_query, match_strengths, part_share, parts, strongest_pairs, top_pairs
-from retrieval.modelspec import PendingEncoder, check_identity, stored_model_spec
+from retrieval.modelspec import PendingEncoder, backbone_layers, check_identity, read_layers, stored_model_spec
+from retrieval.onnxsession import OnnxSession, load_errors, spec_export_file
 from retrieval.statefiles import load_intact_index
 from retrieval.store import open_store
-
-FINE = "fam-fine"
-LEAN_POOLINGS = ("focus", "gap")
 
 
 class NotLean(Exception):
@@ -50,7 +48,7 @@ def why_not_lean(device: str | None, runtime: str | None, explainer: str, group:
         return "--runtime torch"
     if device not in (None, "cpu") or (device is None and gpu_present()):
         return "a GPU"
-    if explainer not in (FINE, "none"):
+    if explainer not in (FINE_EXPLAINER, "none"):
         return f"explainer {explainer}"
     if group != "none":
         return f"group {group}"
@@ -91,7 +89,7 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
     Raises `NotLean` for a home it does not cover (a head, another pooling, bf16, no cached export, an index file
     that needs rebuilding), IndexMissingError for a home with no index, as `QueryEngine` does."""
 
-    explainers = (FINE,)
+    explainers = (FINE_EXPLAINER,)
 
     def __init__(self, settings: Settings, threads: int = QUERY_THREADS) -> None:
         self.settings = settings
@@ -116,13 +114,13 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
         self.input_size = pending.spec.input_size
         self.pooling = pending.spec.pooling
         self.preprocess = pending.preprocess
-        self.layers = read_layers(pending.spec.backbone)
-        path = export_path(settings.export_dir, pending, self.layers)
+        self.focus_layer, self.guide_layer = backbone_layers(pending.spec.backbone)
+        path = spec_export_file(settings.export_dir, pending.spec)
         if not path.is_file():
             raise NotLean(f"no cached backbone export at {path}")
         try:
-            self.session = OnnxSession(str(path), self.layers.outputs, threads)
-        except Exception as error:  # an unreadable export: the torch engine exports it again
+            self.session = OnnxSession(str(path), read_layers(pending.spec.backbone), threads)
+        except load_errors() as error:  # an unreadable export: the torch engine exports it again
             raise NotLean(f"the cached export {path} does not load ({error})") from error
         self.cpu_index = load_intact_index(settings.index_file(index_generation(index_info)), index_info)
         if self.cpu_index is None or self.cpu_index.ntotal != self.store.counts()["images"]:
@@ -132,7 +130,7 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
 
     def _encode(self, images: list[Image.Image]) -> Encoded:
         pixels = np.stack([self.preprocess.pixels(image) for image in images])
-        return encode(self.session, pixels, self.pooling, self.layers.focus, self.layers.guide)
+        return encode(self.session, pixels, self.pooling, self.focus_layer, self.guide_layer)
 
     def embed(self, image: Image.Image, box: Box | Auto | None = None) -> LeanEmbedded:
         if box is not None:
