@@ -30,6 +30,7 @@ is missing, stale or unreadable is simply absent from ``get`` and the caller rec
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -299,13 +300,18 @@ class FeatureCache:
 
 
 def _float32(stored: np.ndarray) -> np.ndarray:
-    """A float16 entry in float32: converted by torch where it is imported already (vectorised: ~20x numpy 2.4's
-    conversion, 0.5 vs 10-20 ms for 50 Lite0 entries, bench/results/lean-encode.txt), else by numpy, so that the
-    torch-free query path (`retrieval.lean`) and indexing before the model loads never import torch for this."""
+    """A float16 entry in float32, by a vectorised (F16C) cast: torch's where torch is imported already, else ONNX
+    Runtime's (`retrieval.onnxsession.half_to_float`), each ~10x numpy 2.4's astype (0.5-1 vs 7-20 ms for 50 Lite0
+    entries, bench/results/lean-encode.txt); numpy's only without either. So the torch-free query path
+    (`retrieval.lean`) and indexing before the model loads never import torch for this."""
     torch = sys.modules.get("torch")
-    if torch is None:
-        return stored.astype(np.float32)
-    return torch.from_numpy(stored).float().numpy()
+    if torch is not None:
+        return torch.from_numpy(stored).float().numpy()
+    if importlib.util.find_spec("onnxruntime") is not None:
+        from retrieval.onnxsession import half_to_float
+
+        return half_to_float(stored)
+    return stored.astype(np.float32)
 
 
 def _matches_pooled(packed: np.ndarray, pooled: np.ndarray, pooling: str) -> bool:

@@ -9,6 +9,7 @@ such a file, so a process that only runs queries never imports torch (`retrieval
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -66,6 +67,29 @@ class OnnxSession:
             raise ValueError(f"this export takes {self.input_size}x{self.input_size} input, got {tuple(pixels.shape)}")
         outputs = self.session.run(None, {"x": np.ascontiguousarray(pixels, dtype=np.float32)})
         return outputs[0], dict(zip(self.layers, outputs[1:]))
+
+
+# One ONNX Cast node, float16 'x' -> float32 'y' (opset 17): `onnx.helper` writes these bytes
+# (tests/test_lean_engine.py builds them again and compares). ONNX Runtime's cast is vectorised (F16C): ~10x numpy's
+# astype on map-cache entries, exact for every float16 (the same test checks all 65,536).
+HALF_TO_FLOAT_MODEL = (
+    b'\x08\x08:5\n\x17\n\x01x\x12\x01y"\x04Cast*\t\n\x02to\x18\x01\xa0\x01\x02\x12\x04halfZ\t\n\x01x\x12\x04\n\x02\x08\n'
+    b"b\t\n\x01y\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _half_to_float_session():
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return ort.InferenceSession(HALF_TO_FLOAT_MODEL, options, providers=["CPUExecutionProvider"])
+
+
+def half_to_float(values: np.ndarray) -> np.ndarray:
+    """float16 -> float32 through ONNX Runtime's cast (see `HALF_TO_FLOAT_MODEL`), any shape."""
+    return _half_to_float_session().run(None, {"x": np.ascontiguousarray(values, dtype=np.float16)})[0]
 
 
 def load_errors() -> tuple[type[BaseException], ...]:

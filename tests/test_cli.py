@@ -188,12 +188,12 @@ def test_a_bad_env_twin_is_a_one_line_usage_error(capsys, monkeypatch):
 
 
 def test_an_internal_error_keeps_its_traceback_and_exits_70(capsys, indexed, gallery, monkeypatch, caplog):
-    from retrieval.engine import QueryEngine
+    from retrieval.flow import SearchFlow
 
     def broken(*_args, **_kwargs):
         raise ValueError("an internal shape error")  # a bug, not a user's mistake
 
-    monkeypatch.setattr(QueryEngine, "query", broken)
+    monkeypatch.setattr(SearchFlow, "query", broken)  # both engines' (the lean one answers this search)
     code, _, err = run_cli(capsys, "search", gallery / "pic0.jpg", "--home", indexed)
     assert code == 70
     assert "an internal shape error" in caplog.text and "Traceback" in caplog.text

@@ -83,7 +83,8 @@ def test_search_does_not_import_alembic_on_a_database_at_the_newest_schema(tmp_p
     home = _home(tmp_path)
     imported = _imported("search", str(tmp_path / "gallery" / "p1.png"), "--home", str(home), "--json")
     assert "alembic" not in imported
-    assert {"torch", "sqlalchemy"} <= imported  # the probe sees what search does import
+    assert {"sqlalchemy", "onnxruntime", "faiss"} <= imported  # the probe sees what search does import
+    assert "torch" not in imported  # the lean engine answers a search on the defaults (tests/test_lean_engine.py)
 
 
 def test_index_imports_alembic_only_to_make_the_schema(tmp_path):

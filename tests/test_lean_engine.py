@@ -148,3 +148,25 @@ def test_a_home_with_a_head_or_without_its_cached_export_is_not_lean(indexed, ga
         LeanEngine(Settings(indexed))
     _, process = _search_in_a_fresh_process(gallery / "pic0.jpg", "--home", indexed, "-k", "2")
     assert process == {"code": 0, "torch": True}
+
+
+def test_the_map_cache_s_float16_cast_is_one_onnx_cast_node_exact_on_every_float16():
+    from onnx import TensorProto, helper
+
+    from retrieval.onnxsession import HALF_TO_FLOAT_MODEL, half_to_float
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        "half",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert model.SerializeToString() == HALF_TO_FLOAT_MODEL
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(16, 64, 64)
+    cast, expected = half_to_float(every), every.astype(np.float32)
+    assert cast.shape == expected.shape and cast.dtype == np.float32
+    assert np.array_equal(np.isnan(cast), np.isnan(expected))
+    finite = ~np.isnan(expected)
+    assert np.array_equal(cast.view(np.uint32)[finite], expected.view(np.uint32)[finite])  # bit for bit, ±0 and ±inf

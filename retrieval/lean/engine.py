@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from retrieval.boxes import Auto, Box
 from retrieval.config import ENV_PREFIX, FINE_EXPLAINER, QUERY_THREADS, Settings, home_has_index, index_generation
@@ -103,6 +104,9 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
             raise
 
     def _open(self, settings: Settings, threads: int) -> None:
+        # numpy's BLAS (the re-ranker's cell similarities) on as many threads as the ONNX session: OpenBLAS on every
+        # core made a query several times slower on a busy 2-core machine (its threads spin against the other jobs).
+        threadpool_limits(threads, user_api="blas")
         stored, index_info = self._snapshot()
         if stored.get("head", "none") != "none":
             raise NotLean(f"the home's head ({stored.get('head')})")
