@@ -146,18 +146,20 @@ def main() -> None:
     ]
     print(f"import+load torch / lean, pairwise: {', '.join(f'{r:.2f}' for r in pairs)}x")
 
-    from retrieval.config import QUERY_THREADS, Settings
+    from retrieval.config import QUERY_THREADS, SEARCH_FORWARD_THREADS, Settings
     from retrieval.engine import QueryEngine
     from retrieval.lean.engine import LeanEngine
 
     engines = {
-        "lean": LeanEngine(Settings(args.home), QUERY_THREADS),
+        "lean": LeanEngine(Settings(args.home), QUERY_THREADS),  # the forward pass on SEARCH_FORWARD_THREADS
+        "lean-1": LeanEngine(Settings(args.home), QUERY_THREADS, forward_threads=1),
         "torch": QueryEngine(Settings(args.home), device="cpu", threads=QUERY_THREADS),
     }
     print(f"\n{compare(engines, args.query)}")
     print(
-        f"\nwarm queries, {args.rounds} alternated rounds of {args.queries} per engine, {QUERY_THREADS} thread(s): "
-        "top-10, query + match maps (fam-fine), correspondences; ms"
+        f"\nwarm queries, {args.rounds} alternated rounds of {args.queries} per engine, {QUERY_THREADS} thread(s) "
+        f"(lean's forward pass: {SEARCH_FORWARD_THREADS}; lean-1: 1): top-10, query + match maps (fam-fine), "
+        "correspondences; ms"
     )
     for rerank in (50, 0):
         times = warm(engines, args.query, rerank, args.rounds, args.queries)
@@ -165,8 +167,9 @@ def main() -> None:
             print(
                 f"  --rerank {rerank:<3} {kind:<6} p50 {percentile(values, 50):6.1f}  p95 {percentile(values, 95):6.1f}"
             )
-        ratio = percentile(times["torch"], 50) / percentile(times["lean"], 50)
-        print(f"  --rerank {rerank:<3} p50 torch / lean: {ratio:.2f}x")
+        for kind in ("lean", "lean-1"):
+            ratio = percentile(times["torch"], 50) / percentile(times[kind], 50)
+            print(f"  --rerank {rerank:<3} p50 torch / {kind}: {ratio:.2f}x")
     for engine in engines.values():
         engine.close()
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} at the end")

@@ -65,6 +65,11 @@ DEFAULT_RERANK = 50
 # (p50 49.6 -> 32.3 ms at one thread; --rerank 50: 93.4 -> 55.2 ms; bench/results/query-threads.txt). Concurrent
 # queries (UI sessions, API requests) use the other cores. Batch work (eval, duplicates, index) keeps every core.
 QUERY_THREADS = 1
+# Threads of the backbone's forward pass in `famsearch search` on the lean engine (retrieval/lean): a command answers
+# its queries one at a time, so the forward pass may take a second core: 6.6 against 10.7 ms at 224 px, and the whole
+# 12 MP query at 10k photos 35.4 against 39.8 ms, on the 2-core machine (bench/results/lean.txt). numpy's BLAS stays
+# on QUERY_THREADS: on two threads the re-ranker's small products made a query slower, not faster.
+SEARCH_FORWARD_THREADS = 2
 
 
 def default_rerank() -> int:

@@ -18,7 +18,15 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from retrieval.boxes import Auto, Box
-from retrieval.config import ENV_PREFIX, FINE_EXPLAINER, QUERY_THREADS, Settings, home_has_index, index_generation
+from retrieval.config import (
+    ENV_PREFIX,
+    FINE_EXPLAINER,
+    QUERY_THREADS,
+    SEARCH_FORWARD_THREADS,
+    Settings,
+    home_has_index,
+    index_generation,
+)
 from retrieval.errors import IndexMissingError
 from retrieval.featcache import FeatureCache
 from retrieval.flow import CORRESPONDENCES, PART_MATCH, SearchFlow, unpadded
@@ -92,20 +100,23 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
 
     explainers = (FINE_EXPLAINER,)
 
-    def __init__(self, settings: Settings, threads: int = QUERY_THREADS) -> None:
+    def __init__(
+        self, settings: Settings, threads: int = QUERY_THREADS, forward_threads: int = SEARCH_FORWARD_THREADS
+    ) -> None:
+        """``threads``: numpy's BLAS (the re-ranker's cell similarities); ``forward_threads``: the ONNX session's."""
         self.settings = settings
         if not home_has_index(settings):
             raise IndexMissingError(settings.home)
         self.store = open_store(settings.database_url)
         try:
-            self._open(settings, threads)
+            self._open(settings, threads, min(forward_threads, os.cpu_count() or 1))
         except BaseException:
             self.store.close()
             raise
 
-    def _open(self, settings: Settings, threads: int) -> None:
-        # numpy's BLAS (the re-ranker's cell similarities) on as many threads as the ONNX session: OpenBLAS on every
-        # core made a query several times slower on a busy 2-core machine (its threads spin against the other jobs).
+    def _open(self, settings: Settings, threads: int, forward_threads: int) -> None:
+        # numpy's BLAS (the re-ranker's cell similarities) on the query's threads: OpenBLAS on every core made a query
+        # several times slower on a busy 2-core machine (its threads spin against the other jobs).
         threadpool_limits(threads, user_api="blas")
         stored, index_info = self._snapshot()
         if stored.get("head", "none") != "none":
@@ -123,7 +134,7 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
         if not path.is_file():
             raise NotLean(f"no cached backbone export at {path}")
         try:
-            self.session = OnnxSession(str(path), read_layers(pending.spec.backbone), threads)
+            self.session = OnnxSession(str(path), read_layers(pending.spec.backbone), forward_threads)
         except load_errors() as error:  # an unreadable export: the torch engine exports it again
             raise NotLean(f"the cached export {path} does not load ({error})") from error
         self.cpu_index = load_intact_index(settings.index_file(index_generation(index_info)), index_info)
