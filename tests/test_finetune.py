@@ -9,7 +9,7 @@ from retrieval.backbone import lite0_weights_path, load_backbone
 from retrieval.head import Head, head_meta, load_head
 from retrieval.images import load_image
 from tests.conftest import draw_picture, run_cli, run_json
-from tests.test_train import _clustered_features, _masked_dataset
+from tests.test_train import _clustered_features, _masked_dataset, train_json
 from training.finetune import Tail, finetune, tail_pairs, tuned_state, untuned_maps
 from training.metric import TrainOptions
 
@@ -118,26 +118,12 @@ def test_under_focus_pooling_the_tail_embeds_what_the_index_will_embed(tmp_path)
 @pytest.mark.parametrize("pooling", ["attn", "focus"])
 def test_finetune_writes_weights_that_index_and_explain_use(capsys, tmp_path, gallery, home, pooling):
     out = tmp_path / "head.pt"
-    code, summary = run_json(
+    code, summary = train_json(
         capsys,
-        "train",
         _masked_dataset(tmp_path / "masked"),
-        "--out",
         out,
-        "--input-size",
-        "64",
-        "--epochs",
-        "2",
-        "--dim",
-        "8",
-        "--val-fraction",
-        "0.34",
-        "--pooling",
-        pooling,
-        "--finetune",
-        "--no-progress",
-        "--home",
         home,
+        *("--val-fraction", "0.34", "--pooling", pooling, "--finetune"),
     )
     assert code == 0, summary
     weights = tmp_path / "head.backbone.pth"
@@ -198,23 +184,9 @@ def test_every_tuned_tensor_of_the_tail_is_trained_and_nothing_else(lite0):
 def test_train_tunes_the_last_stage_by_default_and_validates_on_another_dataset(capsys, tmp_path, home):
     from tests.test_train import _labelled_folders
 
-    code, summary = run_json(
-        capsys,
-        "train",
-        _masked_dataset(tmp_path / "masked"),
-        "--val",
-        _labelled_folders(tmp_path / "other-style", n_labels=4),
-        "--out",
-        tmp_path / "head.pt",
-        "--input-size",
-        "64",
-        "--epochs",
-        "2",
-        "--dim",
-        "8",
-        "--no-progress",
-        "--home",
-        home,
+    other_style = _labelled_folders(tmp_path / "other-style", n_labels=4)
+    code, summary = train_json(
+        capsys, _masked_dataset(tmp_path / "masked"), tmp_path / "head.pt", home, "--val", other_style
     )
     assert code == 0, summary
     assert summary["weights"] == str(tmp_path / "head.backbone.pth") and summary["pooling"] == "focus"

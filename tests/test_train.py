@@ -15,6 +15,13 @@ from training.data import read_labelled, read_styles
 from training.metric import TrainOptions, recall_at_1, split_labels, train_head
 
 
+def train_json(capsys, dataset, out, home, *flags, epochs: int = 2):
+    """`famsearch train DATASET --out OUT --home HOME FLAGS --json` at the small size every train test uses (64 px
+    input, an 8-d head, ``epochs`` epochs, no progress bar): (exit code, the JSON summary)."""
+    size = ("--input-size", "64", "--epochs", str(epochs), "--dim", "8", "--no-progress")
+    return run_json(capsys, "train", dataset, "--out", out, *size, *flags, "--home", home)
+
+
 def _clustered_features(seed: int, n_labels: int = 40, per_label: int = 4, signal: int = 6, nuisance: int = 18):
     """Per-label centres in a few low-variance dims, drowned by large shared nuisance dims
     (like a background): plain cosine mostly matches nuisance, a learnt projection need not."""
@@ -132,28 +139,7 @@ def test_labelled_sub_folders_and_annotation_files_are_both_read(tmp_path):
 def test_train_writes_a_head_that_index_uses_and_identifies(capsys, tmp_path, gallery, home):
     data = _labelled_folders(tmp_path / "labelled")
     out = tmp_path / "head.pt"
-    code, summary = run_json(
-        capsys,
-        "train",
-        data,
-        "--out",
-        out,
-        "--model",
-        "toy",
-        "--input-size",
-        "64",
-        "--pooling",
-        "gap",
-        "--epochs",
-        "2",
-        "--dim",
-        "8",
-        "--val-fraction",
-        "0.34",
-        "--no-progress",
-        "--home",
-        home,
-    )
+    code, summary = train_json(capsys, data, out, home, "--model", "toy", "--pooling", "gap", "--val-fraction", "0.34")
     assert code == 0 and summary["dim"] == 8 and len(summary["epochs"]) <= 2
     head = load_head(out)
     assert head.kind == "linear" and head.weight.shape == (16, 8)
@@ -174,27 +160,13 @@ def test_train_writes_a_head_that_index_uses_and_identifies(capsys, tmp_path, ga
 
 def test_a_head_trained_on_another_model_than_the_index_s_is_refused_with_the_flags_to_give(capsys, tmp_path, gallery):
     out = tmp_path / "head.pt"
-    code, _ = run_json(
+    code, _ = train_json(
         capsys,
-        "train",
         _labelled_folders(tmp_path / "labelled"),
-        "--out",
         out,
-        "--model",
-        "toy",
-        "--input-size",
-        "64",
-        "--pooling",
-        "gap",
-        "--epochs",
-        "1",
-        "--dim",
-        "8",
-        "--val-fraction",
-        "0.34",
-        "--no-progress",
-        "--home",
         tmp_path / "train-home",
+        *("--model", "toy", "--pooling", "gap", "--val-fraction", "0.34"),
+        epochs=1,
     )
     assert code == 0
     code, _, err = run_cli(
@@ -277,27 +249,12 @@ def _masked_dataset(root, n_labels=6, per_label=3):
 
 def test_attn_training_writes_a_probe_that_index_and_explain_use_exactly(capsys, tmp_path, gallery, home):
     out = tmp_path / "head.pt"
-    code, summary = run_json(
+    code, summary = train_json(
         capsys,
-        "train",
         _masked_dataset(tmp_path / "masked"),
-        "--out",
         out,
-        "--model",
-        "toy",
-        "--input-size",
-        "64",
-        "--epochs",
-        "2",
-        "--dim",
-        "8",
-        "--val-fraction",
-        "0.34",
-        "--pooling",
-        "attn",
-        "--no-progress",
-        "--home",
         home,
+        *("--model", "toy", "--val-fraction", "0.34", "--pooling", "attn"),
     )
     assert code == 0 and summary["pooling"].startswith("attn:") and (tmp_path / "head.objectness.pt").is_file()
     code, _ = run_json(capsys, "index", gallery, "--home", home, "--workers", "0", "--no-progress", "--head", out)
@@ -386,25 +343,16 @@ def test_a_validation_dataset_reads_every_split_and_a_style_field(tmp_path):
 
 
 def test_train_validates_on_a_held_out_dataset_when_given_one(capsys, tmp_path, home):
-    code, summary = run_json(
+    other_style = _labelled_folders(tmp_path / "other-style", n_labels=4)
+    code, summary = train_json(
         capsys,
-        "train",
         _labelled_folders(tmp_path / "labelled"),
-        "--val",
-        _labelled_folders(tmp_path / "other-style", n_labels=4),
-        "--out",
         tmp_path / "head.pt",
+        home,
+        "--val",
+        other_style,
         "--model",
         "toy",
-        "--input-size",
-        "64",
-        "--epochs",
-        "2",
-        "--dim",
-        "8",
-        "--no-progress",
-        "--home",
-        home,
     )
     assert code == 0 and summary["validation"] == {"on": "held-out dataset", "images": 12, "labels": 4}
     assert summary["labels"] == 6  # every training label is trained on
