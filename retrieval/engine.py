@@ -47,7 +47,7 @@ from retrieval.results import (  # noqa: F401 (re-exported: the engine's answers
 from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
 from retrieval.search import build_index, to_gpu_if_available
-from retrieval.statefiles import intact, load_intact_index
+from retrieval.statefiles import intact
 from retrieval.store import Store, code_point_order, open_store
 
 LOGGER = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class QueryEngine(SearchFlow[Embedded]):
     """Loads once, answers many queries (warm latency is what `timing_ms` shows): the model in torch, every explainer,
     a head, a box, the GPU. `retrieval.flow.SearchFlow` holds the query's flow."""
 
-    explainers = explainers.EXPLAINERS
+    explainer_names = explainers.EXPLAINERS
 
     def __init__(
         self, settings: Settings, device: str | None = None, runtime: str | None = None, threads: int | None = None
@@ -174,7 +174,7 @@ class QueryEngine(SearchFlow[Embedded]):
         check_identity(stored, self.encoder.identity)
         self.model = stored
         # A filtered search needs FAISS's ID selectors, which the GPU indexes lack: it runs on the CPU copy.
-        self.cpu_index = self._load_or_rebuild_index(settings.index_file(generation))
+        self.cpu_index = self._load_or_rebuild_index(generation)
         self.index = to_gpu_if_available(self.cpu_index)
         # Match-side maps without a backbone pass; None when the home has no cache (index --no-map-cache).
         self.feature_cache = FeatureCache.open(settings.home, self.encoder.identity)
@@ -195,11 +195,11 @@ class QueryEngine(SearchFlow[Embedded]):
             raise ModelMismatchError(f"{head_file} is not the head the index was built with; re-run famsearch index")
         return head
 
-    def _load_or_rebuild_index(self, path: Path):
+    def _load_or_rebuild_index(self, generation: int):
         """The generation's index file when it is intact and current, else one rebuilt in memory from the rows
         (a run killed before it committed, a damaged file: the next `famsearch index` writes it again)."""
-        index = load_intact_index(path, self.index_info)
-        if index is not None and index.ntotal == self.store.counts()["images"]:
+        index = self._current_index(generation)
+        if index is not None:
             return index
         LOGGER.warning("index file missing, stale or damaged; rebuilding it in memory from the database")
         return index_from_store(self.store, self.head.to("cpu"))

@@ -28,8 +28,10 @@ from retrieval.filters import SearchFilter, matching_ids
 from retrieval.images import decode_image, load_image, load_image_sized, read_indexed_photo
 from retrieval.lean.parts import PartMatch, rerank_order
 from retrieval.results import Match, QueryResult, match_of, stored_pooled
+from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
 from retrieval.search import index_type_of, search
+from retrieval.statefiles import load_intact_index
 from retrieval.store import Store
 
 E = TypeVar("E")  # what an engine's model makes of photos: one, or a batch along a leading axis
@@ -61,9 +63,10 @@ class SearchFlow(Generic[E]):
     index: Any
     cpu_index: Any  # a filtered search needs FAISS's ID selectors, which the GPU indexes lack
     feature_cache: FeatureCache | None
+    index_info: dict  # the DB's meta "index" read with the model (`_snapshot`)
     model: dict
     input_size: int
-    explainers: tuple[str, ...]  # the explainers this engine draws
+    explainer_names: tuple[str, ...]  # the explainers this engine draws
 
     def _snapshot(self) -> tuple[dict, dict]:
         """The stored model and the index meta (dirty flag, generation of its files), read in one SELECT."""
@@ -71,6 +74,11 @@ class SearchFlow(Generic[E]):
         if not metas.get("model") or self.store.counts()["images"] == 0:
             raise IndexMissingError(self.settings.home)
         return metas["model"], metas.get("index") or {}
+
+    def _current_index(self, generation: int):
+        """The generation's index file when it is intact (`load_intact_index`) and holds every row, else None."""
+        index = load_intact_index(self.settings.index_file(generation), self.index_info)
+        return index if index is not None and index.ntotal == self.store.counts()["images"] else None
 
     @property
     def index_type(self) -> str:
@@ -172,8 +180,6 @@ class SearchFlow(Generic[E]):
         """An indexed photo's file, only while its bytes are those indexed (`read_indexed_photo`): what the UI
         shows and maps are drawn over. UsageError for an id with no indexed photo, ImageError for a file gone or
         changed since."""
-        from retrieval.schema import STATUS_OK
-
         rows = self.store.images_by_ids([image_id])
         if not rows or rows[0].status != STATUS_OK:
             raise UsageError(f"no indexed image has id {image_id}")
@@ -199,8 +205,9 @@ class SearchFlow(Generic[E]):
         (within the filter) by cosine are re-ranked by matched parts (`retrieval.rerank`). ``expand`` n > 0:
         α-QE, the query averaged with its first n results (after re-ranking) and searched again (and re-ranked
         again)."""
-        if explainer not in (*self.explainers, "none"):
-            raise UsageError(f"unknown explainer {explainer!r}; choose one of {', '.join((*self.explainers, 'none'))}")
+        if explainer not in (*self.explainer_names, "none"):
+            choices = ", ".join((*self.explainer_names, "none"))
+            raise UsageError(f"unknown explainer {explainer!r}; choose one of {choices}")
         if group not in GROUP_CHOICES:
             raise UsageError(f"unknown group {group!r}; choose one of {', '.join(GROUP_CHOICES)}")
         if k < 1 or rerank < 0 or expand < 0:
@@ -210,11 +217,11 @@ class SearchFlow(Generic[E]):
         timing = {"embed": ms_since(start)}
         tick = time.perf_counter()
         emb: Any = query.emb  # type: ignore[attr-defined]
-        matches, known, pairs = self._ranked(query, emb, max(k, rerank), rerank, search_filter)
+        matches, rows, known, pairs = self._ranked(query, emb, max(k, rerank), rerank, search_filter)
         if expand and matches:
-            top = self._embedded([m.image_id for m in matches[:expand]], known)
+            top = self._embedded([m.image_id for m in matches[:expand]], known, rows)
             emb = self._expanded(query, top, [m.score for m in matches[:expand]])
-            matches, known, pairs = self._ranked(query, emb, max(k, rerank), rerank, search_filter)
+            matches, rows, known, pairs = self._ranked(query, emb, max(k, rerank), rerank, search_filter)
         matches = matches[:k]
         for rank, match in enumerate(matches, start=1):
             match.rank = rank
@@ -222,7 +229,8 @@ class SearchFlow(Generic[E]):
         tick = time.perf_counter()
         group_map = None
         if explainer != "none" and matches:
-            group_map = self._explain_matches(query, matches, explainer, group, known, pairs)
+            gallery = self._embedded([m.image_id for m in matches], known, rows)
+            group_map = self._explain_matches(query, gallery, matches, explainer, group, pairs)
         timing["explain"] = ms_since(tick)
         timing["total"] = ms_since(start)
         return QueryResult(explainer, matches, timing, group_map)
@@ -239,10 +247,11 @@ class SearchFlow(Generic[E]):
 
     def _ranked(
         self, query: E, query_emb: Any, n: int, rerank: int, search_filter: SearchFilter | None
-    ) -> tuple[list[Match], dict[int, E], dict[int, np.ndarray]]:
+    ) -> tuple[list[Match], dict[int, ImageRow], dict[int, E], dict[int, np.ndarray]]:
         """The top n for ``query_emb`` (the query's embedding, or an expanded one) within the filter, the first
-        ``rerank`` of them re-ranked by matched parts; the photos embedded on the way (image id -> one photo) and
-        their correspondences, found while matching their parts (image id -> (C, 5) pairs); both empty without."""
+        ``rerank`` of them re-ranked by matched parts; their DB rows (image id -> row, read once per search), the
+        photos embedded on the way (image id -> one photo) and their correspondences, found while matching their
+        parts (image id -> (C, 5) pairs); the last two empty without re-ranking."""
         hits = self._search(self._vector(query_emb)[None], n, search_filter)
         rows = {row.id: row for row in self.store.images_by_ids([i for i, _ in hits])}
         matches = [
@@ -250,7 +259,7 @@ class SearchFlow(Generic[E]):
             for rank, (image_id, score) in enumerate(((i, s) for i, s in hits if i in rows), start=1)
         ]
         if not rerank or len(matches) < 2:
-            return matches, {}, {}
+            return matches, rows, {}, {}
         head, tail = matches[:rerank], matches[rerank:]
         gallery, _ = self.embed_gallery([m.image_id for m in head], [rows[m.image_id] for m in head])
         part, pairs = self._match_parts(query, gallery)
@@ -258,30 +267,25 @@ class SearchFlow(Generic[E]):
         for match, value in zip(head, part.tolist()):
             match.part_score = value
         known = {m.image_id: gallery[i] for i, m in enumerate(head)}  # type: ignore[index]
-        return [head[i] for i in order.tolist()] + tail, known, {m.image_id: pairs[i] for i, m in enumerate(head)}
+        reranked = [head[i] for i in order.tolist()] + tail
+        return reranked, rows, known, {m.image_id: pairs[i] for i, m in enumerate(head)}
 
-    def _embedded(self, image_ids: list[int], known: dict[int, E]) -> E:
-        """Indexed photos as one batch: those in ``known`` as they are, the rest from the map cache."""
+    def _embedded(self, image_ids: list[int], known: dict[int, E], rows: dict[int, ImageRow]) -> E:
+        """Indexed photos as one batch: those in ``known`` as they are, the rest from the map cache (their ``rows``
+        as the search read them)."""
         missing = [i for i in dict.fromkeys(image_ids) if i not in known]
         if missing == image_ids:  # none known, each once: the batch as loaded, not split and stacked again
-            return self.embed_gallery(image_ids)[0]
+            return self.embed_gallery(image_ids, [rows[i] for i in image_ids])[0]
         if missing:
-            loaded, _ = self.embed_gallery(missing)
+            loaded, _ = self.embed_gallery(missing, [rows[i] for i in missing])
             known = {**known, **{image_id: loaded[i] for i, image_id in enumerate(missing)}}  # type: ignore[index]
         return self._stacked([known[i] for i in image_ids])
 
     def _explain_matches(
-        self,
-        query: E,
-        matches: list[Match],
-        explainer: str,
-        group: str,
-        known: dict[int, E],
-        pairs: dict[int, np.ndarray],
+        self, query: E, gallery: E, matches: list[Match], explainer: str, group: str, pairs: dict[int, np.ndarray]
     ) -> np.ndarray | None:
-        """Maps on both sides and the strongest matched cell pairs of every match (``known``, ``pairs``: what
-        `_ranked` found already); with group "topk", the query's map against them all."""
-        gallery = self._embedded([m.image_id for m in matches], known)
+        """Maps on both sides and the strongest matched cell pairs of every match (``gallery``: the matches, one
+        batch; ``pairs``: what `_ranked` found already); with group "topk", the query's map against them all."""
         query_maps, query_offsets, match_maps, match_offsets = self._pair_maps(explainer, query, gallery)
         unpaired = [i for i, m in enumerate(matches) if m.image_id not in pairs]
         if unpaired:

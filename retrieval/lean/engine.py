@@ -35,7 +35,6 @@ from retrieval.lean.fine import Fine, fine_fam
 from retrieval.lean.parts import expand_query, match_strengths, part_share, parts, strongest_pairs, top_pairs
 from retrieval.modelspec import PendingEncoder, backbone_layers, check_identity, read_layers, stored_model_spec
 from retrieval.onnxsession import OnnxSession, load_errors, spec_export_file
-from retrieval.statefiles import load_intact_index
 from retrieval.store import open_store
 
 
@@ -98,7 +97,7 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
     Raises `NotLean` for a home it does not cover (a head, another pooling, bf16, no cached export, an index file
     that needs rebuilding), IndexMissingError for a home with no index, as `QueryEngine` does."""
 
-    explainers = (FINE_EXPLAINER,)
+    explainer_names = (FINE_EXPLAINER,)
 
     def __init__(
         self, settings: Settings, threads: int = QUERY_THREADS, forward_threads: int = SEARCH_FORWARD_THREADS
@@ -118,7 +117,7 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
         # numpy's BLAS (the re-ranker's cell similarities) on the query's threads: OpenBLAS on every core made a query
         # several times slower on a busy 2-core machine (its threads spin against the other jobs).
         threadpool_limits(threads, user_api="blas")
-        stored, index_info = self._snapshot()
+        stored, self.index_info = self._snapshot()
         if stored.get("head", "none") != "none":
             raise NotLean(f"the home's head ({stored.get('head')})")
         if stored.get("pooling") not in LEAN_POOLINGS or stored.get("precision", "fp32") != "fp32":
@@ -137,10 +136,10 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
             self.session = OnnxSession(str(path), read_layers(pending.spec.backbone), forward_threads)
         except load_errors() as error:  # an unreadable export: the torch engine exports it again
             raise NotLean(f"the cached export {path} does not load ({error})") from error
-        self.cpu_index = load_intact_index(settings.index_file(index_generation(index_info)), index_info)
-        if self.cpu_index is None or self.cpu_index.ntotal != self.store.counts()["images"]:
+        index = self._current_index(index_generation(self.index_info))
+        if index is None:
             raise NotLean("the index file needs rebuilding")
-        self.index = self.cpu_index
+        self.cpu_index = self.index = index
         self.feature_cache = FeatureCache.open(settings.home, pending.identity)
 
     def _encode(self, images: list[Image.Image]) -> Encoded:
