@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from retrieval.featcache import FeatureCache
 from retrieval.store import open_store
 from tests.conftest import draw_picture, run_cli, run_json
 from tests.corpus import assert_consistent, bad_cases, write_cases
+from tests.test_crash import kill_when_rows
 
 pytest.importorskip("ray", reason="Ray is the cluster extra: pip install '.[cluster]' (the test extra has it)")
 
@@ -92,29 +92,6 @@ def index_in_process_of_its_own(*args) -> tuple[int, dict]:
     out, err = process.communicate(timeout=SAFETY_TIMEOUT_S)
     assert process.returncode in (0, 1), err.decode()[-3000:]
     return process.returncode, json.loads(out.decode().strip().splitlines()[-1])
-
-
-def count_rows(home: Path) -> int:
-    import sqlite3
-
-    try:
-        with sqlite3.connect(f"file:{home / 'famsearch.db'}?mode=ro", uri=True, timeout=10) as conn:
-            return conn.execute("SELECT count(*) FROM images").fetchone()[0]
-    except sqlite3.OperationalError:  # no database, or not migrated yet
-        return 0
-
-
-def kill_when_committed(process: subprocess.Popen, home: Path, at_least: int) -> int:
-    """SIGKILL the driver once `at_least` rows are committed; returns the rows seen then."""
-    deadline = time.monotonic() + SAFETY_TIMEOUT_S
-    while process.poll() is None and time.monotonic() < deadline:
-        rows = count_rows(home)
-        if rows >= at_least:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            return rows
-        time.sleep(0.05)
-    pytest.fail(f"the run ended (code {process.poll()}) before {at_least} rows were committed")
 
 
 def draw_rolls(folder: Path, count: int, first_seed: int) -> None:
@@ -194,7 +171,7 @@ def test_a_driver_killed_mid_run_then_rerun_loses_nothing_and_embeds_only_what_w
     draw_rolls(folder, 160, 1000)
     home = tmp_path / "home"
     args = ("index", folder, "--home", home, *TOY, "--batch-size", "2", "--ray", ray_address)
-    committed = kill_when_committed(famsearch(*args, capture=False), home, 10)
+    committed = kill_when_rows(famsearch(*args, capture=False), home, 10, SAFETY_TIMEOUT_S)
     assert 10 <= committed < 160  # the kill landed mid-run
     code, summary = index_in_process_of_its_own(*args)
     assert code == 0

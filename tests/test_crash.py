@@ -52,18 +52,19 @@ def count_rows(engine) -> int:
         return 0
 
 
-def kill_when_rows(process: subprocess.Popen, home: Path, at_least: int) -> int:
-    """SIGKILL the run once `at_least` rows are committed; returns the rows seen then."""
+def kill_when_rows(process: subprocess.Popen, home: Path, at_least: int, timeout_s: float = SAFETY_TIMEOUT_S) -> int:
+    """SIGKILL the run once `at_least` rows are committed in the home's database (SQLite, or the PostgreSQL of
+    `DATABASES`); returns the rows seen then. ``timeout_s``: fail if that has not happened by then."""
     url = DATABASES.url(home) or f"sqlite:///file:{home / 'famsearch.db'}?mode=ro&uri=true"  # never makes the file
     engine = create_engine(url, poolclass=NullPool)
     try:
-        return _kill_when_rows(process, engine, at_least)
+        return _kill_when_rows(process, engine, at_least, timeout_s)
     finally:
         engine.dispose()
 
 
-def _kill_when_rows(process: subprocess.Popen, engine, at_least: int) -> int:
-    deadline = time.monotonic() + SAFETY_TIMEOUT_S
+def _kill_when_rows(process: subprocess.Popen, engine, at_least: int, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
     while process.poll() is None and time.monotonic() < deadline:
         rows = count_rows(engine)
         if rows >= at_least:
