@@ -122,16 +122,24 @@ def _labelled_folders(root, n_labels=6, per_label=3):
     return root
 
 
-def test_labelled_sub_folders_and_annotation_files_are_both_read(tmp_path):
-    paths, labels = read_labelled(_labelled_folders(tmp_path / "folders"))
-    assert len(paths) == 18 and labels[:3] == ["object0"] * 3
-    data = tmp_path / "annotated"
+def _annotated(data, first_split: str, styles: bool = False):
+    """Ten drawn photos in the dataset format (docs/DESIGN.md §6): labels o0-o4, two photos each; the first eight in
+    ``first_split``, the last two queries; with ``styles``, the first four of style "icons", the rest "photos"."""
     (data / "images").mkdir(parents=True)
     rows = []
     for i in range(10):
         draw_picture(i).save(data / "images" / f"{i}.png")
-        rows.append({"path": f"images/{i}.png", "label": f"o{i // 2}", "split": "train" if i < 8 else "query"})
+        rows.append({"path": f"images/{i}.png", "label": f"o{i // 2}", "split": first_split if i < 8 else "query"})
+        if styles:
+            rows[-1]["style"] = "icons" if i < 4 else "photos"
     (data / "annotations.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return data
+
+
+def test_labelled_sub_folders_and_annotation_files_are_both_read(tmp_path):
+    paths, labels = read_labelled(_labelled_folders(tmp_path / "folders"))
+    assert len(paths) == 18 and labels[:3] == ["object0"] * 3
+    data = _annotated(tmp_path / "annotated", "train")
     paths, labels = read_labelled(data)
     assert len(paths) == 8 and labels == ["o0", "o0", "o1", "o1", "o2", "o2", "o3", "o3"]
 
@@ -328,14 +336,7 @@ def test_early_stopping_keeps_the_best_validation_epoch():
 
 
 def test_a_validation_dataset_reads_every_split_and_a_style_field(tmp_path):
-    data = tmp_path / "annotated"
-    (data / "images").mkdir(parents=True)
-    rows = []
-    for i in range(10):
-        draw_picture(i).save(data / "images" / f"{i}.png")
-        rows.append({"path": f"images/{i}.png", "label": f"o{i // 2}", "split": "gallery" if i < 8 else "query"})
-        rows[-1]["style"] = "icons" if i < 4 else "photos"
-    (data / "annotations.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = _annotated(tmp_path / "annotated", "gallery", styles=True)
     paths, labels = read_labelled(data, split=None)
     assert len(paths) == 10 and labels[-2:] == ["o4", "o4"]
     assert read_styles(data, split=None) == ["icons"] * 4 + ["photos"] * 6
