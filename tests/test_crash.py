@@ -54,7 +54,8 @@ def count_rows(engine) -> int:
 
 def kill_when_rows(process: subprocess.Popen, home: Path, at_least: int, timeout_s: float = SAFETY_TIMEOUT_S) -> int:
     """SIGKILL the run once `at_least` rows are committed in the home's database (SQLite, or the PostgreSQL of
-    `DATABASES`); returns the rows seen then. ``timeout_s``: fail if that has not happened by then."""
+    `DATABASES`); returns the rows committed once the process is dead (a batch can commit between the count that
+    triggered the kill and the kill). ``timeout_s``: fail if that has not happened by then."""
     url = DATABASES.url(home) or f"sqlite:///file:{home / 'famsearch.db'}?mode=ro&uri=true"  # never makes the file
     engine = create_engine(url, poolclass=NullPool)
     try:
@@ -66,11 +67,10 @@ def kill_when_rows(process: subprocess.Popen, home: Path, at_least: int, timeout
 def _kill_when_rows(process: subprocess.Popen, engine, at_least: int, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     while process.poll() is None and time.monotonic() < deadline:
-        rows = count_rows(engine)
-        if rows >= at_least:
+        if count_rows(engine) >= at_least:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            return rows
+            return count_rows(engine)
         time.sleep(0.005)
     pytest.fail(
         f"the run ended (code {process.poll()}) before {at_least} rows were committed: "
