@@ -223,7 +223,11 @@ def read_photo(path: str | Path, max_mb: float = MAX_FILE_MB) -> tuple[bytes, os
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(fd)
         _check_regular(info, max_mb)
-        data = handle.read(int(max_mb * 1024 * 1024) + 1)
+        limit = int(max_mb * 1024 * 1024) + 1
+        # The stat's size + 1, not the cap: a read of n bytes allocates n first (0.5 against 0.06 ms for 1 MB)
+        data = handle.read(min(info.st_size + 1, limit))
+        if info.st_size < len(data) < limit:  # grew since the stat: the rest too, up to the cap
+            data += handle.read(limit - len(data))
     if len(data) > max_mb * 1024 * 1024:  # grew while being read
         raise ImageError(f"over {max_mb:g} MB; photos up to that size are read")
     return data, info

@@ -128,6 +128,24 @@ def test_reading_a_photo_refuses_what_is_not_a_regular_file_before_reading(tmp_p
     assert len(data) == info.st_size == 3 * 1024 * 1024
 
 
+def test_a_photo_that_grows_after_its_stat_is_read_whole_up_to_the_cap(tmp_path, monkeypatch):
+    """read_photo reads the stat's size + 1 bytes; a file longer than its stat said (still being written) is read on
+    to its end, and refused past the cap, as if the stat had never been taken."""
+    photo = tmp_path / "growing.jpg"
+    photo.write_bytes(bytes(range(256)) * 12 * 1024)  # 3 MB
+    fstat = os.fstat
+
+    def stale(fd):  # what the stat saw before the last 2 MB were written
+        info = fstat(fd)
+        return os.stat_result((*info[:6], 1024 * 1024, *info[7:]))
+
+    monkeypatch.setattr(os, "fstat", stale)
+    data, _ = read_photo(photo, max_mb=4)
+    assert data == photo.read_bytes()
+    with pytest.raises(ImageError, match="over 2 MB"):
+        read_photo(photo, max_mb=2)
+
+
 def _png(width: int, height: int, idat: bytes, after_pixels: bytes = b"") -> bytes:
     """A PNG from its parts (8-bit RGBA), every CRC right: the header is all a decoder reads before the pixels."""
 
