@@ -13,6 +13,7 @@ from skimage import data
 
 from retrieval.encoder import load_encoder, resolve_precision
 from retrieval.modelspec import ModelSpec
+from retrieval.preprocess import Preprocess
 from tests.conftest import draw_picture
 
 
@@ -60,6 +61,18 @@ def test_identity_and_preprocessing_need_no_model():
     assert tensor.shape == (3, 224, 224) and np.allclose(tensor.numpy(), 1.0, atol=1e-6)
     assert not encoder.loaded
     assert encoder.identity == {**load_encoder().identity}
+
+
+def test_pixels_are_torch_s_to_tensor_then_normalize_bit_for_bit_for_every_byte_value():
+    """`Preprocess.pixels` looks values up in a per-channel table; the oracle is torchvision's ToTensor + Normalize
+    written in torch: x / 255, then (x - mean) / std, on a photo holding every byte value in every channel."""
+    values = np.random.default_rng(0).permutation(np.tile(np.arange(256, dtype=np.uint8), 3 * 256)).reshape(256, 256, 3)
+    preprocess = Preprocess(256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    expected = torch.from_numpy(values).permute(2, 0, 1).float().div(255)
+    expected = (expected - torch.tensor(preprocess.mean)[:, None, None]) / torch.tensor(preprocess.std)[:, None, None]
+    got = preprocess.pixels(Image.fromarray(values))  # 256 px: the resize keeps every pixel as it is
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected.numpy())
 
 
 @pytest.mark.slow
