@@ -31,9 +31,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
+
+from retrieval.helper import CORES, helper_thread
 
 LOGGER = logging.getLogger(__name__)
 INDEX_TYPES = ("auto", "flat", "ivf", "ivf-sq8", "hnsw")
@@ -55,6 +58,10 @@ TRAIN_POINTS_PER_CELL = 40
 KMEANS_ITERATIONS = 10
 HNSW_M = 32
 SMALL_BATCH = 20  # fewer queries than this are searched on one thread
+# FAISS gives one query one thread. A flat index of at least this many floats is scanned in two halves on two threads
+# when a search has fewer than SMALL_BATCH queries: 10,000 x 1280 in 1.3 instead of 2.0-2.7 ms
+# (bench/results/lean.txt); below it, handing half to a thread costs more than it saves.
+SPLIT_SCAN_MIN_FLOATS = 1_000_000
 # A filter keeping at least this share of a flat index is served by a plain scan's top k·2/share, filtered
 # (`_overfetch`): at 10 % the selector scan and the plain one cost the same (bench/results/filter.txt).
 OVERFETCH_MIN_SHARE = 0.1
@@ -261,14 +268,50 @@ def search(
     """
     if index.ntotal == 0:
         return [[] for _ in range(len(query_embs))]
-    with _threads(1 if len(query_embs) < SMALL_BATCH else faiss.omp_get_max_threads()):
-        if allowed_ids is None:
+    few = len(query_embs) < SMALL_BATCH
+    with _threads(1 if few else faiss.omp_get_max_threads()):
+        if (
+            allowed_ids is None
+            and few
+            and CORES > 1
+            and index.ntotal * index.d >= SPLIT_SCAN_MIN_FLOATS
+            and (split_scannable(index))
+        ):
+            scores, ids = _split_scan(index, normalise_rows(query_embs), min(k, index.ntotal))
+        elif allowed_ids is None:
             scores, ids = index.search(normalise_rows(query_embs), min(k, index.ntotal))  # (Q, k), (Q, k)
         else:
             scores, ids = filtered_search(index, normalise_rows(query_embs), k, allowed_ids)
     return [
         [(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i != -1] for row_ids, row_scores in zip(ids, scores)
     ]
+
+
+def split_scannable(index: faiss.Index) -> bool:
+    """Whether `_split_scan` can serve the index: a CPU flat inner-product index under an id map (what "flat"
+    builds)."""
+    if not isinstance(index, faiss.IndexIDMap):
+        return False
+    inner = faiss.downcast_index(index.index)
+    return type(inner) is faiss.IndexFlatIP
+
+
+def _split_scan(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A `split_scannable` index's exact top-k of a few unit queries, its stored vectors scanned in two halves at
+    once (one on the helper thread; FAISS releases the GIL): the scores FAISS's own scan gives (the same kernel per
+    vector), ids in the same order but among exactly equal scores."""
+    n, dim = index.ntotal, index.d
+    flat: Any = faiss.downcast_index(index.index)
+    vectors = faiss.rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim)  # the stored vectors, no copy
+    half = n // 2
+    first = helper_thread().submit(faiss.knn, queries, vectors[:half], min(k, half), faiss.METRIC_INNER_PRODUCT)
+    second_scores, second_rows = faiss.knn(queries, vectors[half:], min(k, n - half), faiss.METRIC_INNER_PRODUCT)
+    first_scores, first_rows = first.result()
+    scores = np.concatenate([first_scores, second_scores], axis=1)  # (Q, k1 + k2), each half best first
+    rows = np.concatenate([first_rows, second_rows + half], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # equal scores: the first half's first, as a scan
+    id_map = faiss.rev_swig_ptr(index.id_map.data(), n)  # position -> DB id, no copy
+    return np.take_along_axis(scores, order, 1), id_map[np.take_along_axis(rows, order, 1)]
 
 
 def filtered_search(

@@ -38,6 +38,31 @@ def test_flat_top_k_equals_the_numpy_argsort_oracle(seed):
         np.testing.assert_allclose([score for _, score in result], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("n", "k"), [(4000, 10), (4001, 50), (2049, 3000)])
+def test_a_few_queries_on_a_flat_index_scanned_in_two_halves_get_faiss_s_own_answer(n, k):
+    """The split scan (`S.SPLIT_SCAN_MIN_FLOATS`: two halves on two threads) against FAISS's single scan of the same
+    index: the same scores, bit for bit (the same kernel scores each vector), and the same ids in the same order but
+    among exactly equal scores (there are some among 3000: FAISS's heap orders those its own way)."""
+    embs = clustered(n, dim=512, seed=n)
+    ids = np.random.default_rng(n).choice(10**9, n, replace=False).astype(np.int64)
+    index = S.build_index(embs, ids, "flat")
+    assert S.split_scannable(index) and n * 512 >= S.SPLIT_SCAN_MIN_FLOATS
+    for queries in (clustered(1, dim=512, seed=7), clustered(S.SMALL_BATCH - 1, dim=512, seed=8)):
+        split = S.search(index, queries, k)
+        whole_scores, whole_ids = index.search(S.normalise_rows(queries), min(k, n))
+        for result, row_ids, row_scores in zip(split, whole_ids, whole_scores):
+            assert [score for _, score in result] == row_scores.tolist()
+            assert sorted((score, image_id) for image_id, score in result) == sorted(zip(row_scores, row_ids))
+
+
+def test_only_a_cpu_flat_index_is_split():
+    embs = clustered(3000, seed=5)
+    ids = np.arange(3000, dtype=np.int64)
+    assert S.split_scannable(S.build_index(embs, ids, "flat"))
+    assert not S.split_scannable(S.build_index(embs, ids, "hnsw"))
+    assert not S.split_scannable(S.build_index(embs, ids, "ivf"))
+
+
 def test_exact_top_k_in_chunks_equals_the_oracle():
     embs = clustered(1000, seed=3)
     queries = clustered(9, seed=4)
