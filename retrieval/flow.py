@@ -14,6 +14,7 @@ re-rank and explain in the same order by construction, and tests compare their a
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -25,6 +26,7 @@ from retrieval.config import DEFAULT_EXPLAINER, DEFAULT_RERANK, Settings
 from retrieval.errors import IndexMissingError, UsageError
 from retrieval.featcache import FeatureCache
 from retrieval.filters import SearchFilter, matching_ids
+from retrieval.helper import helper_thread
 from retrieval.images import decode_image, load_image, load_image_sized, read_indexed_photo
 from retrieval.lean.parts import PartMatch, rerank_order
 from retrieval.results import Match, QueryResult, match_of, stored_pooled
@@ -286,12 +288,14 @@ class SearchFlow(Generic[E]):
     ) -> np.ndarray | None:
         """Maps on both sides and the strongest matched cell pairs of every match (``gallery``: the matches, one
         batch; ``pairs``: what `_ranked` found already); with group "topk", the query's map against them all."""
-        query_maps, query_offsets, match_maps, match_offsets = self._pair_maps(explainer, query, gallery)
         unpaired = [i for i, m in enumerate(matches) if m.image_id not in pairs]
-        if unpaired:
+        found: Future[list[np.ndarray]] | None = None
+        if unpaired:  # found on the helper thread while this one makes the maps (both release the GIL for most)
             photos = gallery if len(unpaired) == len(matches) else self._stacked([gallery[i] for i in unpaired])  # type: ignore[index]
-            found = self._correspondences(query, photos)
-            pairs = {**pairs, **{matches[i].image_id: rows for i, rows in zip(unpaired, found)}}
+            found = helper_thread().submit(self._correspondences, query, photos)
+        query_maps, query_offsets, match_maps, match_offsets = self._pair_maps(explainer, query, gallery)
+        if found is not None:
+            pairs = {**pairs, **{matches[i].image_id: rows for i, rows in zip(unpaired, found.result())}}
         for i, match in enumerate(matches):
             match.query_map, match.match_map = query_maps[i], match_maps[i]
             match.offsets = {"query": float(query_offsets[i]), "match": float(match_offsets[i])}
