@@ -207,10 +207,12 @@ def test_consistent_matches_equal_torch_s(seed):
     target = torch.where(draw < 0.5, moved, torch.where(draw < 0.7, off_by_one, torch.rand(4, 16, 2, generator=g) * 6))
     strength = torch.rand(4, 16, generator=g) * (torch.rand(4, 16, generator=g) < 0.8)
     strength = strength.sort(dim=1, descending=True).values  # as match_strengths passes them
+    source[2] = 0.5  # one photo's points all in one place: no usable transform
     expected = rerank.consistent(source, target, strength, 1.0, 8)
     found = lean_parts.consistent(source.numpy(), target.numpy(), strength.numpy(), 1.0, 8)
     np.testing.assert_array_equal(found[0], expected[0].numpy())
     assert_close(found[1], expected[1])
+    assert expected[1][2].abs().sum() == 0 and expected[1][:, 4].sum() >= 1  # the cases are there: none, mirrored
 
 
 @pytest.mark.parametrize("seed", range(3))

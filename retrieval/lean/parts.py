@@ -118,30 +118,37 @@ def consistent(
     source: np.ndarray, target: np.ndarray, strength: np.ndarray, tolerance: float, hypotheses: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
     """Which matches one similarity transform explains, mirrored or not (`retrieval.rerank.consistent`):
-    (K, P, 2), (K, P, 2), (K, P) -> inliers (K, P) bool, transform (K, 5) (a_re, a_im, b_x, b_y, mirrored)."""
+    (K, P, 2), (K, P, 2), (K, P) -> inliers (K, P) bool, transform (K, 5) (a_re, a_im, b_x, b_y, mirrored).
+
+    The torch reference tries the plain hypotheses, then the mirrored ones, keeping the mirrored best only where it
+    gathers strictly more; here both sets are one batch (half the numpy calls, which is most of the time at this
+    size) and each photo's first best over [plain, mirrored] is the same choice."""
     k = strength.shape[0]
     _, top = strongest(strength, min(hypotheses, strength.shape[1]))  # (K, T)
     src_top, dst_top = (np.take_along_axis(points, top[..., None], axis=1) for points in (source, target))
+    mirror = np.array([1.0, -1.0], np.float32)
+    transforms = _pair_transforms(  # (2K, H, 4): the plain hypotheses of every photo, then the mirrored ones
+        np.concatenate([src_top, src_top * mirror]), np.concatenate([dst_top, dst_top])
+    )
+    moved = _apply(transforms, np.concatenate([source, source * mirror]))  # (2K, H, P, 2)
+    targets, strengths = np.concatenate([target, target]), np.concatenate([strength, strength])
+    inliers = (_norm2(moved - targets[:, None]) <= tolerance) & (strengths[:, None] > 0)  # (2K, H, P)
+    scale = _norm2(transforms[..., :2])  # (2K, H): |a|, the scale between the two photos
+    usable = (scale > 0.25) & (scale < 4.0)
+    gain = np.where(usable, (inliers * strengths[:, None]).sum(-1), np.float32(-1.0))  # (2K, H)
+    gain, inliers, transforms = (_side_by_side(a, k) for a in (gain, inliers, transforms))  # (K, 2H, ...)
+    choice = gain.argmax(axis=1)  # (K,) the first of ties: plain before mirrored, as the reference's strict >
     rows = np.arange(k)
-    best = (np.zeros(strength.shape, bool), np.full(k, -1.0, np.float32), np.zeros((k, 5), np.float32))
-    for mirrored in (False, True):
-        sign = np.array([1.0, -1.0 if mirrored else 1.0], np.float32)
-        transforms = _pair_transforms(src_top * sign, dst_top)  # (K, H, 4)
-        moved = _apply(transforms, source * sign)  # (K, H, P, 2)
-        inliers = (_norm2(moved - target[:, None]) <= tolerance) & (strength[:, None] > 0)  # (K, H, P)
-        scale = _norm2(transforms[..., :2])  # (K, H): |a|, the scale between the two photos
-        usable = (scale > 0.25) & (scale < 4.0)
-        gain = np.where(usable, (inliers * strength[:, None]).sum(-1), np.float32(-1.0))  # (K, H)
-        choice = gain.argmax(axis=1)  # (K,) the first of ties, as torch's max
-        top_gain = gain[rows, choice]
-        chosen = np.concatenate([transforms[rows, choice], np.full((k, 1), float(mirrored), np.float32)], 1)
-        better = top_gain > best[1]
-        best = (
-            np.where(better[:, None], inliers[rows, choice], best[0]),
-            np.where(better, top_gain, best[1]),
-            np.where(better[:, None], chosen, best[2]),
-        )
-    return best[0] & (best[1][:, None] > 0), best[2]
+    top_gain = gain[rows, choice]
+    mirrored = (choice >= gain.shape[1] // 2).astype(np.float32)[:, None]
+    found = (top_gain > -1)[:, None]  # the reference keeps zeros where no hypothesis is usable
+    chosen = np.where(found, np.concatenate([transforms[rows, choice], mirrored], 1), np.float32(0.0))
+    return found & inliers[rows, choice] & (top_gain[:, None] > 0), chosen
+
+
+def _side_by_side(values: np.ndarray, k: int) -> np.ndarray:
+    """(2K, H, ...) with the plain hypotheses of K photos then their mirrored ones -> (K, 2H, ...), plain first."""
+    return np.concatenate([values[:k], values[k:]], axis=1)
 
 
 def _pair_transforms(source: np.ndarray, target: np.ndarray) -> np.ndarray:
