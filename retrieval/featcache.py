@@ -253,17 +253,16 @@ class FeatureCache:
                 "the map cache in %s is damaged (%s); match maps are computed from the photos", self.folder, error
             )
             return {}
+        vectors = dict(zip(ids, np.asarray(pooled, dtype=np.float32)))
+        read = {i: stored for i in ids if i in slots and (stored := self._read(*slots[i])) is not None}
         found: dict[int, np.ndarray] = {}
-        for image_id, z in zip(ids, np.asarray(pooled, dtype=np.float32)):
-            if image_id not in slots:
-                continue
-            stored = self._read(*slots[image_id])
-            if stored is None:
-                continue
-            feature_map = _float32(stored)
-            if _matches_pooled(feature_map, z, self.identity["pooling"]):
-                found[image_id] = feature_map if dtype == np.float32 else stored
-        return found
+        for shape in {stored.shape for stored in read.values()}:  # one shape but for damaged files
+            same = [i for i, stored in read.items() if stored.shape == shape]
+            as_float = _float32(np.stack([read[i] for i in same]))  # one cast for all: its cost is mostly per call
+            for image_id, feature_map in zip(same, as_float):
+                if _matches_pooled(feature_map, vectors[image_id], self.identity["pooling"]):
+                    found[image_id] = feature_map if dtype == np.float32 else read[image_id]
+        return {i: found[i] for i in ids if i in found}
 
     def _read(self, name: str, row: int) -> np.ndarray | None:
         try:
