@@ -25,6 +25,7 @@ DEFAULT_MAX_MEGAPIXELS = 150.0
 # the megapixel cap, and it bounds what one read costs whatever the file is.
 MAX_FILE_MB = 512
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_TURNED_ORIENTATIONS = range(2, 9)  # EXIF orientations other than upright: flipped, turned or both
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Camera RAW formats LibRaw reads (famsearch[raw]: rawpy).
@@ -102,7 +103,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert copies even RGB
 
 
 def decode_image(
@@ -139,9 +140,12 @@ def decode_image(
                 image.draft("RGB", (draft_size, draft_size))
             image.seek(0)  # first frame of animations
             image.load()
-            rotated = image.getexif().get(0x0112, 1) in _ROTATING_ORIENTATIONS  # read once the pixels are in
-            size = (height, width) if rotated else (width, height)
-            return _to_rgb(ImageOps.exif_transpose(_reduced(image, draft_size))), size
+            orientation = image.getexif().get(0x0112, 1)  # read once the pixels are in
+            size = (height, width) if orientation in _ROTATING_ORIENTATIONS else (width, height)
+            reduced = _reduced(image, draft_size)
+            # exif_transpose copies a photo that needs no turning (0.4 ms at a query's draft size): only when it does
+            upright = ImageOps.exif_transpose(reduced) if orientation in _TURNED_ORIENTATIONS else reduced
+            return _to_rgb(upright), size
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
