@@ -139,6 +139,7 @@ def decode_image(
             if draft_size and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
             image.seek(0)  # first frame of animations
+            image.decodermaxblock = max(image.decodermaxblock, len(data))  # in memory already: one read, not 64 KB ones
             image.load()
             orientation = image.getexif().get(0x0112, 1)  # read once the pixels are in
             size = (height, width) if orientation in _ROTATING_ORIENTATIONS else (width, height)
