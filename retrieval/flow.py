@@ -32,7 +32,7 @@ from retrieval.lean.parts import PartMatch, rerank_order
 from retrieval.results import Match, QueryResult, match_of, stored_pooled
 from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
-from retrieval.search import index_type_of, search
+from retrieval.search import HalfShortlist, index_type_of, search, shortlist_pays
 from retrieval.statefiles import load_intact_index
 from retrieval.store import Store
 
@@ -69,6 +69,8 @@ class SearchFlow(Generic[E]):
     model: dict
     input_size: int
     explainer_names: tuple[str, ...]  # the explainers this engine draws
+    _searches = 0  # searches so far, and the index's float16 shortlist once the second has asked for it
+    _shortlist: Future[HalfShortlist | None] | None = None
 
     def _snapshot(self) -> tuple[dict, dict]:
         """The stored model and the index meta (dirty flag, generation of its files), read in one SELECT."""
@@ -240,12 +242,23 @@ class SearchFlow(Generic[E]):
     def _search(self, query_emb: np.ndarray, k: int, search_filter: SearchFilter | None) -> list[tuple[int, float]]:
         """(image_id, score) of the top-k, within the filter when there is one, best first."""
         if search_filter is None:
-            return search(self.index, query_emb, k)[0]
+            return search(self.index, query_emb, k, shortlist=self._shortlisted())[0]
         allowed = matching_ids(self.store, search_filter) if search_filter.selects else None
         hits = search(self.cpu_index if allowed is not None else self.index, query_emb, k, allowed)[0]
         if search_filter.min_score is not None:
             hits = [(i, s) for i, s in hits if s >= search_filter.min_score]
         return hits
+
+    def _shortlisted(self) -> HalfShortlist | None:
+        """The index's float16 shortlist (`retrieval.search.HalfShortlist`: the same answers, 1.2 against 2.1 ms at
+        10,000 photos) once it is built. A process's second search starts building it on the helper thread (10-25
+        ms at 10,000 photos, 2 bytes a float more memory), so a one-off search (the command line) never pays."""
+        self._searches += 1
+        if self._shortlist is None and self._searches >= 2 and self.index is self.cpu_index:
+            self._shortlist = helper_thread().submit(
+                lambda: HalfShortlist(self.index) if shortlist_pays(self.index) else None
+            )
+        return self._shortlist.result() if self._shortlist is not None and self._shortlist.done() else None
 
     def _ranked(
         self, query: E, query_emb: Any, n: int, rerank: int, search_filter: SearchFilter | None

@@ -62,6 +62,8 @@ SMALL_BATCH = 20  # fewer queries than this are searched on one thread
 # when a search has fewer than SMALL_BATCH queries: 10,000 x 1280 in 1.3 instead of 2.0-2.7 ms
 # (bench/results/lean.txt); below it, handing half to a thread costs more than it saves.
 SPLIT_SCAN_MIN_FLOATS = 1_000_000
+# How far a float16 score may be from the float32 one, with room: `HalfShortlist` proves 6.5e-4 at d = 1280.
+SHORTLIST_MARGIN = 1e-3
 # A filter keeping at least this share of a flat index is served by a plain scan's top k·2/share, filtered
 # (`_overfetch`): at 10 % the selector scan and the plain one cost the same (bench/results/filter.txt).
 OVERFETCH_MIN_SHARE = 0.1
@@ -259,23 +261,30 @@ def index_type_of(index: faiss.Index) -> str:
 
 
 def search(
-    index: faiss.Index, query_embs: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+    index: faiss.Index,
+    query_embs: np.ndarray,
+    k: int,
+    allowed_ids: np.ndarray | None = None,
+    shortlist: HalfShortlist | None = None,
 ) -> list[list[tuple[int, float]]]:
     """Top-k (image_id, score) per query, best first, FAISS's -1 padding dropped.
 
     ``allowed_ids`` (int64, any order): the top-k among those ids only, found by the index itself, not the
-    top-k filtered down to fewer (`filtered_search`).
+    top-k filtered down to fewer (`filtered_search`). ``shortlist``: the index's float16 copy (`HalfShortlist`),
+    which answers a few unfiltered queries the same, faster.
     """
     if index.ntotal == 0:
         return [[] for _ in range(len(query_embs))]
     few = len(query_embs) < SMALL_BATCH
     with _threads(1 if few else faiss.omp_get_max_threads()):
-        if (
-            allowed_ids is None
-            and few
-            and CORES > 1
-            and index.ntotal * index.d >= SPLIT_SCAN_MIN_FLOATS
-            and (split_scannable(index))
+        unfiltered_few = allowed_ids is None and few
+        found = (
+            shortlist.search(normalise_rows(query_embs), min(k, index.ntotal)) if shortlist and unfiltered_few else None
+        )
+        if found is not None:
+            scores, ids = found
+        elif (
+            unfiltered_few and CORES > 1 and index.ntotal * index.d >= SPLIT_SCAN_MIN_FLOATS and split_scannable(index)
         ):
             scores, ids = _split_scan(index, normalise_rows(query_embs), min(k, index.ntotal))
         elif allowed_ids is None:
@@ -296,13 +305,59 @@ def split_scannable(index: faiss.Index) -> bool:
     return type(inner) is faiss.IndexFlatIP
 
 
+def _flat_vectors(index: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A `split_scannable` index's stored vectors (n, d) float32 and DB ids (n,) int64: views, no copies."""
+    n, dim = index.ntotal, index.d
+    flat: Any = faiss.downcast_index(index.index)
+    return faiss.rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim), faiss.rev_swig_ptr(index.id_map.data(), n)
+
+
+def shortlist_pays(index: faiss.Index) -> bool:
+    """Whether a `HalfShortlist` serves this index: a CPU flat one large enough that a scan waits on memory."""
+    return index.ntotal * index.d >= SPLIT_SCAN_MIN_FLOATS and split_scannable(index)
+
+
+class HalfShortlist:
+    """A flat index's vectors again in float16 (FAISS's fp16 scalar quantiser): half the bytes for a scan to read,
+    which is what a scan of a few queries waits on. One thread scans them (1.2 ms at 10,000 x 1280, against 2.1 for
+    the float32 vectors on two); the vectors whose float16 score is within 2 x `SHORTLIST_MARGIN` of the k-th best
+    are rescored in float32 by FAISS's own kernel, so the top-k and its scores are the float32 scan's.
+
+    Why that is exact: rounding to float16 moves each component by at most 2^-11 of itself (2^-25 below 2^-14), so
+    a unit query's float16 score is within 2^-11 + √d·2^-25 of its float32 one, plus the two sums' float32
+    rounding (at most d·2^-24 each): 6.5e-4 at d = 1280, under the margin. Every vector left out then scores below
+    each of the k kept ones. A query whose fetched candidates all lie within the margin returns None (the caller
+    scans)."""
+
+    def __init__(self, index: faiss.Index) -> None:
+        self.vectors, self.ids = _flat_vectors(index)
+        n, dim = self.vectors.shape
+        self.half = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        for begin in range(0, n, ADD_CHUNK):
+            self.half.add(self.vectors[begin : begin + ADD_CHUNK])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Unit queries (Q, d) -> scores (Q, k), DB ids (Q, k) as the float32 scan gives them, or None."""
+        n = len(self.vectors)
+        fetch = min(n, 2 * k + 64)
+        approx, rows = self.half.search(queries, fetch)  # (Q, fetch), best first
+        scores, ids = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
+        for q, (query, row_scores, row_rows) in enumerate(zip(queries, approx, rows)):
+            floor = row_scores[k - 1] - 2 * SHORTLIST_MARGIN
+            if fetch < n and row_scores[-1] >= floor:  # candidates past what was fetched: scan instead
+                return None
+            kept = row_rows[row_scores >= floor]
+            exact, order = faiss.knn(query[None], self.vectors[kept], k, faiss.METRIC_INNER_PRODUCT)
+            scores[q], ids[q] = exact[0], self.ids[kept[order[0]]]
+        return scores, ids
+
+
 def _split_scan(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """A `split_scannable` index's exact top-k of a few unit queries, its stored vectors scanned in two halves at
     once (one on the helper thread; FAISS releases the GIL): the scores FAISS's own scan gives (the same kernel per
     vector), ids in the same order but among exactly equal scores."""
-    n, dim = index.ntotal, index.d
-    flat: Any = faiss.downcast_index(index.index)
-    vectors = faiss.rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim)  # the stored vectors, no copy
+    vectors, id_map = _flat_vectors(index)
+    n = len(vectors)
     half = n // 2
     first = helper_thread().submit(faiss.knn, queries, vectors[:half], min(k, half), faiss.METRIC_INNER_PRODUCT)
     second_scores, second_rows = faiss.knn(queries, vectors[half:], min(k, n - half), faiss.METRIC_INNER_PRODUCT)
@@ -310,7 +365,6 @@ def _split_scan(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np
     scores = np.concatenate([first_scores, second_scores], axis=1)  # (Q, k1 + k2), each half best first
     rows = np.concatenate([first_rows, second_rows + half], axis=1)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # equal scores: the first half's first, as a scan
-    id_map = faiss.rev_swig_ptr(index.id_map.data(), n)  # position -> DB id, no copy
     return np.take_along_axis(scores, order, 1), id_map[np.take_along_axis(rows, order, 1)]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retrieval import search as search_module
 from retrieval.config import Settings
 from retrieval.engine import QueryEngine
 from retrieval.lean.engine import LeanEngine, NotLean, why_not_lean
@@ -87,6 +88,27 @@ def test_photos_missing_from_the_map_cache_are_encoded_again_as_the_torch_engine
     finally:
         lean.close()
         reference.close()
+
+
+@pytest.mark.slow
+def test_a_process_s_second_search_builds_the_float16_shortlist_which_answers_the_later_ones_alike(
+    real_home, monkeypatch
+):
+    monkeypatch.setattr(search_module, "SPLIT_SCAN_MIN_FLOATS", 0)  # 30 photos: far below where it pays
+    asked = []
+    answer = search_module.HalfShortlist.search
+    monkeypatch.setattr(search_module.HalfShortlist, "search", lambda self, q, k: asked.append(k) or answer(self, q, k))
+    home, queries = real_home
+    lean = LeanEngine(Settings(home))
+    try:
+        scanned = [lean.query_path(query, 10, rerank=0) for query in queries[:2]]
+        assert asked == [] and lean._shortlist is not None  # the first two scanned; the second started it
+        assert lean._shortlist.result() is not None
+        for query, before in zip(queries, scanned):
+            assert_same_answers(lean.query_path(query, 10, rerank=0), before)
+        assert asked == [10, 10]
+    finally:
+        lean.close()
 
 
 # ---------------------------------------------------------------------------------- the toy model, the command line

@@ -55,6 +55,70 @@ def test_a_few_queries_on_a_flat_index_scanned_in_two_halves_get_faiss_s_own_ans
             assert sorted((score, image_id) for image_id, score in result) == sorted(zip(row_scores, row_ids))
 
 
+def near_ties(n: int, dim: int, seed: int, spread: float = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors whose scores against the query are spread evenly over ``spread`` shortlist margins (and a few
+    exact duplicates), and that query: the hard case for a float16 shortlist."""
+    rng = np.random.default_rng(seed)
+    query = S.normalise_rows(rng.standard_normal((1, dim)))
+    base = S.normalise_rows(rng.standard_normal((n, dim)))
+    target = rng.uniform(0.3, 0.3 + spread * S.SHORTLIST_MARGIN, n)
+    along = base - (base @ query.T) * query  # each vector's part orthogonal to the query
+    vectors = target[:, None] * query + np.sqrt(1 - target[:, None] ** 2) * S.normalise_rows(along)
+    vectors[n // 2 : n // 2 + 5] = vectors[0]  # exact ties
+    return S.normalise_rows(vectors), query
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 10, 50])
+def test_the_float16_shortlist_gives_the_exact_scan_s_answer_bit_for_bit(seed, k):
+    """Oracle: FAISS's float32 scan of the same index. The shortlist keeps every vector the float16 scores cannot
+    rule out (within 2 x SHORTLIST_MARGIN of the k-th) and rescores them in float32, so the top-k, scores and all,
+    are the scan's; among exactly equal scores the order may differ. Three cases: clustered vectors; scores spread
+    over 300 margins (a dozen rescored around the k-th); scores packed within 4 (more candidates than it fetched,
+    so it declines and search() scans)."""
+    cases = [
+        (clustered(3000, dim=256, seed=seed), clustered(3, dim=256, seed=seed + 10), True),
+        (*near_ties(3000, 256, seed, spread=300), True),
+        (*near_ties(3000, 256, seed, spread=4), False),
+    ]
+    for vectors, queries, answers in cases:
+        ids = np.random.default_rng(seed).choice(10**9, len(vectors), replace=False).astype(np.int64)
+        index = S.build_index(vectors, ids, "flat")
+        found = S.HalfShortlist(index).search(queries, k)
+        assert (found is not None) == answers
+        scores, found_ids = found or S._split_scan(index, queries, k)
+        whole_scores, whole_ids = index.search(queries, k)
+        np.testing.assert_array_equal(scores, whole_scores)
+        for row_ids, row_scores, expected_ids in zip(found_ids, scores, whole_ids):
+            assert sorted(zip(row_scores, row_ids)) == sorted(zip(row_scores, expected_ids))
+
+
+def test_the_shortlist_margin_bounds_the_float16_error_with_room_to_spare():
+    vectors = clustered(5000, dim=1280, seed=3)
+    queries = clustered(20, dim=1280, seed=4)
+    index = S.build_index(vectors, np.arange(5000, dtype=np.int64), "flat")
+    half_scores, rows = S.HalfShortlist(index).half.search(queries, 5000)
+    exact = queries @ S.normalise_rows(vectors).T
+    error = np.abs(half_scores - np.take_along_axis(exact, rows, 1)).max()
+    assert 0 < error < S.SHORTLIST_MARGIN / 4  # measured 4e-5 on real photos; the bound proved is 6.5e-4
+
+
+@pytest.mark.parametrize("answers", [True, False])
+def test_search_takes_the_shortlist_s_answer_and_scans_when_it_has_none(monkeypatch, answers):
+    vectors, query = near_ties(4000, 256, 0)
+    index = S.build_index(vectors, np.arange(4000, dtype=np.int64), "flat")
+    asked = []
+    original = S.HalfShortlist.search
+    monkeypatch.setattr(
+        S.HalfShortlist, "search", lambda self, q, k: asked.append(k) or (original(self, q, k) if answers else None)
+    )
+    found = S.search(index, query, 10, shortlist=S.HalfShortlist(index))[0]
+    scores, ids = index.search(query, 10)
+    assert asked == [10] and sorted((s, i) for i, s in found) == sorted(zip(scores[0].tolist(), ids[0].tolist()))
+    assert S.search(index, query, 10, allowed_ids=np.arange(100, dtype=np.int64), shortlist=S.HalfShortlist(index))
+    assert asked == [10]  # a filtered search never asks it
+
+
 def test_only_a_cpu_flat_index_is_split():
     embs = clustered(3000, seed=5)
     ids = np.arange(3000, dtype=np.int64)
