@@ -62,8 +62,9 @@ SMALL_BATCH = 20  # fewer queries than this are searched on one thread
 # when a search has fewer than SMALL_BATCH queries: 10,000 x 1280 in 1.3 instead of 2.0-2.7 ms
 # (bench/results/lean.txt); below it, handing half to a thread costs more than it saves.
 SPLIT_SCAN_MIN_FLOATS = 1_000_000
-# How far a float16 score may be from the float32 one, with room: `HalfShortlist` proves 6.5e-4 at d = 1280.
-SHORTLIST_MARGIN = 1e-3
+# How far a float16 score may be from the float32 one, with room: `HalfShortlist` proves 6.4e-4 at d = 1280 for
+# FAISS's encoder, which rounds to nearest (1.1e-3 for one that truncated).
+SHORTLIST_MARGIN = 1.5e-3
 # A filter keeping at least this share of a flat index is served by a plain scan's top k·2/share, filtered
 # (`_overfetch`): at 10 % the selector scan and the plain one cost the same (bench/results/filter.txt).
 OVERFETCH_MIN_SHARE = 0.1
@@ -306,7 +307,8 @@ def split_scannable(index: faiss.Index) -> bool:
 
 
 def _flat_vectors(index: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A `split_scannable` index's stored vectors (n, d) float32 and DB ids (n,) int64: views, no copies."""
+    """A `split_scannable` index's stored vectors (n, d) float32 and DB ids (n,) int64: views into its memory, no
+    copies, valid while the index object lives."""
     n, dim = index.ntotal, index.d
     flat: Any = faiss.downcast_index(index.index)
     return faiss.rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim), faiss.rev_swig_ptr(index.id_map.data(), n)
@@ -325,11 +327,12 @@ class HalfShortlist:
 
     Why that is exact: rounding to float16 moves each component by at most 2^-11 of itself (2^-25 below 2^-14), so
     a unit query's float16 score is within 2^-11 + √d·2^-25 of its float32 one, plus the two sums' float32
-    rounding (at most d·2^-24 each): 6.5e-4 at d = 1280, under the margin. Every vector left out then scores below
+    rounding (at most d·2^-24 each): 6.4e-4 at d = 1280, under the margin. Every vector left out then scores below
     each of the k kept ones. A query whose fetched candidates all lie within the margin returns None (the caller
     scans)."""
 
     def __init__(self, index: faiss.Index) -> None:
+        self.index = index  # owns the memory the two views below read
         self.vectors, self.ids = _flat_vectors(index)
         n, dim = self.vectors.shape
         self.half = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
