@@ -7,6 +7,8 @@ run with this interpreter, one fresh process per round and revision: the engine 
 one on the defaults), a few warm-up queries, then --queries timed ones for each --rerank value. Rounds alternate
 the revisions, so a noisy machine slows both alike; the per-round medians are printed as they come, then p50 and
 p95 over all rounds and the before / after ratio. Both revisions read the same home (neither writes to it).
+`query_speed_ab.py` does the same for `bench_rerank.py`, whose settings run on the torch engine (the UI's and the
+API's); this one times the engine the command line opens, one engine a process, with nothing else imported.
 """
 
 from __future__ import annotations
