@@ -24,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.child import child_json  # noqa: E402
 
 WARM = """
 import json, sys, time
@@ -52,15 +55,7 @@ def checkout(rev: str, work: Path) -> Path:
 
 def warm(tree: Path, home: Path, query: Path, count: int, reranks: list[int]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run(
-        [sys.executable, "-c", WARM, str(home), str(query), str(count), json.dumps(reranks)],
-        cwd=tree,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out.splitlines()[-1])
+    return child_json(WARM, home, query, count, json.dumps(reranks), cwd=tree, env=env)
 
 
 def main() -> None:

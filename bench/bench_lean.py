@@ -14,7 +14,6 @@ Ratios are within one run (the machine is shared); the load average is printed w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.child import child_json  # noqa: E402
 
 COLD = """
 import json, sys, time, resource
@@ -52,10 +53,7 @@ print(json.dumps({"import": imported - start, "load": loaded - imported, "first 
 
 
 def cold(kind: str, home: Path, query: Path) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", COLD, kind, str(home), str(query)], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
-    return json.loads(out.splitlines()[-1])
+    return child_json(COLD, kind, home, query, cwd=ROOT)
 
 
 def command(kind: str, home: Path, query: Path) -> tuple[float, float]:

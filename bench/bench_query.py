@@ -37,6 +37,8 @@ from PIL import Image, ImageEnhance, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.child import child_json  # noqa: E402
+
 DATA = Path("/work/shared/data")
 PHOTO_DIRS = (Path("/usr/share/backgrounds"), Path("/usr/share/doc/opencv-doc/examples/data"))
 SIDE = 512
@@ -141,14 +143,7 @@ print(json.dumps({"import_s": imported - start, "load_s": loaded - imported, "fi
 
 
 def cold_start(home: Path, query: Path, device: str, threads: int, runtime: str = "") -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", COLD, str(home), str(query), device, str(threads), runtime],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out.splitlines()[-1])
+    return child_json(COLD, home, query, device, threads, runtime, cwd=ROOT)
 
 
 def percentile(values: list[float], q: float) -> float:

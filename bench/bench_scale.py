@@ -37,6 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.child import child_json  # noqa: E402
+
 LATENT, CENTRES, CHUNK = 64, 4096, 50_000
 # Within-cluster spread (latent) and isotropic noise (all dims). At n = 3,840 this set has a relative
 # contrast (mean cosine distance / distance to the 10th neighbour) of ~2.0, the real Lite0 vectors of
@@ -305,13 +307,7 @@ def main() -> None:
         f"one query at a time, k = 10"
     )
     print(f"{'type':<42} {'p50 ms':>8} {'p95 ms':>8} {'cpu p50':>8} {'cpu p95':>8} {'recall@10':>10} {'B/vector':>9}")
-    out = subprocess.run(
-        [sys.executable, "-c", SEARCH, str(ROOT), str(index_path), str(queries_path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    result = json.loads(out.splitlines()[-1])
+    result = child_json(SEARCH, ROOT, index_path, queries_path)
     per_vector = index_path.stat().st_size / args.n
     for run in result["runs"]:
         recall = S.neighbour_recall(np.array(run["found"]), truth)
