@@ -26,7 +26,7 @@ from retrieval.config import DEFAULT_EXPLAINER, DEFAULT_RERANK, Settings
 from retrieval.errors import IndexMissingError, UsageError
 from retrieval.featcache import FeatureCache
 from retrieval.filters import SearchFilter, matching_ids
-from retrieval.helper import helper_thread
+from retrieval.helper import helper_thread, on_helper
 from retrieval.images import decode_image, load_image, load_image_sized, read_indexed_photo
 from retrieval.lean.parts import PartMatch, rerank_order
 from retrieval.results import Match, QueryResult, match_of, stored_pooled
@@ -303,12 +303,14 @@ class SearchFlow(Generic[E]):
         batch; ``pairs``: what `_ranked` found already); with group "topk", the query's map against them all."""
         unpaired = [i for i, m in enumerate(matches) if m.image_id not in pairs]
         found: Future[list[np.ndarray]] | None = None
-        if unpaired:  # found on the helper thread while this one makes the maps (both release the GIL for most)
+        if unpaired:
             photos = gallery if len(unpaired) == len(matches) else self._stacked([gallery[i] for i in unpaired])  # type: ignore[index]
-            found = helper_thread().submit(self._correspondences, query, photos)
+            if not on_helper():  # found on the helper thread while this one makes the maps (both release the GIL)
+                found = helper_thread().submit(self._correspondences, query, photos)
         query_maps, query_offsets, match_maps, match_offsets = self._pair_maps(explainer, query, gallery)
-        if found is not None:
-            pairs = {**pairs, **{matches[i].image_id: rows for i, rows in zip(unpaired, found.result())}}
+        if unpaired:
+            computed = found.result() if found is not None else self._correspondences(query, photos)
+            pairs = {**pairs, **{matches[i].image_id: rows for i, rows in zip(unpaired, computed)}}
         for i, match in enumerate(matches):
             match.query_map, match.match_map = query_maps[i], match_maps[i]
             match.offsets = {"query": float(query_offsets[i]), "match": float(match_offsets[i])}

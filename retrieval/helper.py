@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 CORES = os.cpu_count() or 1
 
 
+NAME = "famsearch-helper"
+
+
 @functools.lru_cache(maxsize=1)
 def helper_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="famsearch-helper")
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=NAME)
+
+
+def on_helper() -> bool:
+    """Whether this is the helper thread: work it runs must not hand work to itself and wait for it (one worker)."""
+    return threading.current_thread().name.startswith(NAME)

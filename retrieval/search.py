@@ -36,7 +36,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.helper import CORES, helper_thread
+from retrieval.helper import CORES, helper_thread, on_helper
 
 LOGGER = logging.getLogger(__name__)
 INDEX_TYPES = ("auto", "flat", "ivf", "ivf-sq8", "hnsw")
@@ -284,9 +284,7 @@ def search(
         )
         if found is not None:
             scores, ids = found
-        elif (
-            unfiltered_few and CORES > 1 and index.ntotal * index.d >= SPLIT_SCAN_MIN_FLOATS and split_scannable(index)
-        ):
+        elif unfiltered_few and CORES > 1 and shortlist_pays(index) and not on_helper():  # (not: one worker)
             scores, ids = _split_scan(index, normalise_rows(query_embs), min(k, index.ntotal))
         elif allowed_ids is None:
             scores, ids = index.search(normalise_rows(query_embs), min(k, index.ntotal))  # (Q, k), (Q, k)

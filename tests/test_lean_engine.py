@@ -111,6 +111,19 @@ def test_a_process_s_second_search_builds_the_float16_shortlist_which_answers_th
         lean.close()
 
 
+@pytest.mark.slow
+def test_a_query_run_on_the_helper_thread_finds_its_correspondences_there(real_home):
+    from retrieval.helper import helper_thread
+
+    home, queries = real_home
+    lean = LeanEngine(Settings(home))
+    try:
+        there = helper_thread().submit(lean.query_path, queries[0], 10, rerank=0).result(timeout=120)
+        assert_same_answers(there, lean.query_path(queries[0], 10, rerank=0))
+    finally:
+        lean.close()
+
+
 # ---------------------------------------------------------------------------------- the toy model, the command line
 SEARCH_WITHOUT_TORCH = """
 import json, sys

@@ -125,6 +125,16 @@ def test_search_takes_the_shortlist_s_answer_and_scans_when_it_has_none(monkeypa
     assert asked == [10]  # a filtered search never asks it
 
 
+def test_a_search_run_on_the_helper_thread_scans_there_instead_of_waiting_on_itself():
+    """The helper has one worker: a split scan asked from it must not hand it half and wait (a deadlock)."""
+    from retrieval.helper import helper_thread
+
+    embs = clustered(4000, dim=512, seed=1)
+    index = S.build_index(embs, np.arange(4000, dtype=np.int64), "flat")
+    queries = clustered(2, dim=512, seed=2)
+    assert helper_thread().submit(S.search, index, queries, 10).result(timeout=60) == S.search(index, queries, 10)
+
+
 def test_only_a_cpu_flat_index_is_split():
     embs = clustered(3000, seed=5)
     ids = np.arange(3000, dtype=np.int64)
