@@ -40,6 +40,7 @@ E = TypeVar("E")  # what an engine's model makes of photos: one, or a batch alon
 
 GROUP_CHOICES = ("none", "topk")
 CORRESPONDENCES = 12  # matched cell pairs kept per match (the strongest), with its maps
+SPLIT_PARTS_MIN = 8  # the re-ranker matches the top N's parts on both threads from N = 16 on
 PART_MATCH = PartMatch()
 
 
@@ -277,13 +278,23 @@ class SearchFlow(Generic[E]):
             return matches, rows, {}, {}
         head, tail = matches[:rerank], matches[rerank:]
         gallery, _ = self.embed_gallery([m.image_id for m in head], [rows[m.image_id] for m in head])
-        part, pairs = self._match_parts(query, gallery)
+        part, pairs = self._parts_of(query, gallery, len(head))
         order, _ = rerank_order(np.array([m.score for m in head], np.float32), part, PART_MATCH.blend)
         for match, value in zip(head, part.tolist()):
             match.part_score = value
         known = {m.image_id: gallery[i] for i, m in enumerate(head)}  # type: ignore[index]
         reranked = [head[i] for i in order.tolist()] + tail
         return reranked, rows, known, {m.image_id: pairs[i] for i, m in enumerate(head)}
+
+    def _parts_of(self, query: E, gallery: E, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """`_match_parts` of n photos, the first half on the helper thread when there are enough to pay for it."""
+        half = n // 2
+        if half < SPLIT_PARTS_MIN or on_helper():
+            return self._match_parts(query, gallery)
+        first = helper_thread().submit(self._match_parts, query, gallery[:half])  # type: ignore[index]
+        part, pairs = self._match_parts(query, gallery[half:])  # type: ignore[index]
+        first_part, first_pairs = first.result()
+        return np.concatenate([np.asarray(first_part), np.asarray(part)]), first_pairs + pairs
 
     def _embedded(self, image_ids: list[int], known: dict[int, E], rows: dict[int, ImageRow]) -> E:
         """Indexed photos as one batch: those in ``known`` as they are, the rest from the map cache (their ``rows``

@@ -124,6 +124,26 @@ def test_a_query_run_on_the_helper_thread_finds_its_correspondences_there(real_h
         lean.close()
 
 
+@pytest.mark.slow
+def test_the_re_ranker_s_parts_matched_on_two_threads_are_those_matched_on_one(real_home):
+    """`SearchFlow._parts_of` hands the first half of the top N to the helper thread; each photo's part score and
+    pairs are its own, so the halves put together are the whole batch's (both engines)."""
+    home, queries = real_home
+    for engine in both_engines(home):
+        try:
+            query = engine.embed(engine.load_query(queries[0]))
+            rows = engine.store.images_by_ids(list(range(1, 31)))
+            gallery, _ = engine.embed_gallery([row.id for row in rows], rows)
+            whole_part, whole_pairs = engine._match_parts(query, gallery)
+            part, pairs = engine._parts_of(query, gallery, len(rows))
+            np.testing.assert_allclose(part, np.asarray(whole_part), rtol=1e-6, atol=1e-7)
+            assert len(pairs) == len(whole_pairs) == 30
+            for found, expected in zip(pairs, whole_pairs):
+                np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-7)
+        finally:
+            engine.close()
+
+
 # ---------------------------------------------------------------------------------- the toy model, the command line
 SEARCH_WITHOUT_TORCH = """
 import json, sys
