@@ -32,7 +32,7 @@ from retrieval.lean.parts import PartMatch, rerank_order
 from retrieval.results import Match, QueryResult, match_of, stored_pooled
 from retrieval.schema import STATUS_OK
 from retrieval.schema import Image as ImageRow
-from retrieval.search import HalfShortlist, index_type_of, search, shortlist_pays
+from retrieval.search import HalfShortlist, index_type_of, large_flat, search
 from retrieval.statefiles import load_intact_index
 from retrieval.store import Store
 
@@ -71,7 +71,7 @@ class SearchFlow(Generic[E]):
     input_size: int
     explainer_names: tuple[str, ...]  # the explainers this engine draws
     _searches = 0  # searches so far, and the index's float16 shortlist once the second has asked for it
-    _shortlist: Future[HalfShortlist | None] | None = None
+    _shortlist: Future[HalfShortlist] | None = None
 
     def _snapshot(self) -> tuple[dict, dict]:
         """The stored model and the index meta (dirty flag, generation of its files), read in one SELECT."""
@@ -255,10 +255,8 @@ class SearchFlow(Generic[E]):
         10,000 photos) once it is built. A process's second search starts building it on the helper thread (10-25
         ms at 10,000 photos, 2 bytes a float more memory), so a one-off search (the command line) never pays."""
         self._searches += 1
-        if self._shortlist is None and self._searches >= 2 and self.index is self.cpu_index:
-            self._shortlist = helper_thread().submit(
-                lambda: HalfShortlist(self.index) if shortlist_pays(self.index) else None
-            )
+        if self._shortlist is None and self._searches >= 2 and self.index is self.cpu_index and large_flat(self.index):
+            self._shortlist = helper_thread().submit(HalfShortlist, self.index)
         return self._shortlist.result() if self._shortlist is not None and self._shortlist.done() else None
 
     def _ranked(

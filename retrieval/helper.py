@@ -11,8 +11,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 CORES = os.cpu_count() or 1
-
-
 NAME = "famsearch-helper"
 
 

@@ -276,20 +276,18 @@ def search(
     """
     if index.ntotal == 0:
         return [[] for _ in range(len(query_embs))]
-    few = len(query_embs) < SMALL_BATCH
+    queries, top = normalise_rows(query_embs), min(k, index.ntotal)
+    few = len(queries) < SMALL_BATCH
     with _threads(1 if few else faiss.omp_get_max_threads()):
-        unfiltered_few = allowed_ids is None and few
-        found = (
-            shortlist.search(normalise_rows(query_embs), min(k, index.ntotal)) if shortlist and unfiltered_few else None
-        )
+        found = shortlist.search(queries, top) if shortlist and few and allowed_ids is None else None
         if found is not None:
             scores, ids = found
-        elif unfiltered_few and CORES > 1 and shortlist_pays(index) and not on_helper():  # (not: one worker)
-            scores, ids = _split_scan(index, normalise_rows(query_embs), min(k, index.ntotal))
+        elif allowed_ids is None and few and CORES > 1 and large_flat(index) and not on_helper():  # (not: one worker)
+            scores, ids = _split_scan(index, queries, top)
         elif allowed_ids is None:
-            scores, ids = index.search(normalise_rows(query_embs), min(k, index.ntotal))  # (Q, k), (Q, k)
+            scores, ids = index.search(queries, top)  # (Q, k), (Q, k)
         else:
-            scores, ids = filtered_search(index, normalise_rows(query_embs), k, allowed_ids)
+            scores, ids = filtered_search(index, queries, k, allowed_ids)
     return [
         [(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i != -1] for row_ids, row_scores in zip(ids, scores)
     ]
@@ -312,8 +310,9 @@ def _flat_vectors(index: Any) -> tuple[np.ndarray, np.ndarray]:
     return faiss.rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim), faiss.rev_swig_ptr(index.id_map.data(), n)
 
 
-def shortlist_pays(index: faiss.Index) -> bool:
-    """Whether a `HalfShortlist` serves this index: a CPU flat one large enough that a scan waits on memory."""
+def large_flat(index: faiss.Index) -> bool:
+    """A CPU flat index large enough that a scan of a few queries waits on memory: what the split scan and a
+    `HalfShortlist` serve."""
     return index.ntotal * index.d >= SPLIT_SCAN_MIN_FLOATS and split_scannable(index)
 
 
