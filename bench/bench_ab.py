@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.child import child_json  # noqa: E402
+from bench.common import child_json, percentile  # noqa: E402
 
 WARM = """
 import json, sys, time
@@ -90,12 +90,12 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     for rerank in reranks:
         for name in trees:
-            timings = sorted(found[name][rerank])
-            p95 = timings[min(len(timings) - 1, int(0.95 * len(timings)))]
+            timings = found[name][rerank]
             print(
-                f"--rerank {rerank:>3} {name:6s} p50 {statistics.median(timings):6.2f}  p95 {p95:6.2f}  ({len(timings)} queries)"
+                f"--rerank {rerank:>3} {name:6s} p50 {percentile(timings, 50):6.2f}  p95 {percentile(timings, 95):6.2f}"
+                f"  ({len(timings)} queries)"
             )
-        ratio = statistics.median(found["before"][rerank]) / statistics.median(found["after"][rerank])
+        ratio = percentile(found["before"][rerank], 50) / percentile(found["after"][rerank], 50)
         print(f"--rerank {rerank:>3} p50 before / after: {ratio:.2f}x")
     print(f"load average {os.getloadavg()} at the end")
 

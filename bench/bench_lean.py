@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.child import child_json  # noqa: E402
+from bench.common import child_json, percentile  # noqa: E402
 
 COLD = """
 import json, sys, time, resource
@@ -67,10 +67,6 @@ def command(kind: str, home: Path, query: Path) -> tuple[float, float]:
     wall = time.perf_counter() - start
     after = os.times()
     return wall, (after.children_user - before.children_user) + (after.children_system - before.children_system)
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
 
 
 def warm(engines: dict, query: Path, rerank: int, rounds: int, per_round: int) -> dict[str, list[float]]:

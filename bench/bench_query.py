@@ -31,13 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.child import child_json  # noqa: E402
+from bench.common import child_json, percentile  # noqa: E402
 
 DATA = Path("/work/shared/data")
 PHOTO_DIRS = (Path("/usr/share/backgrounds"), Path("/usr/share/doc/opencv-doc/examples/data"))
@@ -144,10 +143,6 @@ print(json.dumps({"import_s": imported - start, "load_s": loaded - imported, "fi
 
 def cold_start(home: Path, query: Path, device: str, threads: int, runtime: str = "") -> dict:
     return child_json(COLD, home, query, device, threads, runtime, cwd=ROOT)
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
 
 
 def warm_latency(engine, query: Path, explainer: str, repeats: int) -> tuple[list[float], list[float], dict]:

@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.child import child_json  # noqa: E402
+from bench.common import child_json  # noqa: E402
 
 LATENT, CENTRES, CHUNK = 64, 4096, 50_000
 # Within-cluster spread (latent) and isotropic noise (all dims). At n = 3,840 this set has a relative
