@@ -30,6 +30,7 @@ from retrieval.config import (
 from retrieval.errors import IndexMissingError
 from retrieval.featcache import FeatureCache
 from retrieval.flow import CORRESPONDENCES, PART_MATCH, SearchFlow, unpadded
+from retrieval.helper import CORES
 from retrieval.lean.encode import LEAN_POOLINGS, Encoded, encode
 from retrieval.lean.fine import Fine, fine_fam
 from retrieval.lean.parts import expand_query, match_strengths, part_share, parts, strongest_pairs, top_pairs
@@ -108,7 +109,7 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
             raise IndexMissingError(settings.home)
         self.store = open_store(settings.database_url)
         try:
-            self._open(settings, threads, min(forward_threads, os.cpu_count() or 1))
+            self._open(settings, threads, min(forward_threads, CORES))
         except BaseException:
             self.store.close()
             raise
