@@ -31,7 +31,7 @@ from retrieval.images import decode_image, load_image, load_image_sized, read_in
 from retrieval.lean.parts import PartMatch, rerank_order
 from retrieval.results import Match, QueryResult, match_of, stored_pooled
 from retrieval.schema import STATUS_OK
-from retrieval.schema import Image as ImageRow
+from retrieval.schema import ImageRecord as ImageRow
 from retrieval.search import HalfShortlist, index_type_of, large_flat, search
 from retrieval.statefiles import load_intact_index
 from retrieval.store import Store

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retrieval.images import camera_name
-from retrieval.schema import Image as ImageRow
+from retrieval.schema import ImageRecord as ImageRow
 from retrieval.store import bytes_to_embedding
 
 

@@ -8,6 +8,7 @@ import this module (``target_metadata``) and nothing else from the app.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Protocol
 
 from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, Integer, LargeBinary, MetaData, String, Text
 from sqlalchemy.engine import Dialect
@@ -94,6 +95,35 @@ class Image(Base):
 
     def __repr__(self) -> str:
         return f"Image(id={self.id!r}, path={self.path!r}, status={self.status!r})"
+
+
+class ImageRecord(Protocol):
+    """An image's row as a query reads it (`Store.images_by_ids`: a plain row, read-only), or an `Image`."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def mtime_ns(self) -> int: ...
+    @property
+    def content_hash(self) -> str | None: ...
+    @property
+    def width(self) -> int | None: ...
+    @property
+    def height(self) -> int | None: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def embedding(self) -> bytes | None: ...
+    @property
+    def taken_at(self) -> datetime | None: ...
+    @property
+    def camera_make(self) -> str | None: ...
+    @property
+    def camera_model(self) -> str | None: ...
 
 
 class Meta(Base):

@@ -112,6 +112,21 @@ def test_images_by_ids_keeps_the_requested_order_and_drops_missing_ids(store):
     assert store.images_by_ids([]) == []
 
 
+def test_images_by_ids_reads_every_column_as_the_orm_object_holds_it(store):
+    image_id = _add(store, "/photos/a.jpg", embedding=_vec(0))
+    with store.session() as session:
+        image = session.get(Image, image_id)
+        image.taken_at, image.taken_from = datetime(2024, 5, 6, 7, 8, 9), "exif"
+        image.camera_make, image.camera_model, image.folder = "Canon", "EOS", "/photos"
+        image.content_hash, image.width, image.height = "ab" * 32, 4000, 3000
+    (row,) = store.images_by_ids([image_id])  # a plain row, not an ORM object: what a query reads
+    orm = store.image_by_path("/photos/a.jpg")
+    for column in Image.__table__.columns:
+        assert getattr(row, column.name) == getattr(orm, column.name), column.name
+    assert row.indexed_at.tzinfo == timezone.utc and row.taken_at.tzinfo is None
+    assert isinstance(row.embedding, bytes)
+
+
 def test_image_by_path_finds_the_row_with_its_fields(store):
     image_id = _add(store, "/photos/a.jpg", embedding=_vec(0))
     image = store.image_by_path("/photos/a.jpg")
