@@ -5,8 +5,9 @@
 Each revision is checked out in a temporary git worktree (the working tree itself when --after is not given) and
 run with this interpreter, one fresh process per round and revision: the engine `famsearch search` opens (the lean
 one on the defaults), a few warm-up queries, then --queries timed ones for each --rerank value. Rounds alternate
-the revisions, so a noisy machine slows both alike; the per-round medians are printed as they come, then p50 and
-p95 over all rounds and the before / after ratio. Both revisions read the same home (neither writes to it).
+the revisions, so a noisy machine slows both alike; the per-round medians are printed as they come (with the median
+time of the query's decode alone in that process: the same fixed work every time, it shows when the host was slow),
+then p50 and p95 over all rounds and the before / after ratio. Both revisions read the same home (neither writes to it).
 `query_speed_ab.py` does the same for `bench_rerank.py`, whose settings run on the torch engine (the UI's and the
 API's); this one times the engine the command line opens, one engine a process, with nothing else imported.
 """
@@ -34,6 +35,12 @@ from indexer.cli import build_parser
 from indexer.commands.search import open_search_engine
 home, query, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 engine = open_search_engine(build_parser().parse_args(["search", query, "--home", home]), None)
+from retrieval.images import load_image
+probe = []  # the same fixed work in every process: the query's draft decode alone, how fast the machine is now
+for _ in range(10):
+    start = time.perf_counter()
+    load_image(query, draft_size=224)
+    probe.append((time.perf_counter() - start) * 1000)
 timings = {}
 for rerank in json.loads(sys.argv[4]):
     for _ in range(3):
@@ -43,7 +50,7 @@ for rerank in json.loads(sys.argv[4]):
         start = time.perf_counter()
         engine.query_path(query, rerank=rerank)
         timings[rerank].append((time.perf_counter() - start) * 1000)
-print(json.dumps({"engine": type(engine).__name__, "timings": timings}))
+print(json.dumps({"engine": type(engine).__name__, "timings": timings, "probe": sorted(probe)[5]}))
 """
 
 
@@ -81,7 +88,7 @@ def main() -> None:
                 for rerank, timings in result["timings"].items():
                     found[name][int(rerank)] += timings
                     line.append(f"{name} --rerank {rerank}: {statistics.median(timings):5.1f}")
-                line.append(f"({result['engine']})")
+                line.append(f"({result['engine']}, decode alone {result['probe']:4.1f})")
             print(f"round {round_ + 1}: " + "  ".join(line) + f"  load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         for tree in trees.values():

@@ -259,8 +259,9 @@ class FeatureCache:
         for shape in {stored.shape for stored in read.values()}:  # one shape but for damaged files
             same = [i for i, stored in read.items() if stored.shape == shape]
             as_float = _float32(np.stack([read[i] for i in same]))  # one cast for all: its cost is mostly per call
-            for image_id, feature_map in zip(same, as_float):
-                if _matches_pooled(feature_map, vectors[image_id], self.identity["pooling"]):
+            verified = _pool_to(as_float, np.stack([vectors[i] for i in same]), self.identity["pooling"])
+            for image_id, feature_map, ok in zip(same, as_float, verified.tolist()):
+                if ok:
                     found[image_id] = feature_map if dtype == np.float32 else read[image_id]
         return {i: found[i] for i in ids if i in found}
 
@@ -313,27 +314,30 @@ def _float32(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32)
 
 
-def _matches_pooled(packed: np.ndarray, pooled: np.ndarray, pooling: str) -> bool:
-    """Does the packed entry (N + 6 + 4C, h, w) pool to the (N,) stored vector, within float16 rounding?
+def _pool_to(packed: np.ndarray, pooled: np.ndarray, pooling: str) -> np.ndarray:
+    """Does each packed entry (K, N + 6 + 4C, h, w) pool to its (K, N) stored vector, within float16 rounding?
+    -> (K,) bool; all checked in one go (a query checks its ten matches' entries: 0.19 ms one by one).
 
     Its first N channels times its region (channel N) are the map the paper's explainers weight: A for gap/gem,
     √A for sqrt, s·A for attn, A on the focus cells (zero elsewhere) for focus, so z is its spatial mean, or its
     GeM under gem.
     """
-    n = pooled.shape[0]
-    if packed.shape[0] < n + 6 or (packed.shape[0] - n - 6) % 4:
-        return False
-    inside = packed[n].astype(np.float32).ravel()  # the region's cells, 0/1 (`Encoded.pack`)
-    maps = packed[:n].reshape(n, -1).astype(np.float32, copy=False)  # (N, hw)
+    k, n = pooled.shape
+    if packed.shape[1] < n + 6 or (packed.shape[1] - n - 6) % 4:
+        return np.zeros(k, bool)
+    inside = packed[:, n].reshape(k, -1).astype(np.float32)  # the region's cells, 0/1 (`Encoded.pack`): (K, hw)
+    maps = packed[:, :n].reshape(k, n, -1).astype(np.float32, copy=False)  # (K, N, hw)
+    counts = np.maximum(inside.sum(axis=1, keepdims=True), np.float32(1))  # (K, 1)
     if pooling == "gem":
         from retrieval.pooling import GEM_P
 
-        values = maps * (inside * inside.size / max(float(inside.sum()), 1.0))
-        again = (np.clip(values, 1e-6, None) ** GEM_P).mean(axis=1) ** (1.0 / GEM_P)  # (N, hw) -> (N,)
+        values = maps * (inside * inside.shape[1] / counts)[:, None]
+        again = (np.clip(values, 1e-6, None) ** GEM_P).mean(axis=2) ** (1.0 / GEM_P)  # (K, N, hw) -> (K, N)
     else:
-        again = maps @ (inside / max(float(inside.sum()), 1.0))  # the mean over the region: (N, hw) -> (N,)
-    scale = float(np.abs(pooled).max()) or 1.0
-    return bool(np.abs(again - pooled).max() <= _VERIFY_RTOL * scale)
+        again = (maps @ (inside / counts)[:, :, None])[..., 0]  # the mean over the region: (K, N, hw) -> (K, N)
+    scale = np.abs(pooled).max(axis=1)
+    scale = np.where(scale > 0, scale, np.float32(1))
+    return np.abs(again - pooled).max(axis=1) <= _VERIFY_RTOL * scale
 
 
 def _size(path: Path) -> int:
