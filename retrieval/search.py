@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +65,9 @@ SPLIT_SCAN_MIN_FLOATS = 1_000_000
 # How far a float16 score may be from the float32 one, with room: `HalfShortlist` proves 6.4e-4 at d = 1280 for
 # FAISS's encoder, which rounds to nearest (1.1e-3 for one that truncated).
 SHORTLIST_MARGIN = 1.5e-3
+# From this many floats a `HalfShortlist` scans its two halves at once (float16: twice the float32 split scan's size
+# for the same bytes).
+SPLIT_SHORTLIST_MIN = 2 * SPLIT_SCAN_MIN_FLOATS
 # A filter keeping at least this share of a flat index is served by a plain scan's top k·2/share, filtered
 # (`_overfetch`): at 10 % the selector scan and the plain one cost the same (bench/results/filter.txt).
 OVERFETCH_MIN_SHARE = 0.1
@@ -318,38 +321,69 @@ def large_flat(index: faiss.Index) -> bool:
 
 class HalfShortlist:
     """A flat index's vectors again in float16 (FAISS's fp16 scalar quantiser): half the bytes for a scan to read,
-    which is what a scan of a few queries waits on. One thread scans them (1.2 ms at 10,000 x 1280, against 2.1 for
-    the float32 vectors on two); the vectors whose float16 score is within 2 x `SHORTLIST_MARGIN` of the k-th best
-    are rescored in float32 by FAISS's own kernel, so the top-k and its scores are the float32 scan's.
+    which is what a scan of a few queries waits on. Scanned in two halves at once, one on the helper thread (at
+    10,000 x 1280: 0.68 against 1.09 ms for one thread's whole scan back to back, 2.1 for the float32 vectors on
+    two; in a query, right after the backbone's pass, its search step 1.90 against 2.25 ms:
+    bench/results/shortlist.txt), or whole on a 1-core machine, on the helper itself or below `SPLIT_SHORTLIST_MIN`;
+    the vectors whose float16 score is within 2 x `SHORTLIST_MARGIN` of the k-th best are rescored in float32 by
+    FAISS's own kernel, so the top-k and its scores are the float32 scan's.
 
     Why that is exact: rounding to float16 moves each component by at most 2^-11 of itself (2^-25 below 2^-14), so
     a unit query's float16 score is within 2^-11 + √d·2^-25 of its float32 one, plus the two sums' float32
     rounding (at most d·2^-24 each): 6.4e-4 at d = 1280, under the margin. Every vector left out then scores below
-    each of the k kept ones. A query whose fetched candidates all lie within the margin returns None (the caller
-    scans)."""
+    each of the k kept ones: each half's own best 2k + 64 are fetched, and one of them scores below the floor
+    wherever the half holds more. A query whose fetched candidates reach the floor in some half returns None (the
+    caller scans).
 
-    def __init__(self, index: faiss.Index) -> None:
+    ``split``: scan in two halves (default: on more than one core, from `SPLIT_SHORTLIST_MIN` floats)."""
+
+    def __init__(self, index: faiss.Index, split: bool | None = None) -> None:
         self.index = index  # owns the memory the two views below read
         self.vectors, self.ids = _flat_vectors(index)
         n, dim = self.vectors.shape
-        self.half = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-        for begin in range(0, n, ADD_CHUNK):
-            self.half.add(self.vectors[begin : begin + ADD_CHUNK])
+        if split is None:
+            split = CORES > 1 and n * dim >= SPLIT_SHORTLIST_MIN
+        self.bounds = [(0, n // 2), (n // 2, n)] if split and n > 1 else [(0, n)]
+        self.halves = [self._quantised(self.vectors[begin:end]) for begin, end in self.bounds]
+
+    @staticmethod
+    def _quantised(vectors: np.ndarray) -> faiss.IndexScalarQuantizer:
+        half = faiss.IndexScalarQuantizer(vectors.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        for begin in range(0, len(vectors), ADD_CHUNK):
+            half.add(vectors[begin : begin + ADD_CHUNK])
+        return half
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Unit queries (Q, d) -> scores (Q, k), DB ids (Q, k) as the float32 scan gives them, or None."""
-        n = len(self.vectors)
-        fetch = min(n, 2 * k + 64)
-        approx, rows = self.half.search(queries, fetch)  # (Q, fetch), best first
+        fetched = [min(end - begin, 2 * k + 64) for begin, end in self.bounds]
+        jobs = list(zip(self.halves, fetched))
+        first = None
+        if len(jobs) > 1 and not on_helper():  # (not: the helper's one worker would wait on itself)
+            first = helper_thread().submit(_one_thread, jobs[0][0].search, queries, jobs[0][1])
+            jobs = jobs[1:]
+        rest = [half.search(queries, fetch) for half, fetch in jobs]
+        found = ([first.result()] if first is not None else []) + rest  # (Q, fetch) each, best first
+        approx = np.concatenate([part_scores for part_scores, _ in found], axis=1)
+        rows = np.concatenate([part_rows + begin for (_, part_rows), (begin, _) in zip(found, self.bounds)], axis=1)
+        lasts = np.cumsum(fetched) - 1  # each half's weakest fetched candidate, in ``approx``
+        more = np.array([end - begin > fetch for (begin, end), fetch in zip(self.bounds, fetched)])
         scores, ids = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
         for q, (query, row_scores, row_rows) in enumerate(zip(queries, approx, rows)):
-            floor = row_scores[k - 1] - 2 * SHORTLIST_MARGIN
-            if fetch < n and row_scores[-1] >= floor:  # candidates past what was fetched: scan instead
+            floor = np.partition(row_scores, len(row_scores) - k)[len(row_scores) - k] - 2 * SHORTLIST_MARGIN
+            if (more & (row_scores[lasts] >= floor)).any():  # candidates past what was fetched: scan instead
                 return None
             kept = row_rows[row_scores >= floor]
             exact, order = faiss.knn(query[None], self.vectors[kept], k, faiss.METRIC_INNER_PRODUCT)
             scores[q], ids[q] = exact[0], self.ids[kept[order[0]]]
         return scores, ids
+
+
+def _one_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` with FAISS on one OpenMP thread: on the helper thread, whose own OpenMP setting is the
+    default (every core), the two halves of a shortlist scan took 1.19 against 0.47 ms (the helper's idle team
+    spins)."""
+    with _threads(1):
+        return function(*args)
 
 
 def _split_scan(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -359,7 +393,9 @@ def _split_scan(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np
     vectors, id_map = _flat_vectors(index)
     n = len(vectors)
     half = n // 2
-    first = helper_thread().submit(faiss.knn, queries, vectors[:half], min(k, half), faiss.METRIC_INNER_PRODUCT)
+    first = helper_thread().submit(
+        _one_thread, faiss.knn, queries, vectors[:half], min(k, half), faiss.METRIC_INNER_PRODUCT
+    )
     second_scores, second_rows = faiss.knn(queries, vectors[half:], min(k, n - half), faiss.METRIC_INNER_PRODUCT)
     first_scores, first_rows = first.result()
     scores = np.concatenate([first_scores, second_scores], axis=1)  # (Q, k1 + k2), each half best first

@@ -70,12 +70,16 @@ def near_ties(n: int, dim: int, seed: int, spread: float = 4) -> tuple[np.ndarra
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("k", [1, 10, 50])
-def test_the_float16_shortlist_gives_the_exact_scan_s_answer_bit_for_bit(seed, k):
+@pytest.mark.parametrize("split", [True, False])
+def test_the_float16_shortlist_gives_the_exact_scan_s_answer_bit_for_bit(seed, k, split):
     """Oracle: FAISS's float32 scan of the same index. The shortlist keeps every vector the float16 scores cannot
     rule out (within 2 x SHORTLIST_MARGIN of the k-th) and rescores them in float32, so the top-k, scores and all,
     are the scan's; among exactly equal scores the order may differ. Three cases: clustered vectors; scores spread
     over 300 margins (a dozen rescored around the k-th); scores packed within 4 (more candidates than it fetched,
-    so it declines and search() scans)."""
+    so it declines and search() scans). Scanned whole, or in two halves at once (asked from the helper thread itself,
+    the halves are scanned one after the other there)."""
+    from retrieval.helper import helper_thread
+
     cases = [
         (clustered(3000, dim=256, seed=seed), clustered(3, dim=256, seed=seed + 10), True),
         (*near_ties(3000, 256, seed, spread=300), True),
@@ -84,8 +88,13 @@ def test_the_float16_shortlist_gives_the_exact_scan_s_answer_bit_for_bit(seed, k
     for vectors, queries, answers in cases:
         ids = np.random.default_rng(seed).choice(10**9, len(vectors), replace=False).astype(np.int64)
         index = S.build_index(vectors, ids, "flat")
-        found = S.HalfShortlist(index).search(queries, k)
+        shortlist = S.HalfShortlist(index, split=split)
+        assert len(shortlist.halves) == (2 if split else 1)
+        found = shortlist.search(queries, k)
         assert (found is not None) == answers
+        on_helper = helper_thread().submit(shortlist.search, queries, k).result(timeout=60)
+        for mine, theirs in zip(found or (), on_helper or ()):
+            np.testing.assert_array_equal(mine, theirs)
         scores, found_ids = found or S._split_scan(index, queries, k)
         whole_scores, whole_ids = index.search(queries, k)
         np.testing.assert_array_equal(scores, whole_scores)
@@ -99,11 +108,12 @@ def test_the_float16_scores_stay_within_the_bound_the_shortlist_s_margin_is_buil
     dim = 1280
     vectors = clustered(5000, dim=dim, seed=3)
     queries = clustered(20, dim=dim, seed=4)
-    shortlist = S.HalfShortlist(S.build_index(vectors, np.arange(5000, dtype=np.int64), "flat"))
-    codes = faiss.vector_to_array(shortlist.half.codes).view(np.float16).reshape(5000, dim).astype(np.float32)
+    shortlist = S.HalfShortlist(S.build_index(vectors, np.arange(5000, dtype=np.int64), "flat"), split=False)
+    (half,) = shortlist.halves
+    codes = faiss.vector_to_array(half.codes).view(np.float16).reshape(5000, dim).astype(np.float32)
     stored = shortlist.vectors
     assert (np.abs(codes - stored) <= np.maximum(2.0**-11 * np.abs(stored), 2.0**-25)).all()
-    half_scores, rows = shortlist.half.search(queries, 5000)
+    half_scores, rows = half.search(queries, 5000)
     error = np.abs(half_scores - np.take_along_axis(queries @ stored.T, rows, 1)).max()
     bound = 2.0**-11 + np.sqrt(dim) * 2.0**-25 + 2 * dim * 2.0**-24
     assert 0 < error <= bound < S.SHORTLIST_MARGIN  # measured 4e-5 on real photos
