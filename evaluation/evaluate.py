@@ -203,8 +203,8 @@ def rerank_ranking(query: EmbeddedItems, matches: EmbeddedItems, ranking: np.nda
     from retrieval.engine import PART_MATCH
     from retrieval.rerank import part_scores, parts, rerank
 
-    query_parts = parts(query.fine, PART_MATCH.layer, PART_MATCH.weight_power)
-    gallery_parts = parts(matches.fine, PART_MATCH.layer, PART_MATCH.weight_power)
+    query_parts = parts(query.fine, PART_MATCH.layer, PART_MATCH.weight_power, PART_MATCH.both_scales)
+    gallery_parts = parts(matches.fine, PART_MATCH.layer, PART_MATCH.weight_power, PART_MATCH.both_scales)
     reranked = ranking.copy()
     for qi in range(len(ranking)):
         top = torch.as_tensor(ranking[qi, :n])

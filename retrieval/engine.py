@@ -120,7 +120,7 @@ def index_from_store(store: Store, head: Head, index_type: str = "auto"):
 
 def _parts(fine: FineInputs) -> Parts:
     """The parts the re-ranker and the correspondences compare (`PART_MATCH`)."""
-    return parts(fine, PART_MATCH.layer, PART_MATCH.weight_power)
+    return parts(fine, PART_MATCH.layer, PART_MATCH.weight_power, PART_MATCH.both_scales)
 
 
 def _found(pairs: torch.Tensor) -> list[np.ndarray]:

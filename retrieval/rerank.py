@@ -33,18 +33,23 @@ _EPS = 1e-12
 
 @dataclass(frozen=True)
 class Parts:
-    """Photos' local descriptors: cells (B, P, d) unit length, weights (B, P) >= 0, on a (h, w) grid."""
+    """Photos' local descriptors: cells (B, P, d) unit length, weights (B, P) >= 0, on a (h, w) grid; factors
+    (B, P) >= 0 or None (ones): how much more a matched cell counts in the part score than its weight says."""
 
     cells: Tensor
     weights: Tensor
     grid: tuple[int, int]
+    factors: Tensor | None = None
 
     def __getitem__(self, index: int | slice | Tensor | None) -> Parts:
-        return Parts(self.cells[index], self.weights[index], self.grid)
+        factors = None if self.factors is None else self.factors[index]
+        return Parts(self.cells[index], self.weights[index], self.grid, factors)
 
 
-def parts(fine: FineInputs, layer: str = "mid", weight_power: float = 2.0) -> Parts:
-    """The parts of photos (leading batch axis B) from what the map cache keeps of them (`FineInputs`)."""
+def parts(fine: FineInputs, layer: str = "mid", weight_power: float = 2.0, both_scales: bool = True) -> Parts:
+    """The parts of photos (leading batch axis B, or none) from what the map cache keeps of them (`FineInputs`).
+    A cell's weight is its graded focus score ** ``weight_power``; with ``both_scales``, a mid-layer cell's factor
+    is its coarse cell's (the emphasis on the last map's grid, bilinear on the finer one) to the same power."""
     if layer not in LAYERS:
         raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
     maps, emphasis = (fine.whole_map, fine.emphasis) if layer == "last" else (fine.guide, fine.fine_emphasis)
@@ -53,7 +58,17 @@ def parts(fine: FineInputs, layer: str = "mid", weight_power: float = 2.0) -> Pa
     # background that fills it), so two photos of one background no longer match cell for cell.
     cells = F.normalize(cells - cells.mean(dim=-2, keepdim=True), dim=-1)
     weights = emphasis.float().clamp_min(0).flatten(-2) ** weight_power  # (B, h, w) -> (B, hw)
-    return Parts(cells, weights, (int(maps.shape[-2]), int(maps.shape[-1])))
+    factors = None
+    if layer != "last" and both_scales:
+        coarse = _on_grid(fine.emphasis.float().clamp_min(0), tuple(emphasis.shape[-2:]))
+        factors = coarse.flatten(-2) ** weight_power
+    return Parts(cells, weights, (int(maps.shape[-2]), int(maps.shape[-1])), factors)
+
+
+def _on_grid(emphasis: Tensor, grid: tuple[int, ...]) -> Tensor:
+    """(..., h, w) -> (..., H, W), bilinear (align_corners=False), as `retrieval.lean.encode.resize_bilinear`."""
+    flat = emphasis.reshape(-1, 1, *emphasis.shape[-2:])
+    return F.interpolate(flat, size=grid, mode="bilinear", align_corners=False).reshape(*emphasis.shape[:-2], *grid)
 
 
 def cell_centres(grid: tuple[int, int], like: Tensor | None = None) -> Tensor:
@@ -183,8 +198,11 @@ def part_scores(query: Parts, gallery: Parts, settings: PartMatch = PartMatch())
 
 
 def part_share(query: Parts, strength: Tensor) -> Tensor:
-    """`part_scores` from the strengths `match_strengths` found: (K, P) -> (K,)."""
-    return strength.sum(dim=1) / query.weights.sum().clamp_min(_EPS)
+    """`part_scores` from the strengths `match_strengths` found: (K, P) -> (K,), each matched cell's strength times
+    its factor over the query's weights times theirs."""
+    if query.factors is None:
+        return strength.sum(dim=1) / query.weights.sum().clamp_min(_EPS)
+    return (strength * query.factors).sum(dim=1) / (query.weights * query.factors).sum().clamp_min(_EPS)
 
 
 def rerank(scores: Tensor, part: Tensor, blend: float) -> tuple[Tensor, Tensor]:

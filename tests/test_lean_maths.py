@@ -135,12 +135,21 @@ def parts_pair(
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("layer", ["mid", "last"])
-def test_parts_equal_torch_s(seed, layer):
+@pytest.mark.parametrize("both_scales", [True, False])
+def test_parts_equal_torch_s(seed, layer, both_scales):
     photos = random_fine(seed, 3)
-    expected, found = rerank.parts(photos, layer, 2.0), lean_parts.parts(as_numpy(photos), layer, 2.0)
+    expected = rerank.parts(photos, layer, 2.0, both_scales=both_scales)
+    found = lean_parts.parts(as_numpy(photos), layer, 2.0, both_scales=both_scales)
     assert found.grid == expected.grid
     assert_close(found.cells, expected.cells)
     assert_close(found.weights, expected.weights)
+    assert (found.factors is None) == (expected.factors is None)
+    if expected.factors is not None:
+        assert_close(found.factors, expected.factors)
+        one = lean_parts.parts(as_numpy(photos[0]), layer, 2.0)  # no batch axis
+        assert_close(one.factors, expected.factors[0])
+    strength = torch.rand(4, expected.weights.shape[1], generator=torch.Generator().manual_seed(seed))
+    assert_close(lean_parts.part_share(found[0], strength.numpy()), rerank.part_share(expected[0], strength))
     with pytest.raises(ValueError, match="unknown layer"):
         lean_parts.parts(as_numpy(photos), "first")
 

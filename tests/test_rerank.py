@@ -25,6 +25,7 @@ from retrieval.rerank import (
     consistent,
     expand_query,
     part_scores,
+    part_share,
     parts,
     rerank,
     strongest_pairs,
@@ -129,6 +130,28 @@ def test_parts_centre_each_photo_on_its_mean_cell_and_weigh_by_the_focus_score()
     torch.testing.assert_close(last.weights, fine.emphasis.flatten(1) ** 2)
     with pytest.raises(ValueError, match="unknown layer"):
         parts(fine, "first")
+
+
+def test_a_matched_cell_counts_in_the_part_score_by_how_much_it_stands_out_at_both_scales():
+    """The matches (and so the correspondences) come from the cells' own weights; what each matched cell adds to
+    the part score is also scaled by its coarse cell's emphasis (the last map's grid, bilinear on the finer one), to
+    the weights' power, over the query's weights scaled alike. Without both scales, or on the last layer, no scale."""
+    whole, guide = torch.rand(2, 8, 3, 3), torch.rand(2, 5, 6, 6)
+    fine = FineInputs(whole, torch.rand(2, 3, 3), torch.rand(2, 6, 6), guide)
+    mid = parts(fine, "mid", 2.0)
+    torch.testing.assert_close(mid.weights, fine.fine_emphasis.flatten(1) ** 2)  # the matches' weights, as before
+    coarse = F.interpolate(fine.emphasis[:, None], size=(6, 6), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(mid.factors, coarse.flatten(1) ** 2)
+    assert parts(fine, "mid", 2.0, both_scales=False).factors is None and parts(fine, "last", 2.0).factors is None
+    strength = torch.rand(4, 36) * mid.weights[0]
+    expected = (strength * mid.factors[0]).sum(1) / (mid.weights[0] * mid.factors[0]).sum()
+    torch.testing.assert_close(part_share(mid[0], strength), expected)
+    plain = Parts(mid.cells, mid.weights, mid.grid)
+    torch.testing.assert_close(part_share(plain[0], strength), strength.sum(1) / mid.weights[0].sum())
+    one = parts(fine[0], "mid", 2.0)  # a single photo, no batch axis
+    torch.testing.assert_close(one.factors, mid.factors[0])
+    uniform = FineInputs(whole, torch.ones(2, 3, 3), fine.fine_emphasis, guide)  # gap pooling: every emphasis 1
+    torch.testing.assert_close(part_share(parts(uniform, "mid", 2.0)[0], strength), part_share(plain[0], strength))
 
 
 def test_cell_centres_are_row_major_fractions_of_the_photo():

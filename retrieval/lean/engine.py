@@ -197,4 +197,4 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
 
 def _parts(fine: Fine):
     """The parts the re-ranker and the correspondences compare (`PART_MATCH`)."""
-    return parts(fine, PART_MATCH.layer, PART_MATCH.weight_power)
+    return parts(fine, PART_MATCH.layer, PART_MATCH.weight_power, PART_MATCH.both_scales)

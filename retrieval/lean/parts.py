@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retrieval.lean.encode import resize_bilinear
 from retrieval.lean.fine import Fine
 
 LAYERS = ("last", "mid")  # the last conv map (stride 32, the one z pools) or the guide layer (stride 16)
@@ -28,6 +29,7 @@ class PartMatch:
 
     layer: str = "mid"
     weight_power: float = 2.0  # cell weight = graded focus score ** power (0: every cell counts the same)
+    both_scales: bool = True  # a matched mid-layer cell also counts by its coarse cell's score ** power
     geometric: bool = True  # keep only matches one similarity transform of the cell centres explains
     tolerance: float = 1.0  # an inlier lands within this many cells of where the transform puts it
     hypotheses: int = 8  # the strongest matches that seed transform hypotheses (every ordered pair of them)
@@ -37,14 +39,17 @@ class PartMatch:
 
 @dataclass(frozen=True)
 class Parts:
-    """Photos' local descriptors: cells (B, P, d) unit length, weights (B, P) >= 0, on a (h, w) grid."""
+    """Photos' local descriptors: cells (B, P, d) unit length, weights (B, P) >= 0, on a (h, w) grid; factors
+    (B, P) >= 0 or None (ones): how much more a matched cell counts in the part score than its weight says."""
 
     cells: np.ndarray
     weights: np.ndarray
     grid: tuple[int, int]
+    factors: np.ndarray | None = None
 
     def __getitem__(self, index: int | slice | np.ndarray | None) -> Parts:
-        return Parts(self.cells[index], self.weights[index], self.grid)
+        factors = None if self.factors is None else self.factors[index]
+        return Parts(self.cells[index], self.weights[index], self.grid, factors)
 
 
 def _unit(values: np.ndarray) -> np.ndarray:
@@ -52,15 +57,21 @@ def _unit(values: np.ndarray) -> np.ndarray:
     return values / np.maximum(np.linalg.norm(values, axis=-1, keepdims=True), _EPS)
 
 
-def parts(fine: Fine, layer: str = "mid", weight_power: float = 2.0) -> Parts:
-    """The parts of photos (leading batch axis B) from what the map cache keeps of them (`Fine`)."""
+def parts(fine: Fine, layer: str = "mid", weight_power: float = 2.0, both_scales: bool = True) -> Parts:
+    """The parts of photos (leading batch axis B, or none) from what the map cache keeps of them (`Fine`), weights
+    and factors as `retrieval.rerank.parts` gives them."""
     if layer not in LAYERS:
         raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
     maps, emphasis = (fine.whole_map, fine.emphasis) if layer == "last" else (fine.guide, fine.fine_emphasis)
     cells = maps.astype(np.float32, copy=False).reshape(*maps.shape[:-2], -1).swapaxes(-1, -2)  # (B, hw, d)
     cells = _unit(cells - cells.mean(axis=-2, keepdims=True))  # centred on the photo's mean cell
     weights = np.maximum(emphasis.astype(np.float32, copy=False), 0).reshape(*emphasis.shape[:-2], -1)  # (B, hw)
-    return Parts(cells, weights ** np.float32(weight_power), (int(maps.shape[-2]), int(maps.shape[-1])))
+    factors = None
+    if layer != "last" and both_scales:
+        coarse = resize_bilinear(np.maximum(fine.emphasis.astype(np.float32, copy=False), 0), emphasis.shape[-2:])
+        factors = coarse.reshape(*coarse.shape[:-2], -1) ** np.float32(weight_power)
+    grid = (int(maps.shape[-2]), int(maps.shape[-1]))
+    return Parts(cells, weights ** np.float32(weight_power), grid, factors)
 
 
 def cell_centres(grid: tuple[int, int]) -> np.ndarray:
@@ -191,8 +202,11 @@ def match_strengths(query: Parts, gallery: Parts, settings: PartMatch = PartMatc
 
 
 def part_share(query: Parts, strength: np.ndarray) -> np.ndarray:
-    """How much of the query each of K photos shows, (K, P) -> (K,) in [0, 1]: matched strength over its weight."""
-    return strength.sum(axis=1) / np.maximum(query.weights.sum(), _EPS)
+    """How much of the query each of K photos shows, (K, P) -> (K,) in [0, 1]: matched strength over its weight,
+    each cell's times its factor (`retrieval.rerank.part_share`)."""
+    if query.factors is None:
+        return strength.sum(axis=1) / np.maximum(query.weights.sum(), _EPS)
+    return (strength * query.factors).sum(axis=1) / np.maximum((query.weights * query.factors).sum(), _EPS)
 
 
 def rerank_order(scores: np.ndarray, part: np.ndarray, blend: float) -> tuple[np.ndarray, np.ndarray]:
