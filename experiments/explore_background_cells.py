@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,21 +67,45 @@ def masks_of(root: Path, queries: list, grid: tuple[int, int]) -> np.ndarray | N
     return np.stack(found)
 
 
-def run(root: Path, n: int, out: list[str]) -> None:
+@dataclass
+class Features:
+    """A dataset's queries and gallery through the default index's encoder (cached), and the cosine ranking."""
+
+    queries: list
+    gallery: list
+    q_fine: FineInputs
+    g_fine: FineInputs
+    q_labels: np.ndarray
+    g_labels: np.ndarray
+    ranking: np.ndarray  # (Q, G) gallery positions, best first
+    scores: np.ndarray  # (Q, G) their cosines, in that order
+
+
+def features(root: Path) -> Features:
     queries, gallery = splits(root)
-    name = root.name
-    q_fine, q_pooled = encode(queries, Path(f"/tmp/wt21-feat/{name}-q.pt"))
-    g_fine, g_pooled = encode(gallery, Path(f"/tmp/wt21-feat/{name}-g.pt"))
+    q_fine, q_pooled = encode(queries, Path(f"/tmp/wt21-feat/{root.name}-q.pt"))
+    g_fine, g_pooled = encode(gallery, Path(f"/tmp/wt21-feat/{root.name}-g.pt"))
     q_fine, g_fine = (
         FineInputs(*(t.float() for t in (f.whole_map, f.emphasis, f.fine_emphasis, f.guide))) for f in (q_fine, g_fine)
     )
-    q_labels = np.array([item.label for item in queries])
-    g_labels = np.array([item.label for item in gallery])
     q_emb, g_emb = (torch.nn.functional.normalize(p, dim=1) for p in (q_pooled, g_pooled))
     all_scores = (q_emb @ g_emb.T).numpy()
     ranking = np.argsort(-all_scores, axis=1, kind="stable")
-    scores = np.take_along_axis(all_scores, ranking, 1)
-    q_parts, g_parts = (parts(f, SETTINGS.layer, SETTINGS.weight_power) for f in (q_fine, g_fine))
+    labels = (np.array([item.label for item in items]) for items in (queries, gallery))
+    return Features(queries, gallery, q_fine, g_fine, *labels, ranking, np.take_along_axis(all_scores, ranking, 1))
+
+
+def run(root: Path, n: int, out: list[str]) -> None:
+    found_features = features(root)
+    queries, gallery, q_fine, g_fine = (
+        found_features.queries,
+        found_features.gallery,
+        found_features.q_fine,
+        found_features.g_fine,
+    )
+    q_labels, g_labels = found_features.q_labels, found_features.g_labels
+    ranking, scores, name = found_features.ranking, found_features.scores, root.name
+    q_parts, g_parts = (parts(f, SETTINGS.layer, SETTINGS.weight_power, both_scales=False) for f in (q_fine, g_fine))
     tops = [g_parts[torch.as_tensor(ranking[qi, :n])] for qi in range(len(queries))]
     found = [cell_matches(q_parts[qi], tops[qi]) for qi in range(len(queries))]
     similarity = np.stack([f.similarity.numpy() for f in found])  # (Q, N, P)

@@ -25,10 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from explore_background_cells import masks_of  # noqa: E402
-from explore_rerank import encode, report, reranked, splits  # noqa: E402
+from explore_background_cells import features, masks_of  # noqa: E402
+from explore_rerank import report, reranked  # noqa: E402
 
-from retrieval.fam import FineInputs  # noqa: E402
 from retrieval.regions import focus_scores  # noqa: E402
 from retrieval.rerank import PartMatch, Parts, cell_centres, cell_matches, consistent, parts  # noqa: E402
 
@@ -57,19 +56,9 @@ def unit_max(values: torch.Tensor) -> torch.Tensor:
 
 
 def run(root: Path, configs: list[tuple[float, float, float]], out: list[str], first: bool) -> None:
-    queries, gallery = splits(root)
-    name = root.name
-    q_fine, q_pooled = encode(queries, Path(f"/tmp/wt21-feat/{name}-q.pt"))
-    g_fine, g_pooled = encode(gallery, Path(f"/tmp/wt21-feat/{name}-g.pt"))
-    q_fine, g_fine = (
-        FineInputs(*(t.float() for t in (f.whole_map, f.emphasis, f.fine_emphasis, f.guide))) for f in (q_fine, g_fine)
-    )
-    q_labels = np.array([item.label for item in queries])
-    g_labels = np.array([item.label for item in gallery])
-    q_emb, g_emb = (F.normalize(p, dim=1) for p in (q_pooled, g_pooled))
-    all_scores = (q_emb @ g_emb.T).numpy()
-    ranking = np.argsort(-all_scores, axis=1, kind="stable")
-    scores = np.take_along_axis(all_scores, ranking, 1)
+    found = features(root)
+    queries, gallery, q_fine, g_fine = found.queries, found.gallery, found.q_fine, found.g_fine
+    q_labels, g_labels, ranking, scores, name = found.q_labels, found.g_labels, found.ranking, found.scores, root.name
     q_parts, g_parts = (parts(f, "mid", 1.0, both_scales=False) for f in (q_fine, g_fine))
     tops = [g_parts[torch.as_tensor(ranking[qi, :N])] for qi in range(len(queries))]
     fe = unit_max(q_fine.fine_emphasis)
