@@ -13,6 +13,7 @@ re-rank and explain in the same order by construction, and tests compare their a
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -26,7 +27,7 @@ from retrieval.config import DEFAULT_EXPLAINER, DEFAULT_RERANK, Settings
 from retrieval.errors import IndexMissingError, UsageError
 from retrieval.featcache import FeatureCache
 from retrieval.filters import SearchFilter, matching_ids
-from retrieval.helper import helper_thread, on_helper
+from retrieval.helper import beside, helper_thread, on_helper
 from retrieval.images import decode_image, load_image, load_image_sized, read_indexed_photo
 from retrieval.lean.parts import PartMatch, rerank_order
 from retrieval.results import Match, QueryResult, match_of, stored_pooled
@@ -251,8 +252,8 @@ class SearchFlow(Generic[E]):
         return hits
 
     def _shortlisted(self) -> HalfShortlist | None:
-        """The index's float16 shortlist (`retrieval.search.HalfShortlist`: the same answers, 1.2 against 2.1 ms at
-        10,000 photos) once it is built. A process's second search starts building it on the helper thread (10-25
+        """The index's float16 shortlist (`retrieval.search.HalfShortlist`: the same answers as a scan, faster) once
+        it is built. A process's second search starts building it on the helper thread (10-25
         ms at 10,000 photos, 2 bytes a float more memory), so a one-off search (the command line) never pays."""
         self._searches += 1
         if self._shortlist is None and self._searches >= 2 and self.index is self.cpu_index and large_flat(self.index):
@@ -289,9 +290,10 @@ class SearchFlow(Generic[E]):
         half = n // 2
         if half < SPLIT_PARTS_MIN or on_helper():
             return self._match_parts(query, gallery)
-        first = helper_thread().submit(self._match_parts, query, gallery[:half])  # type: ignore[index]
-        part, pairs = self._match_parts(query, gallery[half:])  # type: ignore[index]
-        first_part, first_pairs = first.result()
+        (first_part, first_pairs), (part, pairs) = beside(
+            lambda: self._match_parts(query, gallery[:half]),  # type: ignore[index]
+            lambda: self._match_parts(query, gallery[half:]),  # type: ignore[index]
+        )
         return np.concatenate([np.asarray(first_part), np.asarray(part)]), first_pairs + pairs
 
     def _embedded(self, image_ids: list[int], known: dict[int, E], rows: dict[int, ImageRow]) -> E:
@@ -311,15 +313,15 @@ class SearchFlow(Generic[E]):
         """Maps on both sides and the strongest matched cell pairs of every match (``gallery``: the matches, one
         batch; ``pairs``: what `_ranked` found already); with group "topk", the query's map against them all."""
         unpaired = [i for i, m in enumerate(matches) if m.image_id not in pairs]
-        found: Future[list[np.ndarray]] | None = None
+        maps = functools.partial(self._pair_maps, explainer, query, gallery)
         if unpaired:
             photos = gallery if len(unpaired) == len(matches) else self._stacked([gallery[i] for i in unpaired])  # type: ignore[index]
-            if not on_helper():  # found on the helper thread while this one makes the maps (both release the GIL)
-                found = helper_thread().submit(self._correspondences, query, photos)
-        query_maps, query_offsets, match_maps, match_offsets = self._pair_maps(explainer, query, gallery)
-        if unpaired:
-            computed = found.result() if found is not None else self._correspondences(query, photos)
+            # found on the helper thread while this one makes the maps (both release the GIL)
+            computed, made = beside(functools.partial(self._correspondences, query, photos), maps)
             pairs = {**pairs, **{matches[i].image_id: rows for i, rows in zip(unpaired, computed)}}
+        else:
+            made = maps()
+        query_maps, query_offsets, match_maps, match_offsets = made
         for i, match in enumerate(matches):
             match.query_map, match.match_map = query_maps[i], match_maps[i]
             match.offsets = {"query": float(query_offsets[i]), "match": float(match_offsets[i])}

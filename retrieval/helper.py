@@ -8,7 +8,12 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+A = TypeVar("A")
+B = TypeVar("B")
 
 CORES = os.cpu_count() or 1
 NAME = "famsearch-helper"
@@ -22,3 +27,13 @@ def helper_thread() -> ThreadPoolExecutor:
 def on_helper() -> bool:
     """Whether this is the helper thread: work it runs must not hand work to itself and wait for it (one worker)."""
     return threading.current_thread().name.startswith(NAME)
+
+
+def beside(away: Callable[[], A], here: Callable[[], B]) -> tuple[A, B]:
+    """``away()`` on the helper thread while the caller runs ``here()``: (away's result, here's). Called on the helper
+    thread itself, both run there one after the other: its one worker must not hand work to itself and wait."""
+    if on_helper():
+        return away(), here()
+    future = helper_thread().submit(away)
+    mine = here()
+    return future.result(), mine

@@ -20,6 +20,7 @@ measured recall@10 against an exact scan reaches `TARGET_RECALL`; both are saved
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.helper import CORES, helper_thread, on_helper
+from retrieval.helper import CORES, beside, on_helper
 
 LOGGER = logging.getLogger(__name__)
 INDEX_TYPES = ("auto", "flat", "ivf", "ivf-sq8", "hnsw")
@@ -356,13 +357,10 @@ class HalfShortlist:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Unit queries (Q, d) -> scores (Q, k), DB ids (Q, k) as the float32 scan gives them, or None."""
         fetched = [min(end - begin, 2 * k + 64) for begin, end in self.bounds]
-        jobs = list(zip(self.halves, fetched))
-        first = None
-        if len(jobs) > 1 and not on_helper():  # (not: the helper's one worker would wait on itself)
-            first = helper_thread().submit(_one_thread, jobs[0][0].search, queries, jobs[0][1])
-            jobs = jobs[1:]
-        rest = [half.search(queries, fetch) for half, fetch in jobs]
-        found = ([first.result()] if first is not None else []) + rest  # (Q, fetch) each, best first
+        scans = [
+            functools.partial(_one_thread, half.search, queries, fetch) for half, fetch in zip(self.halves, fetched)
+        ]
+        found = list(beside(*scans)) if len(scans) == 2 else [scans[0]()]  # (Q, fetch) each, best first
         approx = np.concatenate([part_scores for part_scores, _ in found], axis=1)
         rows = np.concatenate([part_rows + begin for (_, part_rows), (begin, _) in zip(found, self.bounds)], axis=1)
         lasts = np.cumsum(fetched) - 1  # each half's weakest fetched candidate, in ``approx``
@@ -393,11 +391,10 @@ def _split_scan(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np
     vectors, id_map = _flat_vectors(index)
     n = len(vectors)
     half = n // 2
-    first = helper_thread().submit(
-        _one_thread, faiss.knn, queries, vectors[:half], min(k, half), faiss.METRIC_INNER_PRODUCT
+    (first_scores, first_rows), (second_scores, second_rows) = beside(
+        functools.partial(_one_thread, faiss.knn, queries, vectors[:half], min(k, half), faiss.METRIC_INNER_PRODUCT),
+        functools.partial(faiss.knn, queries, vectors[half:], min(k, n - half), faiss.METRIC_INNER_PRODUCT),
     )
-    second_scores, second_rows = faiss.knn(queries, vectors[half:], min(k, n - half), faiss.METRIC_INNER_PRODUCT)
-    first_scores, first_rows = first.result()
     scores = np.concatenate([first_scores, second_scores], axis=1)  # (Q, k1 + k2), each half best first
     rows = np.concatenate([first_rows, second_rows + half], axis=1)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # equal scores: the first half's first, as a scan
