@@ -201,15 +201,15 @@ def rank_gallery(engine: QueryEngine, query_embs: torch.Tensor, gallery: list[It
 def rerank_ranking(query: EmbeddedItems, matches: EmbeddedItems, ranking: np.ndarray, n: int) -> np.ndarray:
     """Each query's top n of ``ranking`` (Q, G') re-ranked by matched parts, as `QueryEngine.query` does."""
     from retrieval.engine import PART_MATCH
-    from retrieval.rerank import part_scores, parts, rerank
+    from retrieval.rerank import part_scores, parts, query_parts, rerank
 
-    query_parts = parts(query.fine, PART_MATCH.layer, PART_MATCH.weight_power, PART_MATCH.both_scales)
+    asked = query_parts(query.fine, PART_MATCH)
     gallery_parts = parts(matches.fine, PART_MATCH.layer, PART_MATCH.weight_power, PART_MATCH.both_scales)
     reranked = ranking.copy()
     for qi in range(len(ranking)):
         top = torch.as_tensor(ranking[qi, :n])
         scores = explainers.cosine(query.embs[qi], matches.embs[top])  # (N,)
-        order, _ = rerank(scores, part_scores(query_parts[qi], gallery_parts[top], PART_MATCH), PART_MATCH.blend)
+        order, _ = rerank(scores, part_scores(asked[qi], gallery_parts[top], PART_MATCH), PART_MATCH.blend)
         reranked[qi, :n] = ranking[qi, :n][order.cpu().numpy()]
     return reranked
 

@@ -35,7 +35,16 @@ from retrieval.flow import CORRESPONDENCES, GROUP_CHOICES, PART_MATCH, SearchFlo
 from retrieval.head import Head, load_head
 from retrieval.images import is_image_path
 from retrieval.modelspec import check_identity, stored_model_spec  # check_identity: re-exported
-from retrieval.rerank import Parts, expand_query, match_strengths, part_share, parts, strongest_pairs, top_pairs
+from retrieval.rerank import (
+    Parts,
+    expand_query,
+    match_strengths,
+    part_share,
+    parts,
+    query_parts,
+    strongest_pairs,
+    top_pairs,
+)
 from retrieval.results import (  # noqa: F401 (re-exported: the engine's answers)
     AlbumScore,
     Classification,
@@ -119,8 +128,13 @@ def index_from_store(store: Store, head: Head, index_type: str = "auto"):
 
 
 def _parts(fine: FineInputs) -> Parts:
-    """The parts the re-ranker and the correspondences compare (`PART_MATCH`)."""
+    """The parts of the photos a query is compared with, for the re-ranker and the correspondences (`PART_MATCH`)."""
     return parts(fine, PART_MATCH.layer, PART_MATCH.weight_power, PART_MATCH.both_scales)
+
+
+def _query_parts(fine: FineInputs) -> Parts:
+    """The query's parts: its weights times their objectness (`retrieval.rerank.query_parts`)."""
+    return query_parts(fine, PART_MATCH)
 
 
 def _found(pairs: torch.Tensor) -> list[np.ndarray]:
@@ -222,14 +236,14 @@ class QueryEngine(SearchFlow[Embedded]):
         return emb.float().cpu().numpy()
 
     def _match_parts(self, query: Embedded, gallery: Embedded) -> tuple[np.ndarray, list[np.ndarray]]:
-        query_parts, gallery_parts = _parts(query.fine), _parts(gallery.fine)
-        cells, strength = match_strengths(query_parts, gallery_parts, PART_MATCH)  # (N, P)
-        part = part_share(query_parts, strength)  # (N,)
-        pairs = _found(top_pairs(cells, strength, query_parts.grid, gallery_parts.grid, CORRESPONDENCES))
+        q_parts, g_parts = _query_parts(query.fine), _parts(gallery.fine)
+        cells, strength = match_strengths(q_parts, g_parts, PART_MATCH)  # (N, P)
+        part = part_share(q_parts, strength)  # (N,)
+        pairs = _found(top_pairs(cells, strength, q_parts.grid, g_parts.grid, CORRESPONDENCES))
         return part.float().cpu().numpy(), pairs
 
     def _correspondences(self, query: Embedded, gallery: Embedded) -> list[np.ndarray]:
-        return _found(strongest_pairs(_parts(query.fine), _parts(gallery.fine), CORRESPONDENCES, PART_MATCH))
+        return _found(strongest_pairs(_query_parts(query.fine), _parts(gallery.fine), CORRESPONDENCES, PART_MATCH))
 
     def _expanded(self, query: Embedded, top: Embedded, scores: list[float]) -> torch.Tensor:
         return expand_query(query.emb.cpu(), top.emb.cpu(), torch.tensor(scores)).to(query.emb)
@@ -322,7 +336,7 @@ class QueryEngine(SearchFlow[Embedded]):
         first_map, first_offset = self._explain(explainer, a, b.emb[None])
         second_map, second_offset = self._explain(explainer, b, a.emb[None])
         shares = channel_shares(a.pooled, a.emb, b.emb, self.head.weight)
-        pairs = _found(strongest_pairs(_parts(a.fine), _parts(b.fine)[None], CORRESPONDENCES, PART_MATCH))[0]
+        pairs = _found(strongest_pairs(_query_parts(a.fine), _parts(b.fine)[None], CORRESPONDENCES, PART_MATCH))[0]
         return PairReport(
             float(explainers.cosine(a.emb, b.emb[None])[0]),
             first_map,

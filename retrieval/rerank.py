@@ -5,6 +5,8 @@ descriptor (centred on the photo's mean cell, L2-normalised) with a weight (how 
 the map cache keeps) and a centre in the photo's own coordinates ([0, 1]², x right, y down):
 
     parts(fine, layer)           FineInputs (B, ...) -> Parts: cells (B, P, d), weights (B, P), grid (h, w)
+    query_parts(fine)            a query's: its weights times their `objectness` (the weights diffused over
+                                 the photo's own cells by manifold ranking, so they cover the focused object)
     cell_matches(query, gallery) mutual nearest neighbours between the query's cells and each photo's: (K, P)
     consistent(...)              which of them one similarity transform (mirrored or not) of the cell centres
                                  explains, fitted by exhaustive 2-point hypotheses (RANSAC without the dice)
@@ -13,7 +15,8 @@ the map cache keeps) and a centre in the photo's own coordinates ([0, 1]², x ri
     expand_query(...)            α-weighted average query expansion (Radenović et al., α-QE)
 
 The variant (layer, weights, geometry, blend) was chosen on clipart-train (experiments/explore_rerank.py,
-bench/results/rerank-explore.txt) and is `PartMatch()`'s defaults (defined in retrieval.lean.parts, torch-free, and
+bench/results/rerank-explore.txt; the weights' scales and the query's objectness by explore_part_weights.py and
+explore_query_objectness.py, rerank-weights.txt and rerank-objectness.txt) and is `PartMatch()`'s defaults (defined in retrieval.lean.parts, torch-free, and
 imported here).
 """
 
@@ -63,6 +66,44 @@ def parts(fine: FineInputs, layer: str = "mid", weight_power: float = 2.0, both_
         coarse = _on_grid(fine.emphasis.float().clamp_min(0), tuple(emphasis.shape[-2:]))
         factors = coarse.flatten(-2) ** weight_power
     return Parts(cells, weights, (int(maps.shape[-2]), int(maps.shape[-1])), factors)
+
+
+def query_parts(fine: FineInputs, settings: PartMatch = PartMatch()) -> Parts:
+    """A query's parts: `parts` by ``settings``, each cell's weight times its `objectness` **
+    ``settings.objectness_power`` (factors unchanged). Only the query's weights reach the part score, so only the
+    query needs them; a cell of weight 0 (outside a drawn box) stays 0, and a constant weight (gap pooling) stays."""
+    found = parts(fine, settings.layer, settings.weight_power, settings.both_scales)
+    if settings.objectness_power == 0:
+        return found
+    seed = found.weights if found.factors is None else found.weights * found.factors
+    spread = objectness(found.cells, seed, found.grid, settings) ** settings.objectness_power
+    return Parts(found.cells, found.weights * spread, found.grid, found.factors)
+
+
+def objectness(cells: Tensor, seed: Tensor, grid: tuple[int, int], settings: PartMatch = PartMatch()) -> Tensor:
+    """How much each of a photo's cells belongs with the cells its seed weights stand on, by manifold ranking
+    (Zhou et al. 2004): f = (I - alpha S)^-1 y, y the seed over its maximum, S = D^-1/2 A D^-1/2 with A the
+    affinity exp((cos - 1) / sigma) of two cells' descriptors within ``reach`` cells of each other (0 elsewhere and on
+    the diagonal). Weight flows along chains of similar neighbours: from the focused cells over the rest of the
+    object, hardly across its outline into the background. (..., P, d) unit cells, (..., P) seed >= 0 ->
+    (..., P) f over its maximum, in [0, 1]; ones where a photo's seed is constant (nothing singled out)."""
+    affinity = torch.exp((cells @ cells.transpose(-1, -2) - 1) / settings.objectness_sigma)
+    affinity = affinity * _near(grid, settings.objectness_reach).to(affinity)
+    inverse = affinity.sum(-1).clamp_min(_EPS).rsqrt()  # (..., P): D^-1/2
+    eye = torch.eye(cells.shape[-2], dtype=affinity.dtype, device=affinity.device)
+    system = eye - settings.objectness_alpha * (inverse[..., :, None] * affinity * inverse[..., None, :])
+    top = seed.amax(-1, keepdim=True)
+    spread = torch.linalg.solve(system, (seed / top.clamp_min(_EPS))[..., None])[..., 0].clamp_min(0)
+    spread = spread / spread.amax(-1, keepdim=True).clamp_min(_EPS)
+    return torch.where(seed.amin(-1, keepdim=True) >= top, torch.ones_like(spread), spread)
+
+
+def _near(grid: tuple[int, int], reach: int) -> Tensor:
+    """(P, P) bool: two cells of a (h, w) grid within ``reach`` cells of each other (Chebyshev), not a cell itself."""
+    h, w = grid
+    ys, xs = torch.div(torch.arange(h * w), w, rounding_mode="floor"), torch.arange(h * w) % w
+    near = ((ys[:, None] - ys[None]).abs() <= reach) & ((xs[:, None] - xs[None]).abs() <= reach)
+    return near & ~torch.eye(h * w, dtype=torch.bool)
 
 
 def _on_grid(emphasis: Tensor, grid: tuple[int, ...]) -> Tensor:

@@ -155,6 +155,23 @@ def test_parts_equal_torch_s(seed, layer, both_scales):
 
 
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("power", [0.0, 2.0])
+def test_query_parts_and_their_objectness_equal_torch_s(seed, power):
+    photos = random_fine(seed, 3, coarse=(7, 7), fine=(14, 14), guide=16)
+    settings = lean_parts.PartMatch(objectness_power=power)
+    expected, found = rerank.query_parts(photos, settings), lean_parts.query_parts(as_numpy(photos), settings)
+    assert_close(found.weights, expected.weights)
+    assert_close(found.factors, expected.factors)
+    one = lean_parts.query_parts(as_numpy(photos[0]), settings)  # no batch axis
+    assert_close(one.weights, expected.weights[0])
+    seed_weights = expected.weights * expected.factors
+    assert_close(
+        lean_parts.objectness(found.cells, seed_weights.numpy(), found.grid, settings),
+        rerank.objectness(expected.cells, seed_weights, expected.grid, settings),
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("chunk", [1, 8])
 def test_mutual_nearest_neighbours_equal_torch_s(seed, chunk):
     query, gallery, lean_query, lean_gallery = parts_pair(seed, 11)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 
 from retrieval.correspondences import draw, in_pixels
 from retrieval.fam import FineInputs
@@ -24,9 +25,11 @@ from retrieval.rerank import (
     cell_matches,
     consistent,
     expand_query,
+    objectness,
     part_scores,
     part_share,
     parts,
+    query_parts,
     rerank,
     strongest_pairs,
 )
@@ -154,6 +157,70 @@ def test_a_matched_cell_counts_in_the_part_score_by_how_much_it_stands_out_at_bo
     torch.testing.assert_close(part_share(parts(uniform, "mid", 2.0)[0], strength), part_share(plain[0], strength))
 
 
+def two_regions(grid=(6, 6), dim: int = 8, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Cells (P, d) of a photo whose left half (the object) looks alike and unlike its right half (the
+    background): two directions plus a little noise, unit length; and the object mask (P,) bool."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid
+    left = (torch.arange(h * w) % w) < w // 2
+    base = torch.where(left[:, None], torch.eye(dim)[0], torch.eye(dim)[1])
+    return F.normalize(base + 0.1 * torch.randn(h * w, dim, generator=g), dim=-1), left
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_objectness_carries_the_seed_over_the_cells_like_it_and_not_across_to_the_rest(seed):
+    cells, left = two_regions(seed=seed)
+    seed_weights = torch.zeros(36)
+    seed_weights[[0, 14]] = torch.tensor([1.0, 0.5])  # two of the object's cells, (0, 0) and (2, 2)
+    spread = objectness(cells, seed_weights, (6, 6))
+    assert spread.shape == (36,) and float(spread.min()) >= 0 and float(spread.max()) == pytest.approx(1.0)
+    # every object cell, seeded or not, ranks above every background cell (the background touches the object
+    # along a whole column, within reach of it)
+    assert float(spread[left].min()) > 10 * float(spread[~left].max())
+    seeded_right = torch.zeros(36)
+    seeded_right[[5, 35]] = 1.0  # seeded on the background: the background wins
+    assert float(objectness(cells, seeded_right, (6, 6))[~left].min()) > float(
+        objectness(cells, seeded_right, (6, 6))[left].max()
+    )
+
+
+def test_objectness_is_manifold_ranking_on_the_near_cells():
+    """The closed form against a float64 oracle written out: f = (I - alpha D^-1/2 A D^-1/2)^-1 y."""
+    settings = PartMatch(objectness_reach=1, objectness_sigma=0.2, objectness_alpha=0.9)
+    cells = two_regions(grid=(3, 4), seed=4)[0].double()
+    seed_weights = torch.rand(12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    a = np.zeros((12, 12))
+    for i in range(12):
+        for j in range(12):
+            near = i != j and abs(i // 4 - j // 4) <= 1 and abs(i % 4 - j % 4) <= 1
+            a[i, j] = math.exp((float(cells[i] @ cells[j]) - 1) / 0.2) if near else 0.0
+    d = np.diag(a.sum(1) ** -0.5)
+    f = np.linalg.inv(np.eye(12) - 0.9 * d @ a @ d) @ (seed_weights.numpy() / seed_weights.numpy().max())
+    expected = np.maximum(f, 0) / np.maximum(f, 0).max()
+    found = objectness(cells, seed_weights, (3, 4), settings)
+    np.testing.assert_allclose(found.numpy(), expected, rtol=1e-10)
+    batched = objectness(torch.stack([cells, cells.flip(0)]), torch.stack([seed_weights] * 2), (3, 4), settings)
+    torch.testing.assert_close(batched[0], found)
+
+
+def test_query_parts_are_parts_with_their_weights_times_objectness():
+    """Cells and factors as `parts` gives them; weights times objectness ** power, the seed being weights x
+    factors; a cell outside a drawn box (weight 0) stays 0; a constant weight (gap pooling) stays as it is; power 0
+    is `parts`."""
+    fine = FineInputs(torch.rand(2, 8, 3, 3), torch.rand(2, 3, 3), torch.rand(2, 6, 6), torch.rand(2, 5, 6, 6))
+    plain, asked = parts(fine), query_parts(fine)
+    torch.testing.assert_close(asked.cells, plain.cells)
+    torch.testing.assert_close(asked.factors, plain.factors)
+    spread = objectness(plain.cells, plain.weights * plain.factors, plain.grid)
+    torch.testing.assert_close(asked.weights, plain.weights * spread**2)
+    assert bool((spread < 1).any())  # it did change the weights
+    torch.testing.assert_close(query_parts(fine, PartMatch(objectness_power=0)).weights, plain.weights)
+    boxed = FineInputs(fine.whole_map, fine.emphasis, fine.fine_emphasis * (torch.arange(6) < 3), fine.guide)
+    assert bool((query_parts(boxed).weights[..., 3::6] == 0).all())
+    gap = FineInputs(fine.whole_map, torch.ones(2, 3, 3), torch.ones(2, 6, 6), fine.guide)
+    torch.testing.assert_close(query_parts(gap).weights, parts(gap).weights)
+
+
 def test_cell_centres_are_row_major_fractions_of_the_photo():
     centres = cell_centres((2, 4))
     assert centres[0].tolist() == [0.125, 0.25] and centres[5].tolist() == [0.375, 0.75]
@@ -197,9 +264,9 @@ def _photo(name: str, size: tuple[int, int]) -> Image.Image:
 
 def _pairs(encoder, query: Image.Image, matches: list[Image.Image], count: int = 12) -> tuple[np.ndarray, torch.Tensor]:
     encoded = encoder.encode_full([query, *matches])
-    every = parts(encoded.fine())
-    found = strongest_pairs(every[0], every[1:], count)
-    return found.numpy(), part_scores(every[0], every[1:])
+    asked, every = query_parts(encoded.fine()[0]), parts(encoded.fine())
+    found = strongest_pairs(asked, every[1:], count)
+    return found.numpy(), part_scores(asked, every[1:])
 
 
 @pytest.mark.slow
@@ -226,9 +293,9 @@ def test_the_reranker_prefers_the_same_object_on_another_background_to_the_same_
     same_object = scene("brick", "chelsea", (200, 180, 370, 333), mirrored=True)
     same_background = scene("grass", "coffee", (120, 100, 320, 280))
     encoded = lite0.encode_full([query, same_background, same_object])  # the same background listed first
-    every = parts(encoded.fine())
+    asked, every = query_parts(encoded.fine()[0]), parts(encoded.fine())
     cosines = F.cosine_similarity(encoded.pooled[:1], encoded.pooled[1:])
-    order, _ = rerank(cosines, part_scores(every[0], every[1:]), PartMatch().blend)
+    order, _ = rerank(cosines, part_scores(asked, every[1:]), PartMatch().blend)
     assert order.tolist() == [1, 0]
 
 
@@ -280,14 +347,14 @@ def test_a_reranked_query_has_each_match_s_maps_pairs_and_part_score_as_that_pai
     comparing the query with that photo alone gives (`compare_indexed`), the part score of that photo alone, and
     the top-6 is ordered by cosine + blend x part score."""
     from retrieval.config import Settings
-    from retrieval.engine import PART_MATCH, QueryEngine, _parts
+    from retrieval.engine import PART_MATCH, QueryEngine, _parts, _query_parts
 
     engine = QueryEngine(Settings(home=indexed), device="cpu")
     try:
         for rerank_n in (0, 6):
             result = engine.query_path(gallery / "pic0.jpg", 6, rerank=rerank_n)
             image = engine.load_query(gallery / "pic0.jpg")
-            query = _parts(engine.embed(image).fine)
+            query = _query_parts(engine.embed(image).fine)
             for match in result.matches:
                 alone = engine.compare_indexed(image, match.image_id)
                 np.testing.assert_allclose(match.query_map, alone.first_map, rtol=1e-5, atol=1e-6)

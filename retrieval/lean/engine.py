@@ -33,7 +33,15 @@ from retrieval.flow import CORRESPONDENCES, PART_MATCH, SearchFlow, unpadded
 from retrieval.helper import CORES
 from retrieval.lean.encode import LEAN_POOLINGS, Encoded, encode
 from retrieval.lean.fine import Fine, fine_fam
-from retrieval.lean.parts import expand_query, match_strengths, part_share, parts, strongest_pairs, top_pairs
+from retrieval.lean.parts import (
+    expand_query,
+    match_strengths,
+    part_share,
+    parts,
+    query_parts,
+    strongest_pairs,
+    top_pairs,
+)
 from retrieval.modelspec import PendingEncoder, backbone_layers, check_identity, read_layers, stored_model_spec
 from retrieval.onnxsession import OnnxSession, load_errors, spec_export_file
 from retrieval.store import open_store
@@ -162,13 +170,13 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
         return np.asarray(emb, np.float32)
 
     def _match_parts(self, query: LeanEmbedded, gallery: LeanEmbedded) -> tuple[np.ndarray, list[np.ndarray]]:
-        query_parts, gallery_parts = _parts(query.fine), _parts(gallery.fine)
-        cells, strength = match_strengths(query_parts, gallery_parts, PART_MATCH)
-        pairs = top_pairs(cells, strength, query_parts.grid, gallery_parts.grid, CORRESPONDENCES)
-        return part_share(query_parts, strength), unpadded(pairs)
+        q_parts, g_parts = _query_parts(query.fine), _parts(gallery.fine)
+        cells, strength = match_strengths(q_parts, g_parts, PART_MATCH)
+        pairs = top_pairs(cells, strength, q_parts.grid, g_parts.grid, CORRESPONDENCES)
+        return part_share(q_parts, strength), unpadded(pairs)
 
     def _correspondences(self, query: LeanEmbedded, gallery: LeanEmbedded) -> list[np.ndarray]:
-        return unpadded(strongest_pairs(_parts(query.fine), _parts(gallery.fine), CORRESPONDENCES, PART_MATCH))
+        return unpadded(strongest_pairs(_query_parts(query.fine), _parts(gallery.fine), CORRESPONDENCES, PART_MATCH))
 
     def _expanded(self, query: LeanEmbedded, top: LeanEmbedded, scores: list[float]) -> np.ndarray:
         return expand_query(query.emb, top.emb, np.asarray(scores, np.float32))
@@ -196,5 +204,10 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
 
 
 def _parts(fine: Fine):
-    """The parts the re-ranker and the correspondences compare (`PART_MATCH`)."""
+    """The parts of the photos a query is compared with, for the re-ranker and the correspondences (`PART_MATCH`)."""
     return parts(fine, PART_MATCH.layer, PART_MATCH.weight_power, PART_MATCH.both_scales)
+
+
+def _query_parts(fine: Fine):
+    """The query's parts: its weights times their objectness (`retrieval.lean.parts.query_parts`)."""
+    return query_parts(fine, PART_MATCH)

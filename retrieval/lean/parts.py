@@ -35,6 +35,12 @@ class PartMatch:
     hypotheses: int = 8  # the strongest matches that seed transform hypotheses (every ordered pair of them)
     checked: int = 16  # the strongest matches checked against them; weaker ones are dropped
     blend: float = 4.0  # combined score = cosine + blend * part score
+    # A query's cell weights times its objectness ** power (0: off): its weights diffused over its own cells by
+    # manifold ranking, which carries them to the cells that look like the focused ones (the rest of the object).
+    objectness_power: float = 2.0
+    objectness_reach: int = 2  # cells affine to each other: within this many cells (Chebyshev) ...
+    objectness_sigma: float = 0.1  # ... with affinity exp((cos - 1) / sigma) of their descriptors
+    objectness_alpha: float = 0.99  # how far the diffusion carries, in (0, 1): f = (I - alpha S)^-1 weights
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,43 @@ def parts(fine: Fine, layer: str = "mid", weight_power: float = 2.0, both_scales
         factors = coarse.reshape(*coarse.shape[:-2], -1) ** np.float32(weight_power)
     grid = (int(maps.shape[-2]), int(maps.shape[-1]))
     return Parts(cells, weights ** np.float32(weight_power), grid, factors)
+
+
+def query_parts(fine: Fine, settings: PartMatch = PartMatch()) -> Parts:
+    """A query's parts (`retrieval.rerank.query_parts`): `parts` by ``settings``, each cell's weight times its
+    `objectness` ** ``settings.objectness_power``."""
+    found = parts(fine, settings.layer, settings.weight_power, settings.both_scales)
+    if settings.objectness_power == 0:
+        return found
+    seed = found.weights if found.factors is None else found.weights * found.factors
+    spread = objectness(found.cells, seed, found.grid, settings) ** np.float32(settings.objectness_power)
+    return Parts(found.cells, found.weights * spread, found.grid, found.factors)
+
+
+def objectness(
+    cells: np.ndarray, seed: np.ndarray, grid: tuple[int, int], settings: PartMatch = PartMatch()
+) -> np.ndarray:
+    """How much each cell belongs with the seeded ones (`retrieval.rerank.objectness`): (..., P, d) unit cells,
+    (..., P) seed weights >= 0 -> (..., P) in [0, 1]; ones where a photo's seed is constant."""
+    affinity = np.exp((cells @ cells.swapaxes(-1, -2) - np.float32(1)) / np.float32(settings.objectness_sigma))
+    affinity = affinity * _near(grid, settings.objectness_reach)
+    inverse = 1 / np.sqrt(np.maximum(affinity.sum(-1), _EPS))  # (..., P): D^-1/2
+    system = np.eye(cells.shape[-2], dtype=np.float32) - np.float32(settings.objectness_alpha) * (
+        inverse[..., :, None] * affinity * inverse[..., None, :]
+    )
+    top = seed.max(-1, keepdims=True)
+    spread = np.maximum(np.linalg.solve(system, (seed / np.maximum(top, _EPS))[..., None])[..., 0], 0)
+    spread = spread / np.maximum(spread.max(-1, keepdims=True), _EPS)
+    return np.where(seed.min(-1, keepdims=True) >= top, np.float32(1), spread).astype(np.float32)
+
+
+def _near(grid: tuple[int, int], reach: int) -> np.ndarray:
+    """(P, P) float32: 1 between two cells of a (h, w) grid within ``reach`` cells of each other (Chebyshev), 0
+    elsewhere and between a cell and itself."""
+    h, w = grid
+    ys, xs = np.divmod(np.arange(h * w), w)
+    near = (np.abs(ys[:, None] - ys[None]) <= reach) & (np.abs(xs[:, None] - xs[None]) <= reach)
+    return (near & ~np.eye(h * w, dtype=bool)).astype(np.float32)
 
 
 def cell_centres(grid: tuple[int, int]) -> np.ndarray:
