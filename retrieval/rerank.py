@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -93,7 +94,12 @@ def objectness(cells: Tensor, seed: Tensor, grid: tuple[int, int], settings: Par
     eye = torch.eye(cells.shape[-2], dtype=affinity.dtype, device=affinity.device)
     system = eye - settings.objectness_alpha * (inverse[..., :, None] * affinity * inverse[..., None, :])
     top = seed.amax(-1, keepdim=True)
-    spread = torch.linalg.solve(system, (seed / top.clamp_min(_EPS))[..., None])[..., 0].clamp_min(0)
+    # numpy's LAPACK: torch 2.14.1's batched linalg.solve (MKL) fails ("Pivots given to lu_solve must all be greater
+    # or equal to 1") once torch.set_num_threads has lowered and raised the thread count, as indexing does.
+    solved = np.linalg.solve(
+        system.detach().cpu().numpy(), (seed / top.clamp_min(_EPS))[..., None].detach().cpu().numpy()
+    )
+    spread = torch.from_numpy(solved[..., 0]).to(seed).clamp_min(0)
     spread = spread / spread.amax(-1, keepdim=True).clamp_min(_EPS)
     return torch.where(seed.amin(-1, keepdim=True) >= top, torch.ones_like(spread), spread)
 

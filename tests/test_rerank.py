@@ -203,6 +203,21 @@ def test_objectness_is_manifold_ranking_on_the_near_cells():
     torch.testing.assert_close(batched[0], found)
 
 
+def test_objectness_survives_torch_s_thread_count_going_down_and_up():
+    """Regression: torch's own batched solve failed after torch.set_num_threads(1) and back, which indexing does
+    before a query in one process (`famsearch eval`)."""
+    cells, _ = two_regions(grid=(14, 14), seed=2)  # the size that failed (smaller systems did not)
+    seed_weights = torch.rand(2, 196, generator=torch.Generator().manual_seed(0))
+    before = objectness(cells.expand(2, -1, -1), seed_weights, (14, 14))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.set_num_threads(max(2, threads))
+        torch.testing.assert_close(objectness(cells.expand(2, -1, -1), seed_weights, (14, 14)), before)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_query_parts_are_parts_with_their_weights_times_objectness():
     """Cells and factors as `parts` gives them; weights times objectness ** power, the seed being weights x
     factors; a cell outside a drawn box (weight 0) stays 0; a constant weight (gap pooling) stays as it is; power 0
