@@ -16,8 +16,8 @@ the map cache keeps) and a centre in the photo's own coordinates ([0, 1]², x ri
 
 The variant (layer, weights, geometry, blend) was chosen on clipart-train (experiments/explore_rerank.py,
 bench/results/rerank-explore.txt; the weights' scales and the query's objectness by explore_part_weights.py and
-explore_query_objectness.py, rerank-weights.txt and rerank-objectness.txt) and is `PartMatch()`'s defaults (defined in retrieval.lean.parts, torch-free, and
-imported here).
+explore_query_objectness.py, rerank-weights.txt and rerank-objectness.txt) and is `PartMatch()`'s defaults
+(defined in retrieval.lean.parts, torch-free, and imported here).
 """
 
 from __future__ import annotations
