@@ -235,15 +235,18 @@ class QueryEngine(SearchFlow[Embedded]):
     def _vector(self, emb: torch.Tensor) -> np.ndarray:
         return emb.float().cpu().numpy()
 
-    def _match_parts(self, query: Embedded, gallery: Embedded) -> tuple[np.ndarray, list[np.ndarray]]:
-        q_parts, g_parts = _query_parts(query.fine), _parts(gallery.fine)
+    def _query_parts(self, query: Embedded) -> Parts:
+        return _query_parts(query.fine)
+
+    def _match_parts(self, asked: Parts, gallery: Embedded) -> tuple[np.ndarray, list[np.ndarray]]:
+        q_parts, g_parts = asked, _parts(gallery.fine)
         cells, strength = match_strengths(q_parts, g_parts, PART_MATCH)  # (N, P)
         part = part_share(q_parts, strength)  # (N,)
         pairs = _found(top_pairs(cells, strength, q_parts.grid, g_parts.grid, CORRESPONDENCES))
         return part.float().cpu().numpy(), pairs
 
-    def _correspondences(self, query: Embedded, gallery: Embedded) -> list[np.ndarray]:
-        return _found(strongest_pairs(_query_parts(query.fine), _parts(gallery.fine), CORRESPONDENCES, PART_MATCH))
+    def _correspondences(self, asked: Parts, gallery: Embedded) -> list[np.ndarray]:
+        return _found(strongest_pairs(asked, _parts(gallery.fine), CORRESPONDENCES, PART_MATCH))
 
     def _expanded(self, query: Embedded, top: Embedded, scores: list[float]) -> torch.Tensor:
         return expand_query(query.emb.cpu(), top.emb.cpu(), torch.tensor(scores)).to(query.emb)

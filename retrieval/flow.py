@@ -108,13 +108,18 @@ class SearchFlow(Generic[E]):
         """An embedding e (J,) as the float32 array FAISS is asked with."""
         raise NotImplementedError
 
-    def _match_parts(self, query: E, gallery: E) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Part scores (K,) of K photos against the query (`retrieval.rerank`) and their strongest matched cell
-        pairs, K arrays (C', 5) (query x, y, match x, y in [0, 1], strength), found on the way."""
+    def _query_parts(self, query: E) -> Any:
+        """The query's parts (`retrieval.rerank.query_parts`: its cells, weighted by their objectness), made once a
+        query for every comparison of its parts."""
         raise NotImplementedError
 
-    def _correspondences(self, query: E, gallery: E) -> list[np.ndarray]:
-        """The strongest matched cell pairs of K photos against the query: K arrays (C', 5)."""
+    def _match_parts(self, asked: Any, gallery: E) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Part scores (K,) of K photos against the query's parts ``asked`` (`retrieval.rerank`) and their strongest
+        matched cell pairs, K arrays (C', 5) (query x, y, match x, y in [0, 1], strength), found on the way."""
+        raise NotImplementedError
+
+    def _correspondences(self, asked: Any, gallery: E) -> list[np.ndarray]:
+        """The strongest matched cell pairs of K photos against the query's parts ``asked``: K arrays (C', 5)."""
         raise NotImplementedError
 
     def _expanded(self, query: E, top: E, scores: list[float]) -> Any:
@@ -223,11 +228,11 @@ class SearchFlow(Generic[E]):
         timing = {"embed": ms_since(start)}
         tick = time.perf_counter()
         emb: Any = query.emb  # type: ignore[attr-defined]
-        matches, rows, known, pairs = self._ranked(query, emb, max(k, rerank), rerank, search_filter)
+        matches, rows, known, pairs, asked = self._ranked(query, emb, max(k, rerank), rerank, search_filter)
         if expand and matches:
             top = self._embedded([m.image_id for m in matches[:expand]], known, rows)
             emb = self._expanded(query, top, [m.score for m in matches[:expand]])
-            matches, rows, known, pairs = self._ranked(query, emb, max(k, rerank), rerank, search_filter)
+            matches, rows, known, pairs, asked = self._ranked(query, emb, max(k, rerank), rerank, search_filter, asked)
         matches = matches[:k]
         for rank, match in enumerate(matches, start=1):
             match.rank = rank
@@ -236,7 +241,7 @@ class SearchFlow(Generic[E]):
         group_map = None
         if explainer != "none" and matches:
             gallery = self._embedded([m.image_id for m in matches], known, rows)
-            group_map = self._explain_matches(query, gallery, matches, explainer, group, pairs)
+            group_map = self._explain_matches(query, gallery, matches, explainer, group, pairs, asked)
         timing["explain"] = ms_since(tick)
         timing["total"] = ms_since(start)
         return QueryResult(explainer, matches, timing, group_map)
@@ -261,12 +266,20 @@ class SearchFlow(Generic[E]):
         return self._shortlist.result() if self._shortlist is not None and self._shortlist.done() else None
 
     def _ranked(
-        self, query: E, query_emb: Any, n: int, rerank: int, search_filter: SearchFilter | None
-    ) -> tuple[list[Match], dict[int, ImageRow], dict[int, E], dict[int, np.ndarray]]:
+        self,
+        query: E,
+        query_emb: Any,
+        n: int,
+        rerank: int,
+        search_filter: SearchFilter | None,
+        asked: Any = None,
+    ) -> tuple[list[Match], dict[int, ImageRow], dict[int, E], dict[int, np.ndarray], Any]:
         """The top n for ``query_emb`` (the query's embedding, or an expanded one) within the filter, the first
         ``rerank`` of them re-ranked by matched parts; their DB rows (image id -> row, read once per search), the
         photos embedded on the way (image id -> one photo) and their correspondences, found while matching their
-        parts (image id -> (C, 5) pairs); the last two empty without re-ranking."""
+        parts (image id -> (C, 5) pairs), the last two empty without re-ranking; and the query's parts (``asked``
+        when given, else made on the helper thread while the top N are read from the map cache; None without
+        re-ranking)."""
         hits = self._search(self._vector(query_emb)[None], n, search_filter)
         rows = {row.id: row for row in self.store.images_by_ids([i for i, _ in hits])}
         matches = [
@@ -274,25 +287,30 @@ class SearchFlow(Generic[E]):
             for rank, (image_id, score) in enumerate(((i, s) for i, s in hits if i in rows), start=1)
         ]
         if not rerank or len(matches) < 2:
-            return matches, rows, {}, {}
+            return matches, rows, {}, {}, asked
         head, tail = matches[:rerank], matches[rerank:]
-        gallery, _ = self.embed_gallery([m.image_id for m in head], [rows[m.image_id] for m in head])
-        part, pairs = self._parts_of(query, gallery, len(head))
+        load = functools.partial(self.embed_gallery, [m.image_id for m in head], [rows[m.image_id] for m in head])
+        if asked is None:
+            asked, (gallery, _) = beside(functools.partial(self._query_parts, query), load)
+        else:
+            gallery, _ = load()
+        part, pairs = self._parts_of(asked, gallery, len(head))
         order, _ = rerank_order(np.array([m.score for m in head], np.float32), part, PART_MATCH.blend)
         for match, value in zip(head, part.tolist()):
             match.part_score = value
         known = {m.image_id: gallery[i] for i, m in enumerate(head)}  # type: ignore[index]
         reranked = [head[i] for i in order.tolist()] + tail
-        return reranked, rows, known, {m.image_id: pairs[i] for i, m in enumerate(head)}
+        return reranked, rows, known, {m.image_id: pairs[i] for i, m in enumerate(head)}, asked
 
-    def _parts_of(self, query: E, gallery: E, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        """`_match_parts` of n photos, the first half on the helper thread when there are enough to pay for it."""
+    def _parts_of(self, asked: Any, gallery: E, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """`_match_parts` of n photos against the query's parts, the first half on the helper thread when there are
+        enough to pay for it."""
         half = n // 2
         if half < SPLIT_PARTS_MIN or on_helper():
-            return self._match_parts(query, gallery)
+            return self._match_parts(asked, gallery)
         (first_part, first_pairs), (part, pairs) = beside(
-            lambda: self._match_parts(query, gallery[:half]),  # type: ignore[index]
-            lambda: self._match_parts(query, gallery[half:]),  # type: ignore[index]
+            lambda: self._match_parts(asked, gallery[:half]),  # type: ignore[index]
+            lambda: self._match_parts(asked, gallery[half:]),  # type: ignore[index]
         )
         return np.concatenate([np.asarray(first_part), np.asarray(part)]), first_pairs + pairs
 
@@ -308,16 +326,28 @@ class SearchFlow(Generic[E]):
         return self._stacked([known[i] for i in image_ids])
 
     def _explain_matches(
-        self, query: E, gallery: E, matches: list[Match], explainer: str, group: str, pairs: dict[int, np.ndarray]
+        self,
+        query: E,
+        gallery: E,
+        matches: list[Match],
+        explainer: str,
+        group: str,
+        pairs: dict[int, np.ndarray],
+        asked: Any = None,
     ) -> np.ndarray | None:
         """Maps on both sides and the strongest matched cell pairs of every match (``gallery``: the matches, one
-        batch; ``pairs``: what `_ranked` found already); with group "topk", the query's map against them all."""
+        batch; ``pairs`` and ``asked``, the query's parts: what `_ranked` found already); with group "topk", the
+        query's map against them all."""
         unpaired = [i for i, m in enumerate(matches) if m.image_id not in pairs]
         maps = functools.partial(self._pair_maps, explainer, query, gallery)
         if unpaired:
             photos = gallery if len(unpaired) == len(matches) else self._stacked([gallery[i] for i in unpaired])  # type: ignore[index]
+
+            def correspondences() -> list[np.ndarray]:
+                return self._correspondences(self._query_parts(query) if asked is None else asked, photos)
+
             # found on the helper thread while this one makes the maps (both release the GIL)
-            computed, made = beside(functools.partial(self._correspondences, query, photos), maps)
+            computed, made = beside(correspondences, maps)
             pairs = {**pairs, **{matches[i].image_id: rows for i, rows in zip(unpaired, computed)}}
         else:
             made = maps()

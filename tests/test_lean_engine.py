@@ -134,8 +134,9 @@ def test_the_re_ranker_s_parts_matched_on_two_threads_are_those_matched_on_one(r
             query = engine.embed(engine.load_query(queries[0]))
             rows = engine.store.images_by_ids(list(range(1, 31)))
             gallery, _ = engine.embed_gallery([row.id for row in rows], rows)
-            whole_part, whole_pairs = engine._match_parts(query, gallery)
-            part, pairs = engine._parts_of(query, gallery, len(rows))
+            asked = engine._query_parts(query)
+            whole_part, whole_pairs = engine._match_parts(asked, gallery)
+            part, pairs = engine._parts_of(asked, gallery, len(rows))
             np.testing.assert_allclose(part, np.asarray(whole_part), rtol=1e-6, atol=1e-7)
             assert len(pairs) == len(whole_pairs) == 30
             for found, expected in zip(pairs, whole_pairs):

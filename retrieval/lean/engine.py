@@ -34,6 +34,7 @@ from retrieval.helper import CORES
 from retrieval.lean.encode import LEAN_POOLINGS, Encoded, encode
 from retrieval.lean.fine import Fine, fine_fam
 from retrieval.lean.parts import (
+    Parts,
     expand_query,
     match_strengths,
     part_share,
@@ -169,14 +170,17 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
     def _vector(self, emb: np.ndarray) -> np.ndarray:
         return np.asarray(emb, np.float32)
 
-    def _match_parts(self, query: LeanEmbedded, gallery: LeanEmbedded) -> tuple[np.ndarray, list[np.ndarray]]:
-        q_parts, g_parts = _query_parts(query.fine), _parts(gallery.fine)
+    def _query_parts(self, query: LeanEmbedded) -> Parts:
+        return _query_parts(query.fine)
+
+    def _match_parts(self, asked: Parts, gallery: LeanEmbedded) -> tuple[np.ndarray, list[np.ndarray]]:
+        q_parts, g_parts = asked, _parts(gallery.fine)
         cells, strength = match_strengths(q_parts, g_parts, PART_MATCH)
         pairs = top_pairs(cells, strength, q_parts.grid, g_parts.grid, CORRESPONDENCES)
         return part_share(q_parts, strength), unpadded(pairs)
 
-    def _correspondences(self, query: LeanEmbedded, gallery: LeanEmbedded) -> list[np.ndarray]:
-        return unpadded(strongest_pairs(_query_parts(query.fine), _parts(gallery.fine), CORRESPONDENCES, PART_MATCH))
+    def _correspondences(self, asked: Parts, gallery: LeanEmbedded) -> list[np.ndarray]:
+        return unpadded(strongest_pairs(asked, _parts(gallery.fine), CORRESPONDENCES, PART_MATCH))
 
     def _expanded(self, query: LeanEmbedded, top: LeanEmbedded, scores: list[float]) -> np.ndarray:
         return expand_query(query.emb, top.emb, np.asarray(scores, np.float32))
@@ -203,11 +207,11 @@ class LeanEngine(SearchFlow[LeanEmbedded]):
         )
 
 
-def _parts(fine: Fine):
+def _parts(fine: Fine) -> Parts:
     """The parts of the photos a query is compared with, for the re-ranker and the correspondences (`PART_MATCH`)."""
     return parts(fine, PART_MATCH.layer, PART_MATCH.weight_power, PART_MATCH.both_scales)
 
 
-def _query_parts(fine: Fine):
+def _query_parts(fine: Fine) -> Parts:
     """The query's parts: its weights times their objectness (`retrieval.lean.parts.query_parts`)."""
     return query_parts(fine, PART_MATCH)
