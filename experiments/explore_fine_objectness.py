@@ -19,11 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch.nn.functional as F  # noqa: E402
-
 import retrieval.fam as fam  # noqa: E402
 from retrieval.config import COARSE_EMPHASIS_POWER  # noqa: E402
-from retrieval.rerank import PartMatch, _on_grid, objectness  # noqa: E402
+from retrieval.rerank import PartMatch, objectness, parts  # noqa: E402
 
 GAMMA = float(os.environ.get("GAMMA", "1"))
 MODE = os.environ.get("MODE", "mul")
@@ -32,28 +30,24 @@ COARSE = float(os.environ.get("COARSE", str(COARSE_EMPHASIS_POWER)))
 
 
 def photo_objectness(inputs):
-    guide = inputs.guide.float()
-    cells = guide.flatten(-2).transpose(-1, -2)
-    cells = F.normalize(cells - cells.mean(dim=-2, keepdim=True), dim=-1)
-    fine_e = inputs.fine_emphasis.float().clamp_min(0)
-    coarse = _on_grid(inputs.emphasis.float().clamp_min(0), tuple(fine_e.shape[-2:]))
-    seed = (fine_e * coarse).flatten(-2) ** 2
-    o = objectness(cells, seed, tuple(fine_e.shape[-2:]), PartMatch(objectness_sigma=SIGMA))
-    return o.reshape(fine_e.shape)
+    """The re-ranker's objectness of each photo (its cells and weights as `parts` gives them), on the guide's grid."""
+    found = parts(inputs)
+    spread = objectness(found.cells, found.weights * found.factors, found.grid, PartMatch(objectness_sigma=SIGMA))
+    return spread.reshape(inputs.fine_emphasis.shape)
 
 
 def patched(inputs, emb, partner_embs, head_weight=None):
     coarse = fam.weighted_map(inputs.whole_map, fam.fam_weights(emb, partner_embs, head_weight))
     coarse = coarse * inputs.emphasis.to(coarse) ** COARSE
     up = fam.joint_bilateral_upsample(coarse, inputs.guide.to(coarse))
-    o = photo_objectness(inputs).to(up) ** GAMMA
+    o = photo_objectness(inputs).to(up)
     if MODE == "mul":
-        return up * inputs.fine_emphasis.to(up) * o
+        return up * inputs.fine_emphasis.to(up) * o**GAMMA
     if MODE == "replace":
-        return up * o
+        return up * o**GAMMA
     if MODE == "clip":  # flat top over the object: o / T capped at 1, the fine emphasis kept
         t = float(os.environ.get("T", "0.5"))
-        return up * inputs.fine_emphasis.to(up) * (photo_objectness(inputs).to(up) / t).clamp(max=1) ** GAMMA
+        return up * inputs.fine_emphasis.to(up) * (o / t).clamp(max=1) ** GAMMA
     raise SystemExit(f"unknown MODE {MODE}")
 
 

@@ -23,6 +23,7 @@ clipart-train; the other sets only reported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -35,30 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from explore_background_cells import features, masks_of  # noqa: E402
 from explore_rerank import report, reranked  # noqa: E402
 
-from retrieval.rerank import PartMatch, Parts, match_strengths, part_share, parts, query_parts  # noqa: E402
+from retrieval.rerank import (  # noqa: E402
+    PartMatch,
+    Parts,
+    match_strengths,
+    objectness,
+    part_share,
+    parts,
+    query_parts,
+)
 
 SETTINGS = PartMatch(objectness_power=0)  # the weights as before; the objectness is applied here
-
-
-def neighbours(grid: tuple[int, int], reach: int) -> torch.Tensor:
-    """(P, P) bool: cells within ``reach`` cells of each other (Chebyshev), the cell itself included."""
-    h, w = grid
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    return ((ys[:, None] - ys[None]).abs() <= reach) & ((xs[:, None] - xs[None]).abs() <= reach)
-
-
-def objectness(cells: torch.Tensor, seed: torch.Tensor, near: torch.Tensor | None, sigma: float, alpha: float):
-    """Manifold ranking of one query's cells (P, d) from seed weights (P,): (P,) in [0, 1]."""
-    affinity = torch.exp((cells @ cells.T - 1) / sigma)
-    affinity.fill_diagonal_(0)
-    if near is not None:
-        affinity = affinity * near
-    degree = affinity.sum(1).clamp_min(1e-12)
-    s = affinity / degree.sqrt()[:, None] / degree.sqrt()[None]
-    f = torch.linalg.solve(torch.eye(len(cells)) - alpha * s, seed / seed.max().clamp_min(1e-12))
-    f = f.clamp_min(0)
-    return f / f.max().clamp_min(1e-12)
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -109,11 +97,9 @@ def run(root: Path, n: int, configs: list[tuple[str, float, float, float]], out:
     if masks is not None:
         scored("ceiling: shipped x true mask", [torch.as_tensor(m) for m in masks], both=False)
     for reach_name, sigma, alpha, gamma in configs:
-        near = None if reach_name == "all" else neighbours(q_parts.grid, int(reach_name))
-        obj = [
-            objectness(q_parts.cells[qi], torch.as_tensor(counted[qi]), near, sigma, alpha) ** gamma
-            for qi in range(len(found.queries))
-        ]
+        reach = max(q_parts.grid) if reach_name == "all" else int(reach_name)  # "all": every pair of cells
+        settings = dataclasses.replace(SETTINGS, objectness_reach=reach, objectness_sigma=sigma, objectness_alpha=alpha)
+        obj = list(objectness(q_parts.cells, torch.as_tensor(counted), q_parts.grid, settings) ** gamma)
         for both in (False, True):
             scored(f"mr {reach_name} s{sigma:g} a{alpha:g} g{gamma:g}{' pick+count' if both else ''}", obj, both)
 
