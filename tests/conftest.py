@@ -17,9 +17,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
+from streamlit import config as streamlit_config
 
 from indexer.cli import main
 from tests.postgres import DATABASES, PostgresServer, server_bindir
+from ui import STREAMLIT_OPTIONS
+
+for _name, _value in STREAMLIT_OPTIONS.items():  # the in-process AppTests run the app as `famsearch ui` does
+    streamlit_config.set_option(_name, _value)
 
 SHAPES = ("ellipse", "rectangle", "triangle")
 COLOURS = ((220, 40, 40), (40, 180, 60), (40, 70, 220), (230, 200, 30))

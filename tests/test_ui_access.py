@@ -271,3 +271,10 @@ def test_famsearch_ui_serves_on_loopback_only_and_a_signal_stops_its_server(tmp_
         if parent.poll() is None:
             os.killpg(parent.pid, signal.SIGKILL)
             parent.wait()
+
+
+def test_famsearch_ui_runs_the_script_with_streamlit_s_magic_off(capsys, tmp_path, started):
+    """tests/test_ui_script.py says why."""
+    code, _, _ = _ui(capsys, tmp_path)
+    [(command, _)] = started
+    assert code == 0 and _flag(command, "--runner.magicEnabled") == "false"

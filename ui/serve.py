@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from retrieval.config import ENV_PREFIX
+from ui import streamlit_flags
 
 APP = Path(__file__).resolve().parent / "app.py"
 # Debian's chromium, headless, offline: no sandbox (CI runs as root), no GPU, no phoning home.
@@ -69,6 +70,7 @@ def served(
         "none",
         "--client.toolbarMode",
         "minimal",
+        *streamlit_flags(),
     ]
     with open(log or os.devnull, "wb") as sink:
         process = subprocess.Popen(command, env=child_env, stdout=sink, stderr=subprocess.STDOUT)

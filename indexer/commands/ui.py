@@ -20,6 +20,7 @@ from pathlib import Path
 from indexer.commands.common import add_flag, common_flags, settings_from
 from retrieval.config import ENV_PREFIX
 from retrieval.errors import UsageError
+from ui import streamlit_flags
 from ui.password import HASH_ENV, hash_password
 
 PASSWORD_ENV = ENV_PREFIX + "PASSWORD"
@@ -107,6 +108,7 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
         "true",
         "--client.toolbarMode",
         "minimal",  # no "Deploy" button on a local tool
+        *streamlit_flags(),
     ]
 
 
