@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.fam import FineInputs
 from retrieval.lean.parts import LAYERS, PartMatch  # the settings, shared with the numpy twin
+from retrieval.lean.parts import objectness as lean_objectness
 
 _EPS = 1e-12
 
@@ -57,16 +57,21 @@ def parts(fine: FineInputs, layer: str = "mid", weight_power: float = 2.0, both_
     if layer not in LAYERS:
         raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
     maps, emphasis = (fine.whole_map, fine.emphasis) if layer == "last" else (fine.guide, fine.fine_emphasis)
-    cells = maps.float().flatten(-2).transpose(-1, -2)  # (B, d, h, w) -> (B, hw, d)
-    # Centred on the photo's own mean cell: what is left is how a cell differs from the rest of its photo (the
-    # background that fills it), so two photos of one background no longer match cell for cell.
-    cells = F.normalize(cells - cells.mean(dim=-2, keepdim=True), dim=-1)
+    cells = descriptors(maps)
     weights = emphasis.float().clamp_min(0).flatten(-2) ** weight_power  # (B, h, w) -> (B, hw)
     factors = None
     if layer != "last" and both_scales:
         coarse = _on_grid(fine.emphasis.float().clamp_min(0), tuple(emphasis.shape[-2:]))
         factors = coarse.flatten(-2) ** weight_power
     return Parts(cells, weights, (int(maps.shape[-2]), int(maps.shape[-1])), factors)
+
+
+def descriptors(maps: Tensor) -> Tensor:
+    """A photo's cells as part descriptors: (..., d, h, w) -> (..., hw, d), unit length after centring on the
+    photo's own mean cell. What is left is how a cell differs from the rest of its photo (the background that fills
+    it), so two photos of one background no longer match cell for cell."""
+    cells = maps.float().flatten(-2).transpose(-1, -2)
+    return F.normalize(cells - cells.mean(dim=-2, keepdim=True), dim=-1)
 
 
 def query_parts(fine: FineInputs, settings: PartMatch = PartMatch()) -> Parts:
@@ -87,29 +92,14 @@ def objectness(cells: Tensor, seed: Tensor, grid: tuple[int, int], settings: Par
     affinity exp((cos - 1) / sigma) of two cells' descriptors within ``reach`` cells of each other (0 elsewhere and on
     the diagonal). Weight flows along chains of similar neighbours: from the focused cells over the rest of the
     object, hardly across its outline into the background. (..., P, d) unit cells, (..., P) seed >= 0 ->
-    (..., P) f over its maximum, in [0, 1]; ones where a photo's seed is constant (nothing singled out)."""
-    affinity = torch.exp((cells @ cells.transpose(-1, -2) - 1) / settings.objectness_sigma)
-    affinity = affinity * _near(grid, settings.objectness_reach).to(affinity)
-    inverse = affinity.sum(-1).clamp_min(_EPS).rsqrt()  # (..., P): D^-1/2
-    eye = torch.eye(cells.shape[-2], dtype=affinity.dtype, device=affinity.device)
-    system = eye - settings.objectness_alpha * (inverse[..., :, None] * affinity * inverse[..., None, :])
-    top = seed.amax(-1, keepdim=True)
-    # numpy's LAPACK: torch 2.14.1's batched linalg.solve (MKL) fails ("Pivots given to lu_solve must all be greater
-    # or equal to 1") once torch.set_num_threads has lowered and raised the thread count, as indexing does.
-    solved = np.linalg.solve(
-        system.detach().cpu().numpy(), (seed / top.clamp_min(_EPS))[..., None].detach().cpu().numpy()
-    )
-    spread = torch.from_numpy(solved[..., 0]).to(seed).clamp_min(0)
-    spread = spread / spread.amax(-1, keepdim=True).clamp_min(_EPS)
-    return torch.where(seed.amin(-1, keepdim=True) >= top, torch.ones_like(spread), spread)
+    (..., P) f over its maximum, in [0, 1]; ones where a photo's seed is constant (nothing singled out).
 
-
-def _near(grid: tuple[int, int], reach: int) -> Tensor:
-    """(P, P) bool: two cells of a (h, w) grid within ``reach`` cells of each other (Chebyshev), not a cell itself."""
-    h, w = grid
-    ys, xs = torch.div(torch.arange(h * w), w, rounding_mode="floor"), torch.arange(h * w) % w
-    near = ((ys[:, None] - ys[None]).abs() <= reach) & ((xs[:, None] - xs[None]).abs() <= reach)
-    return near & ~torch.eye(h * w, dtype=torch.bool)
+    Computed by the numpy twin (`retrieval.lean.parts.objectness`, in the inputs' dtype), so both engines run the
+    same maths, and the solve runs in numpy's LAPACK: torch 2.14.1's batched linalg.solve (MKL) fails ("Pivots given
+    to lu_solve must all be greater or equal to 1") once torch.set_num_threads has lowered and raised the thread
+    count, as indexing does."""
+    spread = lean_objectness(cells.detach().cpu().numpy(), seed.detach().cpu().numpy(), grid, settings)
+    return torch.from_numpy(spread).to(seed)
 
 
 def _on_grid(emphasis: Tensor, grid: tuple[int, ...]) -> Tensor:

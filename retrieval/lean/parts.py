@@ -11,6 +11,7 @@ a photo with fewer matches than are checked); the tests show it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,27 +95,32 @@ def query_parts(fine: Fine, settings: PartMatch = PartMatch()) -> Parts:
 def objectness(
     cells: np.ndarray, seed: np.ndarray, grid: tuple[int, int], settings: PartMatch = PartMatch()
 ) -> np.ndarray:
-    """How much each cell belongs with the seeded ones (`retrieval.rerank.objectness`): (..., P, d) unit cells,
-    (..., P) seed weights >= 0 -> (..., P) in [0, 1]; ones where a photo's seed is constant."""
-    affinity = np.exp((cells @ cells.swapaxes(-1, -2) - np.float32(1)) / np.float32(settings.objectness_sigma))
+    """How much each cell belongs with the seeded ones (`retrieval.rerank.objectness`, which calls this): (..., P, d)
+    unit cells, (..., P) seed weights >= 0 -> (..., P) in [0, 1], in the inputs' dtype; ones where a photo's seed is
+    constant."""
+    real = np.result_type(cells, seed).type  # float32 in the product; the constants in the same precision
+    affinity = np.exp((cells @ cells.swapaxes(-1, -2) - real(1)) / real(settings.objectness_sigma))
     affinity = affinity * _near(grid, settings.objectness_reach)
     inverse = 1 / np.sqrt(np.maximum(affinity.sum(-1), _EPS))  # (..., P): D^-1/2
-    system = np.eye(cells.shape[-2], dtype=np.float32) - np.float32(settings.objectness_alpha) * (
+    system = np.eye(cells.shape[-2], dtype=real) - real(settings.objectness_alpha) * (
         inverse[..., :, None] * affinity * inverse[..., None, :]
     )
     top = seed.max(-1, keepdims=True)
     spread = np.maximum(np.linalg.solve(system, (seed / np.maximum(top, _EPS))[..., None])[..., 0], 0)
     spread = spread / np.maximum(spread.max(-1, keepdims=True), _EPS)
-    return np.where(seed.min(-1, keepdims=True) >= top, np.float32(1), spread).astype(np.float32)
+    return np.where(seed.min(-1, keepdims=True) >= top, real(1), spread).astype(real, copy=False)
 
 
+@functools.lru_cache(maxsize=8)
 def _near(grid: tuple[int, int], reach: int) -> np.ndarray:
     """(P, P) float32: 1 between two cells of a (h, w) grid within ``reach`` cells of each other (Chebyshev), 0
-    elsewhere and between a cell and itself."""
+    elsewhere and between a cell and itself. Made once per grid and reach (read-only), not once a query."""
     h, w = grid
     ys, xs = np.divmod(np.arange(h * w), w)
     near = (np.abs(ys[:, None] - ys[None]) <= reach) & (np.abs(xs[:, None] - xs[None]) <= reach)
-    return (near & ~np.eye(h * w, dtype=bool)).astype(np.float32)
+    mask = (near & ~np.eye(h * w, dtype=bool)).astype(np.float32)
+    mask.setflags(write=False)
+    return mask
 
 
 def cell_centres(grid: tuple[int, int]) -> np.ndarray:
