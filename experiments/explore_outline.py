@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # explore_oracle_maps: the masks on a grid
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
+from explore_oracle_maps import mask_grid  # noqa: E402
 
 from evaluation import metrics  # noqa: E402
 from evaluation.dataset import item_box, read_dataset  # noqa: E402
@@ -32,20 +32,9 @@ from retrieval.encoder import load_encoder  # noqa: E402
 from retrieval.images import load_image  # noqa: E402
 from retrieval.modelspec import ModelSpec  # noqa: E402
 from retrieval.regions import layer_outputs  # noqa: E402
-from retrieval.rerank import PartMatch, _on_grid, objectness, parts  # noqa: E402
+from retrieval.rerank import PartMatch, _on_grid, descriptors, objectness, parts  # noqa: E402
 
 STRIDE8 = "_blocks.4"  # end of Lite0's 40-channel stage: stride 8
-
-
-def unit_cells(features: torch.Tensor) -> torch.Tensor:
-    """(d, h, w) -> (hw, d): centred on the photo's mean cell and unit length, as `rerank.parts` makes them."""
-    cells = features.float().flatten(-2).transpose(-1, -2)
-    return F.normalize(cells - cells.mean(dim=-2, keepdim=True), dim=-1)
-
-
-def mask_on(item, grid: tuple[int, int]) -> np.ndarray:
-    mask = Image.open(item.mask).convert("L").point(lambda v: 255 if v > 128 else 0)
-    return np.asarray(mask.resize(grid[::-1], Image.Resampling.BOX), dtype=np.float64) / 255
 
 
 def main() -> None:
@@ -85,14 +74,14 @@ def main() -> None:
                 grid, value = found.grid, objectness(found.cells[0], seed, found.grid, spec[1])
                 value = value if len(spec) == 2 else seed * value ** spec[2]
             else:
-                cells = unit_cells(stride8)
+                cells = descriptors(stride8)
                 grid = (int(stride8.shape[-2]), int(stride8.shape[-1]))
                 seed8 = _on_grid(seed.reshape(found.grid), grid).flatten()
                 value = objectness(cells, seed8, grid, spec[1])
                 value = value if len(spec) == 2 else seed8 * value ** spec[2]
             raw = value.reshape(grid).double().numpy()
             prop, iou = metrics.localise(saliency(raw, size), box)
-            on_mask = float((raw * mask_on(item, grid)).sum() / max(raw.sum(), 1e-12))
+            on_mask = float((raw * mask_grid(item, grid[0])).sum() / max(raw.sum(), 1e-12))
             scores[name].append((prop, iou, on_mask))
         if (n + 1) % 40 == 0:
             print(f"  {n + 1} / {len(items)} photos", file=sys.stderr)
