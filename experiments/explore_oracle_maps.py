@@ -39,6 +39,7 @@ from evaluation.dataset import Item, item_box  # noqa: E402
 from evaluation.metrics import minmax_saliency  # noqa: E402
 from retrieval.images import upsample  # noqa: E402
 from retrieval.rerank import PartMatch, objectness, parts  # noqa: E402
+from training.data import mask_grid as training_mask_grid  # noqa: E402
 
 GRID = 56
 HALOS = [float(f) for f in os.environ.get("HALOS", "2,4").split(",") if f]
@@ -59,11 +60,11 @@ seen: dict[str, list[Item]] = {}
 
 
 def mask_grid(item: Item, size: int) -> np.ndarray:
-    """The item's mask (1 on the object) area-averaged to size x size over the whole photo, as maps are laid out."""
+    """The item's mask (1 on the object) area-averaged to size x size over the whole photo, as maps are laid out
+    (`training.data.mask_grid`, as the attn head's training reads masks)."""
     if item.mask is None:
         raise SystemExit(f"{item.path} has no mask; the oracle maps need one")
-    mask = Image.open(item.mask).convert("L").point(lambda v: 255 if v > 128 else 0)
-    return np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float64) / 255
+    return training_mask_grid(item.mask, (size, size)).double().numpy()
 
 
 def box_grid(item: Item, size: int) -> np.ndarray:
